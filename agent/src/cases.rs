@@ -1,0 +1,210 @@
+//! Test cases run on the agent, next to the service: HTTP requests whose
+//! responses are judged by assertions (proto messages) evaluated here, so the
+//! service may listen on localhost only.
+
+use std::time::Duration;
+
+use proto::{assertion, AssertionFailure, CaseOutcome, CaseResult};
+use serde_json::Value;
+
+const EXCERPT_BYTES: usize = 512;
+pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Checks every assertion against a response; returns the failures.
+pub fn evaluate(assertions: &[proto::Assertion], status: u16, body: &[u8]) -> Vec<AssertionFailure> {
+    let json: Result<Value, String> = serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"));
+    let mut failures = Vec::new();
+    for a in assertions {
+        let Some(kind) = &a.kind else { continue };
+        let fail = |name: &str, pointer: &str, expected: String, actual: String| AssertionFailure {
+            assertion: name.to_owned(),
+            pointer: pointer.to_owned(),
+            expected,
+            actual,
+        };
+        // Looks a pointer up; Err(actual) describes why there is no value.
+        let lookup = |pointer: &str| -> Result<&Value, String> {
+            match &json {
+                Err(e) => Err(e.clone()),
+                Ok(doc) => doc.pointer(pointer).ok_or_else(|| "(missing)".to_owned()),
+            }
+        };
+        match kind {
+            assertion::Kind::Status(want) => {
+                if u32::from(status) != *want {
+                    failures.push(fail("status", "", want.to_string(), status.to_string()));
+                }
+            }
+            assertion::Kind::JsonEquals(eq) => {
+                let expected: Value = serde_json::from_str(&eq.value_json).unwrap_or(Value::Null);
+                match lookup(&eq.pointer) {
+                    Ok(v) if *v == expected => {}
+                    Ok(v) => failures.push(fail("equals", &eq.pointer, expected.to_string(), v.to_string())),
+                    Err(actual) => failures.push(fail("equals", &eq.pointer, expected.to_string(), actual)),
+                }
+            }
+            assertion::Kind::JsonOneOf(one) => {
+                let options: Vec<Value> =
+                    one.values_json.iter().map(|v| serde_json::from_str(v).unwrap_or(Value::Null)).collect();
+                let expected = format!("one of {}", Value::Array(options.clone()));
+                match lookup(&one.pointer) {
+                    Ok(v) if options.contains(v) => {}
+                    Ok(v) => failures.push(fail("one_of", &one.pointer, expected, v.to_string())),
+                    Err(actual) => failures.push(fail("one_of", &one.pointer, expected, actual)),
+                }
+            }
+            assertion::Kind::JsonNotEmpty(pointer) => match lookup(pointer) {
+                Ok(v) if !is_empty(v) => {}
+                Ok(v) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), v.to_string())),
+                Err(actual) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), actual)),
+            },
+            assertion::Kind::JsonMatches(m) => {
+                let expected = format!("a match for /{}/", m.regex);
+                match (regex::Regex::new(&m.regex), lookup(&m.pointer)) {
+                    (Err(e), _) => failures.push(fail("matches", &m.pointer, expected, format!("(invalid regex: {e})"))),
+                    (Ok(re), Ok(v)) => {
+                        let text = match v {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        if !re.is_match(&text) {
+                            failures.push(fail("matches", &m.pointer, expected, v.to_string()));
+                        }
+                    }
+                    (Ok(_), Err(actual)) => failures.push(fail("matches", &m.pointer, expected, actual)),
+                }
+            }
+        }
+    }
+    failures
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// Runs one case against `base_url`. Never fails: problems become ERROR results.
+pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Case, epoch: u64) -> CaseResult {
+    let started = tokio::time::Instant::now();
+    let mut result = CaseResult {
+        case_id: case.case_id.clone(),
+        attempt: case.attempt,
+        name: case.name.clone(),
+        lease_epoch: epoch,
+        ..Default::default()
+    };
+    let Some(proto::case::Kind::Http(http)) = &case.kind else {
+        result.set_outcome(CaseOutcome::Error);
+        result.message = "case has no kind this agent can run (expected http)".into();
+        return result;
+    };
+    let url = format!("{}{}", base_url.trim_end_matches('/'), http.path);
+    let method = match reqwest::Method::from_bytes(http.method.to_uppercase().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => {
+            result.set_outcome(CaseOutcome::Error);
+            result.message = format!("invalid HTTP method {:?}", http.method);
+            return result;
+        }
+    };
+    let timeout = if case.timeout_ms > 0 { Duration::from_millis(case.timeout_ms) } else { DEFAULT_CASE_TIMEOUT };
+    let mut request = client.request(method, &url).timeout(timeout).body(http.body.clone());
+    for (k, v) in &http.headers {
+        request = request.header(k, v);
+    }
+    let response = async {
+        let r = request.send().await?;
+        let status = r.status().as_u16();
+        let body = r.bytes().await?;
+        Ok::<_, reqwest::Error>((status, body))
+    }
+    .await;
+    result.duration_us = started.elapsed().as_micros() as u64;
+    match response {
+        Err(e) => {
+            result.set_outcome(CaseOutcome::Error);
+            result.message = format!("{} {url}: {}", http.method, error_chain(&e));
+        }
+        Ok((status, body)) => {
+            result.http_status = u32::from(status);
+            result.response_excerpt = excerpt(&body);
+            result.failures = evaluate(&case.assertions, status, &body);
+            result.set_outcome(if result.failures.is_empty() { CaseOutcome::Passed } else { CaseOutcome::Failed });
+        }
+    }
+    result
+}
+
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]).into_owned();
+    if body.len() > EXCERPT_BYTES { format!("{text}…") } else { text }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{Assertion, JsonEquals, JsonMatches, JsonOneOf};
+
+    fn a(kind: assertion::Kind) -> Assertion {
+        Assertion { kind: Some(kind) }
+    }
+
+    const BODY: &[u8] = br#"{"language":"en","confidence":0.9,"text":"hola mundo","empty":"","list":[]}"#;
+
+    #[test]
+    fn each_assertion_kind_passes_and_fails() {
+        let eq = |p: &str, v: &str| a(assertion::Kind::JsonEquals(JsonEquals { pointer: p.into(), value_json: v.into() }));
+        let one_of = |p: &str, v: &[&str]| {
+            a(assertion::Kind::JsonOneOf(JsonOneOf { pointer: p.into(), values_json: v.iter().map(|s| s.to_string()).collect() }))
+        };
+        let matches = |p: &str, r: &str| a(assertion::Kind::JsonMatches(JsonMatches { pointer: p.into(), regex: r.into() }));
+        let not_empty = |p: &str| a(assertion::Kind::JsonNotEmpty(p.into()));
+        // (assertion, expected failure as "name pointer expected actual", or "" for pass)
+        let table = [
+            (a(assertion::Kind::Status(200)), ""),
+            (a(assertion::Kind::Status(201)), "status  201 200"),
+            (eq("/language", "\"en\""), ""),
+            (eq("/language", "\"fr\""), "equals /language \"fr\" \"en\""),
+            (eq("/nope", "1"), "equals /nope 1 (missing)"),
+            (one_of("/language", &["\"es\"", "\"en\""]), ""),
+            (one_of("/language", &["\"es\""]), "one_of /language one of [\"es\"] \"en\""),
+            (not_empty("/text"), ""),
+            (not_empty("/empty"), "not_empty /empty a non-empty value \"\""),
+            (not_empty("/list"), "not_empty /list a non-empty value []"),
+            (matches("/text", "^hola"), ""),
+            (matches("/confidence", "^0\\.9$"), ""),
+            (matches("/text", "^bonjour"), "matches /text a match for /^bonjour/ \"hola mundo\""),
+        ];
+        for (assertion, want) in table {
+            let got = evaluate(std::slice::from_ref(&assertion), 200, BODY)
+                .iter()
+                .map(|f| format!("{} {} {} {}", f.assertion, f.pointer, f.expected, f.actual))
+                .collect::<Vec<_>>()
+                .join("; ");
+            assert_eq!(got, want, "{assertion:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_json_body_fails_json_assertions_with_the_reason() {
+        let f = evaluate(&[a(assertion::Kind::JsonNotEmpty("/x".into()))], 200, b"<html>");
+        assert!(f[0].actual.starts_with("response is not JSON"), "{:?}", f[0]);
+    }
+}

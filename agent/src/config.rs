@@ -1,0 +1,358 @@
+//! The agent's configuration: a TOML file parsed into a raw form
+//! (`deny_unknown_fields`) and validated into domain types before anything
+//! starts or binds. Errors name the file, the key and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Built-in model load timeout when nothing else sets one (DESIGN §4 precedence).
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Readiness polls never wait longer than this between two probes by default.
+pub const DEFAULT_POLL_CEILING: Duration = Duration::from_millis(250);
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Environment variable that sets the load timeout (seconds) for all models.
+pub const LOAD_TIMEOUT_ENV: &str = "MODEL_LOADING_TIMEOUT";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    data_dir: Option<PathBuf>,
+    #[serde(default = "default_telemetry_interval")]
+    telemetry_interval: String,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7700".to_owned()
+}
+
+fn default_telemetry_interval() -> String {
+    "1s".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    command: Vec<String>,
+    workdir: Option<PathBuf>,
+    #[serde(default)]
+    port: u16,
+    base_url: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, PathBuf>,
+    #[serde(default = "default_stop_signal")]
+    stop_signal: String,
+    stop_grace: Option<String>,
+    #[serde(default)]
+    readiness: RawReadiness,
+    #[serde(default, rename = "model")]
+    models: Vec<RawModel>,
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    protocol: Option<String>,
+    path: Option<String>,
+    poll_ceiling: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    #[serde(default = "default_load_mode")]
+    load: String,
+    timeout: Option<String>,
+    #[serde(default)]
+    ram_mb: u64,
+    #[serde(default)]
+    gpu_mb: u64,
+}
+
+fn default_load_mode() -> String {
+    "at_start".to_owned()
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Where service output is written: `<data_dir>/<service>.log`.
+    pub data_dir: PathBuf,
+    pub telemetry_interval: Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Program and arguments; `{port}` is replaced by the service's port.
+    pub command: Vec<String>,
+    pub workdir: Option<PathBuf>,
+    /// 0 = the agent picks a free port on every start.
+    pub port: u16,
+    /// Base URL for probes and cases; `{port}` is replaced.
+    pub base_url: String,
+    /// Only these variables reach the service (plus PATH and HOME).
+    pub env: BTreeMap<String, String>,
+    /// Variable name → file whose trimmed contents become its value.
+    pub secrets: BTreeMap<String, PathBuf>,
+    pub stop_signal: nix::sys::signal::Signal,
+    pub stop_grace: Duration,
+    pub readiness: Readiness,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    /// `health-json` is the only protocol so far.
+    pub protocol: String,
+    pub path: String,
+    pub poll_ceiling: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// The service loads the model by itself when it starts.
+    AtStart,
+    /// The agent asks for it with `POST /models/{name}/load`.
+    Endpoint,
+}
+
+impl LoadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadMode::AtStart => "at_start",
+            LoadMode::Endpoint => "endpoint",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub name: String,
+    pub load: LoadMode,
+    pub timeout: Option<Duration>,
+    pub ram_bytes: u64,
+    pub gpu_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("agent config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("agent config {path}: {key}: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it (workdir,
+    /// secrets, data_dir) are relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+
+        let listen = raw.listen.parse().map_err(|_| {
+            invalid("listen".into(), format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", raw.listen))
+        })?;
+        let telemetry_interval = duration(&raw.telemetry_interval)
+            .ok_or_else(|| invalid("telemetry_interval".into(), bad_duration(&raw.telemetry_interval)))?;
+        let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("proctor-agent-data")));
+
+        let mut services = Vec::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let key = |k: &str| format!("service[{i}] ({}).{k}", s.name);
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(key("name"), "must be non-empty letters, digits, '-' or '_'".into()));
+            }
+            if services.iter().any(|o: &ServiceConfig| o.name == s.name) {
+                return Err(invalid(key("name"), "is used by two services; names must be unique".into()));
+            }
+            if s.command.is_empty() {
+                return Err(invalid(key("command"), "is empty; give the program and its arguments".into()));
+            }
+            let stop_signal = s.stop_signal.parse().map_err(|_| {
+                invalid(key("stop_signal"), format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", s.stop_signal))
+            })?;
+            let stop_grace = match &s.stop_grace {
+                Some(g) => duration(g).ok_or_else(|| invalid(key("stop_grace"), bad_duration(g)))?,
+                None => DEFAULT_STOP_GRACE,
+            };
+            let protocol = s.readiness.protocol.clone().unwrap_or_else(|| "health-json".into());
+            if protocol != "health-json" {
+                return Err(invalid(
+                    key("readiness.protocol"),
+                    format!("{protocol:?} is not supported by this agent; supported: \"health-json\""),
+                ));
+            }
+            let poll_ceiling = match &s.readiness.poll_ceiling {
+                Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
+                None => DEFAULT_POLL_CEILING,
+            };
+            let readiness = Readiness {
+                protocol,
+                path: s.readiness.path.clone().unwrap_or_else(|| "/health".into()),
+                poll_ceiling,
+            };
+            let mut models = Vec::new();
+            for m in &s.models {
+                let mkey = |k: &str| format!("service[{i}] ({}).model ({}).{k}", s.name, m.name);
+                if models.iter().any(|o: &ModelConfig| o.name == m.name) {
+                    return Err(invalid(mkey("name"), "is listed twice".into()));
+                }
+                let load = match m.load.as_str() {
+                    "at_start" => LoadMode::AtStart,
+                    "endpoint" => LoadMode::Endpoint,
+                    other => {
+                        return Err(invalid(mkey("load"), format!("{other:?}: expected \"at_start\" or \"endpoint\"")));
+                    }
+                };
+                let timeout = match &m.timeout {
+                    Some(t) => Some(duration(t).ok_or_else(|| invalid(mkey("timeout"), bad_duration(t)))?),
+                    None => None,
+                };
+                models.push(ModelConfig {
+                    name: m.name.clone(),
+                    load,
+                    timeout,
+                    ram_bytes: m.ram_mb * 1024 * 1024,
+                    gpu_bytes: m.gpu_mb * 1024 * 1024,
+                });
+            }
+            let secrets = s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect();
+            services.push(ServiceConfig {
+                base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
+                name: s.name,
+                command: s.command,
+                workdir: s.workdir.map(|w| base.join(w)),
+                port: s.port,
+                env: s.env,
+                secrets,
+                stop_signal,
+                stop_grace,
+                readiness,
+                models,
+            });
+        }
+        Ok(Config { listen, data_dir, telemetry_interval, services })
+    }
+}
+
+fn bad_duration(value: &str) -> String {
+    format!("{value:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"1h\"")
+}
+
+/// Parses `250ms`, `30s`, `1.5s`, `5m`, `1h`.
+pub fn duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Load timeout precedence below the controller's override (which carries the
+/// CLI flag and the suite): `MODEL_LOADING_TIMEOUT` > agent config > default.
+pub fn load_timeout(override_: Option<Duration>, env: Option<&str>, configured: Option<Duration>) -> Duration {
+    override_
+        .or_else(|| env.and_then(|v| v.trim().parse::<f64>().ok()).and_then(|s| Duration::try_from_secs_f64(s).ok()))
+        .or(configured)
+        .unwrap_or(DEFAULT_LOAD_TIMEOUT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+data_dir = "data"
+
+[[service]]
+name = "translation"
+command = ["sim", "--port", "{port}"]
+secrets = { HF_TOKEN = "aya.token" }
+stop_grace = "2s"
+
+[[service.model]]
+name = "nllb"
+timeout = "5m"
+ram_mb = 300
+
+[[service.model]]
+name = "aya"
+load = "endpoint"
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths_next_to_the_file() {
+        let c = Config::parse(GOOD, Path::new("/etc/proctor/agent.toml")).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/proctor/data"));
+        let s = &c.services[0];
+        assert_eq!(s.secrets["HF_TOKEN"], PathBuf::from("/etc/proctor/aya.token"));
+        assert_eq!(s.stop_grace, Duration::from_secs(2));
+        assert_eq!(s.models[0].timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.models[0].ram_bytes, 300 * 1024 * 1024);
+        assert_eq!(s.models[1].load, LoadMode::Endpoint);
+        assert_eq!(s.readiness.poll_ceiling, DEFAULT_POLL_CEILING);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let cases = [
+            (GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"soon\""), "stop_grace: \"soon\" is not a duration"),
+            (GOOD.replace("ram_mb = 300", "ram = 300"), "unknown field `ram`"),
+            (GOOD.replace("load = \"endpoint\"", "load = \"lazy\""), "(aya).load: \"lazy\": expected"),
+            (GOOD.replace("command = [\"sim\", \"--port\", \"{port}\"]", "command = []"), "command: is empty"),
+            (GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen: \"nowhere\" is not an address"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+            assert!(err.contains("agent.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn load_timeout_precedence() {
+        let s = Duration::from_secs;
+        // override > env > config > default
+        assert_eq!(load_timeout(Some(s(1)), Some("2"), Some(s(3))), s(1));
+        assert_eq!(load_timeout(None, Some("2"), Some(s(3))), s(2));
+        assert_eq!(load_timeout(None, None, Some(s(3))), s(3));
+        assert_eq!(load_timeout(None, Some("junk"), Some(s(3))), s(3));
+        assert_eq!(load_timeout(None, None, None), DEFAULT_LOAD_TIMEOUT);
+    }
+}

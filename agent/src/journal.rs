@@ -1,0 +1,390 @@
+//! The journal: the agent's one ordered record of what happened, stamped
+//! `(incarnation, seq)`, and the owner of the state derived from it (the
+//! snapshot every watch opens with) and of the lease table.
+//!
+//! Stage changes and case results are retained until acknowledged, so a
+//! watcher that reconnects never loses them; logs and telemetry live only in a
+//! bounded ring and may be reported as a `Gap`. A watcher that cannot keep up
+//! is disconnected (never blocking producers) and resumes from its last seq.
+//!
+//! The journal stores `proto` events verbatim: it *is* the stream the wire
+//! carries, so converting to a parallel domain type would add nothing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use proto::{event, watch_message, Event, ExitStatus, HostMemory, ModelState, ServiceState, Snapshot, WatchMessage};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::lease::{Grant, LeaseClaim, LeaseError, LeaseTable};
+
+/// How many events the ring keeps for replay (retained events are extra).
+pub const RING_CAPACITY: usize = 8192;
+/// A watcher this far behind is disconnected and must resume.
+pub const WATCHER_BUFFER: usize = 4096;
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A watch as it opens: the snapshot, the replayed events, then live ones.
+#[derive(Debug)]
+pub struct Subscription {
+    pub snapshot: Snapshot,
+    pub backlog: Vec<WatchMessage>,
+    pub live: mpsc::Receiver<WatchMessage>,
+}
+
+enum Command {
+    Append(event::Kind),
+    Subscribe { from_seq: u64, reply: oneshot::Sender<Subscription> },
+    Snapshot { reply: oneshot::Sender<Snapshot> },
+    Acquire { service: String, run_id: String, holder: String, ttl: Duration, reply: oneshot::Sender<Result<Grant, LeaseError>> },
+    Renew { claim: LeaseClaim, ttl: Duration, reply: oneshot::Sender<Result<Grant, LeaseError>> },
+    Release { claim: LeaseClaim, reply: oneshot::Sender<Result<Grant, LeaseError>> },
+    Check { claim: LeaseClaim, reply: oneshot::Sender<Result<Grant, LeaseError>> },
+    FetchRetained { run_id: String, from_seq: u64, reply: oneshot::Sender<Vec<Event>> },
+    Ack { up_to_seq: u64, reply: oneshot::Sender<u32> },
+}
+
+/// Cloneable handle to the journal actor.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    tx: mpsc::UnboundedSender<Command>,
+    incarnation: String,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("journal::Command")
+    }
+}
+
+/// The journal actor stopped: only during shutdown.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent is shutting down")]
+pub struct Closed;
+
+impl Journal {
+    /// Starts the actor. `services` seeds the snapshot with configured
+    /// services and models (all `STOPPED`).
+    pub fn start(incarnation: String, services: &[(String, Vec<String>)]) -> Journal {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = State { incarnation: incarnation.clone(), next_seq: 1, ..State::default() };
+        for (name, models) in services {
+            state.services.insert(
+                name.clone(),
+                ServiceState {
+                    name: name.clone(),
+                    models: models
+                        .iter()
+                        .map(|m| ModelState { name: m.clone(), stage: proto::Stage::Stopped.into(), ..Default::default() })
+                        .collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        tokio::spawn(run(state, rx));
+        Journal { tx, incarnation }
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
+    /// Records an event. Never blocks.
+    pub fn append(&self, kind: event::Kind) {
+        let _ = self.tx.send(Command::Append(kind));
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Closed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    pub async fn subscribe(&self, from_seq: u64) -> Result<Subscription, Closed> {
+        self.ask(|reply| Command::Subscribe { from_seq, reply }).await
+    }
+
+    /// The current snapshot. Its `next_seq` is past every event appended
+    /// through this handle before the call.
+    pub async fn snapshot(&self) -> Result<Snapshot, Closed> {
+        self.ask(|reply| Command::Snapshot { reply }).await
+    }
+
+    pub async fn acquire(&self, service: String, run_id: String, holder: String, ttl: Duration) -> Result<Result<Grant, LeaseError>, Closed> {
+        self.ask(|reply| Command::Acquire { service, run_id, holder, ttl, reply }).await
+    }
+
+    pub async fn renew(&self, claim: LeaseClaim, ttl: Duration) -> Result<Result<Grant, LeaseError>, Closed> {
+        self.ask(|reply| Command::Renew { claim, ttl, reply }).await
+    }
+
+    pub async fn release(&self, claim: LeaseClaim) -> Result<Result<Grant, LeaseError>, Closed> {
+        self.ask(|reply| Command::Release { claim, reply }).await
+    }
+
+    pub async fn check(&self, claim: LeaseClaim) -> Result<Result<Grant, LeaseError>, Closed> {
+        self.ask(|reply| Command::Check { claim, reply }).await
+    }
+
+    pub async fn fetch_retained(&self, run_id: String, from_seq: u64) -> Result<Vec<Event>, Closed> {
+        self.ask(|reply| Command::FetchRetained { run_id, from_seq, reply }).await
+    }
+
+    pub async fn ack(&self, up_to_seq: u64) -> Result<u32, Closed> {
+        self.ask(|reply| Command::Ack { up_to_seq, reply }).await
+    }
+}
+
+#[derive(Default)]
+struct State {
+    incarnation: String,
+    next_seq: u64,
+    ring: VecDeque<Event>,
+    /// Highest seq evicted from the ring, if any.
+    evicted_up_to: Option<u64>,
+    retained: BTreeMap<u64, Event>,
+    watchers: Vec<mpsc::Sender<WatchMessage>>,
+    services: BTreeMap<String, ServiceState>,
+    host: HostMemory,
+    leases: LeaseTable,
+}
+
+async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Command::Append(kind) => state.append(kind),
+            Command::Subscribe { from_seq, reply } => {
+                let (tx, live) = mpsc::channel(WATCHER_BUFFER);
+                let sub = Subscription { snapshot: state.snapshot(), backlog: state.backlog(from_seq), live };
+                if reply.send(sub).is_ok() {
+                    state.watchers.push(tx);
+                }
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(state.snapshot());
+            }
+            Command::Acquire { service, run_id, holder, ttl, reply } => {
+                let result = if state.services.contains_key(&service) {
+                    state.leases.acquire(&service, &run_id, &holder, ttl, Instant::now(), now_unix_ms())
+                } else {
+                    Err(LeaseError::UnknownService(service))
+                };
+                if let Ok(g) = &result {
+                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged { lease: Some(grant_to_proto(g)), released: false }));
+                }
+                let _ = reply.send(result);
+            }
+            Command::Renew { claim, ttl, reply } => {
+                let _ = reply.send(state.leases.renew(&claim, ttl, Instant::now(), now_unix_ms()));
+            }
+            Command::Release { claim, reply } => {
+                let result = state.leases.release(&claim, Instant::now());
+                if let Ok(g) = &result {
+                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged { lease: Some(grant_to_proto(g)), released: true }));
+                }
+                let _ = reply.send(result);
+            }
+            Command::Check { claim, reply } => {
+                let _ = reply.send(state.leases.check(&claim, Instant::now()).cloned());
+            }
+            Command::FetchRetained { run_id, from_seq, reply } => {
+                let events = state
+                    .retained
+                    .range(from_seq..)
+                    .map(|(_, e)| e)
+                    .filter(|e| match &e.kind {
+                        Some(event::Kind::CaseFinished(c)) => run_id.is_empty() || c.run_id == run_id,
+                        _ => true,
+                    })
+                    .cloned()
+                    .collect();
+                let _ = reply.send(events);
+            }
+            Command::Ack { up_to_seq, reply } => {
+                let keep = state.retained.split_off(&(up_to_seq + 1));
+                let released = state.retained.len() as u32;
+                state.retained = keep;
+                let _ = reply.send(released);
+            }
+        }
+    }
+}
+
+pub fn grant_to_proto(g: &Grant) -> proto::Lease {
+    proto::Lease {
+        id: g.id.clone(),
+        epoch: g.epoch,
+        service: g.service.clone(),
+        run_id: g.run_id.clone(),
+        holder: g.holder.clone(),
+        granted_unix_ms: g.granted_unix_ms,
+        expires_unix_ms: g.expires_unix_ms,
+    }
+}
+
+fn is_retained(kind: &event::Kind) -> bool {
+    matches!(kind, event::Kind::StageChanged(_) | event::Kind::CaseFinished(_) | event::Kind::ServiceExited(_))
+}
+
+impl State {
+    fn append(&mut self, kind: event::Kind) {
+        self.apply(&kind);
+        let retained = is_retained(&kind);
+        let event = Event { incarnation: self.incarnation.clone(), seq: self.next_seq, time_unix_ms: now_unix_ms(), kind: Some(kind) };
+        self.next_seq += 1;
+        if retained {
+            self.retained.insert(event.seq, event.clone());
+        }
+        let message = WatchMessage { kind: Some(watch_message::Kind::Event(event.clone())) };
+        // A watcher that is full or gone is dropped; it resumes from its last seq.
+        self.watchers.retain(|w| w.try_send(message.clone()).is_ok());
+        if self.ring.len() == RING_CAPACITY {
+            let old = self.ring.pop_front().expect("full ring");
+            self.evicted_up_to = Some(old.seq);
+        }
+        self.ring.push_back(event);
+    }
+
+    /// Folds an event into the derived state.
+    fn apply(&mut self, kind: &event::Kind) {
+        let now = now_unix_ms();
+        match kind {
+            event::Kind::StageChanged(c) => {
+                if let Some(model) = self.model_mut(&c.service, &c.model) {
+                    model.stage = c.to;
+                    model.progress = c.progress;
+                    model.message = c.message.clone();
+                    if c.from != c.to {
+                        model.stage_since_unix_ms = now;
+                    }
+                }
+            }
+            event::Kind::ServiceStarted(s) => {
+                if let Some(svc) = self.services.get_mut(&s.service) {
+                    svc.running = true;
+                    svc.pid = s.pid;
+                    svc.peak_rss_bytes = 0;
+                }
+            }
+            event::Kind::ServiceExited(s) => {
+                if let Some(svc) = self.services.get_mut(&s.service) {
+                    svc.running = false;
+                    svc.pid = 0;
+                    svc.rss_bytes = 0;
+                    svc.last_exit = s.exit.or(Some(ExitStatus::default()));
+                }
+            }
+            event::Kind::Telemetry(t) => {
+                if let Some(host) = t.host {
+                    self.host = host;
+                }
+                for m in &t.services {
+                    if let Some(svc) = self.services.get_mut(&m.service) {
+                        svc.rss_bytes = m.rss_bytes;
+                        svc.peak_rss_bytes = svc.peak_rss_bytes.max(m.rss_bytes);
+                    }
+                }
+            }
+            event::Kind::CaseFinished(_) | event::Kind::Log(_) | event::Kind::LeaseChanged(_) => {}
+        }
+    }
+
+    fn model_mut(&mut self, service: &str, model: &str) -> Option<&mut ModelState> {
+        self.services.get_mut(service)?.models.iter_mut().find(|m| m.name == model)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        Snapshot {
+            incarnation: self.incarnation.clone(),
+            next_seq: self.next_seq,
+            services: self.services.values().cloned().collect(),
+            leases: self.leases.live_grants(now).iter().map(grant_to_proto).collect(),
+            host: Some(self.host),
+        }
+    }
+
+    /// Everything with seq >= from_seq still known: retained events older
+    /// than the ring, a gap marker if the ring lost some, then the ring.
+    fn backlog(&self, from_seq: u64) -> Vec<WatchMessage> {
+        let ring_start = self.ring.front().map_or(self.next_seq, |e| e.seq);
+        let mut out = Vec::new();
+        let wrap = |e: &Event| WatchMessage { kind: Some(watch_message::Kind::Event(e.clone())) };
+        if from_seq < ring_start {
+            out.extend(self.retained.range(from_seq..ring_start).map(|(_, e)| wrap(e)));
+            if self.evicted_up_to.is_some_and(|last| last >= from_seq) {
+                out.push(WatchMessage { kind: Some(watch_message::Kind::Gap(proto::Gap { from_seq, to_seq: ring_start })) });
+            }
+        }
+        out.extend(self.ring.iter().filter(|e| e.seq >= from_seq).map(wrap));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(line: &str) -> event::Kind {
+        event::Kind::Log(proto::LogLine { service: "svc".into(), stream: "stdout".into(), line: line.into() })
+    }
+
+    fn seqs(backlog: &[WatchMessage]) -> Vec<u64> {
+        backlog
+            .iter()
+            .map(|m| match &m.kind {
+                Some(watch_message::Kind::Event(e)) => e.seq,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn watch_from_k_replays_exactly_k_onwards_then_goes_live() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        for i in 0..10 {
+            j.append(log(&i.to_string()));
+        }
+        let mut sub = j.subscribe(4).await.unwrap();
+        assert_eq!(sub.snapshot.next_seq, 11);
+        assert_eq!(seqs(&sub.backlog), (4..=10).collect::<Vec<_>>());
+        j.append(log("live"));
+        let live = sub.live.recv().await.unwrap();
+        assert!(matches!(live.kind, Some(watch_message::Kind::Event(Event { seq: 11, .. }))));
+    }
+
+    #[tokio::test]
+    async fn stage_changes_fold_into_the_snapshot() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        j.append(event::Kind::StageChanged(proto::StageChanged {
+            service: "svc".into(),
+            model: "m".into(),
+            from: proto::Stage::Stopped.into(),
+            to: proto::Stage::LoadingWeights.into(),
+            progress: 0.5,
+            ..Default::default()
+        }));
+        let snap = j.snapshot().await.unwrap();
+        let m = &snap.services[0].models[0];
+        assert_eq!(m.stage(), proto::Stage::LoadingWeights);
+        assert_eq!(m.progress, 0.5);
+    }
+
+    #[tokio::test]
+    async fn retained_events_survive_the_ring_until_acked() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        j.append(event::Kind::StageChanged(proto::StageChanged { service: "svc".into(), model: "m".into(), ..Default::default() }));
+        for i in 0..RING_CAPACITY + 5 {
+            j.append(log(&i.to_string()));
+        }
+        let sub = j.subscribe(1).await.unwrap();
+        assert!(matches!(&sub.backlog[0].kind, Some(watch_message::Kind::Event(Event { seq: 1, .. }))));
+        assert!(matches!(&sub.backlog[1].kind, Some(watch_message::Kind::Gap(_))));
+        assert_eq!(j.ack(1).await.unwrap(), 1);
+        assert!(j.fetch_retained(String::new(), 0).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,164 @@
+//! The Proctor agent: a daemon on each lab host that supervises model
+//! services, knows each model's loading stage, samples memory, runs test cases
+//! next to the services and streams it all over gRPC (`proto`).
+//!
+//! Start order: config validated → listener bound → journal → sampler →
+//! supervisors → gRPC server. Shutdown order (on the cancel token):
+//! supervisors stop their services (signal, grace, SIGKILL), then the server
+//! closes, then the sampler ends. See `docs/agent.md`.
+
+pub mod cases;
+pub mod config;
+mod grpc;
+pub mod journal;
+pub mod lease;
+pub mod probe;
+pub mod sampling;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr}: {source} (set `listen` in the agent config to a free address, or port 0)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A started agent. Dropping it does not stop it: call `shutdown`.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub addr: SocketAddr,
+    pub incarnation: String,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningAgent {
+    /// Stops every service, then the server. Waits for both.
+    pub async fn shutdown(self) -> Result<(), AgentError> {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        match self.server.await {
+            Ok(r) => r.map_err(AgentError::Serve),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A token that shuts the agent down when cancelled (e.g. on SIGTERM).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Waits until the server ends (after `cancel_token` fires).
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.tasks.close();
+        self.tasks.wait().await;
+        match self.server.await {
+            Ok(r) => r.map_err(AgentError::Serve),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Binds, starts every part, and serves until shut down. Services are not
+/// started until a controller ensures their models.
+pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let incarnation = uuid::Uuid::new_v4().to_string();
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let catalogue: Vec<(String, Vec<String>)> =
+        config.services.iter().map(|s| (s.name.clone(), s.models.iter().map(|m| m.name.clone()).collect())).collect();
+    let journal = journal::Journal::start(incarnation.clone(), &catalogue);
+
+    let (roots_tx, roots_rx) = watch::channel(BTreeMap::new());
+    let (samples_tx, samples_rx) = watch::channel(BTreeMap::new());
+    let sampler_cancel = CancellationToken::new();
+    tokio::spawn(sampling::run(journal.clone(), roots_rx, samples_tx, config.telemetry_interval, sampler_cancel.clone()));
+
+    let wiring = supervisor::Wiring {
+        journal: journal.clone(),
+        roots: Arc::new(roots_tx),
+        samples: samples_rx,
+        data_dir: config.data_dir.clone(),
+    };
+    let mut supervisors = BTreeMap::new();
+    for service in &config.services {
+        let (handle, task) = supervisor::Supervisor::start(service.clone(), wiring.clone(), cancel.child_token());
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        supervisors.insert(service.name.clone(), handle);
+    }
+
+    let info = proto::AgentInfo {
+        agent_version: AGENT_VERSION.to_owned(),
+        protocol_version: proto::PROTOCOL_VERSION,
+        incarnation: incarnation.clone(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+        services: config
+            .services
+            .iter()
+            .map(|s| proto::ServiceInfo {
+                name: s.name.clone(),
+                readiness_protocol: s.readiness.protocol.clone(),
+                models: s
+                    .models
+                    .iter()
+                    .map(|m| proto::ModelInfo {
+                        name: m.name.clone(),
+                        ram_need_bytes: m.ram_bytes,
+                        gpu_need_bytes: m.gpu_bytes,
+                        load_mode: m.load.as_str().to_owned(),
+                        load_timeout_ms: m.timeout.map_or(0, |t| t.as_millis() as u64),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        capabilities: Some(proto::Capabilities {
+            cgroup: false,
+            nvml: false,
+            readiness_protocols: vec!["health-json".into()],
+            case_kinds: vec!["http".into()],
+        }),
+        ..Default::default()
+    };
+    let service = grpc::Service { journal, supervisors, info, http: reqwest::Client::new() };
+
+    let server_cancel = cancel.clone();
+    let server_tasks = tasks.clone();
+    let server = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let result = tonic::transport::Server::builder()
+            .add_service(proto::agent_server::AgentServer::new(service))
+            .serve_with_incoming_shutdown(incoming, async move {
+                server_cancel.cancelled().await;
+                // Services first, so their last events are still served.
+                server_tasks.close();
+                server_tasks.wait().await;
+            })
+            .await;
+        sampler_cancel.cancel();
+        result
+    });
+    tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
+    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
+}

@@ -1,0 +1,134 @@
+//! The HTTP API of the translation service contract (DESIGN §3).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::{self, ModelView, Shared, Status};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub models: std::sync::Arc<BTreeMap<String, Shared>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/translate", post(translate))
+        .route("/detect", post(detect))
+        .route("/models", get(models))
+        .route("/models/{name}/load", post(load))
+        .route("/models/{name}/unload", post(unload))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(json!({ "detail": detail.into() }))).into_response()
+}
+
+fn views(state: &AppState) -> BTreeMap<String, ModelView> {
+    state.models.iter().map(|(name, m)| (name.clone(), m.lock().expect("model lock").view.clone())).collect()
+}
+
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    let models = views(&state);
+    let loaded = models.values().filter(|m| m.status == Status::Loaded).count();
+    let status = if models.values().any(|m| m.status == Status::Failed) {
+        "degraded"
+    } else if models.values().any(|m| m.status.is_loading()) {
+        "loading"
+    } else {
+        "healthy"
+    };
+    Json(json!({ "status": status, "models_loaded": loaded, "models": models }))
+}
+
+#[derive(Deserialize)]
+struct TranslateRequest {
+    text: String,
+    source_lang: String,
+    target_lang: String,
+    model: String,
+}
+
+async fn translate(State(state): State<AppState>, Json(req): Json<TranslateRequest>) -> Response {
+    let started = Instant::now();
+    let Some(model) = state.models.get(&req.model) else {
+        let known: Vec<&String> = state.models.keys().collect();
+        return error(StatusCode::NOT_FOUND, format!("unknown model '{}'; this service has {known:?}", req.model));
+    };
+    let status = model.lock().expect("model lock").view.status;
+    if status != Status::Loaded {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model '{}' is not ready (status: {})", req.model, json!(status).as_str().unwrap_or("?")),
+        );
+    }
+    let translated = crate::text::translate(&req.text, &req.source_lang, &req.target_lang);
+    Json(json!({
+        "translated_text": translated,
+        "model": req.model,
+        "source_lang": req.source_lang,
+        "target_lang": req.target_lang,
+        "processing_time_ms": started.elapsed().as_secs_f64() * 1000.0,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct DetectRequest {
+    text: String,
+}
+
+async fn detect(Json(req): Json<DetectRequest>) -> Response {
+    match crate::text::detect(&req.text) {
+        Some((language, confidence)) => Json(json!({ "language": language, "confidence": confidence })).into_response(),
+        None => error(StatusCode::UNPROCESSABLE_ENTITY, "could not detect a language: text too short or unknown script"),
+    }
+}
+
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .models
+        .values()
+        .map(|m| {
+            let m = m.lock().expect("model lock");
+            json!({
+                "name": m.spec.name,
+                "status": m.view.status,
+                "progress": m.view.progress,
+                "size_mb": m.spec.size_mb,
+                "gated": m.spec.gated,
+                "resident_bytes": m.resident_bytes(),
+            })
+        })
+        .collect();
+    Json(json!({ "models": list }))
+}
+
+async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match state.models.get(&name) {
+        Some(m) => {
+            let started = model::start_loading(m);
+            (StatusCode::ACCEPTED, Json(json!({ "model": name, "started": started }))).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, format!("unknown model '{name}'")),
+    }
+}
+
+async fn unload(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match state.models.get(&name) {
+        Some(m) => {
+            model::unload(m);
+            Json(json!({ "model": name, "status": "not_loaded" })).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, format!("unknown model '{name}'")),
+    }
+}
