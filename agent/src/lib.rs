@@ -30,8 +30,13 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot listen on {addr}: {source} (set `listen` in the agent config to a free address, or port 0)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr}: {source} (set `listen` in the agent config to a free address, or port 0)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -79,20 +84,40 @@ impl RunningAgent {
 pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+        .map_err(|source| AgentError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let incarnation = uuid::Uuid::new_v4().to_string();
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let catalogue: Vec<(String, Vec<String>)> =
-        config.services.iter().map(|s| (s.name.clone(), s.models.iter().map(|m| m.name.clone()).collect())).collect();
+    let catalogue: Vec<(String, Vec<String>)> = config
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.models.iter().map(|m| m.name.clone()).collect(),
+            )
+        })
+        .collect();
     let journal = journal::Journal::start(incarnation.clone(), &catalogue);
 
     let (roots_tx, roots_rx) = watch::channel(BTreeMap::new());
     let (samples_tx, samples_rx) = watch::channel(BTreeMap::new());
     let sampler_cancel = CancellationToken::new();
-    tokio::spawn(sampling::run(journal.clone(), roots_rx, samples_tx, config.telemetry_interval, sampler_cancel.clone()));
+    tokio::spawn(sampling::run(
+        journal.clone(),
+        roots_rx,
+        samples_tx,
+        config.telemetry_interval,
+        sampler_cancel.clone(),
+    ));
 
     let wiring = supervisor::Wiring {
         journal: journal.clone(),
@@ -102,7 +127,8 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     };
     let mut supervisors = BTreeMap::new();
     for service in &config.services {
-        let (handle, task) = supervisor::Supervisor::start(service.clone(), wiring.clone(), cancel.child_token());
+        let (handle, task) =
+            supervisor::Supervisor::start(service.clone(), wiring.clone(), cancel.child_token());
         tasks.spawn(async move {
             let _ = task.await;
         });
@@ -113,7 +139,9 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         agent_version: AGENT_VERSION.to_owned(),
         protocol_version: proto::PROTOCOL_VERSION,
         incarnation: incarnation.clone(),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
         services: config
             .services
             .iter()
@@ -141,7 +169,12 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         }),
         ..Default::default()
     };
-    let service = grpc::Service { journal, supervisors, info, http: reqwest::Client::new() };
+    let service = grpc::Service {
+        journal,
+        supervisors,
+        info,
+        http: reqwest::Client::new(),
+    };
 
     let server_cancel = cancel.clone();
     let server_tasks = tasks.clone();
@@ -160,5 +193,11 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         result
     });
     tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
-    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
+    Ok(RunningAgent {
+        addr,
+        incarnation,
+        cancel,
+        tasks,
+        server,
+    })
 }

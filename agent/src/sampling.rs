@@ -35,7 +35,9 @@ pub fn tree_rss(procs: &[(u32, Option<u32>, u64)], root: u32) -> (u64, u32) {
             children.entry(*p).or_default().push(i);
         }
     }
-    let Some(start) = root_index else { return (0, 0) };
+    let Some(start) = root_index else {
+        return (0, 0);
+    };
     let (mut rss, mut count, mut stack) = (0, 0, vec![start]);
     while let Some(i) = stack.pop() {
         let (pid, _, bytes) = procs[i];
@@ -49,7 +51,13 @@ pub fn tree_rss(procs: &[(u32, Option<u32>, u64)], root: u32) -> (u64, u32) {
 }
 
 /// Runs until cancelled.
-pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Duration, cancel: CancellationToken) {
+pub async fn run(
+    journal: Journal,
+    roots: Roots,
+    samples: Samples,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
     let Ok(mut system) = System::new() else {
         tracing::warn!("memory sampling disabled: this system cannot be inspected");
         return;
@@ -67,7 +75,11 @@ pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Dur
         let procs: Vec<(u32, Option<u32>, u64)> = if roots_now.is_empty() {
             Vec::new()
         } else {
-            system.refresh_processes_specifics(ProcessesToUpdate::All, true, ProcessRefreshKind::nothing().with_memory());
+            system.refresh_processes_specifics(
+                ProcessesToUpdate::All,
+                true,
+                ProcessRefreshKind::nothing().with_memory(),
+            );
             system
                 .processes()
                 .values()
@@ -78,7 +90,10 @@ pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Dur
                 .collect()
         };
         let mut telemetry = proto::Telemetry {
-            host: Some(proto::HostMemory { total_bytes: system.total_memory(), available_bytes: system.available_memory() }),
+            host: Some(proto::HostMemory {
+                total_bytes: system.total_memory(),
+                available_bytes: system.available_memory(),
+            }),
             services: Vec::new(),
         };
         let mut current = BTreeMap::new();
@@ -89,8 +104,19 @@ pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Dur
                 *peak = (*root, 0);
             }
             peak.1 = peak.1.max(rss);
-            current.insert(service.clone(), TreeMemory { rss_bytes: rss, peak_rss_bytes: peak.1, processes });
-            telemetry.services.push(proto::ServiceMemory { service: service.clone(), rss_bytes: rss, processes });
+            current.insert(
+                service.clone(),
+                TreeMemory {
+                    rss_bytes: rss,
+                    peak_rss_bytes: peak.1,
+                    processes,
+                },
+            );
+            telemetry.services.push(proto::ServiceMemory {
+                service: service.clone(),
+                rss_bytes: rss,
+                processes,
+            });
         }
         samples.send_replace(current);
         journal.append(proto::event::Kind::Telemetry(telemetry));
@@ -105,10 +131,10 @@ mod tests {
     fn sums_the_whole_tree_and_nothing_else() {
         let procs = [
             (1, None, 1000),
-            (10, Some(1), 100),    // root
-            (11, Some(10), 20),    // child
-            (12, Some(11), 3),     // grandchild
-            (20, Some(1), 5000),   // unrelated
+            (10, Some(1), 100),  // root
+            (11, Some(10), 20),  // child
+            (12, Some(11), 3),   // grandchild
+            (20, Some(1), 5000), // unrelated
         ];
         assert_eq!(tree_rss(&procs, 10), (123, 3));
         assert_eq!(tree_rss(&procs, 99), (0, 0));

@@ -1,1 +1,297 @@
-fn main() {}
+//! `proctor`: the one binary. A thin composition root: it parses the command
+//! line and hands over to the agent, controller and sim libraries, which never
+//! depend on each other.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "proctor",
+    version,
+    about = "End-to-end tests of slow-loading model services that wait for models, explain failures and never skip",
+    long_about = "Proctor runs an agent on every lab host to supervise model services, track each model's loading \
+stage and memory, and run test cases next to the service; the controller dispatches suites to agents, waits for \
+models instead of skipping tests, and writes reports.\n\nStart with `proctor demo`.",
+    after_help = "Exit codes of `run` and `demo`: 0 all passed, 1 test failures, 2 infrastructure or model load failure, \
+64 bad input (suite, config, flags), 130 interrupted."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the embedded demo: an agent supervising `proctor sim` with an NLLB-like and a gated Aya-like model,
+    /// and the example suites against it.
+    Demo(DemoArgs),
+    /// Run suites against one or more agents.
+    Run(RunArgs),
+    /// Run the agent daemon on this host.
+    Agent(AgentArgs),
+    /// Run the reference model service (translation API contract) with simulated models and faults.
+    Sim(SimArgs),
+    /// Internal: a sim worker process that holds memory (started by `sim --worker-mb`).
+    #[command(hide = true)]
+    SimWorker {
+        #[arg(long)]
+        mb: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ProgressArgs {
+    /// Off a terminal, print a line per loading model this often (and on every stage change).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    progress_interval: Duration,
+    /// Progress display: auto (live on a terminal, lines otherwise), live, lines, or none.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "live", "lines", "none"])]
+    progress: String,
+}
+
+impl ProgressArgs {
+    fn mode(&self) -> controller::progress::Mode {
+        use controller::progress::Mode;
+        use std::io::IsTerminal;
+        match self.progress.as_str() {
+            "live" => Mode::Live,
+            "lines" => Mode::Lines {
+                interval: self.progress_interval,
+            },
+            "none" => Mode::Quiet,
+            _ if std::io::stdout().is_terminal() => Mode::Live,
+            _ => Mode::Lines {
+                interval: self.progress_interval,
+            },
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Where the demo writes its agent config, suites, logs and reports.
+    #[arg(long, value_name = "DIR", default_value = "proctor-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    progress: ProgressArgs,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Agent address HOST:PORT (repeatable).
+    #[arg(long = "agent", value_name = "HOST:PORT", required = true)]
+    agents: Vec<String>,
+    /// Suite files (YAML).
+    #[arg(value_name = "SUITE", required = true)]
+    suites: Vec<PathBuf>,
+    /// Where reports are written (junit.xml).
+    #[arg(long, value_name = "DIR", default_value = "proctor-out")]
+    out: PathBuf,
+    /// Model load timeout for every model; beats the suite's `timeout`, MODEL_LOADING_TIMEOUT and the agent config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    model_timeout: Option<Duration>,
+    /// Restart the service for a cold load even if its models are loaded.
+    #[arg(long)]
+    fresh: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Agent configuration file (TOML); see docs/agent.md.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (printed on stdout).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// A model: NAME[:key=value,...] with keys mb, auth, download, load, warmup (durations like 2s),
+    /// gated (needs HF_TOKEN), crash=STAGE, hang=STAGE. Repeatable.
+    #[arg(long = "model", value_name = "SPEC", required = true)]
+    models: Vec<sim::ModelSpec>,
+    /// Do not load models at start; wait for POST /models/{name}/load.
+    #[arg(long)]
+    lazy: bool,
+    /// Fault: keep running on SIGTERM.
+    #[arg(long)]
+    ignore_sigterm: bool,
+    /// Start a worker child process holding this many MiB.
+    #[arg(long, value_name = "MIB")]
+    worker_mb: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    controller::suite::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration; write e.g. 500ms, 30s, 5m"))
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// First SIGINT/SIGTERM cancels gracefully; a second exits at once.
+fn interrupt_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            count += 1;
+            if count == 1 {
+                eprintln!(
+                    "\ninterrupted: finishing up and writing reports (interrupt again to exit now)"
+                );
+                t.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::SimWorker { mb } = cli.command {
+        sim::hold_memory(mb);
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async_main(cli.command))
+}
+
+async fn async_main(command: Command) -> ExitCode {
+    match command {
+        Command::Demo(args) => {
+            init_tracing("warn");
+            let mode = args.progress.mode();
+            demo::run(&args.out, mode, interrupt_token()).await
+        }
+        Command::Run(args) => {
+            init_tracing("warn");
+            let opts = controller::RunOptions {
+                agents: args.agents,
+                suites: args.suites,
+                out_dir: args.out,
+                progress: args.progress.mode(),
+                model_timeout: args.model_timeout,
+                fresh: args.fresh,
+            };
+            let result = controller::run(opts, interrupt_token()).await;
+            ExitCode::from(result.exit as u8)
+        }
+        Command::Agent(args) => {
+            init_tracing("info");
+            run_agent(&args.config).await
+        }
+        Command::Sim(args) => {
+            init_tracing("info");
+            let worker = args.worker_mb.map(|mb| {
+                let exe = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "proctor".into());
+                vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()]
+            });
+            let config = sim::SimConfig {
+                host: args.host,
+                port: args.port,
+                models: args.models,
+                lazy: args.lazy,
+                ignore_sigterm: args.ignore_sigterm,
+                worker,
+            };
+            match sim::serve(config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::SimWorker { .. } => ExitCode::SUCCESS,
+    }
+}
+
+async fn run_agent(config: &std::path::Path) -> ExitCode {
+    let config = match agent::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let running = match agent::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The one line scripts and tests wait for.
+    println!(
+        "proctor agent listening on {} (incarnation {})",
+        running.addr, running.incarnation
+    );
+    let cancel = running.cancel_token();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: stopping services");
+        cancel.cancel();
+    });
+    match running.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The controller's side of the gRPC edge: connecting to an agent, leases,
+//! ensuring models, sending cases, and following the agent's journal. prost
+//! types stop here; the rest of the controller sees `AgentView`, `CaseReport`
+//! and friends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use proto::agent_client::AgentClient;
+use proto::{event, watch_message};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::report::{CaseReport, Failure, Outcome};
+use crate::suite::{Case, Check};
+
+pub use proto::Stage;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+/// How long a lost watch stream may stay down before the agent counts as lost.
+const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{addr:?} is not an agent address; write HOST:PORT, e.g. 127.0.0.1:7700")]
+    BadAddress { addr: String },
+    #[error("cannot reach agent {addr}: {reason} (is `proctor agent` running there?)")]
+    Unreachable { addr: String, reason: String },
+    #[error("agent {addr}: {message}")]
+    Rpc {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error(
+        "agent {addr} speaks protocol {theirs}, this controller speaks {ours}; upgrade the older one"
+    )]
+    Protocol {
+        addr: String,
+        theirs: u32,
+        ours: u32,
+    },
+}
+
+/// One connected agent.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    pub addr: String,
+    inner: AgentClient<Channel>,
+    pub info: proto::AgentInfo,
+}
+
+/// A lease this run holds on one service of one agent.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    pub service: String,
+    pub run_id: String,
+    pub id: String,
+    pub epoch: u64,
+}
+
+impl Lease {
+    fn to_proto(&self) -> proto::LeaseRef {
+        proto::LeaseRef {
+            service: self.service.clone(),
+            run_id: self.run_id.clone(),
+            lease_id: self.id.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl Agent {
+    pub async fn connect(addr: &str) -> Result<Agent, ClientError> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress {
+            addr: addr.to_owned(),
+        })?;
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                addr: addr.to_owned(),
+                reason: error_chain(&e),
+            })?;
+        let mut inner = AgentClient::new(channel);
+        let info = inner
+            .get_info(proto::GetInfoRequest {})
+            .await
+            .map_err(|s| ClientError::Unreachable {
+                addr: addr.to_owned(),
+                reason: s.message().to_owned(),
+            })?
+            .into_inner();
+        if info.protocol_version != proto::PROTOCOL_VERSION {
+            return Err(ClientError::Protocol {
+                addr: addr.to_owned(),
+                theirs: info.protocol_version,
+                ours: proto::PROTOCOL_VERSION,
+            });
+        }
+        Ok(Agent {
+            addr: addr.to_owned(),
+            inner,
+            info,
+        })
+    }
+
+    fn rpc(&self, s: tonic::Status) -> ClientError {
+        ClientError::Rpc {
+            addr: self.addr.clone(),
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+
+    /// True if this agent has the service and every model named.
+    pub fn serves(&self, service: &str, models: &[String]) -> bool {
+        self.info.services.iter().any(|s| {
+            s.name == service && models.iter().all(|m| s.models.iter().any(|x| x.name == *m))
+        })
+    }
+
+    /// Tries once. A busy service is `Err(Rpc { code: FailedPrecondition })`.
+    pub async fn acquire(
+        &self,
+        service: &str,
+        run_id: &str,
+        holder: &str,
+    ) -> Result<Lease, ClientError> {
+        let lease = self
+            .inner
+            .clone()
+            .acquire_lease(proto::AcquireLeaseRequest {
+                service: service.to_owned(),
+                run_id: run_id.to_owned(),
+                holder: holder.to_owned(),
+                ttl_ms: LEASE_TTL.as_millis() as u64,
+            })
+            .await
+            .map_err(|s| self.rpc(s))?
+            .into_inner();
+        Ok(Lease {
+            service: lease.service,
+            run_id: lease.run_id,
+            id: lease.id,
+            epoch: lease.epoch,
+        })
+    }
+
+    /// Renews the lease every third of its TTL until cancelled.
+    pub fn keep_renewed(
+        &self,
+        lease: &Lease,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut client = self.inner.clone();
+        let lease = lease.clone();
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEASE_TTL / 3);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(status) = client.renew_lease(lease.to_proto()).await {
+                    tracing::warn!(%addr, service = %lease.service, error = %status.message(), "lease renewal failed");
+                }
+            }
+        })
+    }
+
+    pub async fn release(&self, lease: &Lease) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .release_lease(lease.to_proto())
+            .await
+            .map_err(|s| self.rpc(s))?;
+        Ok(())
+    }
+
+    /// Asks for the models; returns the seq every resulting event is below.
+    pub async fn ensure(
+        &self,
+        lease: &Lease,
+        models: &[String],
+        timeout: Option<Duration>,
+        fresh: bool,
+    ) -> Result<u64, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .ensure_models(proto::EnsureModelsRequest {
+                lease: Some(lease.to_proto()),
+                models: models.to_vec(),
+                overrides: Some(proto::ModelOverrides {
+                    load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                }),
+                fresh,
+            })
+            .await
+            .map_err(|s| self.rpc(s))?
+            .into_inner();
+        Ok(response.seq_after)
+    }
+
+    pub async fn run_cases(
+        &self,
+        lease: &Lease,
+        cases: Vec<proto::Case>,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .run_cases(proto::RunCasesRequest {
+                lease: Some(lease.to_proto()),
+                cases,
+            })
+            .await
+            .map_err(|s| self.rpc(s))?;
+        Ok(())
+    }
+
+    pub async fn ack(&self, incarnation: &str, up_to_seq: u64) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .ack(proto::AckRequest {
+                incarnation: incarnation.to_owned(),
+                up_to_seq,
+            })
+            .await
+            .map_err(|s| self.rpc(s))?;
+        Ok(())
+    }
+}
+
+/// Turns a suite case into the message the agent runs.
+pub fn case_to_proto(case_id: String, attempt: u32, case: &Case) -> proto::Case {
+    use proto::assertion::Kind;
+    let assertions = case
+        .checks
+        .iter()
+        .map(|c| proto::Assertion {
+            kind: Some(match c {
+                Check::Status(s) => Kind::Status(u32::from(*s)),
+                Check::Equals { pointer, value } => Kind::JsonEquals(proto::JsonEquals {
+                    pointer: pointer.clone(),
+                    value_json: value.to_string(),
+                }),
+                Check::OneOf { pointer, values } => Kind::JsonOneOf(proto::JsonOneOf {
+                    pointer: pointer.clone(),
+                    values_json: values.iter().map(ToString::to_string).collect(),
+                }),
+                Check::NotEmpty { pointer } => Kind::JsonNotEmpty(pointer.clone()),
+                Check::Matches { pointer, regex } => Kind::JsonMatches(proto::JsonMatches {
+                    pointer: pointer.clone(),
+                    regex: regex.clone(),
+                }),
+            }),
+        })
+        .collect();
+    proto::Case {
+        case_id,
+        attempt,
+        name: case.name.clone(),
+        timeout_ms: case.timeout.map_or(0, |t| t.as_millis() as u64),
+        kind: Some(proto::case::Kind::Http(proto::HttpCase {
+            method: case.request.method.clone(),
+            path: case.request.path.clone(),
+            headers: case.request.headers.clone().into_iter().collect(),
+            body: case.request.body.clone(),
+        })),
+        assertions,
+    }
+}
+
+/// One model as the controller last saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelView {
+    pub stage: Stage,
+    pub progress: f64,
+    pub message: String,
+}
+
+/// The controller's picture of one agent, kept current by `follow`.
+#[derive(Clone, Debug, Default)]
+pub struct AgentView {
+    pub incarnation: String,
+    /// Highest seq applied.
+    pub last_seq: u64,
+    pub models: BTreeMap<(String, String), ModelView>,
+    pub rss: BTreeMap<String, u64>,
+    pub results: HashMap<String, CaseReport>,
+    /// Set when the agent is gone for longer than the reconnect grace.
+    pub lost: Option<String>,
+}
+
+/// What the progress display is told.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Stage {
+        host: String,
+        service: String,
+        model: String,
+        from: Stage,
+        to: Stage,
+        progress: f64,
+    },
+    Memory {
+        host: String,
+        service: String,
+        rss_bytes: u64,
+    },
+}
+
+fn result_to_report(r: proto::CaseResult) -> CaseReport {
+    let outcome = match r.outcome() {
+        proto::CaseOutcome::Passed => Outcome::Passed,
+        proto::CaseOutcome::Failed => Outcome::Failed(
+            r.failures
+                .into_iter()
+                .map(|f| Failure {
+                    check: f.assertion,
+                    pointer: f.pointer,
+                    expected: f.expected,
+                    actual: f.actual,
+                })
+                .collect(),
+        ),
+        _ => Outcome::Error(r.message),
+    };
+    CaseReport {
+        suite: String::new(),
+        name: r.name,
+        outcome,
+        duration: Duration::from_micros(r.duration_us),
+        http_status: (r.http_status > 0).then_some(r.http_status as u16),
+        excerpt: r.response_excerpt,
+        attempt: r.attempt,
+    }
+}
+
+/// Follows the agent's journal into `view` until cancelled, reconnecting from
+/// the last seq seen. Stage and memory updates also go to `updates`.
+pub async fn follow(
+    agent: Agent,
+    view: watch::Sender<AgentView>,
+    updates: mpsc::UnboundedSender<Update>,
+    cancel: CancellationToken,
+) {
+    let mut from_seq = u64::MAX;
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = agent.inner.clone();
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = client.watch(proto::WatchRequest { from_seq }) => s,
+        };
+        match stream {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        m = stream.message() => m,
+                    };
+                    let Ok(Some(message)) = message else { break };
+                    down_since = None;
+                    backoff = Duration::from_millis(100);
+                    apply(&agent.addr, &view, &updates, message);
+                    from_seq = view.borrow().last_seq + 1;
+                }
+            }
+            Err(status) => {
+                tracing::debug!(addr = %agent.addr, error = %status.message(), "watch failed")
+            }
+        }
+        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() > RECONNECT_GRACE {
+            view.send_modify(|v| {
+                v.lost = Some(format!(
+                    "agent {} unreachable for {}s",
+                    agent.addr,
+                    RECONNECT_GRACE.as_secs()
+                ))
+            });
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn apply(
+    host: &str,
+    view: &watch::Sender<AgentView>,
+    updates: &mpsc::UnboundedSender<Update>,
+    message: proto::WatchMessage,
+) {
+    match message.kind {
+        Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| {
+            if v.incarnation != s.incarnation && !v.incarnation.is_empty() {
+                tracing::warn!(old = %v.incarnation, new = %s.incarnation, "agent restarted: new incarnation");
+            }
+            v.incarnation = s.incarnation.clone();
+            v.last_seq = s.next_seq.saturating_sub(1);
+            for svc in &s.services {
+                v.rss.insert(svc.name.clone(), svc.rss_bytes);
+                for m in &svc.models {
+                    v.models.insert(
+                        (svc.name.clone(), m.name.clone()),
+                        ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
+                    );
+                }
+            }
+        }),
+        Some(watch_message::Kind::Gap(_)) => {}
+        Some(watch_message::Kind::Event(e)) => {
+            let seq = e.seq;
+            match e.kind {
+                Some(event::Kind::StageChanged(c)) => {
+                    let (from, to) = (c.from(), c.to());
+                    let _ = updates.send(Update::Stage { host: host.to_owned(), service: c.service.clone(), model: c.model.clone(), from, to, progress: c.progress });
+                    view.send_modify(|v| {
+                        v.models.insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
+                        v.last_seq = seq;
+                    });
+                }
+                Some(event::Kind::Telemetry(t)) => {
+                    for s in &t.services {
+                        let _ = updates.send(Update::Memory { host: host.to_owned(), service: s.service.clone(), rss_bytes: s.rss_bytes });
+                    }
+                    view.send_modify(|v| {
+                        for s in t.services {
+                            v.rss.insert(s.service, s.rss_bytes);
+                        }
+                        v.last_seq = seq;
+                    });
+                }
+                Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
+                    if let Some(r) = c.result {
+                        v.results.insert(r.case_id.clone(), result_to_report(r));
+                    }
+                    v.last_seq = seq;
+                }),
+                _ => view.send_modify(|v| v.last_seq = seq),
+            }
+        }
+        None => {}
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

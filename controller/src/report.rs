@@ -1,0 +1,352 @@
+//! What a run produced, and the views people read: the terminal summary and
+//! JUnit XML (one testcase per case; load failures are errors, never skips).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub check: String,
+    pub pointer: String,
+    pub expected: String,
+    pub actual: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pointer.is_empty() {
+            write!(
+                f,
+                "{}: expected {}, got {}",
+                self.check, self.expected, self.actual
+            )
+        } else {
+            write!(
+                f,
+                "{} at {}: expected {}, got {}",
+                self.check, self.pointer, self.expected, self.actual
+            )
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Passed,
+    Failed(Vec<Failure>),
+    /// Could not be judged: model did not load, request not sent, interrupted.
+    Error(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseReport {
+    pub suite: String,
+    pub name: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub http_status: Option<u16>,
+    pub excerpt: String,
+    pub attempt: u32,
+}
+
+impl CaseReport {
+    pub fn error(suite: &str, name: &str, message: String) -> CaseReport {
+        CaseReport {
+            suite: suite.to_owned(),
+            name: name.to_owned(),
+            outcome: Outcome::Error(message),
+            duration: Duration::ZERO,
+            http_status: None,
+            excerpt: String::new(),
+            attempt: 1,
+        }
+    }
+
+    /// One line naming the case and what went wrong, as the CLI prints it.
+    pub fn headline(&self) -> String {
+        match &self.outcome {
+            Outcome::Passed => format!("case {:?} passed", self.name),
+            Outcome::Failed(f) => {
+                let what: Vec<String> = f.iter().map(ToString::to_string).collect();
+                format!("case {:?} failed: {}", self.name, what.join("; "))
+            }
+            Outcome::Error(m) => format!(
+                "case {:?} error: {}",
+                self.name,
+                m.lines().next().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// How a requested model ended up, for the summary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelLoad {
+    pub service: String,
+    pub model: String,
+    /// `None` = ready; `Some(message)` = failed.
+    pub failure: Option<String>,
+    pub waited: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunReport {
+    pub run_id: String,
+    pub cases: Vec<CaseReport>,
+    pub loads: Vec<ModelLoad>,
+    pub interrupted: bool,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: usize,
+    pub failed: usize,
+    pub errors: usize,
+}
+
+impl RunReport {
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for case in &self.cases {
+            match case.outcome {
+                Outcome::Passed => c.passed += 1,
+                Outcome::Failed(_) => c.failed += 1,
+                Outcome::Error(_) => c.errors += 1,
+            }
+        }
+        c
+    }
+
+    /// The summary table and the details of every failure.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let suite_w = self
+            .cases
+            .iter()
+            .map(|c| c.suite.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let case_w = self
+            .cases
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}",
+            "SUITE", "CASE", "RESULT", "TIME"
+        );
+        for c in &self.cases {
+            let result = match c.outcome {
+                Outcome::Passed => "PASS",
+                Outcome::Failed(_) => "FAIL",
+                Outcome::Error(_) => "ERROR",
+            };
+            let _ = writeln!(
+                out,
+                "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}",
+                c.suite,
+                c.name,
+                result,
+                fmt_duration(c.duration)
+            );
+        }
+        let problems: Vec<&CaseReport> = self
+            .cases
+            .iter()
+            .filter(|c| c.outcome != Outcome::Passed)
+            .collect();
+        if !problems.is_empty() {
+            let _ = writeln!(out, "\nProblems:");
+            for c in problems {
+                let _ = writeln!(out, "  {} / {}", c.suite, c.headline());
+                if let Outcome::Error(m) = &c.outcome {
+                    for line in m.lines().skip(1) {
+                        let _ = writeln!(out, "      {line}");
+                    }
+                } else if !c.excerpt.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "      response ({}): {}",
+                        c.http_status.unwrap_or(0),
+                        c.excerpt
+                    );
+                }
+            }
+        }
+        if !self.loads.is_empty() {
+            let _ = writeln!(out, "\nModels:");
+            for l in &self.loads {
+                match &l.failure {
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "  {}/{}: READY (waited {})",
+                            l.service,
+                            l.model,
+                            fmt_duration(l.waited)
+                        );
+                    }
+                    Some(m) => {
+                        let _ = writeln!(
+                            out,
+                            "  {}/{}: FAILED after {}: {}",
+                            l.service,
+                            l.model,
+                            fmt_duration(l.waited),
+                            m.lines().next().unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+        let c = self.counts();
+        let _ = writeln!(
+            out,
+            "\n{} cases: {} passed, {} failed, {} errors{} in {}",
+            self.cases.len(),
+            c.passed,
+            c.failed,
+            c.errors,
+            if self.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            },
+            fmt_duration(self.duration)
+        );
+        out
+    }
+
+    /// JUnit XML: one testsuite per suite, one testcase per case.
+    pub fn junit(&self) -> String {
+        let mut report = Report::new("proctor");
+        report.set_time(self.duration);
+        let mut suites: Vec<TestSuite> = Vec::new();
+        for c in &self.cases {
+            let idx = match suites.iter().position(|s| s.name.as_str() == c.suite) {
+                Some(i) => i,
+                None => {
+                    suites.push(TestSuite::new(c.suite.clone()));
+                    suites.len() - 1
+                }
+            };
+            let status = match &c.outcome {
+                Outcome::Passed => TestCaseStatus::success(),
+                Outcome::Failed(failures) => {
+                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                    s.set_message(c.headline());
+                    s.set_type("assertion");
+                    let mut text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+                    text.push(format!(
+                        "response ({}): {}",
+                        c.http_status.unwrap_or(0),
+                        c.excerpt
+                    ));
+                    s.set_description(text.join("\n"));
+                    s
+                }
+                Outcome::Error(message) => {
+                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
+                    s.set_message(message.lines().next().unwrap_or_default().to_owned());
+                    s.set_type("error");
+                    s.set_description(message.clone());
+                    s
+                }
+            };
+            let mut tc = TestCase::new(c.name.clone(), status);
+            tc.set_classname(c.suite.clone());
+            tc.set_time(c.duration);
+            suites[idx].add_test_case(tc);
+        }
+        report.add_test_suites(suites);
+        report.to_string().unwrap_or_default()
+    }
+
+    pub fn write_junit(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, self.junit())
+    }
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 1000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", ms / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RunReport {
+        let case = |name: &str, outcome| CaseReport {
+            suite: "translate".into(),
+            name: name.into(),
+            outcome,
+            duration: Duration::from_millis(12),
+            http_status: Some(200),
+            excerpt: "{\"model\":\"nllb\"}".into(),
+            attempt: 1,
+        };
+        RunReport {
+            run_id: "r".into(),
+            cases: vec![
+                case("ok", Outcome::Passed),
+                case(
+                    "wrong",
+                    Outcome::Failed(vec![Failure {
+                        check: "equals".into(),
+                        pointer: "/model".into(),
+                        expected: "\"aya\"".into(),
+                        actual: "\"nllb\"".into(),
+                    }]),
+                ),
+                case(
+                    "aya",
+                    Outcome::Error(
+                        "model aya failed in stage AUTHENTICATING after 0.3s\n  last log lines: x"
+                            .into(),
+                    ),
+                ),
+            ],
+            loads: vec![],
+            interrupted: false,
+            duration: Duration::from_secs(3),
+        }
+    }
+
+    #[test]
+    fn junit_has_one_testcase_per_case_with_failures_and_errors() {
+        let xml = sample().junit();
+        assert_eq!(xml.matches("<testcase ").count(), 3, "{xml}");
+        assert!(xml.contains("<failure message=\"case &quot;wrong&quot; failed: equals at /model: expected &quot;aya&quot;, got &quot;nllb&quot;\""), "{xml}");
+        assert!(
+            xml.contains("<error message=\"model aya failed in stage AUTHENTICATING after 0.3s\""),
+            "{xml}"
+        );
+        assert!(!xml.contains("<skipped"), "{xml}");
+    }
+
+    #[test]
+    fn summary_names_case_pointer_expected_and_actual() {
+        let text = sample().summary();
+        assert!(text.contains("translate / case \"wrong\" failed: equals at /model: expected \"aya\", got \"nllb\""), "{text}");
+        assert!(
+            text.contains("3 cases: 1 passed, 1 failed, 1 errors"),
+            "{text}"
+        );
+    }
+}

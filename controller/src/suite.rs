@@ -1,0 +1,486 @@
+//! Test suites: YAML files parsed and validated before anything runs, with
+//! errors that point at `file:line:column`. The YAML crate stays behind this
+//! module; the rest of the controller sees only the domain types below.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+/// A validated suite.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Suite {
+    pub name: String,
+    pub file: PathBuf,
+    pub service: String,
+    pub models: Vec<String>,
+    /// Model load timeout asked by the suite (below the CLI flag).
+    pub load_timeout: Option<Duration>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    pub name: String,
+    /// The models this case needs; if one fails to load the case is an error.
+    pub models: Vec<String>,
+    pub request: HttpRequest,
+    pub checks: Vec<Check>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    Status(u16),
+    Equals { pointer: String, value: Value },
+    OneOf { pointer: String, values: Vec<Value> },
+    NotEmpty { pointer: String },
+    Matches { pointer: String, regex: String },
+}
+
+/// A suite that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct SuiteError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSuite {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
+    service: Spanned<String>,
+    models: Spanned<Vec<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    cases: Spanned<Vec<Spanned<RawCase>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    name: Spanned<String>,
+    #[serde(default)]
+    models: Option<Spanned<Vec<String>>>,
+    request: RawRequest,
+    #[serde(default)]
+    expect: Option<RawExpect>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    method: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    json: Option<Value>,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExpect {
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    json: Vec<Spanned<RawCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    pointer: String,
+    /// `equals: null` is a check for null, not a missing key.
+    #[serde(default, deserialize_with = "present")]
+    equals: Option<Value>,
+    #[serde(default)]
+    one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    not_empty: Option<bool>,
+    #[serde(default)]
+    matches: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+/// Reads and validates a suite file.
+pub fn load(path: &Path) -> Result<Suite, SuiteError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SuiteError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read suite: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Parses suite text; `path` is used for messages and `Suite::file`.
+pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
+    let file = path.display().to_string();
+    let at = |loc: serde_saphyr::Location, message: String| SuiteError {
+        file: file.clone(),
+        line: loc.line(),
+        column: loc.column(),
+        message,
+    };
+    let raw: RawSuite = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        // The first line of saphyr's message is the reason; the rest is a snippet.
+        let first = e
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid YAML")
+            .to_owned();
+        let message = strip_location(&first).to_owned();
+        SuiteError {
+            file: file.clone(),
+            line,
+            column,
+            message,
+        }
+    })?;
+    let _ = raw.description;
+
+    let non_empty = |s: &Spanned<String>, what: &str| {
+        if s.value.trim().is_empty() {
+            Err(at(s.referenced, format!("{what} is empty")))
+        } else {
+            Ok(s.value.clone())
+        }
+    };
+    let name = non_empty(&raw.name, "suite name")?;
+    let service = non_empty(&raw.service, "service")?;
+    if raw.models.value.is_empty() {
+        return Err(at(
+            raw.models.referenced,
+            "models is empty: list the models this suite needs".into(),
+        ));
+    }
+    let duration_at = |s: &Spanned<String>| {
+        parse_duration(&s.value).ok_or_else(|| {
+            at(
+                s.referenced,
+                format!(
+                    "{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"",
+                    s.value
+                ),
+            )
+        })
+    };
+    let load_timeout = raw.timeout.as_ref().map(duration_at).transpose()?;
+    if raw.cases.value.is_empty() {
+        return Err(at(
+            raw.cases.referenced,
+            "cases is empty: a suite needs at least one case".into(),
+        ));
+    }
+
+    let mut cases: Vec<Case> = Vec::new();
+    for spanned in &raw.cases.value {
+        let c = &spanned.value;
+        let case_name = non_empty(&c.name, "case name")?;
+        if cases.iter().any(|o| o.name == case_name) {
+            return Err(at(
+                c.name.referenced,
+                format!("case name {case_name:?} is used twice in this suite"),
+            ));
+        }
+        let models = match &c.models {
+            Some(m) => {
+                if let Some(unknown) = m.value.iter().find(|x| !raw.models.value.contains(x)) {
+                    return Err(at(
+                        m.referenced,
+                        format!(
+                            "model {unknown:?} is not in the suite's models {:?}; add it there",
+                            raw.models.value
+                        ),
+                    ));
+                }
+                m.value.clone()
+            }
+            None => raw.models.value.clone(),
+        };
+        let method = c.request.method.value.to_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(at(
+                c.request.method.referenced,
+                format!(
+                    "unknown HTTP method {:?}; use one of {METHODS:?}",
+                    c.request.method.value
+                ),
+            ));
+        }
+        if !c.request.path.value.starts_with('/') {
+            return Err(at(
+                c.request.path.referenced,
+                format!("path {:?} must start with '/'", c.request.path.value),
+            ));
+        }
+        let mut headers = c.request.headers.clone();
+        let body = match (&c.request.json, &c.request.body) {
+            (Some(_), Some(_)) => {
+                return Err(at(
+                    spanned.referenced,
+                    "request has both `json` and `body`; keep one".into(),
+                ));
+            }
+            (Some(json), None) => {
+                headers
+                    .entry("content-type".into())
+                    .or_insert_with(|| "application/json".into());
+                serde_json::to_vec(json).unwrap_or_default()
+            }
+            (None, Some(text)) => text.clone().into_bytes(),
+            (None, None) => Vec::new(),
+        };
+        let mut checks = Vec::new();
+        if let Some(expect) = &c.expect {
+            if let Some(status) = expect.status {
+                checks.push(Check::Status(status));
+            }
+            for chk in &expect.json {
+                checks.push(check(&chk.value).map_err(|m| at(chk.referenced, m))?);
+            }
+        }
+        if checks.is_empty() {
+            return Err(at(
+                spanned.referenced,
+                format!(
+                    "case {case_name:?} checks nothing: add `expect` with a status or json checks"
+                ),
+            ));
+        }
+        let timeout = c.timeout.as_ref().map(duration_at).transpose()?;
+        cases.push(Case {
+            name: case_name,
+            models,
+            request: HttpRequest {
+                method,
+                path: c.request.path.value.clone(),
+                headers,
+                body,
+            },
+            checks,
+            timeout,
+        });
+    }
+    Ok(Suite {
+        name,
+        file: path.to_owned(),
+        service,
+        models: raw.models.value,
+        load_timeout,
+        cases,
+    })
+}
+
+/// saphyr says "error: line 3 column 5: reason"; we print the location once.
+fn strip_location(message: &str) -> &str {
+    let m = message.strip_prefix("error: ").unwrap_or(message);
+    match m
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((_, reason)) => reason,
+        None => m,
+    }
+}
+
+fn check(raw: &RawCheck) -> Result<Check, String> {
+    let pointer = raw.pointer.clone();
+    if !pointer.is_empty() && !pointer.starts_with('/') {
+        return Err(format!(
+            "pointer {pointer:?} must be a JSON pointer starting with '/' (e.g. /models/nllb/status)"
+        ));
+    }
+    let mut found = Vec::new();
+    if let Some(v) = &raw.equals {
+        found.push(Check::Equals {
+            pointer: pointer.clone(),
+            value: v.clone(),
+        });
+    }
+    if let Some(v) = &raw.one_of {
+        found.push(Check::OneOf {
+            pointer: pointer.clone(),
+            values: v.clone(),
+        });
+    }
+    if raw.not_empty == Some(true) {
+        found.push(Check::NotEmpty {
+            pointer: pointer.clone(),
+        });
+    }
+    if let Some(r) = &raw.matches {
+        regex::Regex::new(r).map_err(|e| format!("`matches` is not a valid regex: {e}"))?;
+        found.push(Check::Matches {
+            pointer: pointer.clone(),
+            regex: r.clone(),
+        });
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(format!(
+            "check on {pointer:?} says nothing to check: add one of equals, one_of, not_empty: true, matches"
+        )),
+        _ => Err(format!(
+            "check on {pointer:?} has several of equals, one_of, not_empty, matches; split it into one check each"
+        )),
+    }
+}
+
+/// Parses `250ms`, `30s`, `1.5s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+name: translate
+service: translation
+models: [nllb]
+timeout: 5m
+cases:
+  - name: english to spanish
+    request:
+      method: post
+      path: /translate
+      json: {text: Hello world, source_lang: en, target_lang: es, model: nllb}
+    expect:
+      status: 200
+      json:
+        - {pointer: /translated_text, equals: hola mundo}
+        - {pointer: /model, one_of: [nllb, aya]}
+        - {pointer: /processing_time_ms, not_empty: true}
+        - {pointer: /target_lang, matches: '^es$'}
+        - {pointer: /error, equals: null}
+";
+
+    #[test]
+    fn parses_a_suite() {
+        let s = parse(GOOD, Path::new("s.yaml")).unwrap();
+        assert_eq!(s.load_timeout, Some(Duration::from_secs(300)));
+        let c = &s.cases[0];
+        assert_eq!(c.request.method, "POST");
+        assert_eq!(c.models, vec!["nllb"]);
+        assert_eq!(c.request.headers["content-type"], "application/json");
+        let body: Value = serde_json::from_slice(&c.request.body).unwrap();
+        assert_eq!(body["text"], "Hello world");
+        assert_eq!(c.checks.len(), 6);
+        assert_eq!(
+            c.checks[5],
+            Check::Equals {
+                pointer: "/error".into(),
+                value: Value::Null
+            }
+        );
+        assert_eq!(
+            c.checks[1],
+            Check::Equals {
+                pointer: "/translated_text".into(),
+                value: Value::from("hola mundo")
+            }
+        );
+    }
+
+    /// (what to change in GOOD, expected "line:column: message" prefix)
+    #[test]
+    fn errors_point_at_file_line_column() {
+        let table = [
+            (
+                "timeout: 5m",
+                "timeout: soon",
+                "s.yaml:4:10: \"soon\" is not a duration",
+            ),
+            (
+                "method: post",
+                "method: fetch",
+                "s.yaml:8:15: unknown HTTP method \"fetch\"",
+            ),
+            (
+                "path: /translate",
+                "path: translate",
+                "s.yaml:9:13: path \"translate\" must start with '/'",
+            ),
+            (
+                "{pointer: /model, one_of: [nllb, aya]}",
+                "{pointer: /model}",
+                "s.yaml:15:11: check on \"/model\" says nothing to check",
+            ),
+            (
+                "matches: '^es$'",
+                "matches: '^(es'",
+                "s.yaml:17:11: `matches` is not a valid regex",
+            ),
+            (
+                "models: [nllb]",
+                "models: []",
+                "s.yaml:3:9: models is empty",
+            ),
+            (
+                "    expect:",
+                "    expected:",
+                "s.yaml:11:5: unknown field `expected`",
+            ),
+            ("status: 200", "status: [200]", "s.yaml:12:15:"),
+        ];
+        for (from, to, want) in table {
+            assert!(GOOD.contains(from), "{from}");
+            let err = parse(&GOOD.replace(from, to), Path::new("s.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(want),
+                "{from} -> {to}: got {err:?}, want prefix {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_case_names_are_refused() {
+        let doubled = format!("{GOOD}{}", &GOOD[GOOD.find("  - name").unwrap()..]);
+        let err = parse(&doubled, Path::new("s.yaml")).unwrap_err();
+        assert!(err.message.contains("used twice"), "{err}");
+        assert_eq!(err.line, 18);
+    }
+}

@@ -1,0 +1,190 @@
+//! `proctor demo`: the whole product on one machine. Writes a real agent
+//! config supervising `proctor sim` (an NLLB-like and a gated Aya-like model,
+//! the token supplied from a secret file), starts an agent from it on
+//! 127.0.0.1, and runs the example suites through the controller over gRPC,
+//! exactly as against a remote agent.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+
+/// The example suites, embedded so the demo runs from any folder.
+const SUITES: &[(&str, &str)] = &[
+    (
+        "nllb-translate.yaml",
+        include_str!("../../suites/nllb-translate.yaml"),
+    ),
+    ("detect.yaml", include_str!("../../suites/detect.yaml")),
+    (
+        "aya-translate.yaml",
+        include_str!("../../suites/aya-translate.yaml"),
+    ),
+    (
+        "multi-model.yaml",
+        include_str!("../../suites/multi-model.yaml"),
+    ),
+    ("health.yaml", include_str!("../../suites/health.yaml")),
+];
+
+/// Scaled-down stand-ins: a few hundred MB and a few seconds each.
+const NLLB: &str = "nllb:mb=256,download=1500ms,load=3s,warmup=500ms";
+const AYA: &str = "aya:mb=384,gated,auth=700ms,download=2s,load=4s,warmup=1s";
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The agent config the demo writes (and a user can copy).
+pub fn agent_toml(exe: &Path) -> String {
+    let command = [
+        exe.display().to_string(),
+        "sim".into(),
+        "--port".into(),
+        "{port}".into(),
+        "--model".into(),
+        NLLB.into(),
+        "--model".into(),
+        AYA.into(),
+    ];
+    let command: Vec<String> = command.iter().map(|s| toml_string(s)).collect();
+    format!(
+        r#"# Written by `proctor demo`: an agent supervising the reference service.
+# Start it yourself with: proctor agent --config {config}
+listen = "127.0.0.1:0"
+data_dir = "agent-data"
+telemetry_interval = "1s"
+
+[[service]]
+name = "translation"
+command = [{command}]
+# 0: the agent picks a free port on every start and puts it in place of {{port}}.
+port = 0
+base_url = "http://127.0.0.1:{{port}}"
+env = {{ RUST_LOG = "info" }}
+# The gated model's token comes from a file, never from this config.
+secrets = {{ HF_TOKEN = "aya.token" }}
+stop_signal = "SIGTERM"
+stop_grace = "5s"
+
+[service.readiness]
+protocol = "health-json"
+path = "/health"
+poll_ceiling = "250ms"
+
+[[service.model]]
+name = "nllb"
+load = "at_start"
+timeout = "5m"
+ram_mb = 256
+
+[[service.model]]
+name = "aya"
+load = "at_start"
+timeout = "60m"
+ram_mb = 384
+"#,
+        config = "proctor-out/agent.toml",
+        command = command.join(", "),
+    )
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes the demo's files; returns (agent config, suite files).
+fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
+    let suites_dir = out.join("suites");
+    std::fs::create_dir_all(&suites_dir)
+        .map_err(|e| format!("cannot create {}: {e}", suites_dir.display()))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the proctor binary itself: {e}"))?;
+    let config = out.join("agent.toml");
+    write(&config, &agent_toml(&exe))?;
+    write(&out.join("aya.token"), "hf_demo_token_not_a_real_secret\n")?;
+    let mut suites = Vec::new();
+    for (name, text) in SUITES {
+        let path = suites_dir.join(name);
+        write(&path, text)?;
+        suites.push(path);
+    }
+    Ok((config, suites))
+}
+
+pub async fn run(
+    out: &Path,
+    progress: controller::progress::Mode,
+    cancel: CancellationToken,
+) -> ExitCode {
+    let (config_path, suites) = match prepare(out) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match agent::Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let data_dir = config.data_dir.clone();
+    let agent = match agent::start(config).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "proctor demo: agent from {} listening on {}",
+        config_path.display(),
+        agent.addr
+    );
+    println!(
+        "running {} suites against service `translation` (models nllb, aya)\n",
+        suites.len()
+    );
+    let opts = controller::RunOptions {
+        agents: vec![agent.addr.to_string()],
+        suites,
+        out_dir: out.to_owned(),
+        progress,
+        model_timeout: None,
+        fresh: false,
+    };
+    let result = controller::run(opts, cancel).await;
+    if let Err(e) = agent.shutdown().await {
+        eprintln!("warning: agent shutdown: {e}");
+    }
+    println!("\nFiles:");
+    println!("  agent config   {}", config_path.display());
+    println!("  suites         {}", out.join("suites").display());
+    if let Some(j) = &result.junit {
+        println!("  JUnit report   {}", j.display());
+    }
+    println!(
+        "  service log    {}",
+        data_dir.join("translation.log").display()
+    );
+    ExitCode::from(result.exit as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_is_valid_and_embeds_the_suites() {
+        let text = agent_toml(Path::new("/opt/my \"odd\" dir/proctor"));
+        let config = agent::Config::parse(&text, Path::new("/tmp/out/agent.toml")).unwrap();
+        assert_eq!(config.services[0].command[0], "/opt/my \"odd\" dir/proctor");
+        assert_eq!(config.services[0].models.len(), 2);
+        for (name, text) in SUITES {
+            controller::suite::parse(text, Path::new(name)).unwrap();
+        }
+    }
+}
