@@ -11,13 +11,8 @@ const EXCERPT_BYTES: usize = 512;
 pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Checks every assertion against a response; returns the failures.
-pub fn evaluate(
-    assertions: &[proto::Assertion],
-    status: u16,
-    body: &[u8],
-) -> Vec<AssertionFailure> {
-    let json: Result<Value, String> =
-        serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"));
+pub fn evaluate(assertions: &[proto::Assertion], status: u16, body: &[u8]) -> Vec<AssertionFailure> {
+    let json: Result<Value, String> = serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"));
     let mut failures = Vec::new();
     for a in assertions {
         let Some(kind) = &a.kind else { continue };
@@ -44,23 +39,13 @@ pub fn evaluate(
                 let expected: Value = serde_json::from_str(&eq.value_json).unwrap_or(Value::Null);
                 match lookup(&eq.pointer) {
                     Ok(v) if *v == expected => {}
-                    Ok(v) => failures.push(fail(
-                        "equals",
-                        &eq.pointer,
-                        expected.to_string(),
-                        v.to_string(),
-                    )),
-                    Err(actual) => {
-                        failures.push(fail("equals", &eq.pointer, expected.to_string(), actual))
-                    }
+                    Ok(v) => failures.push(fail("equals", &eq.pointer, expected.to_string(), v.to_string())),
+                    Err(actual) => failures.push(fail("equals", &eq.pointer, expected.to_string(), actual)),
                 }
             }
             assertion::Kind::JsonOneOf(one) => {
-                let options: Vec<Value> = one
-                    .values_json
-                    .iter()
-                    .map(|v| serde_json::from_str(v).unwrap_or(Value::Null))
-                    .collect();
+                let options: Vec<Value> =
+                    one.values_json.iter().map(|v| serde_json::from_str(v).unwrap_or(Value::Null)).collect();
                 let expected = format!("one of {}", Value::Array(options.clone()));
                 match lookup(&one.pointer) {
                     Ok(v) if options.contains(v) => {}
@@ -70,28 +55,15 @@ pub fn evaluate(
             }
             assertion::Kind::JsonNotEmpty(pointer) => match lookup(pointer) {
                 Ok(v) if !is_empty(v) => {}
-                Ok(v) => failures.push(fail(
-                    "not_empty",
-                    pointer,
-                    "a non-empty value".into(),
-                    v.to_string(),
-                )),
-                Err(actual) => failures.push(fail(
-                    "not_empty",
-                    pointer,
-                    "a non-empty value".into(),
-                    actual,
-                )),
+                Ok(v) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), v.to_string())),
+                Err(actual) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), actual)),
             },
             assertion::Kind::JsonMatches(m) => {
                 let expected = format!("a match for /{}/", m.regex);
                 match (regex::Regex::new(&m.regex), lookup(&m.pointer)) {
-                    (Err(e), _) => failures.push(fail(
-                        "matches",
-                        &m.pointer,
-                        expected,
-                        format!("(invalid regex: {e})"),
-                    )),
+                    (Err(e), _) => {
+                        failures.push(fail("matches", &m.pointer, expected, format!("(invalid regex: {e})")))
+                    }
                     (Ok(re), Ok(v)) => {
                         let text = match v {
                             Value::String(s) => s.clone(),
@@ -101,9 +73,7 @@ pub fn evaluate(
                             failures.push(fail("matches", &m.pointer, expected, v.to_string()));
                         }
                     }
-                    (Ok(_), Err(actual)) => {
-                        failures.push(fail("matches", &m.pointer, expected, actual))
-                    }
+                    (Ok(_), Err(actual)) => failures.push(fail("matches", &m.pointer, expected, actual)),
                 }
             }
         }
@@ -122,12 +92,7 @@ fn is_empty(v: &Value) -> bool {
 }
 
 /// Runs one case against `base_url`. Never fails: problems become ERROR results.
-pub async fn run_case(
-    client: &reqwest::Client,
-    base_url: &str,
-    case: &proto::Case,
-    epoch: u64,
-) -> CaseResult {
+pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Case, epoch: u64) -> CaseResult {
     let started = tokio::time::Instant::now();
     let mut result = CaseResult {
         case_id: case.case_id.clone(),
@@ -150,15 +115,8 @@ pub async fn run_case(
             return result;
         }
     };
-    let timeout = if case.timeout_ms > 0 {
-        Duration::from_millis(case.timeout_ms)
-    } else {
-        DEFAULT_CASE_TIMEOUT
-    };
-    let mut request = client
-        .request(method, &url)
-        .timeout(timeout)
-        .body(http.body.clone());
+    let timeout = if case.timeout_ms > 0 { Duration::from_millis(case.timeout_ms) } else { DEFAULT_CASE_TIMEOUT };
+    let mut request = client.request(method, &url).timeout(timeout).body(http.body.clone());
     for (k, v) in &http.headers {
         request = request.header(k, v);
     }
@@ -179,11 +137,7 @@ pub async fn run_case(
             result.http_status = u32::from(status);
             result.response_excerpt = excerpt(&body);
             result.failures = evaluate(&case.assertions, status, &body);
-            result.set_outcome(if result.failures.is_empty() {
-                CaseOutcome::Passed
-            } else {
-                CaseOutcome::Failed
-            });
+            result.set_outcome(if result.failures.is_empty() { CaseOutcome::Passed } else { CaseOutcome::Failed });
         }
     }
     result
@@ -191,11 +145,7 @@ pub async fn run_case(
 
 fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]).into_owned();
-    if body.len() > EXCERPT_BYTES {
-        format!("{text}…")
-    } else {
-        text
-    }
+    if body.len() > EXCERPT_BYTES { format!("{text}…") } else { text }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -218,29 +168,20 @@ mod tests {
         Assertion { kind: Some(kind) }
     }
 
-    const BODY: &[u8] =
-        br#"{"language":"en","confidence":0.9,"text":"hola mundo","empty":"","list":[]}"#;
+    const BODY: &[u8] = br#"{"language":"en","confidence":0.9,"text":"hola mundo","empty":"","list":[]}"#;
 
     #[test]
     fn each_assertion_kind_passes_and_fails() {
-        let eq = |p: &str, v: &str| {
-            a(assertion::Kind::JsonEquals(JsonEquals {
-                pointer: p.into(),
-                value_json: v.into(),
-            }))
-        };
+        let eq =
+            |p: &str, v: &str| a(assertion::Kind::JsonEquals(JsonEquals { pointer: p.into(), value_json: v.into() }));
         let one_of = |p: &str, v: &[&str]| {
             a(assertion::Kind::JsonOneOf(JsonOneOf {
                 pointer: p.into(),
                 values_json: v.iter().map(|s| s.to_string()).collect(),
             }))
         };
-        let matches = |p: &str, r: &str| {
-            a(assertion::Kind::JsonMatches(JsonMatches {
-                pointer: p.into(),
-                regex: r.into(),
-            }))
-        };
+        let matches =
+            |p: &str, r: &str| a(assertion::Kind::JsonMatches(JsonMatches { pointer: p.into(), regex: r.into() }));
         let not_empty = |p: &str| a(assertion::Kind::JsonNotEmpty(p.into()));
         // (assertion, expected failure as "name pointer expected actual", or "" for pass)
         let table = [
@@ -250,22 +191,13 @@ mod tests {
             (eq("/language", "\"fr\""), "equals /language \"fr\" \"en\""),
             (eq("/nope", "1"), "equals /nope 1 (missing)"),
             (one_of("/language", &["\"es\"", "\"en\""]), ""),
-            (
-                one_of("/language", &["\"es\""]),
-                "one_of /language one of [\"es\"] \"en\"",
-            ),
+            (one_of("/language", &["\"es\""]), "one_of /language one of [\"es\"] \"en\""),
             (not_empty("/text"), ""),
-            (
-                not_empty("/empty"),
-                "not_empty /empty a non-empty value \"\"",
-            ),
+            (not_empty("/empty"), "not_empty /empty a non-empty value \"\""),
             (not_empty("/list"), "not_empty /list a non-empty value []"),
             (matches("/text", "^hola"), ""),
             (matches("/confidence", "^0\\.9$"), ""),
-            (
-                matches("/text", "^bonjour"),
-                "matches /text a match for /^bonjour/ \"hola mundo\"",
-            ),
+            (matches("/text", "^bonjour"), "matches /text a match for /^bonjour/ \"hola mundo\""),
         ];
         for (assertion, want) in table {
             let got = evaluate(std::slice::from_ref(&assertion), 200, BODY)
@@ -279,15 +211,7 @@ mod tests {
 
     #[test]
     fn a_non_json_body_fails_json_assertions_with_the_reason() {
-        let f = evaluate(
-            &[a(assertion::Kind::JsonNotEmpty("/x".into()))],
-            200,
-            b"<html>",
-        );
-        assert!(
-            f[0].actual.starts_with("response is not JSON"),
-            "{:?}",
-            f[0]
-        );
+        let f = evaluate(&[a(assertion::Kind::JsonNotEmpty("/x".into()))], 200, b"<html>");
+        assert!(f[0].actual.starts_with("response is not JSON"), "{:?}", f[0]);
     }
 }

@@ -155,120 +155,63 @@ pub struct ModelConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read agent config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("agent config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("agent config {path}: {key}: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: String, message: String },
 }
 
 impl Config {
     /// Reads and validates a config file. Relative paths in it (workdir,
     /// secrets, data_dir) are relative to the file's folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
-        let invalid = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
-        };
+        let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
 
         let listen = raw.listen.parse().map_err(|_| {
-            invalid(
-                "listen".into(),
-                format!(
-                    "{:?} is not an address; write e.g. \"127.0.0.1:7700\"",
-                    raw.listen
-                ),
-            )
+            invalid("listen".into(), format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", raw.listen))
         })?;
-        let telemetry_interval = duration(&raw.telemetry_interval).ok_or_else(|| {
-            invalid(
-                "telemetry_interval".into(),
-                bad_duration(&raw.telemetry_interval),
-            )
-        })?;
-        let data_dir = base.join(
-            raw.data_dir
-                .unwrap_or_else(|| PathBuf::from("proctor-agent-data")),
-        );
+        let telemetry_interval = duration(&raw.telemetry_interval)
+            .ok_or_else(|| invalid("telemetry_interval".into(), bad_duration(&raw.telemetry_interval)))?;
+        let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("proctor-agent-data")));
 
         let mut services = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
             let key = |k: &str| format!("service[{i}] ({}).{k}", s.name);
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(invalid(
-                    key("name"),
-                    "must be non-empty letters, digits, '-' or '_'".into(),
-                ));
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(key("name"), "must be non-empty letters, digits, '-' or '_'".into()));
             }
             if services.iter().any(|o: &ServiceConfig| o.name == s.name) {
-                return Err(invalid(
-                    key("name"),
-                    "is used by two services; names must be unique".into(),
-                ));
+                return Err(invalid(key("name"), "is used by two services; names must be unique".into()));
             }
             if s.command.is_empty() {
-                return Err(invalid(
-                    key("command"),
-                    "is empty; give the program and its arguments".into(),
-                ));
+                return Err(invalid(key("command"), "is empty; give the program and its arguments".into()));
             }
             let stop_signal = s.stop_signal.parse().map_err(|_| {
-                invalid(
-                    key("stop_signal"),
-                    format!(
-                        "{:?} is not a signal name; write e.g. \"SIGTERM\"",
-                        s.stop_signal
-                    ),
-                )
+                invalid(key("stop_signal"), format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", s.stop_signal))
             })?;
             let stop_grace = match &s.stop_grace {
-                Some(g) => {
-                    duration(g).ok_or_else(|| invalid(key("stop_grace"), bad_duration(g)))?
-                }
+                Some(g) => duration(g).ok_or_else(|| invalid(key("stop_grace"), bad_duration(g)))?,
                 None => DEFAULT_STOP_GRACE,
             };
-            let protocol = s
-                .readiness
-                .protocol
-                .clone()
-                .unwrap_or_else(|| "health-json".into());
+            let protocol = s.readiness.protocol.clone().unwrap_or_else(|| "health-json".into());
             if protocol != "health-json" {
                 return Err(invalid(
                     key("readiness.protocol"),
-                    format!(
-                        "{protocol:?} is not supported by this agent; supported: \"health-json\""
-                    ),
+                    format!("{protocol:?} is not supported by this agent; supported: \"health-json\""),
                 ));
             }
             let poll_ceiling = match &s.readiness.poll_ceiling {
-                Some(p) => duration(p)
-                    .ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
+                Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
                 None => DEFAULT_POLL_CEILING,
             };
             let readiness = Readiness {
@@ -286,16 +229,11 @@ impl Config {
                     "at_start" => LoadMode::AtStart,
                     "endpoint" => LoadMode::Endpoint,
                     other => {
-                        return Err(invalid(
-                            mkey("load"),
-                            format!("{other:?}: expected \"at_start\" or \"endpoint\""),
-                        ));
+                        return Err(invalid(mkey("load"), format!("{other:?}: expected \"at_start\" or \"endpoint\"")));
                     }
                 };
                 let timeout = match &m.timeout {
-                    Some(t) => {
-                        Some(duration(t).ok_or_else(|| invalid(mkey("timeout"), bad_duration(t)))?)
-                    }
+                    Some(t) => Some(duration(t).ok_or_else(|| invalid(mkey("timeout"), bad_duration(t)))?),
                     None => None,
                 };
                 models.push(ModelConfig {
@@ -306,16 +244,9 @@ impl Config {
                     gpu_bytes: m.gpu_mb * 1024 * 1024,
                 });
             }
-            let secrets = s
-                .secrets
-                .iter()
-                .map(|(k, p)| (k.clone(), base.join(p)))
-                .collect();
+            let secrets = s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect();
             services.push(ServiceConfig {
-                base_url: s
-                    .base_url
-                    .clone()
-                    .unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
+                base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
                 name: s.name,
                 command: s.command,
                 workdir: s.workdir.map(|w| base.join(w)),
@@ -328,12 +259,7 @@ impl Config {
                 models,
             });
         }
-        Ok(Config {
-            listen,
-            data_dir,
-            telemetry_interval,
-            services,
-        })
+        Ok(Config { listen, data_dir, telemetry_interval, services })
     }
 }
 
@@ -359,16 +285,9 @@ pub fn duration(s: &str) -> Option<Duration> {
 
 /// Load timeout precedence below the controller's override (which carries the
 /// CLI flag and the suite): `MODEL_LOADING_TIMEOUT` > agent config > default.
-pub fn load_timeout(
-    override_: Option<Duration>,
-    env: Option<&str>,
-    configured: Option<Duration>,
-) -> Duration {
+pub fn load_timeout(override_: Option<Duration>, env: Option<&str>, configured: Option<Duration>) -> Duration {
     override_
-        .or_else(|| {
-            env.and_then(|v| v.trim().parse::<f64>().ok())
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        })
+        .or_else(|| env.and_then(|v| v.trim().parse::<f64>().ok()).and_then(|s| Duration::try_from_secs_f64(s).ok()))
         .or(configured)
         .unwrap_or(DEFAULT_LOAD_TIMEOUT)
 }
@@ -402,10 +321,7 @@ load = "endpoint"
         let c = Config::parse(GOOD, Path::new("/etc/proctor/agent.toml")).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/etc/proctor/data"));
         let s = &c.services[0];
-        assert_eq!(
-            s.secrets["HF_TOKEN"],
-            PathBuf::from("/etc/proctor/aya.token")
-        );
+        assert_eq!(s.secrets["HF_TOKEN"], PathBuf::from("/etc/proctor/aya.token"));
         assert_eq!(s.stop_grace, Duration::from_secs(2));
         assert_eq!(s.models[0].timeout, Some(Duration::from_secs(300)));
         assert_eq!(s.models[0].ram_bytes, 300 * 1024 * 1024);
@@ -416,34 +332,14 @@ load = "endpoint"
     #[test]
     fn errors_name_the_key_and_the_fix() {
         let cases = [
-            (
-                GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"soon\""),
-                "stop_grace: \"soon\" is not a duration",
-            ),
-            (
-                GOOD.replace("ram_mb = 300", "ram = 300"),
-                "unknown field `ram`",
-            ),
-            (
-                GOOD.replace("load = \"endpoint\"", "load = \"lazy\""),
-                "(aya).load: \"lazy\": expected",
-            ),
-            (
-                GOOD.replace(
-                    "command = [\"sim\", \"--port\", \"{port}\"]",
-                    "command = []",
-                ),
-                "command: is empty",
-            ),
-            (
-                GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""),
-                "listen: \"nowhere\" is not an address",
-            ),
+            (GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"soon\""), "stop_grace: \"soon\" is not a duration"),
+            (GOOD.replace("ram_mb = 300", "ram = 300"), "unknown field `ram`"),
+            (GOOD.replace("load = \"endpoint\"", "load = \"lazy\""), "(aya).load: \"lazy\": expected"),
+            (GOOD.replace("command = [\"sim\", \"--port\", \"{port}\"]", "command = []"), "command: is empty"),
+            (GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen: \"nowhere\" is not an address"),
         ];
         for (text, want) in cases {
-            let err = Config::parse(&text, Path::new("agent.toml"))
-                .unwrap_err()
-                .to_string();
+            let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
             assert!(err.contains("agent.toml"), "{err}");
         }

@@ -55,35 +55,20 @@ fn supervisor_status(e: SupervisorError) -> Status {
 }
 
 fn claim(lease: Option<proto::LeaseRef>) -> Result<LeaseClaim, Status> {
-    let l = lease.ok_or_else(|| {
-        Status::invalid_argument("missing lease: acquire one with AcquireLease first")
-    })?;
-    Ok(LeaseClaim {
-        service: l.service,
-        run_id: l.run_id,
-        lease_id: l.lease_id,
-        epoch: l.epoch,
-    })
+    let l = lease.ok_or_else(|| Status::invalid_argument("missing lease: acquire one with AcquireLease first"))?;
+    Ok(LeaseClaim { service: l.service, run_id: l.run_id, lease_id: l.lease_id, epoch: l.epoch })
 }
 
 impl Service {
     /// Checks the lease and returns the service's supervisor and the epoch.
-    async fn leased(
-        &self,
-        lease: Option<proto::LeaseRef>,
-    ) -> Result<(Supervisor, u64, LeaseClaim), Status> {
+    async fn leased(&self, lease: Option<proto::LeaseRef>) -> Result<(Supervisor, u64, LeaseClaim), Status> {
         let claim = claim(lease)?;
         let supervisor = self
             .supervisors
             .get(&claim.service)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("unknown service {:?}", claim.service)))?;
-        let grant = self
-            .journal
-            .check(claim.clone())
-            .await
-            .map_err(closed)?
-            .map_err(lease_status)?;
+        let grant = self.journal.check(claim.clone()).await.map_err(closed)?.map_err(lease_status)?;
         Ok((supervisor, grant.epoch, claim))
     }
 }
@@ -92,17 +77,12 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, Status>> + Sen
 
 #[tonic::async_trait]
 impl AgentApi for Service {
-    async fn get_info(
-        &self,
-        _: Request<proto::GetInfoRequest>,
-    ) -> Result<Response<proto::AgentInfo>, Status> {
+    async fn get_info(&self, _: Request<proto::GetInfoRequest>) -> Result<Response<proto::AgentInfo>, Status> {
         let mut info = self.info.clone();
         let snapshot = self.journal.snapshot().await.map_err(closed)?;
-        if let Some(host) = snapshot.host {
-            if host.total_bytes > 0 {
-                info.host_memory_total_bytes = host.total_bytes;
-                info.host_memory_available_bytes = host.available_bytes;
-            }
+        if let Some(host) = snapshot.host.filter(|h| h.total_bytes > 0) {
+            info.host_memory_total_bytes = host.total_bytes;
+            info.host_memory_available_bytes = host.available_bytes;
         }
         info.now_unix_ms = crate::journal::now_unix_ms();
         Ok(Response::new(info))
@@ -120,26 +100,14 @@ impl AgentApi for Service {
             0 => DEFAULT_LEASE_TTL,
             ms => Duration::from_millis(ms).min(MAX_LEASE_TTL),
         };
-        let grant = self
-            .journal
-            .acquire(r.service, r.run_id, r.holder, ttl)
-            .await
-            .map_err(closed)?
-            .map_err(lease_status)?;
+        let grant =
+            self.journal.acquire(r.service, r.run_id, r.holder, ttl).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(grant_to_proto(&grant)))
     }
 
-    async fn renew_lease(
-        &self,
-        request: Request<proto::LeaseRef>,
-    ) -> Result<Response<proto::Lease>, Status> {
+    async fn renew_lease(&self, request: Request<proto::LeaseRef>) -> Result<Response<proto::Lease>, Status> {
         let claim = claim(Some(request.into_inner()))?;
-        let grant = self
-            .journal
-            .renew(claim, DEFAULT_LEASE_TTL)
-            .await
-            .map_err(closed)?
-            .map_err(lease_status)?;
+        let grant = self.journal.renew(claim, DEFAULT_LEASE_TTL).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(grant_to_proto(&grant)))
     }
 
@@ -148,11 +116,7 @@ impl AgentApi for Service {
         request: Request<proto::LeaseRef>,
     ) -> Result<Response<proto::ReleaseLeaseResponse>, Status> {
         let claim = claim(Some(request.into_inner()))?;
-        self.journal
-            .release(claim)
-            .await
-            .map_err(closed)?
-            .map_err(lease_status)?;
+        self.journal.release(claim).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(proto::ReleaseLeaseResponse {}))
     }
 
@@ -163,19 +127,10 @@ impl AgentApi for Service {
         let r = request.into_inner();
         let (supervisor, _, _) = self.leased(r.lease).await?;
         if r.models.is_empty() {
-            return Err(Status::invalid_argument(
-                "no models named: list the models this run needs",
-            ));
+            return Err(Status::invalid_argument("no models named: list the models this run needs"));
         }
-        let timeout = r
-            .overrides
-            .map(|o| o.load_timeout_ms)
-            .filter(|ms| *ms > 0)
-            .map(Duration::from_millis);
-        let outcome = supervisor
-            .ensure(r.models, timeout, r.fresh)
-            .await
-            .map_err(supervisor_status)?;
+        let timeout = r.overrides.map(|o| o.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
+        let outcome = supervisor.ensure(r.models, timeout, r.fresh).await.map_err(supervisor_status)?;
         let seq_after = self.journal.snapshot().await.map_err(closed)?.next_seq;
         Ok(Response::new(proto::EnsureModelsResponse {
             already_ready: outcome.already_ready,
@@ -190,9 +145,7 @@ impl AgentApi for Service {
     ) -> Result<Response<proto::StopServiceResponse>, Status> {
         let (supervisor, _, _) = self.leased(request.into_inner().lease).await?;
         let exit = supervisor.stop().await.map_err(supervisor_status)?;
-        Ok(Response::new(proto::StopServiceResponse {
-            exit: Some(exit),
-        }))
+        Ok(Response::new(proto::StopServiceResponse { exit: Some(exit) }))
     }
 
     async fn run_cases(
@@ -208,10 +161,7 @@ impl AgentApi for Service {
             )));
         }
         if let Some(c) = r.cases.iter().find(|c| c.case_id.is_empty()) {
-            return Err(Status::invalid_argument(format!(
-                "case {:?} has no case_id",
-                c.name
-            )));
+            return Err(Status::invalid_argument(format!("case {:?} has no case_id", c.name)));
         }
         let base_url = supervisor.base_url().await.map_err(supervisor_status)?;
         let accepted = r.cases.len() as u32;
@@ -243,21 +193,14 @@ impl AgentApi for Service {
 
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        request: Request<proto::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let from_seq = request.into_inner().from_seq;
         let sub = self.journal.subscribe(from_seq).await.map_err(closed)?;
-        let head = std::iter::once(WatchMessage {
-            kind: Some(watch_message::Kind::Snapshot(sub.snapshot)),
-        })
-        .chain(sub.backlog)
-        .map(Ok);
+        let head = std::iter::once(WatchMessage { kind: Some(watch_message::Kind::Snapshot(sub.snapshot)) })
+            .chain(sub.backlog)
+            .map(Ok);
         let live = tokio_stream::wrappers::ReceiverStream::new(sub.live).map(Ok);
-        Ok(Response::new(Box::pin(
-            tokio_stream::iter(head).chain(live),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::iter(head).chain(live))))
     }
 
     async fn fetch_retained(
@@ -265,21 +208,11 @@ impl AgentApi for Service {
         request: Request<proto::FetchRetainedRequest>,
     ) -> Result<Response<proto::FetchRetainedResponse>, Status> {
         let r = request.into_inner();
-        let events = self
-            .journal
-            .fetch_retained(r.run_id, r.from_seq)
-            .await
-            .map_err(closed)?;
-        Ok(Response::new(proto::FetchRetainedResponse {
-            incarnation: self.journal.incarnation().to_owned(),
-            events,
-        }))
+        let events = self.journal.fetch_retained(r.run_id, r.from_seq).await.map_err(closed)?;
+        Ok(Response::new(proto::FetchRetainedResponse { incarnation: self.journal.incarnation().to_owned(), events }))
     }
 
-    async fn ack(
-        &self,
-        request: Request<proto::AckRequest>,
-    ) -> Result<Response<proto::AckResponse>, Status> {
+    async fn ack(&self, request: Request<proto::AckRequest>) -> Result<Response<proto::AckResponse>, Status> {
         let r = request.into_inner();
         if r.incarnation != self.journal.incarnation() {
             return Err(Status::failed_precondition(format!(

@@ -13,10 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use proto::{
-    Event, ExitStatus, HostMemory, ModelState, ServiceState, Snapshot, WatchMessage, event,
-    watch_message,
-};
+use proto::{Event, ExitStatus, HostMemory, ModelState, ServiceState, Snapshot, WatchMessage, event, watch_message};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -28,10 +25,7 @@ pub const RING_CAPACITY: usize = 8192;
 pub const WATCHER_BUFFER: usize = 4096;
 
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A watch as it opens: the snapshot, the replayed events, then live ones.
@@ -105,11 +99,7 @@ impl Journal {
     /// services and models (all `STOPPED`).
     pub fn start(incarnation: String, services: &[(String, Vec<String>)]) -> Journal {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut state = State {
-            incarnation: incarnation.clone(),
-            next_seq: 1,
-            ..State::default()
-        };
+        let mut state = State { incarnation: incarnation.clone(), next_seq: 1, ..State::default() };
         for (name, models) in services {
             state.services.insert(
                 name.clone(),
@@ -147,8 +137,7 @@ impl Journal {
     }
 
     pub async fn subscribe(&self, from_seq: u64) -> Result<Subscription, Closed> {
-        self.ask(|reply| Command::Subscribe { from_seq, reply })
-            .await
+        self.ask(|reply| Command::Subscribe { from_seq, reply }).await
     }
 
     /// The current snapshot. Its `next_seq` is past every event appended
@@ -164,21 +153,10 @@ impl Journal {
         holder: String,
         ttl: Duration,
     ) -> Result<Result<Grant, LeaseError>, Closed> {
-        self.ask(|reply| Command::Acquire {
-            service,
-            run_id,
-            holder,
-            ttl,
-            reply,
-        })
-        .await
+        self.ask(|reply| Command::Acquire { service, run_id, holder, ttl, reply }).await
     }
 
-    pub async fn renew(
-        &self,
-        claim: LeaseClaim,
-        ttl: Duration,
-    ) -> Result<Result<Grant, LeaseError>, Closed> {
+    pub async fn renew(&self, claim: LeaseClaim, ttl: Duration) -> Result<Result<Grant, LeaseError>, Closed> {
         self.ask(|reply| Command::Renew { claim, ttl, reply }).await
     }
 
@@ -190,17 +168,8 @@ impl Journal {
         self.ask(|reply| Command::Check { claim, reply }).await
     }
 
-    pub async fn fetch_retained(
-        &self,
-        run_id: String,
-        from_seq: u64,
-    ) -> Result<Vec<Event>, Closed> {
-        self.ask(|reply| Command::FetchRetained {
-            run_id,
-            from_seq,
-            reply,
-        })
-        .await
+    pub async fn fetch_retained(&self, run_id: String, from_seq: u64) -> Result<Vec<Event>, Closed> {
+        self.ask(|reply| Command::FetchRetained { run_id, from_seq, reply }).await
     }
 
     pub async fn ack(&self, up_to_seq: u64) -> Result<u32, Closed> {
@@ -228,11 +197,7 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
             Command::Append(kind) => state.append(kind),
             Command::Subscribe { from_seq, reply } => {
                 let (tx, live) = mpsc::channel(WATCHER_BUFFER);
-                let sub = Subscription {
-                    snapshot: state.snapshot(),
-                    backlog: state.backlog(from_seq),
-                    live,
-                };
+                let sub = Subscription { snapshot: state.snapshot(), backlog: state.backlog(from_seq), live };
                 if reply.send(sub).is_ok() {
                     state.watchers.push(tx);
                 }
@@ -240,22 +205,9 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
             Command::Snapshot { reply } => {
                 let _ = reply.send(state.snapshot());
             }
-            Command::Acquire {
-                service,
-                run_id,
-                holder,
-                ttl,
-                reply,
-            } => {
+            Command::Acquire { service, run_id, holder, ttl, reply } => {
                 let result = if state.services.contains_key(&service) {
-                    state.leases.acquire(
-                        &service,
-                        &run_id,
-                        &holder,
-                        ttl,
-                        Instant::now(),
-                        now_unix_ms(),
-                    )
+                    state.leases.acquire(&service, &run_id, &holder, ttl, Instant::now(), now_unix_ms())
                 } else {
                     Err(LeaseError::UnknownService(service))
                 };
@@ -268,11 +220,7 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
                 let _ = reply.send(result);
             }
             Command::Renew { claim, ttl, reply } => {
-                let _ = reply.send(
-                    state
-                        .leases
-                        .renew(&claim, ttl, Instant::now(), now_unix_ms()),
-                );
+                let _ = reply.send(state.leases.renew(&claim, ttl, Instant::now(), now_unix_ms()));
             }
             Command::Release { claim, reply } => {
                 let result = state.leases.release(&claim, Instant::now());
@@ -287,19 +235,13 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
             Command::Check { claim, reply } => {
                 let _ = reply.send(state.leases.check(&claim, Instant::now()).cloned());
             }
-            Command::FetchRetained {
-                run_id,
-                from_seq,
-                reply,
-            } => {
+            Command::FetchRetained { run_id, from_seq, reply } => {
                 let events = state
                     .retained
                     .range(from_seq..)
                     .map(|(_, e)| e)
                     .filter(|e| match &e.kind {
-                        Some(event::Kind::CaseFinished(c)) => {
-                            run_id.is_empty() || c.run_id == run_id
-                        }
+                        Some(event::Kind::CaseFinished(c)) => run_id.is_empty() || c.run_id == run_id,
                         _ => true,
                     })
                     .cloned()
@@ -329,10 +271,7 @@ pub fn grant_to_proto(g: &Grant) -> proto::Lease {
 }
 
 fn is_retained(kind: &event::Kind) -> bool {
-    matches!(
-        kind,
-        event::Kind::StageChanged(_) | event::Kind::CaseFinished(_) | event::Kind::ServiceExited(_)
-    )
+    matches!(kind, event::Kind::StageChanged(_) | event::Kind::CaseFinished(_) | event::Kind::ServiceExited(_))
 }
 
 impl State {
@@ -349,12 +288,9 @@ impl State {
         if retained {
             self.retained.insert(event.seq, event.clone());
         }
-        let message = WatchMessage {
-            kind: Some(watch_message::Kind::Event(event.clone())),
-        };
+        let message = WatchMessage { kind: Some(watch_message::Kind::Event(event.clone())) };
         // A watcher that is full or gone is dropped; it resumes from its last seq.
-        self.watchers
-            .retain(|w| w.try_send(message.clone()).is_ok());
+        self.watchers.retain(|w| w.try_send(message.clone()).is_ok());
         if self.ring.len() == RING_CAPACITY {
             let old = self.ring.pop_front().expect("full ring");
             self.evicted_up_to = Some(old.seq);
@@ -407,11 +343,7 @@ impl State {
     }
 
     fn model_mut(&mut self, service: &str, model: &str) -> Option<&mut ModelState> {
-        self.services
-            .get_mut(service)?
-            .models
-            .iter_mut()
-            .find(|m| m.name == model)
+        self.services.get_mut(service)?.models.iter_mut().find(|m| m.name == model)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -420,12 +352,7 @@ impl State {
             incarnation: self.incarnation.clone(),
             next_seq: self.next_seq,
             services: self.services.values().cloned().collect(),
-            leases: self
-                .leases
-                .live_grants(now)
-                .iter()
-                .map(grant_to_proto)
-                .collect(),
+            leases: self.leases.live_grants(now).iter().map(grant_to_proto).collect(),
             host: Some(self.host),
         }
     }
@@ -435,21 +362,12 @@ impl State {
     fn backlog(&self, from_seq: u64) -> Vec<WatchMessage> {
         let ring_start = self.ring.front().map_or(self.next_seq, |e| e.seq);
         let mut out = Vec::new();
-        let wrap = |e: &Event| WatchMessage {
-            kind: Some(watch_message::Kind::Event(e.clone())),
-        };
+        let wrap = |e: &Event| WatchMessage { kind: Some(watch_message::Kind::Event(e.clone())) };
         if from_seq < ring_start {
-            out.extend(
-                self.retained
-                    .range(from_seq..ring_start)
-                    .map(|(_, e)| wrap(e)),
-            );
+            out.extend(self.retained.range(from_seq..ring_start).map(|(_, e)| wrap(e)));
             if self.evicted_up_to.is_some_and(|last| last >= from_seq) {
                 out.push(WatchMessage {
-                    kind: Some(watch_message::Kind::Gap(proto::Gap {
-                        from_seq,
-                        to_seq: ring_start,
-                    })),
+                    kind: Some(watch_message::Kind::Gap(proto::Gap { from_seq, to_seq: ring_start })),
                 });
             }
         }
@@ -463,11 +381,7 @@ mod tests {
     use super::*;
 
     fn log(line: &str) -> event::Kind {
-        event::Kind::Log(proto::LogLine {
-            service: "svc".into(),
-            stream: "stdout".into(),
-            line: line.into(),
-        })
+        event::Kind::Log(proto::LogLine { service: "svc".into(), stream: "stdout".into(), line: line.into() })
     }
 
     fn seqs(backlog: &[WatchMessage]) -> Vec<u64> {
@@ -491,10 +405,7 @@ mod tests {
         assert_eq!(seqs(&sub.backlog), (4..=10).collect::<Vec<_>>());
         j.append(log("live"));
         let live = sub.live.recv().await.unwrap();
-        assert!(matches!(
-            live.kind,
-            Some(watch_message::Kind::Event(Event { seq: 11, .. }))
-        ));
+        assert!(matches!(live.kind, Some(watch_message::Kind::Event(Event { seq: 11, .. }))));
     }
 
     #[tokio::test]
@@ -526,14 +437,8 @@ mod tests {
             j.append(log(&i.to_string()));
         }
         let sub = j.subscribe(1).await.unwrap();
-        assert!(matches!(
-            &sub.backlog[0].kind,
-            Some(watch_message::Kind::Event(Event { seq: 1, .. }))
-        ));
-        assert!(matches!(
-            &sub.backlog[1].kind,
-            Some(watch_message::Kind::Gap(_))
-        ));
+        assert!(matches!(&sub.backlog[0].kind, Some(watch_message::Kind::Event(Event { seq: 1, .. }))));
+        assert!(matches!(&sub.backlog[1].kind, Some(watch_message::Kind::Gap(_))));
         assert_eq!(j.ack(1).await.unwrap(), 1);
         assert!(j.fetch_retained(String::new(), 0).await.unwrap().is_empty());
     }

@@ -21,21 +21,9 @@ pub struct Grant {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
     #[error("busy: service {service} is held by run {run_id} ({holder}) since {since}")]
-    Busy {
-        service: String,
-        run_id: String,
-        holder: String,
-        since: String,
-    },
-    #[error(
-        "lease {lease_id} (epoch {epoch}) on service {service} is not the current lease{current}"
-    )]
-    Stale {
-        service: String,
-        lease_id: String,
-        epoch: u64,
-        current: String,
-    },
+    Busy { service: String, run_id: String, holder: String, since: String },
+    #[error("lease {lease_id} (epoch {epoch}) on service {service} is not the current lease{current}")]
+    Stale { service: String, lease_id: String, epoch: u64, current: String },
     #[error("unknown service {0:?}")]
     UnknownService(String),
 }
@@ -116,13 +104,7 @@ impl LeaseTable {
         }
     }
 
-    pub fn renew(
-        &mut self,
-        claim: &LeaseClaim,
-        ttl: Duration,
-        now: Instant,
-        now_ms: i64,
-    ) -> Result<Grant, LeaseError> {
+    pub fn renew(&mut self, claim: &LeaseClaim, ttl: Duration, now: Instant, now_ms: i64) -> Result<Grant, LeaseError> {
         self.check(claim, now)?;
         let g = self.held.get_mut(&claim.service).expect("checked");
         g.expires = now + ttl;
@@ -136,11 +118,7 @@ impl LeaseTable {
     }
 
     pub fn live_grants(&self, now: Instant) -> Vec<Grant> {
-        self.held
-            .values()
-            .filter(|g| g.expires > now)
-            .cloned()
-            .collect()
+        self.held.values().filter(|g| g.expires > now).cloned().collect()
     }
 }
 
@@ -159,12 +137,7 @@ pub fn format_unix_ms(ms: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -172,12 +145,7 @@ mod tests {
     use super::*;
 
     fn claim(g: &Grant) -> LeaseClaim {
-        LeaseClaim {
-            service: g.service.clone(),
-            run_id: g.run_id.clone(),
-            lease_id: g.id.clone(),
-            epoch: g.epoch,
-        }
+        LeaseClaim { service: g.service.clone(), run_id: g.run_id.clone(), lease_id: g.id.clone(), epoch: g.epoch }
     }
 
     #[test]
@@ -187,20 +155,10 @@ mod tests {
         let ttl = Duration::from_secs(10);
         let a = t.acquire("svc", "run-a", "ci@host1", ttl, now, 0).unwrap();
         assert_eq!(a.epoch, 1);
-        let err = t
-            .acquire("svc", "run-b", "me@host2", ttl, now, 0)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "busy: service svc is held by run run-a (ci@host1) since 1970-01-01T00:00:00Z"
-        );
+        let err = t.acquire("svc", "run-b", "me@host2", ttl, now, 0).unwrap_err();
+        assert_eq!(err.to_string(), "busy: service svc is held by run run-a (ci@host1) since 1970-01-01T00:00:00Z");
         // The same run asking again renews, keeping id and epoch.
-        assert_eq!(
-            t.acquire("svc", "run-a", "ci@host1", ttl, now, 0)
-                .unwrap()
-                .id,
-            a.id
-        );
+        assert_eq!(t.acquire("svc", "run-a", "ci@host1", ttl, now, 0).unwrap().id, a.id);
     }
 
     #[test]
@@ -216,10 +174,7 @@ mod tests {
         assert!(err.to_string().contains("run run-b holds epoch 2"), "{err}");
         t.release(&claim(&b), later).unwrap();
         assert!(t.check(&claim(&b), later).is_err());
-        assert_eq!(
-            t.acquire("svc", "run-c", "z", ttl, later, 0).unwrap().epoch,
-            3
-        );
+        assert_eq!(t.acquire("svc", "run-c", "z", ttl, later, 0).unwrap().epoch, 3);
     }
 
     #[test]

@@ -30,13 +30,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error(
-        "cannot listen on {addr}: {source} (set `listen` in the agent config to a free address, or port 0)"
-    )]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {source} (set `listen` in the agent config to a free address, or port 0)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -84,28 +79,14 @@ impl RunningAgent {
 pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| AgentError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+        .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
     let incarnation = uuid::Uuid::new_v4().to_string();
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let catalogue: Vec<(String, Vec<String>)> = config
-        .services
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.models.iter().map(|m| m.name.clone()).collect(),
-            )
-        })
-        .collect();
+    let catalogue: Vec<(String, Vec<String>)> =
+        config.services.iter().map(|s| (s.name.clone(), s.models.iter().map(|m| m.name.clone()).collect())).collect();
     let journal = journal::Journal::start(incarnation.clone(), &catalogue);
 
     let (roots_tx, roots_rx) = watch::channel(BTreeMap::new());
@@ -127,8 +108,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     };
     let mut supervisors = BTreeMap::new();
     for service in &config.services {
-        let (handle, task) =
-            supervisor::Supervisor::start(service.clone(), wiring.clone(), cancel.child_token());
+        let (handle, task) = supervisor::Supervisor::start(service.clone(), wiring.clone(), cancel.child_token());
         tasks.spawn(async move {
             let _ = task.await;
         });
@@ -139,9 +119,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         agent_version: AGENT_VERSION.to_owned(),
         protocol_version: proto::PROTOCOL_VERSION,
         incarnation: incarnation.clone(),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
         services: config
             .services
             .iter()
@@ -169,12 +147,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         }),
         ..Default::default()
     };
-    let service = grpc::Service {
-        journal,
-        supervisors,
-        info,
-        http: reqwest::Client::new(),
-    };
+    let service = grpc::Service { journal, supervisors, info, http: reqwest::Client::new() };
 
     let server_cancel = cancel.clone();
     let server_tasks = tasks.clone();
@@ -193,11 +166,5 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         result
     });
     tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
-    Ok(RunningAgent {
-        addr,
-        incarnation,
-        cancel,
-        tasks,
-        server,
-    })
+    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
 }

@@ -45,11 +45,7 @@ pub fn model_health(payload: &Value, model: &str) -> Option<ModelHealth> {
     let status = m.get("status")?.as_str()?.to_owned();
     Some(ModelHealth {
         stage: map_status(&status),
-        progress: m
-            .get("progress")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0)
-            .clamp(0.0, 1.0),
+        progress: m.get("progress").and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 1.0),
         error: m.get("error").and_then(Value::as_str).map(str::to_owned),
         status,
     })
@@ -72,10 +68,7 @@ pub async fn poll(
     tx: mpsc::UnboundedSender<(u64, Observation)>,
     cancel: CancellationToken,
 ) {
-    let client = reqwest::Client::builder()
-        .timeout(PROBE_TIMEOUT)
-        .build()
-        .unwrap_or_default();
+    let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().unwrap_or_default();
     let mut interval = FAST_POLL;
     let mut last: Option<Vec<u8>> = None;
     loop {
@@ -83,28 +76,17 @@ pub async fn poll(
             Ok(r) => {
                 let status = r.status().as_u16();
                 match r.bytes().await {
-                    Ok(b) => Observation::Answered {
-                        status,
-                        body: b.to_vec(),
-                    },
+                    Ok(b) => Observation::Answered { status, body: b.to_vec() },
                     Err(e) => Observation::NoAnswer(e.to_string()),
                 }
             }
-            Err(e) => Observation::NoAnswer(if e.is_connect() {
-                "connection refused".into()
-            } else {
-                e.to_string()
-            }),
+            Err(e) => Observation::NoAnswer(if e.is_connect() { "connection refused".into() } else { e.to_string() }),
         };
         let body = match &observation {
             Observation::Answered { body, .. } => Some(body.clone()),
             Observation::NoAnswer(_) => None,
         };
-        interval = if body != last {
-            FAST_POLL
-        } else {
-            (interval * 2).min(ceiling)
-        };
+        interval = if body != last { FAST_POLL } else { (interval * 2).min(ceiling) };
         last = body;
         if tx.send((generation, observation)).is_err() {
             return;
@@ -146,10 +128,7 @@ mod tests {
         let aya = model_health(&payload, "aya").unwrap();
         assert_eq!(aya.stage, Some(Stage::Failed));
         assert_eq!(aya.error.as_deref(), Some("authentication failed"));
-        assert_eq!(
-            model_health(&payload, "nllb").unwrap().stage,
-            Some(Stage::Ready)
-        );
+        assert_eq!(model_health(&payload, "nllb").unwrap().stage, Some(Stage::Ready));
         assert_eq!(model_health(&payload, "missing"), None);
     }
 }

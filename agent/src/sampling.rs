@@ -51,13 +51,7 @@ pub fn tree_rss(procs: &[(u32, Option<u32>, u64)], root: u32) -> (u64, u32) {
 }
 
 /// Runs until cancelled.
-pub async fn run(
-    journal: Journal,
-    roots: Roots,
-    samples: Samples,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
+pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Duration, cancel: CancellationToken) {
     let Ok(mut system) = System::new() else {
         tracing::warn!("memory sampling disabled: this system cannot be inspected");
         return;
@@ -104,19 +98,8 @@ pub async fn run(
                 *peak = (*root, 0);
             }
             peak.1 = peak.1.max(rss);
-            current.insert(
-                service.clone(),
-                TreeMemory {
-                    rss_bytes: rss,
-                    peak_rss_bytes: peak.1,
-                    processes,
-                },
-            );
-            telemetry.services.push(proto::ServiceMemory {
-                service: service.clone(),
-                rss_bytes: rss,
-                processes,
-            });
+            current.insert(service.clone(), TreeMemory { rss_bytes: rss, peak_rss_bytes: peak.1, processes });
+            telemetry.services.push(proto::ServiceMemory { service: service.clone(), rss_bytes: rss, processes });
         }
         samples.send_replace(current);
         journal.append(proto::event::Kind::Telemetry(telemetry));

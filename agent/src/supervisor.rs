@@ -35,11 +35,7 @@ const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("service {service} has no model {model:?}; it serves {known:?}")]
-    UnknownModel {
-        service: String,
-        model: String,
-        known: Vec<String>,
-    },
+    UnknownModel { service: String, model: String, known: Vec<String> },
     #[error("the agent is shutting down")]
     Closed,
 }
@@ -98,11 +94,7 @@ impl Supervisor {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let actor = Actor {
-            models: cfg
-                .models
-                .iter()
-                .map(|m| (m.name.clone(), Track::new(Stage::Stopped)))
-                .collect(),
+            models: cfg.models.iter().map(|m| (m.name.clone(), Track::new(Stage::Stopped))).collect(),
             cfg,
             wiring,
             internal_tx,
@@ -119,15 +111,9 @@ impl Supervisor {
         (Supervisor { tx }, task)
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, SupervisorError> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| SupervisorError::Closed)?;
+        self.tx.send(make(reply)).await.map_err(|_| SupervisorError::Closed)?;
         rx.await.map_err(|_| SupervisorError::Closed)
     }
 
@@ -138,13 +124,7 @@ impl Supervisor {
         timeout: Option<Duration>,
         fresh: bool,
     ) -> Result<EnsureOutcome, SupervisorError> {
-        self.ask(|reply| Command::Ensure {
-            models,
-            timeout,
-            fresh,
-            reply,
-        })
-        .await?
+        self.ask(|reply| Command::Ensure { models, timeout, fresh, reply }).await?
     }
 
     /// Stops the service (signal, grace, SIGKILL of the group); returns how it ended.
@@ -209,15 +189,8 @@ struct Pending {
 }
 
 enum Internal {
-    Exited {
-        generation: u64,
-        status: std::io::Result<std::process::ExitStatus>,
-    },
-    Log {
-        generation: u64,
-        stream: &'static str,
-        line: String,
-    },
+    Exited { generation: u64, status: std::io::Result<std::process::ExitStatus> },
+    Log { generation: u64, stream: &'static str, line: String },
 }
 
 struct Actor {
@@ -246,11 +219,7 @@ impl Actor {
         let mut timeouts = tokio::time::interval(Duration::from_millis(100));
         let mut shutting_down = false;
         loop {
-            let escalate_at = self
-                .stop
-                .as_ref()
-                .filter(|s| !s.escalated)
-                .map(|s| s.deadline);
+            let escalate_at = self.stop.as_ref().filter(|s| !s.escalated).map(|s| s.deadline);
             tokio::select! {
                 _ = cancel.cancelled(), if !shutting_down => {
                     shutting_down = true;
@@ -284,12 +253,7 @@ impl Actor {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Ensure {
-                models,
-                timeout,
-                fresh,
-                reply,
-            } => {
+            Command::Ensure { models, timeout, fresh, reply } => {
                 if let Some(unknown) = models.iter().find(|m| !self.models.contains_key(*m)) {
                     let _ = reply.send(Err(SupervisorError::UnknownModel {
                         service: self.cfg.name.clone(),
@@ -302,16 +266,11 @@ impl Actor {
                     && (fresh
                         || models.iter().any(|m| {
                             let t = &self.models[m];
-                            matches!(t.stage, Stage::Failed | Stage::Stopped)
-                                && self.load_mode(m) == LoadMode::AtStart
+                            matches!(t.stage, Stage::Failed | Stage::Stopped) && self.load_mode(m) == LoadMode::AtStart
                         }));
                 if needs_restart || self.stop.is_some() {
                     // Finish (or begin) the stop; the start happens on exit.
-                    self.pending.push(Pending {
-                        models,
-                        timeout,
-                        reply,
-                    });
+                    self.pending.push(Pending { models, timeout, reply });
                     if self.stop.is_none() {
                         self.begin_stop(None);
                     }
@@ -322,10 +281,9 @@ impl Actor {
             }
             Command::Stop { reply } => {
                 if self.run.is_none() {
-                    let _ = reply.send(self.last_exit.unwrap_or(ExitStatus {
-                        kind: ExitKind::Unknown.into(),
-                        ..Default::default()
-                    }));
+                    let _ = reply.send(
+                        self.last_exit.unwrap_or(ExitStatus { kind: ExitKind::Unknown.into(), ..Default::default() }),
+                    );
                 } else {
                     self.begin_stop(Some(reply));
                 }
@@ -337,11 +295,7 @@ impl Actor {
     }
 
     fn load_mode(&self, model: &str) -> LoadMode {
-        self.cfg
-            .models
-            .iter()
-            .find(|m| m.name == model)
-            .map_or(LoadMode::AtStart, |m| m.load)
+        self.cfg.models.iter().find(|m| m.name == model).map_or(LoadMode::AtStart, |m| m.load)
     }
 
     fn ensure(&mut self, models: &[String], timeout: Option<Duration>) -> EnsureOutcome {
@@ -351,12 +305,7 @@ impl Actor {
         let env_timeout = std::env::var(crate::config::LOAD_TIMEOUT_ENV).ok();
         let mut outcome = EnsureOutcome::default();
         for name in models {
-            let configured = self
-                .cfg
-                .models
-                .iter()
-                .find(|m| m.name == *name)
-                .and_then(|m| m.timeout);
+            let configured = self.cfg.models.iter().find(|m| m.name == *name).and_then(|m| m.timeout);
             let limit = load_timeout(timeout, env_timeout.as_deref(), configured);
             let mode = self.load_mode(name);
             let running = self.run.is_some();
@@ -366,10 +315,7 @@ impl Actor {
                 outcome.already_ready.push(name.clone());
                 continue;
             }
-            if mode == LoadMode::Endpoint
-                && running
-                && matches!(track.stage, Stage::Stopped | Stage::Failed)
-            {
+            if mode == LoadMode::Endpoint && running && matches!(track.stage, Stage::Stopped | Stage::Failed) {
                 // Asked for now: it starts its load from here.
                 track.load_requested = false;
                 track.load_started = Instant::now();
@@ -403,13 +349,11 @@ impl Actor {
         }
         match self.spawn() {
             Ok(run) => {
-                self.wiring
-                    .journal
-                    .append(event::Kind::ServiceStarted(proto::ServiceStarted {
-                        service: self.cfg.name.clone(),
-                        pid: run.pid,
-                        command: self.cfg.command.join(" "),
-                    }));
+                self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
+                    service: self.cfg.name.clone(),
+                    pid: run.pid,
+                    command: self.cfg.command.join(" "),
+                }));
                 self.wiring.roots.send_modify(|r| {
                     r.insert(self.cfg.name.clone(), run.pid);
                 });
@@ -423,14 +367,10 @@ impl Actor {
             }
             Err(message) => {
                 tracing::warn!(service = %self.cfg.name, %message, "service failed to start");
-                self.last_exit = Some(ExitStatus {
-                    kind: ExitKind::Unknown.into(),
-                    ..Default::default()
-                });
+                self.last_exit = Some(ExitStatus { kind: ExitKind::Unknown.into(), ..Default::default() });
                 for name in &names {
                     if self.models[name].stage == Stage::ProcessStarting {
-                        let text =
-                            format!("model {name} failed in stage PROCESS_STARTING: {message}");
+                        let text = format!("model {name} failed in stage PROCESS_STARTING: {message}");
                         self.transition(name, Stage::Failed, "launch failed", Some(text));
                     }
                 }
@@ -440,9 +380,7 @@ impl Actor {
 
     fn spawn(&mut self) -> Result<Running, String> {
         let port = if self.cfg.port == 0 {
-            free_port().map_err(|e| {
-                format!("cannot pick a free port for service {}: {e}", self.cfg.name)
-            })?
+            free_port().map_err(|e| format!("cannot pick a free port for service {}: {e}", self.cfg.name))?
         } else {
             self.cfg.port
         };
@@ -467,51 +405,21 @@ impl Actor {
         if let Some(dir) = &self.cfg.workdir {
             command.current_dir(dir);
         }
-        command
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().map_err(|e| {
-            let dir = self
-                .cfg
-                .workdir
-                .as_ref()
-                .map(|d| format!(" in {}", d.display()))
-                .unwrap_or_default();
-            format!(
-                "cannot start service {}: command {argv:?}{dir}: {e}",
-                self.cfg.name
-            )
+            let dir = self.cfg.workdir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default();
+            format!("cannot start service {}: command {argv:?}{dir}: {e}", self.cfg.name)
         })?;
-        let pid = child
-            .id()
-            .ok_or("the service exited before its PID could be read")?;
+        let pid = child.id().ok_or("the service exited before its PID could be read")?;
 
         std::fs::create_dir_all(&self.wiring.data_dir).ok();
         let log_path = self.wiring.data_dir.join(format!("{}.log", self.cfg.name));
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .ok()
-            .map(|f| Arc::new(Mutex::new(f)));
+        let log_file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok().map(|f| Arc::new(Mutex::new(f)));
         let generation = self.generation;
         for (stream, reader) in [
-            (
-                "stdout",
-                child
-                    .stdout
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            ),
-            (
-                "stderr",
-                child
-                    .stderr
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            ),
+            ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+            ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
         ] {
             let Some(reader) = reader else { continue };
             let tx = self.internal_tx.clone();
@@ -522,14 +430,7 @@ impl Actor {
                     if let Some(f) = &file {
                         let _ = writeln!(f.lock().expect("log file lock"), "{line}");
                     }
-                    if tx
-                        .send(Internal::Log {
-                            generation,
-                            stream,
-                            line,
-                        })
-                        .is_err()
-                    {
+                    if tx.send(Internal::Log { generation, stream, line }).is_err() {
                         return;
                     }
                 }
@@ -544,22 +445,13 @@ impl Actor {
         let base_url = subst(&self.cfg.base_url);
         let probe_cancel = CancellationToken::new();
         tokio::spawn(probe::poll(
-            format!(
-                "{}{}",
-                base_url.trim_end_matches('/'),
-                self.cfg.readiness.path
-            ),
+            format!("{}{}", base_url.trim_end_matches('/'), self.cfg.readiness.path),
             self.cfg.readiness.poll_ceiling,
             generation,
             self.probe_tx.clone(),
             probe_cancel.clone(),
         ));
-        Ok(Running {
-            pid,
-            base_url,
-            probe_cancel,
-            started: Instant::now(),
-        })
+        Ok(Running { pid, base_url, probe_cancel, started: Instant::now() })
     }
 
     fn begin_stop(&mut self, waiter: Option<oneshot::Sender<ExitStatus>>) {
@@ -593,11 +485,7 @@ impl Actor {
 
     async fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Log {
-                generation,
-                stream,
-                line,
-            } => {
+            Internal::Log { generation, stream, line } => {
                 if generation != self.generation {
                     return;
                 }
@@ -634,13 +522,11 @@ impl Actor {
             r.remove(&self.cfg.name);
         });
         tracing::info!(service = %self.cfg.name, pid = run.pid, exit = %exit, ran = ?run.started.elapsed(), "service exited");
-        self.wiring
-            .journal
-            .append(event::Kind::ServiceExited(proto::ServiceExited {
-                service: self.cfg.name.clone(),
-                pid: run.pid,
-                exit: Some(exit),
-            }));
+        self.wiring.journal.append(event::Kind::ServiceExited(proto::ServiceExited {
+            service: self.cfg.name.clone(),
+            pid: run.pid,
+            exit: Some(exit),
+        }));
         self.last_exit = Some(exit);
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in &names {
@@ -657,12 +543,7 @@ impl Actor {
                     format!("the service exited {exit} while loading")
                 };
                 let message = self.failure_message(name, &reason);
-                self.transition(
-                    name,
-                    Stage::Failed,
-                    &format!("process exited {exit}"),
-                    Some(message),
-                );
+                self.transition(name, Stage::Failed, &format!("process exited {exit}"), Some(message));
             }
         }
         if let Some(stop) = stop {
@@ -686,8 +567,7 @@ impl Actor {
         let Observation::Answered { body, .. } = obs else {
             return;
         };
-        let text =
-            String::from_utf8_lossy(&body[..body.len().min(probe::PAYLOAD_EXCERPT)]).into_owned();
+        let text = String::from_utf8_lossy(&body[..body.len().min(probe::PAYLOAD_EXCERPT)]).into_owned();
         self.last_payload = Some(text);
         let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&body) else {
             return;
@@ -704,28 +584,15 @@ impl Actor {
             match health.stage {
                 None => {
                     if track.stage == Stage::Ready {
-                        self.transition(
-                            &name,
-                            Stage::Stopped,
-                            &format!("health: status={}", health.status),
-                            None,
-                        );
+                        self.transition(&name, Stage::Stopped, &format!("health: status={}", health.status), None);
                     } else if self.load_mode(&name) == LoadMode::Endpoint && !track.load_requested {
                         self.request_load(&name);
                     }
                 }
                 Some(Stage::Failed) => {
-                    let reason = health
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| "the service reported status=failed".into());
+                    let reason = health.error.clone().unwrap_or_else(|| "the service reported status=failed".into());
                     let message = self.failure_message(&name, &reason);
-                    self.transition(
-                        &name,
-                        Stage::Failed,
-                        &format!("health: status={}", health.status),
-                        Some(message),
-                    );
+                    self.transition(&name, Stage::Failed, &format!("health: status={}", health.status), Some(message));
                 }
                 Some(stage) => {
                     let track = self.models.get_mut(&name).expect("model");
@@ -733,12 +600,7 @@ impl Actor {
                         || (health.progress == 1.0 && track.progress != 1.0);
                     if stage != track.stage || moved {
                         track.progress = health.progress;
-                        self.transition(
-                            &name,
-                            stage,
-                            &format!("health: status={}", health.status),
-                            None,
-                        );
+                        self.transition(&name, stage, &format!("health: status={}", health.status), None);
                     }
                 }
             }
@@ -769,11 +631,7 @@ impl Actor {
             .models
             .iter()
             .filter(|(_, t)| !t.stage.is_terminal() && t.wanted)
-            .filter_map(|(n, t)| {
-                t.deadline
-                    .filter(|(at, _)| *at <= now)
-                    .map(|(_, limit)| (n.clone(), limit))
-            })
+            .filter_map(|(n, t)| t.deadline.filter(|(at, _)| *at <= now).map(|(_, limit)| (n.clone(), limit)))
             .collect();
         for (name, limit) in expired {
             let reason = format!(
@@ -790,13 +648,7 @@ impl Actor {
     /// reason, last health payload, memory, last log lines.
     fn failure_message(&self, model: &str, reason: &str) -> String {
         let track = &self.models[model];
-        let memory = self
-            .wiring
-            .samples
-            .borrow()
-            .get(&self.cfg.name)
-            .copied()
-            .unwrap_or_default();
+        let memory = self.wiring.samples.borrow().get(&self.cfg.name).copied().unwrap_or_default();
         let mut out = format!(
             "model {model} failed in stage {} after {:.1}s there ({:.1}s since load began): {reason}",
             track.stage.label(),
@@ -810,9 +662,7 @@ impl Actor {
         ));
         out.push_str(&format!(
             "\n  last health payload: {}",
-            self.last_payload
-                .as_deref()
-                .unwrap_or("(none: the service never answered)")
+            self.last_payload.as_deref().unwrap_or("(none: the service never answered)")
         ));
         if self.logs.is_empty() {
             out.push_str("\n  last log lines: (none)");
@@ -849,17 +699,15 @@ impl Actor {
         } else if from != to {
             tracing::info!(service = %self.cfg.name, model, from = from.label(), to = to.label(), cause, "stage");
         }
-        self.wiring
-            .journal
-            .append(event::Kind::StageChanged(proto::StageChanged {
-                service: self.cfg.name.clone(),
-                model: model.to_owned(),
-                from: from.into(),
-                to: to.into(),
-                cause: cause.to_owned(),
-                progress: track.progress,
-                message: message.unwrap_or_default(),
-            }));
+        self.wiring.journal.append(event::Kind::StageChanged(proto::StageChanged {
+            service: self.cfg.name.clone(),
+            model: model.to_owned(),
+            from: from.into(),
+            to: to.into(),
+            cause: cause.to_owned(),
+            progress: track.progress,
+            message: message.unwrap_or_default(),
+        }));
     }
 }
 
@@ -874,11 +722,7 @@ pub fn classify(status: Option<std::process::ExitStatus>, stop: Option<bool>) ->
         (None, None, Some(_)) => ExitKind::Signaled,
         (None, None, None) => ExitKind::Unknown,
     };
-    ExitStatus {
-        kind: kind.into(),
-        code: code.unwrap_or(0),
-        signal: signal.unwrap_or(0),
-    }
+    ExitStatus { kind: kind.into(), code: code.unwrap_or(0), signal: signal.unwrap_or(0) }
 }
 
 /// SIGKILLs what is left of a process group and waits for it to be empty.
@@ -896,9 +740,7 @@ async fn kill_group(pgid: u32) -> bool {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[cfg(test)]
@@ -921,11 +763,7 @@ mod tests {
             (None, None, "UNKNOWN"),
         ];
         for (status, stop, want) in table {
-            assert_eq!(
-                classify(status, stop).to_string(),
-                want,
-                "{status:?} {stop:?}"
-            );
+            assert_eq!(classify(status, stop).to_string(), want, "{status:?} {stop:?}");
         }
     }
 }

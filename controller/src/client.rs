@@ -29,19 +29,9 @@ pub enum ClientError {
     #[error("cannot reach agent {addr}: {reason} (is `proctor agent` running there?)")]
     Unreachable { addr: String, reason: String },
     #[error("agent {addr}: {message}")]
-    Rpc {
-        addr: String,
-        code: tonic::Code,
-        message: String,
-    },
-    #[error(
-        "agent {addr} speaks protocol {theirs}, this controller speaks {ours}; upgrade the older one"
-    )]
-    Protocol {
-        addr: String,
-        theirs: u32,
-        ours: u32,
-    },
+    Rpc { addr: String, code: tonic::Code, message: String },
+    #[error("agent {addr} speaks protocol {theirs}, this controller speaks {ours}; upgrade the older one")]
+    Protocol { addr: String, theirs: u32, ours: u32 },
 }
 
 /// One connected agent.
@@ -74,30 +64,18 @@ impl Lease {
 
 impl Agent {
     pub async fn connect(addr: &str) -> Result<Agent, ClientError> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress {
-            addr: addr.to_owned(),
-        })?;
+        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress { addr: addr.to_owned() })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                addr: addr.to_owned(),
-                reason: error_chain(&e),
-            })?;
+            .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
         let mut inner = AgentClient::new(channel);
         let info = inner
             .get_info(proto::GetInfoRequest {})
             .await
-            .map_err(|s| ClientError::Unreachable {
-                addr: addr.to_owned(),
-                reason: s.message().to_owned(),
-            })?
+            .map_err(|s| ClientError::Unreachable { addr: addr.to_owned(), reason: s.message().to_owned() })?
             .into_inner();
         if info.protocol_version != proto::PROTOCOL_VERSION {
             return Err(ClientError::Protocol {
@@ -106,35 +84,23 @@ impl Agent {
                 ours: proto::PROTOCOL_VERSION,
             });
         }
-        Ok(Agent {
-            addr: addr.to_owned(),
-            inner,
-            info,
-        })
+        Ok(Agent { addr: addr.to_owned(), inner, info })
     }
 
     fn rpc(&self, s: tonic::Status) -> ClientError {
-        ClientError::Rpc {
-            addr: self.addr.clone(),
-            code: s.code(),
-            message: s.message().to_owned(),
-        }
+        ClientError::Rpc { addr: self.addr.clone(), code: s.code(), message: s.message().to_owned() }
     }
 
     /// True if this agent has the service and every model named.
     pub fn serves(&self, service: &str, models: &[String]) -> bool {
-        self.info.services.iter().any(|s| {
-            s.name == service && models.iter().all(|m| s.models.iter().any(|x| x.name == *m))
-        })
+        self.info
+            .services
+            .iter()
+            .any(|s| s.name == service && models.iter().all(|m| s.models.iter().any(|x| x.name == *m)))
     }
 
     /// Tries once. A busy service is `Err(Rpc { code: FailedPrecondition })`.
-    pub async fn acquire(
-        &self,
-        service: &str,
-        run_id: &str,
-        holder: &str,
-    ) -> Result<Lease, ClientError> {
+    pub async fn acquire(&self, service: &str, run_id: &str, holder: &str) -> Result<Lease, ClientError> {
         let lease = self
             .inner
             .clone()
@@ -147,20 +113,11 @@ impl Agent {
             .await
             .map_err(|s| self.rpc(s))?
             .into_inner();
-        Ok(Lease {
-            service: lease.service,
-            run_id: lease.run_id,
-            id: lease.id,
-            epoch: lease.epoch,
-        })
+        Ok(Lease { service: lease.service, run_id: lease.run_id, id: lease.id, epoch: lease.epoch })
     }
 
     /// Renews the lease every third of its TTL until cancelled.
-    pub fn keep_renewed(
-        &self,
-        lease: &Lease,
-        cancel: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn keep_renewed(&self, lease: &Lease, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let mut client = self.inner.clone();
         let lease = lease.clone();
         let addr = self.addr.clone();
@@ -180,11 +137,7 @@ impl Agent {
     }
 
     pub async fn release(&self, lease: &Lease) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .release_lease(lease.to_proto())
-            .await
-            .map_err(|s| self.rpc(s))?;
+        self.inner.clone().release_lease(lease.to_proto()).await.map_err(|s| self.rpc(s))?;
         Ok(())
     }
 
@@ -202,9 +155,7 @@ impl Agent {
             .ensure_models(proto::EnsureModelsRequest {
                 lease: Some(lease.to_proto()),
                 models: models.to_vec(),
-                overrides: Some(proto::ModelOverrides {
-                    load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-                }),
+                overrides: Some(proto::ModelOverrides { load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64) }),
                 fresh,
             })
             .await
@@ -213,17 +164,10 @@ impl Agent {
         Ok(response.seq_after)
     }
 
-    pub async fn run_cases(
-        &self,
-        lease: &Lease,
-        cases: Vec<proto::Case>,
-    ) -> Result<(), ClientError> {
+    pub async fn run_cases(&self, lease: &Lease, cases: Vec<proto::Case>) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .run_cases(proto::RunCasesRequest {
-                lease: Some(lease.to_proto()),
-                cases,
-            })
+            .run_cases(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases })
             .await
             .map_err(|s| self.rpc(s))?;
         Ok(())
@@ -232,10 +176,7 @@ impl Agent {
     pub async fn ack(&self, incarnation: &str, up_to_seq: u64) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .ack(proto::AckRequest {
-                incarnation: incarnation.to_owned(),
-                up_to_seq,
-            })
+            .ack(proto::AckRequest { incarnation: incarnation.to_owned(), up_to_seq })
             .await
             .map_err(|s| self.rpc(s))?;
         Ok(())
@@ -251,19 +192,17 @@ pub fn case_to_proto(case_id: String, attempt: u32, case: &Case) -> proto::Case 
         .map(|c| proto::Assertion {
             kind: Some(match c {
                 Check::Status(s) => Kind::Status(u32::from(*s)),
-                Check::Equals { pointer, value } => Kind::JsonEquals(proto::JsonEquals {
-                    pointer: pointer.clone(),
-                    value_json: value.to_string(),
-                }),
+                Check::Equals { pointer, value } => {
+                    Kind::JsonEquals(proto::JsonEquals { pointer: pointer.clone(), value_json: value.to_string() })
+                }
                 Check::OneOf { pointer, values } => Kind::JsonOneOf(proto::JsonOneOf {
                     pointer: pointer.clone(),
                     values_json: values.iter().map(ToString::to_string).collect(),
                 }),
                 Check::NotEmpty { pointer } => Kind::JsonNotEmpty(pointer.clone()),
-                Check::Matches { pointer, regex } => Kind::JsonMatches(proto::JsonMatches {
-                    pointer: pointer.clone(),
-                    regex: regex.clone(),
-                }),
+                Check::Matches { pointer, regex } => {
+                    Kind::JsonMatches(proto::JsonMatches { pointer: pointer.clone(), regex: regex.clone() })
+                }
             }),
         })
         .collect();
@@ -306,19 +245,8 @@ pub struct AgentView {
 /// What the progress display is told.
 #[derive(Clone, Debug)]
 pub enum Update {
-    Stage {
-        host: String,
-        service: String,
-        model: String,
-        from: Stage,
-        to: Stage,
-        progress: f64,
-    },
-    Memory {
-        host: String,
-        service: String,
-        rss_bytes: u64,
-    },
+    Stage { host: String, service: String, model: String, from: Stage, to: Stage, progress: f64 },
+    Memory { host: String, service: String, rss_bytes: u64 },
 }
 
 fn result_to_report(r: proto::CaseResult) -> CaseReport {
@@ -327,12 +255,7 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         proto::CaseOutcome::Failed => Outcome::Failed(
             r.failures
                 .into_iter()
-                .map(|f| Failure {
-                    check: f.assertion,
-                    pointer: f.pointer,
-                    expected: f.expected,
-                    actual: f.actual,
-                })
+                .map(|f| Failure { check: f.assertion, pointer: f.pointer, expected: f.expected, actual: f.actual })
                 .collect(),
         ),
         _ => Outcome::Error(r.message),
@@ -387,11 +310,7 @@ pub async fn follow(
         let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
         if since.elapsed() > RECONNECT_GRACE {
             view.send_modify(|v| {
-                v.lost = Some(format!(
-                    "agent {} unreachable for {}s",
-                    agent.addr,
-                    RECONNECT_GRACE.as_secs()
-                ))
+                v.lost = Some(format!("agent {} unreachable for {}s", agent.addr, RECONNECT_GRACE.as_secs()))
             });
             return;
         }
@@ -432,15 +351,29 @@ fn apply(
             match e.kind {
                 Some(event::Kind::StageChanged(c)) => {
                     let (from, to) = (c.from(), c.to());
-                    let _ = updates.send(Update::Stage { host: host.to_owned(), service: c.service.clone(), model: c.model.clone(), from, to, progress: c.progress });
+                    let _ = updates.send(Update::Stage {
+                        host: host.to_owned(),
+                        service: c.service.clone(),
+                        model: c.model.clone(),
+                        from,
+                        to,
+                        progress: c.progress,
+                    });
                     view.send_modify(|v| {
-                        v.models.insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
+                        v.models.insert(
+                            (c.service, c.model),
+                            ModelView { stage: to, progress: c.progress, message: c.message },
+                        );
                         v.last_seq = seq;
                     });
                 }
                 Some(event::Kind::Telemetry(t)) => {
                     for s in &t.services {
-                        let _ = updates.send(Update::Memory { host: host.to_owned(), service: s.service.clone(), rss_bytes: s.rss_bytes });
+                        let _ = updates.send(Update::Memory {
+                            host: host.to_owned(),
+                            service: s.service.clone(),
+                            rss_bytes: s.rss_bytes,
+                        });
                     }
                     view.send_modify(|v| {
                         for s in t.services {

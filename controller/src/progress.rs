@@ -54,16 +54,8 @@ fn mib(bytes: u64) -> String {
 
 impl<W: Write> Display<W> {
     fn describe(&self, key: &Key, m: &Model) -> String {
-        let rss = self
-            .rss
-            .get(&(key.0.clone(), key.1.clone()))
-            .copied()
-            .unwrap_or(0);
-        let progress = if m.progress > 0.0 {
-            format!("  {:>3.0}%", m.progress * 100.0)
-        } else {
-            String::new()
-        };
+        let rss = self.rss.get(&(key.0.clone(), key.1.clone())).copied().unwrap_or(0);
+        let progress = if m.progress > 0.0 { format!("  {:>3.0}%", m.progress * 100.0) } else { String::new() };
         format!(
             "{:<16} {:>6.1}s (stage {:.1}s){progress}  rss {}",
             m.stage.label(),
@@ -75,31 +67,16 @@ impl<W: Write> Display<W> {
 
     fn line(&mut self, key: &Key, text: &str) {
         let stamp = self.began.elapsed().as_secs_f64();
-        let _ = writeln!(
-            self.out,
-            "[{stamp:>7.1}s] {}/{}/{}  {text}",
-            key.0, key.1, key.2
-        );
+        let _ = writeln!(self.out, "[{stamp:>7.1}s] {}/{}/{}  {text}", key.0, key.1, key.2);
         let _ = self.out.flush();
     }
 
     fn update(&mut self, update: Update) {
         match update {
-            Update::Memory {
-                host,
-                service,
-                rss_bytes,
-            } => {
+            Update::Memory { host, service, rss_bytes } => {
                 self.rss.insert((host, service), rss_bytes);
             }
-            Update::Stage {
-                host,
-                service,
-                model,
-                from,
-                to,
-                progress,
-            } => {
+            Update::Stage { host, service, model, from, to, progress } => {
                 let key = (host, service, model);
                 let now = Instant::now();
                 let entry = self.models.entry(key.clone()).or_insert_with(|| Model {
@@ -143,9 +120,7 @@ impl<W: Write> Display<W> {
     }
 
     fn draw(&mut self, key: &Key, mut m: Model, text: String) -> Model {
-        let multi = self
-            .multi
-            .get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
+        let multi = self.multi.get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
         if m.bar.is_none() && !m.stage.is_terminal() {
             let bar = multi.add(ProgressBar::new_spinner());
             bar.set_style(
@@ -159,10 +134,7 @@ impl<W: Write> Display<W> {
         if let Some(bar) = &m.bar {
             match m.stage {
                 Stage::Ready => {
-                    bar.finish_with_message(format!(
-                        "READY after {:.1}s",
-                        m.started.elapsed().as_secs_f64()
-                    ));
+                    bar.finish_with_message(format!("READY after {:.1}s", m.started.elapsed().as_secs_f64()));
                     m.bar = None;
                 }
                 Stage::Failed | Stage::Stopped => {
@@ -182,12 +154,8 @@ impl<W: Write> Display<W> {
     /// Periodic refresh: elapsed times on a terminal, a line per loading
     /// model off one.
     fn tick(&mut self) {
-        let keys: Vec<Key> = self
-            .models
-            .iter()
-            .filter(|(_, m)| !m.stage.is_terminal())
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys: Vec<Key> =
+            self.models.iter().filter(|(_, m)| !m.stage.is_terminal()).map(|(k, _)| k.clone()).collect();
         for key in keys {
             let m = self.models.remove(&key).expect("listed");
             let text = self.describe(&key, &m);
@@ -216,14 +184,8 @@ pub async fn run<W: Write + Send>(
         Mode::Lines { interval } => interval,
         _ => Duration::from_millis(250),
     };
-    let mut display = Display {
-        mode,
-        out,
-        began: Instant::now(),
-        models: BTreeMap::new(),
-        rss: BTreeMap::new(),
-        multi: None,
-    };
+    let mut display =
+        Display { mode, out, began: Instant::now(), models: BTreeMap::new(), rss: BTreeMap::new(), multi: None };
     let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     loop {
         tokio::select! {

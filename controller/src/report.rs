@@ -18,17 +18,9 @@ pub struct Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.pointer.is_empty() {
-            write!(
-                f,
-                "{}: expected {}, got {}",
-                self.check, self.expected, self.actual
-            )
+            write!(f, "{}: expected {}, got {}", self.check, self.expected, self.actual)
         } else {
-            write!(
-                f,
-                "{} at {}: expected {}, got {}",
-                self.check, self.pointer, self.expected, self.actual
-            )
+            write!(f, "{} at {}: expected {}, got {}", self.check, self.pointer, self.expected, self.actual)
         }
     }
 }
@@ -73,11 +65,7 @@ impl CaseReport {
                 let what: Vec<String> = f.iter().map(ToString::to_string).collect();
                 format!("case {:?} failed: {}", self.name, what.join("; "))
             }
-            Outcome::Error(m) => format!(
-                "case {:?} error: {}",
-                self.name,
-                m.lines().next().unwrap_or_default()
-            ),
+            Outcome::Error(m) => format!("case {:?} error: {}", self.name, m.lines().next().unwrap_or_default()),
         }
     }
 }
@@ -124,25 +112,9 @@ impl RunReport {
     /// The summary table and the details of every failure.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        let suite_w = self
-            .cases
-            .iter()
-            .map(|c| c.suite.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let case_w = self
-            .cases
-            .iter()
-            .map(|c| c.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let _ = writeln!(
-            out,
-            "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}",
-            "SUITE", "CASE", "RESULT", "TIME"
-        );
+        let suite_w = self.cases.iter().map(|c| c.suite.len()).max().unwrap_or(5).max(5);
+        let case_w = self.cases.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(out, "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}", "SUITE", "CASE", "RESULT", "TIME");
         for c in &self.cases {
             let result = match c.outcome {
                 Outcome::Passed => "PASS",
@@ -158,11 +130,7 @@ impl RunReport {
                 fmt_duration(c.duration)
             );
         }
-        let problems: Vec<&CaseReport> = self
-            .cases
-            .iter()
-            .filter(|c| c.outcome != Outcome::Passed)
-            .collect();
+        let problems: Vec<&CaseReport> = self.cases.iter().filter(|c| c.outcome != Outcome::Passed).collect();
         if !problems.is_empty() {
             let _ = writeln!(out, "\nProblems:");
             for c in problems {
@@ -172,12 +140,7 @@ impl RunReport {
                         let _ = writeln!(out, "      {line}");
                     }
                 } else if !c.excerpt.is_empty() {
-                    let _ = writeln!(
-                        out,
-                        "      response ({}): {}",
-                        c.http_status.unwrap_or(0),
-                        c.excerpt
-                    );
+                    let _ = writeln!(out, "      response ({}): {}", c.http_status.unwrap_or(0), c.excerpt);
                 }
             }
         }
@@ -186,13 +149,7 @@ impl RunReport {
             for l in &self.loads {
                 match &l.failure {
                     None => {
-                        let _ = writeln!(
-                            out,
-                            "  {}/{}: READY (waited {})",
-                            l.service,
-                            l.model,
-                            fmt_duration(l.waited)
-                        );
+                        let _ = writeln!(out, "  {}/{}: READY (waited {})", l.service, l.model, fmt_duration(l.waited));
                     }
                     Some(m) => {
                         let _ = writeln!(
@@ -215,11 +172,7 @@ impl RunReport {
             c.passed,
             c.failed,
             c.errors,
-            if self.interrupted {
-                " (interrupted)"
-            } else {
-                ""
-            },
+            if self.interrupted { " (interrupted)" } else { "" },
             fmt_duration(self.duration)
         );
         out
@@ -245,11 +198,7 @@ impl RunReport {
                     s.set_message(c.headline());
                     s.set_type("assertion");
                     let mut text: Vec<String> = failures.iter().map(ToString::to_string).collect();
-                    text.push(format!(
-                        "response ({}): {}",
-                        c.http_status.unwrap_or(0),
-                        c.excerpt
-                    ));
+                    text.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
                     s.set_description(text.join("\n"));
                     s
                 }
@@ -280,11 +229,7 @@ impl RunReport {
 
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
-    if ms < 1000.0 {
-        format!("{ms:.0}ms")
-    } else {
-        format!("{:.1}s", ms / 1000.0)
-    }
+    if ms < 1000.0 { format!("{ms:.0}ms") } else { format!("{:.1}s", ms / 1000.0) }
 }
 
 #[cfg(test)]
@@ -316,10 +261,7 @@ mod tests {
                 ),
                 case(
                     "aya",
-                    Outcome::Error(
-                        "model aya failed in stage AUTHENTICATING after 0.3s\n  last log lines: x"
-                            .into(),
-                    ),
+                    Outcome::Error("model aya failed in stage AUTHENTICATING after 0.3s\n  last log lines: x".into()),
                 ),
             ],
             loads: vec![],
@@ -333,20 +275,17 @@ mod tests {
         let xml = sample().junit();
         assert_eq!(xml.matches("<testcase ").count(), 3, "{xml}");
         assert!(xml.contains("<failure message=\"case &quot;wrong&quot; failed: equals at /model: expected &quot;aya&quot;, got &quot;nllb&quot;\""), "{xml}");
-        assert!(
-            xml.contains("<error message=\"model aya failed in stage AUTHENTICATING after 0.3s\""),
-            "{xml}"
-        );
+        assert!(xml.contains("<error message=\"model aya failed in stage AUTHENTICATING after 0.3s\""), "{xml}");
         assert!(!xml.contains("<skipped"), "{xml}");
     }
 
     #[test]
     fn summary_names_case_pointer_expected_and_actual() {
         let text = sample().summary();
-        assert!(text.contains("translate / case \"wrong\" failed: equals at /model: expected \"aya\", got \"nllb\""), "{text}");
         assert!(
-            text.contains("3 cases: 1 passed, 1 failed, 1 errors"),
+            text.contains("translate / case \"wrong\" failed: equals at /model: expected \"aya\", got \"nllb\""),
             "{text}"
         );
+        assert!(text.contains("3 cases: 1 passed, 1 failed, 1 errors"), "{text}");
     }
 }

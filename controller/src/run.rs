@@ -79,29 +79,18 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
         bad = true;
     }
     if bad {
-        return RunResult {
-            exit: Exit::BadInput,
-            report: None,
-            junit: None,
-        };
+        return RunResult { exit: Exit::BadInput, report: None, junit: None };
     }
 
     let run_id = uuid::Uuid::new_v4().to_string();
     let holder = format!(
         "{}@{}",
         std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default()
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
     );
     let stop = CancellationToken::new();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
-    let display = tokio::spawn(progress::run(
-        opts.progress,
-        std::io::stdout(),
-        updates_rx,
-        stop.clone(),
-    ));
+    let display = tokio::spawn(progress::run(opts.progress, std::io::stdout(), updates_rx, stop.clone()));
 
     let mut agents = Vec::new();
     let mut unreachable = Vec::new();
@@ -109,12 +98,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
         match Agent::connect(addr).await {
             Ok(agent) => {
                 let (tx, rx) = watch::channel(AgentView::default());
-                tokio::spawn(client::follow(
-                    agent.clone(),
-                    tx,
-                    updates_tx.clone(),
-                    stop.clone(),
-                ));
+                tokio::spawn(client::follow(agent.clone(), tx, updates_tx.clone(), stop.clone()));
                 agents.push(Connected { agent, view: rx });
             }
             Err(e) => {
@@ -125,10 +109,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     }
     drop(updates_tx);
 
-    let mut report = RunReport {
-        run_id: run_id.clone(),
-        ..Default::default()
-    };
+    let mut report = RunReport { run_id: run_id.clone(), ..Default::default() };
     let mut leases: BTreeMap<(usize, String), (Lease, CancellationToken)> = BTreeMap::new();
     for suite in &suites {
         if cancel.is_cancelled() {
@@ -136,31 +117,18 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
             push_errors(
                 &mut report,
                 suite,
-                &suite
-                    .cases
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect::<Vec<_>>(),
+                &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
                 "interrupted before the suite started",
             );
             continue;
         }
-        let Some(index) = agents
-            .iter()
-            .position(|a| a.agent.serves(&suite.service, &suite.models))
-        else {
+        let Some(index) = agents.iter().position(|a| a.agent.serves(&suite.service, &suite.models)) else {
             let why = if agents.is_empty() {
                 format!("no agent reachable: {}", unreachable.join("; "))
             } else {
                 let offered: Vec<String> = agents
                     .iter()
-                    .map(|a| {
-                        format!(
-                            "{} serves {}",
-                            a.agent.addr,
-                            describe_services(&a.agent.info)
-                        )
-                    })
+                    .map(|a| format!("{} serves {}", a.agent.addr, describe_services(&a.agent.info)))
                     .collect();
                 format!(
                     "unsatisfiable: no agent serves service {} with models {:?} ({})",
@@ -170,29 +138,12 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
                 )
             };
             eprintln!("error: suite {}: {why}", suite.name);
-            push_errors(
-                &mut report,
-                suite,
-                &suite
-                    .cases
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect::<Vec<_>>(),
-                &why,
-            );
+            push_errors(&mut report, suite, &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), &why);
             continue;
         };
         let key = (index, suite.service.clone());
         if !leases.contains_key(&key) {
-            match acquire(
-                &agents[index].agent,
-                &suite.service,
-                &run_id,
-                &holder,
-                &cancel,
-            )
-            .await
-            {
+            match acquire(&agents[index].agent, &suite.service, &run_id, &holder, &cancel).await {
                 Ok(lease) => {
                     let renew = stop.child_token();
                     agents[index].agent.keep_renewed(&lease, renew.clone());
@@ -206,11 +157,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
                     push_errors(
                         &mut report,
                         suite,
-                        &suite
-                            .cases
-                            .iter()
-                            .map(|c| c.name.clone())
-                            .collect::<Vec<_>>(),
+                        &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
                         &why,
                     );
                     continue;
@@ -218,16 +165,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
             }
         }
         let lease = leases[&key].0.clone();
-        let interrupted = run_suite(
-            &agents[index],
-            &lease,
-            suite,
-            &opts,
-            &run_id,
-            &mut report,
-            &cancel,
-        )
-        .await;
+        let interrupted = run_suite(&agents[index], &lease, suite, &opts, &run_id, &mut report, &cancel).await;
         report.interrupted |= interrupted;
     }
 
@@ -270,41 +208,21 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     } else {
         Exit::Passed
     };
-    RunResult {
-        exit,
-        report: Some(report),
-        junit,
-    }
+    RunResult { exit, report: Some(report), junit }
 }
 
 fn describe_services(info: &proto::AgentInfo) -> String {
     let list: Vec<String> = info
         .services
         .iter()
-        .map(|s| {
-            format!(
-                "{} [{}]",
-                s.name,
-                s.models
-                    .iter()
-                    .map(|m| m.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+        .map(|s| format!("{} [{}]", s.name, s.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")))
         .collect();
-    if list.is_empty() {
-        "nothing".into()
-    } else {
-        list.join(", ")
-    }
+    if list.is_empty() { "nothing".into() } else { list.join(", ") }
 }
 
 fn push_errors(report: &mut RunReport, suite: &Suite, names: &[String], message: &str) {
     for name in names {
-        report
-            .cases
-            .push(CaseReport::error(&suite.name, name, message.to_owned()));
+        report.cases.push(CaseReport::error(&suite.name, name, message.to_owned()));
     }
 }
 
@@ -320,11 +238,7 @@ async fn acquire(
     loop {
         match agent.acquire(service, run_id, holder).await {
             Ok(lease) => return Ok(lease),
-            Err(ClientError::Rpc {
-                code: tonic::Code::FailedPrecondition,
-                message,
-                ..
-            }) => {
+            Err(ClientError::Rpc { code: tonic::Code::FailedPrecondition, message, .. }) => {
                 if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     println!("waiting for {}: {message}", agent.addr);
                     last_said = Some(Instant::now());
@@ -355,10 +269,7 @@ async fn run_suite(
     let all_names: Vec<String> = suite.cases.iter().map(|c| c.name.clone()).collect();
     let timeout = opts.model_timeout.or(suite.load_timeout);
     let asked = Instant::now();
-    let barrier = match agent
-        .ensure(lease, &suite.models, timeout, opts.fresh)
-        .await
-    {
+    let barrier = match agent.ensure(lease, &suite.models, timeout, opts.fresh).await {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: suite {}: {e}", suite.name);
@@ -372,10 +283,7 @@ async fn run_suite(
     let settled = |v: &AgentView| {
         v.lost.is_some()
             || (v.last_seq + 1 >= barrier
-                && suite
-                    .models
-                    .iter()
-                    .all(|m| v.models.get(&key(m)).is_some_and(|x| x.stage.is_terminal())))
+                && suite.models.iter().all(|m| v.models.get(&key(m)).is_some_and(|x| x.stage.is_terminal())))
     };
     let waited = tokio::select! {
         _ = cancel.cancelled() => None,
@@ -383,12 +291,7 @@ async fn run_suite(
     };
     let snapshot = match waited {
         None => {
-            push_errors(
-                report,
-                suite,
-                &all_names,
-                "interrupted while waiting for models to load",
-            );
+            push_errors(report, suite, &all_names, "interrupted while waiting for models to load");
             return true;
         }
         Some(Err(_)) => {
@@ -411,11 +314,7 @@ async fn run_suite(
             Some(s) => Some(format!("model {m} is {}", s.stage.label())),
             None => Some(format!("model {m} is unknown to the agent")),
         };
-        if !report
-            .loads
-            .iter()
-            .any(|l| l.service == suite.service && l.model == *m)
-        {
+        if !report.loads.iter().any(|l| l.service == suite.service && l.model == *m) {
             report.loads.push(ModelLoad {
                 service: suite.service.clone(),
                 model: m.clone(),
@@ -433,41 +332,25 @@ async fn run_suite(
     let mut slots: Vec<Option<CaseReport>> = vec![None; suite.cases.len()];
     for (i, case) in suite.cases.iter().enumerate() {
         match case.models.iter().find_map(|m| failed.get(m)) {
-            Some(message) => {
-                slots[i] = Some(CaseReport::error(&suite.name, &case.name, message.clone()))
-            }
+            Some(message) => slots[i] = Some(CaseReport::error(&suite.name, &case.name, message.clone())),
             None => runnable.push(i),
         }
     }
-    let ids: Vec<(usize, String)> = runnable
-        .iter()
-        .map(|i| (*i, format!("{run_id}/{}/{i}", suite.name)))
-        .collect();
+    let ids: Vec<(usize, String)> = runnable.iter().map(|i| (*i, format!("{run_id}/{}/{i}", suite.name))).collect();
     let mut interrupted = false;
     if !ids.is_empty() {
-        let cases = ids
-            .iter()
-            .map(|(i, id)| client::case_to_proto(id.clone(), 1, &suite.cases[*i]))
-            .collect();
+        let cases = ids.iter().map(|(i, id)| client::case_to_proto(id.clone(), 1, &suite.cases[*i])).collect();
         match agent.run_cases(lease, cases).await {
             Err(e) => {
                 for (i, _) in &ids {
-                    slots[*i] = Some(CaseReport::error(
-                        &suite.name,
-                        &suite.cases[*i].name,
-                        e.to_string(),
-                    ));
+                    slots[*i] = Some(CaseReport::error(&suite.name, &suite.cases[*i].name, e.to_string()));
                 }
             }
             Ok(()) => {
-                let budget: Duration = ids
-                    .iter()
-                    .map(|(i, _)| suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT))
-                    .sum::<Duration>()
-                    + RESULT_SLACK;
-                let done = |v: &AgentView| {
-                    v.lost.is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id))
-                };
+                let budget: Duration =
+                    ids.iter().map(|(i, _)| suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT)).sum::<Duration>()
+                        + RESULT_SLACK;
+                let done = |v: &AgentView| v.lost.is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id));
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => { interrupted = true; None }
                     _ = tokio::time::sleep(budget) => None,
@@ -477,24 +360,15 @@ async fn run_suite(
                 for (i, id) in &ids {
                     let name = &suite.cases[*i].name;
                     slots[*i] = Some(match latest.results.get(id) {
-                        Some(r) => CaseReport {
-                            suite: suite.name.clone(),
-                            ..r.clone()
-                        },
-                        None if interrupted => CaseReport::error(
-                            &suite.name,
-                            name,
-                            "interrupted before the case finished".into(),
-                        ),
+                        Some(r) => CaseReport { suite: suite.name.clone(), ..r.clone() },
+                        None if interrupted => {
+                            CaseReport::error(&suite.name, name, "interrupted before the case finished".into())
+                        }
                         None => CaseReport::error(
                             &suite.name,
                             name,
                             latest.lost.clone().unwrap_or_else(|| {
-                                format!(
-                                    "no result from agent {} within {}s",
-                                    agent.addr,
-                                    budget.as_secs()
-                                )
+                                format!("no result from agent {} within {}s", agent.addr, budget.as_secs())
                             }),
                         ),
                     });

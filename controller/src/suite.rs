@@ -151,54 +151,28 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
     let raw: RawSuite = serde_saphyr::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         // The first line of saphyr's message is the reason; the rest is a snippet.
-        let first = e
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or("invalid YAML")
-            .to_owned();
+        let first = e.to_string().lines().next().unwrap_or("invalid YAML").to_owned();
         let message = strip_location(&first).to_owned();
-        SuiteError {
-            file: file.clone(),
-            line,
-            column,
-            message,
-        }
+        SuiteError { file: file.clone(), line, column, message }
     })?;
     let _ = raw.description;
 
     let non_empty = |s: &Spanned<String>, what: &str| {
-        if s.value.trim().is_empty() {
-            Err(at(s.referenced, format!("{what} is empty")))
-        } else {
-            Ok(s.value.clone())
-        }
+        if s.value.trim().is_empty() { Err(at(s.referenced, format!("{what} is empty"))) } else { Ok(s.value.clone()) }
     };
     let name = non_empty(&raw.name, "suite name")?;
     let service = non_empty(&raw.service, "service")?;
     if raw.models.value.is_empty() {
-        return Err(at(
-            raw.models.referenced,
-            "models is empty: list the models this suite needs".into(),
-        ));
+        return Err(at(raw.models.referenced, "models is empty: list the models this suite needs".into()));
     }
     let duration_at = |s: &Spanned<String>| {
         parse_duration(&s.value).ok_or_else(|| {
-            at(
-                s.referenced,
-                format!(
-                    "{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"",
-                    s.value
-                ),
-            )
+            at(s.referenced, format!("{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"", s.value))
         })
     };
     let load_timeout = raw.timeout.as_ref().map(duration_at).transpose()?;
     if raw.cases.value.is_empty() {
-        return Err(at(
-            raw.cases.referenced,
-            "cases is empty: a suite needs at least one case".into(),
-        ));
+        return Err(at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
     }
 
     let mut cases: Vec<Case> = Vec::new();
@@ -206,20 +180,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         let c = &spanned.value;
         let case_name = non_empty(&c.name, "case name")?;
         if cases.iter().any(|o| o.name == case_name) {
-            return Err(at(
-                c.name.referenced,
-                format!("case name {case_name:?} is used twice in this suite"),
-            ));
+            return Err(at(c.name.referenced, format!("case name {case_name:?} is used twice in this suite")));
         }
         let models = match &c.models {
             Some(m) => {
                 if let Some(unknown) = m.value.iter().find(|x| !raw.models.value.contains(x)) {
                     return Err(at(
                         m.referenced,
-                        format!(
-                            "model {unknown:?} is not in the suite's models {:?}; add it there",
-                            raw.models.value
-                        ),
+                        format!("model {unknown:?} is not in the suite's models {:?}; add it there", raw.models.value),
                     ));
                 }
                 m.value.clone()
@@ -230,30 +198,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         if !METHODS.contains(&method.as_str()) {
             return Err(at(
                 c.request.method.referenced,
-                format!(
-                    "unknown HTTP method {:?}; use one of {METHODS:?}",
-                    c.request.method.value
-                ),
+                format!("unknown HTTP method {:?}; use one of {METHODS:?}", c.request.method.value),
             ));
         }
         if !c.request.path.value.starts_with('/') {
-            return Err(at(
-                c.request.path.referenced,
-                format!("path {:?} must start with '/'", c.request.path.value),
-            ));
+            return Err(at(c.request.path.referenced, format!("path {:?} must start with '/'", c.request.path.value)));
         }
         let mut headers = c.request.headers.clone();
         let body = match (&c.request.json, &c.request.body) {
             (Some(_), Some(_)) => {
-                return Err(at(
-                    spanned.referenced,
-                    "request has both `json` and `body`; keep one".into(),
-                ));
+                return Err(at(spanned.referenced, "request has both `json` and `body`; keep one".into()));
             }
             (Some(json), None) => {
-                headers
-                    .entry("content-type".into())
-                    .or_insert_with(|| "application/json".into());
+                headers.entry("content-type".into()).or_insert_with(|| "application/json".into());
                 serde_json::to_vec(json).unwrap_or_default()
             }
             (None, Some(text)) => text.clone().into_bytes(),
@@ -271,42 +228,25 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         if checks.is_empty() {
             return Err(at(
                 spanned.referenced,
-                format!(
-                    "case {case_name:?} checks nothing: add `expect` with a status or json checks"
-                ),
+                format!("case {case_name:?} checks nothing: add `expect` with a status or json checks"),
             ));
         }
         let timeout = c.timeout.as_ref().map(duration_at).transpose()?;
         cases.push(Case {
             name: case_name,
             models,
-            request: HttpRequest {
-                method,
-                path: c.request.path.value.clone(),
-                headers,
-                body,
-            },
+            request: HttpRequest { method, path: c.request.path.value.clone(), headers, body },
             checks,
             timeout,
         });
     }
-    Ok(Suite {
-        name,
-        file: path.to_owned(),
-        service,
-        models: raw.models.value,
-        load_timeout,
-        cases,
-    })
+    Ok(Suite { name, file: path.to_owned(), service, models: raw.models.value, load_timeout, cases })
 }
 
 /// saphyr says "error: line 3 column 5: reason"; we print the location once.
 fn strip_location(message: &str) -> &str {
     let m = message.strip_prefix("error: ").unwrap_or(message);
-    match m
-        .strip_prefix("line ")
-        .and_then(|rest| rest.split_once(": "))
-    {
+    match m.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
         Some((_, reason)) => reason,
         None => m,
     }
@@ -315,34 +255,21 @@ fn strip_location(message: &str) -> &str {
 fn check(raw: &RawCheck) -> Result<Check, String> {
     let pointer = raw.pointer.clone();
     if !pointer.is_empty() && !pointer.starts_with('/') {
-        return Err(format!(
-            "pointer {pointer:?} must be a JSON pointer starting with '/' (e.g. /models/nllb/status)"
-        ));
+        return Err(format!("pointer {pointer:?} must be a JSON pointer starting with '/' (e.g. /models/nllb/status)"));
     }
     let mut found = Vec::new();
     if let Some(v) = &raw.equals {
-        found.push(Check::Equals {
-            pointer: pointer.clone(),
-            value: v.clone(),
-        });
+        found.push(Check::Equals { pointer: pointer.clone(), value: v.clone() });
     }
     if let Some(v) = &raw.one_of {
-        found.push(Check::OneOf {
-            pointer: pointer.clone(),
-            values: v.clone(),
-        });
+        found.push(Check::OneOf { pointer: pointer.clone(), values: v.clone() });
     }
     if raw.not_empty == Some(true) {
-        found.push(Check::NotEmpty {
-            pointer: pointer.clone(),
-        });
+        found.push(Check::NotEmpty { pointer: pointer.clone() });
     }
     if let Some(r) = &raw.matches {
         regex::Regex::new(r).map_err(|e| format!("`matches` is not a valid regex: {e}"))?;
-        found.push(Check::Matches {
-            pointer: pointer.clone(),
-            regex: r.clone(),
-        });
+        found.push(Check::Matches { pointer: pointer.clone(), regex: r.clone() });
     }
     match found.len() {
         1 => Ok(found.remove(0)),
@@ -407,72 +334,31 @@ cases:
         let body: Value = serde_json::from_slice(&c.request.body).unwrap();
         assert_eq!(body["text"], "Hello world");
         assert_eq!(c.checks.len(), 6);
-        assert_eq!(
-            c.checks[5],
-            Check::Equals {
-                pointer: "/error".into(),
-                value: Value::Null
-            }
-        );
-        assert_eq!(
-            c.checks[1],
-            Check::Equals {
-                pointer: "/translated_text".into(),
-                value: Value::from("hola mundo")
-            }
-        );
+        assert_eq!(c.checks[5], Check::Equals { pointer: "/error".into(), value: Value::Null });
+        assert_eq!(c.checks[1], Check::Equals { pointer: "/translated_text".into(), value: Value::from("hola mundo") });
     }
 
     /// (what to change in GOOD, expected "line:column: message" prefix)
     #[test]
     fn errors_point_at_file_line_column() {
         let table = [
-            (
-                "timeout: 5m",
-                "timeout: soon",
-                "s.yaml:4:10: \"soon\" is not a duration",
-            ),
-            (
-                "method: post",
-                "method: fetch",
-                "s.yaml:8:15: unknown HTTP method \"fetch\"",
-            ),
-            (
-                "path: /translate",
-                "path: translate",
-                "s.yaml:9:13: path \"translate\" must start with '/'",
-            ),
+            ("timeout: 5m", "timeout: soon", "s.yaml:4:10: \"soon\" is not a duration"),
+            ("method: post", "method: fetch", "s.yaml:8:15: unknown HTTP method \"fetch\""),
+            ("path: /translate", "path: translate", "s.yaml:9:13: path \"translate\" must start with '/'"),
             (
                 "{pointer: /model, one_of: [nllb, aya]}",
                 "{pointer: /model}",
                 "s.yaml:15:11: check on \"/model\" says nothing to check",
             ),
-            (
-                "matches: '^es$'",
-                "matches: '^(es'",
-                "s.yaml:17:11: `matches` is not a valid regex",
-            ),
-            (
-                "models: [nllb]",
-                "models: []",
-                "s.yaml:3:9: models is empty",
-            ),
-            (
-                "    expect:",
-                "    expected:",
-                "s.yaml:11:5: unknown field `expected`",
-            ),
+            ("matches: '^es$'", "matches: '^(es'", "s.yaml:17:11: `matches` is not a valid regex"),
+            ("models: [nllb]", "models: []", "s.yaml:3:9: models is empty"),
+            ("    expect:", "    expected:", "s.yaml:11:5: unknown field `expected`"),
             ("status: 200", "status: [200]", "s.yaml:12:15:"),
         ];
         for (from, to, want) in table {
             assert!(GOOD.contains(from), "{from}");
-            let err = parse(&GOOD.replace(from, to), Path::new("s.yaml"))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with(want),
-                "{from} -> {to}: got {err:?}, want prefix {want:?}"
-            );
+            let err = parse(&GOOD.replace(from, to), Path::new("s.yaml")).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{from} -> {to}: got {err:?}, want prefix {want:?}");
         }
     }
 
@@ -481,6 +367,6 @@ cases:
         let doubled = format!("{GOOD}{}", &GOOD[GOOD.find("  - name").unwrap()..]);
         let err = parse(&doubled, Path::new("s.yaml")).unwrap_err();
         assert!(err.message.contains("used twice"), "{err}");
-        assert_eq!(err.line, 18);
+        assert_eq!(err.line, 19);
     }
 }

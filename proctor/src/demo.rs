@@ -11,19 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 /// The example suites, embedded so the demo runs from any folder.
 const SUITES: &[(&str, &str)] = &[
-    (
-        "nllb-translate.yaml",
-        include_str!("../../suites/nllb-translate.yaml"),
-    ),
+    ("nllb-translate.yaml", include_str!("../../suites/nllb-translate.yaml")),
     ("detect.yaml", include_str!("../../suites/detect.yaml")),
-    (
-        "aya-translate.yaml",
-        include_str!("../../suites/aya-translate.yaml"),
-    ),
-    (
-        "multi-model.yaml",
-        include_str!("../../suites/multi-model.yaml"),
-    ),
+    ("aya-translate.yaml", include_str!("../../suites/aya-translate.yaml")),
+    ("multi-model.yaml", include_str!("../../suites/multi-model.yaml")),
     ("health.yaml", include_str!("../../suites/health.yaml")),
 ];
 
@@ -96,10 +87,8 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
 /// Writes the demo's files; returns (agent config, suite files).
 fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     let suites_dir = out.join("suites");
-    std::fs::create_dir_all(&suites_dir)
-        .map_err(|e| format!("cannot create {}: {e}", suites_dir.display()))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the proctor binary itself: {e}"))?;
+    std::fs::create_dir_all(&suites_dir).map_err(|e| format!("cannot create {}: {e}", suites_dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the proctor binary itself: {e}"))?;
     let config = out.join("agent.toml");
     write(&config, &agent_toml(&exe))?;
     write(&out.join("aya.token"), "hf_demo_token_not_a_real_secret\n")?;
@@ -112,11 +101,7 @@ fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     Ok((config, suites))
 }
 
-pub async fn run(
-    out: &Path,
-    progress: controller::progress::Mode,
-    cancel: CancellationToken,
-) -> ExitCode {
+pub async fn run(out: &Path, progress: controller::progress::Mode, cancel: CancellationToken) -> ExitCode {
     let (config_path, suites) = match prepare(out) {
         Ok(x) => x,
         Err(e) => {
@@ -139,15 +124,8 @@ pub async fn run(
             return ExitCode::from(2);
         }
     };
-    println!(
-        "proctor demo: agent from {} listening on {}",
-        config_path.display(),
-        agent.addr
-    );
-    println!(
-        "running {} suites against service `translation` (models nllb, aya)\n",
-        suites.len()
-    );
+    println!("proctor demo: agent from {} listening on {}", config_path.display(), agent.addr);
+    println!("running {} suites against service `translation` (models nllb, aya)\n", suites.len());
     let opts = controller::RunOptions {
         agents: vec![agent.addr.to_string()],
         suites,
@@ -166,10 +144,7 @@ pub async fn run(
     if let Some(j) = &result.junit {
         println!("  JUnit report   {}", j.display());
     }
-    println!(
-        "  service log    {}",
-        data_dir.join("translation.log").display()
-    );
+    println!("  service log    {}", data_dir.join("translation.log").display());
     ExitCode::from(result.exit as u8)
 }
 

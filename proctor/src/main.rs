@@ -62,14 +62,10 @@ impl ProgressArgs {
         use std::io::IsTerminal;
         match self.progress.as_str() {
             "live" => Mode::Live,
-            "lines" => Mode::Lines {
-                interval: self.progress_interval,
-            },
+            "lines" => Mode::Lines { interval: self.progress_interval },
             "none" => Mode::Quiet,
             _ if std::io::stdout().is_terminal() => Mode::Live,
-            _ => Mode::Lines {
-                interval: self.progress_interval,
-            },
+            _ => Mode::Lines { interval: self.progress_interval },
         }
     }
 }
@@ -135,17 +131,13 @@ struct SimArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    controller::suite::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration; write e.g. 500ms, 30s, 5m"))
+    controller::suite::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration; write e.g. 500ms, 30s, 5m"))
 }
 
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// First SIGINT/SIGTERM cancels gracefully; a second exits at once.
@@ -154,10 +146,7 @@ fn interrupt_token() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             return;
         };
         let mut count = 0;
@@ -168,9 +157,7 @@ fn interrupt_token() -> CancellationToken {
             }
             count += 1;
             if count == 1 {
-                eprintln!(
-                    "\ninterrupted: finishing up and writing reports (interrupt again to exit now)"
-                );
+                eprintln!("\ninterrupted: finishing up and writing reports (interrupt again to exit now)");
                 t.cancel();
             } else {
                 std::process::exit(130);
@@ -186,10 +173,7 @@ fn main() -> ExitCode {
         sim::hold_memory(mb);
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -226,9 +210,7 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Sim(args) => {
             init_tracing("info");
             let worker = args.worker_mb.map(|mb| {
-                let exe = std::env::current_exe()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "proctor".into());
+                let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "proctor".into());
                 vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()]
             });
             let config = sim::SimConfig {
@@ -267,17 +249,11 @@ async fn run_agent(config: &std::path::Path) -> ExitCode {
         }
     };
     // The one line scripts and tests wait for.
-    println!(
-        "proctor agent listening on {} (incarnation {})",
-        running.addr, running.incarnation
-    );
+    println!("proctor agent listening on {} (incarnation {})", running.addr, running.incarnation);
     let cancel = running.cancel_token();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             return;
         };
         tokio::select! {

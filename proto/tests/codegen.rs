@@ -5,8 +5,7 @@ use std::path::Path;
 #[test]
 fn generated_code_is_up_to_date() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fds = protox::compile(["proctor/agent/v1/agent.proto"], [root.join("proto")])
-        .expect("agent.proto compiles");
+    let fds = protox::compile(["proctor/agent/v1/agent.proto"], [root.join("proto")]).expect("agent.proto compiles");
     let out = std::env::temp_dir().join(format!("proctor-proto-gen-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
     tonic_prost_build::configure()

@@ -34,19 +34,12 @@ fn error(status: StatusCode, detail: impl Into<String>) -> Response {
 }
 
 fn views(state: &AppState) -> BTreeMap<String, ModelView> {
-    state
-        .models
-        .iter()
-        .map(|(name, m)| (name.clone(), m.lock().expect("model lock").view.clone()))
-        .collect()
+    state.models.iter().map(|(name, m)| (name.clone(), m.lock().expect("model lock").view.clone())).collect()
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
     let models = views(&state);
-    let loaded = models
-        .values()
-        .filter(|m| m.status == Status::Loaded)
-        .count();
+    let loaded = models.values().filter(|m| m.status == Status::Loaded).count();
     let status = if models.values().any(|m| m.status == Status::Failed) {
         "degraded"
     } else if models.values().any(|m| m.status.is_loading()) {
@@ -69,20 +62,13 @@ async fn translate(State(state): State<AppState>, Json(req): Json<TranslateReque
     let started = Instant::now();
     let Some(model) = state.models.get(&req.model) else {
         let known: Vec<&String> = state.models.keys().collect();
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("unknown model '{}'; this service has {known:?}", req.model),
-        );
+        return error(StatusCode::NOT_FOUND, format!("unknown model '{}'; this service has {known:?}", req.model));
     };
     let status = model.lock().expect("model lock").view.status;
     if status != Status::Loaded {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "model '{}' is not ready (status: {})",
-                req.model,
-                json!(status).as_str().unwrap_or("?")
-            ),
+            format!("model '{}' is not ready (status: {})", req.model, json!(status).as_str().unwrap_or("?")),
         );
     }
     let translated = crate::text::translate(&req.text, &req.source_lang, &req.target_lang);
@@ -103,13 +89,10 @@ struct DetectRequest {
 
 async fn detect(Json(req): Json<DetectRequest>) -> Response {
     match crate::text::detect(&req.text) {
-        Some((language, confidence)) => {
-            Json(json!({ "language": language, "confidence": confidence })).into_response()
+        Some((language, confidence)) => Json(json!({ "language": language, "confidence": confidence })).into_response(),
+        None => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, "could not detect a language: text too short or unknown script")
         }
-        None => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "could not detect a language: text too short or unknown script",
-        ),
     }
 }
 
@@ -136,11 +119,7 @@ async fn load(State(state): State<AppState>, Path(name): Path<String>) -> Respon
     match state.models.get(&name) {
         Some(m) => {
             let started = model::start_loading(m);
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({ "model": name, "started": started })),
-            )
-                .into_response()
+            (StatusCode::ACCEPTED, Json(json!({ "model": name, "started": started }))).into_response()
         }
         None => error(StatusCode::NOT_FOUND, format!("unknown model '{name}'")),
     }

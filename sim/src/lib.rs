@@ -32,15 +32,9 @@ pub struct SimConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error("cannot listen on {addr}: {source} (pick another --port, or 0 for any free port)")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     #[error("cannot start worker {command:?}: {source}")]
-    Worker {
-        command: Vec<String>,
-        source: std::io::Error,
-    },
+    Worker { command: Vec<String>, source: std::io::Error },
     #[error("model {0:?} is given twice; model names must be unique")]
     DuplicateModel(String),
     #[error("http server failed: {0}")]
@@ -51,25 +45,14 @@ pub enum SimError {
 pub async fn serve(config: SimConfig) -> Result<(), SimError> {
     let mut models = BTreeMap::new();
     for spec in &config.models {
-        if models
-            .insert(spec.name.clone(), model::Model::new(spec.clone()))
-            .is_some()
-        {
+        if models.insert(spec.name.clone(), model::Model::new(spec.clone())).is_some() {
             return Err(SimError::DuplicateModel(spec.name.clone()));
         }
     }
-    let host = if config.host.is_empty() {
-        "127.0.0.1"
-    } else {
-        &config.host
-    };
+    let host = if config.host.is_empty() { "127.0.0.1" } else { &config.host };
     let addr = format!("{host}:{}", config.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|source| SimError::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.map_err(|source| SimError::Bind { addr: addr.clone(), source })?;
     let local: SocketAddr = listener.local_addr().map_err(SimError::Serve)?;
     // The one line scripts and the agent can rely on.
     println!("proctor sim listening on http://{local}");
@@ -78,9 +61,7 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
         Some(command) => Some(spawn_worker(command)?),
         None => None,
     };
-    let state = api::AppState {
-        models: Arc::new(models),
-    };
+    let state = api::AppState { models: Arc::new(models) };
     if !config.lazy {
         for m in state.models.values() {
             model::start_loading(m);
@@ -96,18 +77,9 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
 }
 
 fn spawn_worker(command: &[String]) -> Result<tokio::process::Child, SimError> {
-    let err = |source| SimError::Worker {
-        command: command.to_vec(),
-        source,
-    };
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| err(std::io::Error::other("empty command")))?;
-    tokio::process::Command::new(program)
-        .args(args)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(err)
+    let err = |source| SimError::Worker { command: command.to_vec(), source };
+    let (program, args) = command.split_first().ok_or_else(|| err(std::io::Error::other("empty command")))?;
+    tokio::process::Command::new(program).args(args).kill_on_drop(true).spawn().map_err(err)
 }
 
 async fn shutdown_signal(ignore_sigterm: bool) {

@@ -33,10 +33,7 @@ impl Status {
     }
 
     pub fn is_loading(self) -> bool {
-        matches!(
-            self,
-            Status::Authenticating | Status::Downloading | Status::Loading | Status::WarmingUp
-        )
+        matches!(self, Status::Authenticating | Status::Downloading | Status::Loading | Status::WarmingUp)
     }
 }
 
@@ -66,11 +63,7 @@ impl Model {
     pub fn new(spec: ModelSpec) -> Shared {
         Arc::new(Mutex::new(Model {
             spec,
-            view: ModelView {
-                status: Status::NotLoaded,
-                progress: 0.0,
-                error: None,
-            },
+            view: ModelView { status: Status::NotLoaded, progress: 0.0, error: None },
             memory: Vec::new(),
             generation: 0,
         }))
@@ -86,11 +79,7 @@ pub fn unload(model: &Shared) {
     let mut m = model.lock().expect("model lock");
     m.generation += 1;
     m.memory = Vec::new();
-    m.view = ModelView {
-        status: Status::NotLoaded,
-        progress: 0.0,
-        error: None,
-    };
+    m.view = ModelView { status: Status::NotLoaded, progress: 0.0, error: None };
 }
 
 /// Starts loading unless already loaded or loading. Returns false if it was.
@@ -102,11 +91,7 @@ pub fn start_loading(model: &Shared) -> bool {
         }
         m.generation += 1;
         m.memory = Vec::new();
-        m.view = ModelView {
-            status: Status::NotLoaded,
-            progress: 0.0,
-            error: None,
-        };
+        m.view = ModelView { status: Status::NotLoaded, progress: 0.0, error: None };
         m.generation
     };
     tokio::spawn(load(model.clone(), generation));
@@ -117,19 +102,10 @@ const STEP: Duration = Duration::from_millis(100);
 
 async fn load(model: Shared, generation: u64) {
     let spec = model.lock().expect("model lock").spec.clone();
-    let total = (spec.auth + spec.download + spec.load + spec.warmup)
-        .as_secs_f64()
-        .max(1e-3);
+    let total = (spec.auth + spec.download + spec.load + spec.warmup).as_secs_f64().max(1e-3);
     let mut done = Duration::ZERO;
     let stages = [
-        (
-            SimStage::Authenticating,
-            if spec.gated {
-                spec.auth
-            } else {
-                Duration::ZERO
-            },
-        ),
+        (SimStage::Authenticating, if spec.gated { spec.auth } else { Duration::ZERO }),
         (SimStage::Downloading, spec.download),
         (SimStage::Loading, spec.load),
         (SimStage::WarmingUp, spec.warmup),
@@ -144,20 +120,8 @@ async fn load(model: Shared, generation: u64) {
             return;
         }
         tracing::info!(model = %spec.name, stage = stage.as_str(), "stage started");
-        if spec.crash_at == Some(stage) {
-            eprintln!(
-                "sim: injected crash: model {} at stage {}",
-                spec.name,
-                stage.as_str()
-            );
-            std::process::exit(3);
-        }
         if spec.hang_at == Some(stage) {
-            eprintln!(
-                "sim: injected hang: model {} at stage {}",
-                spec.name,
-                stage.as_str()
-            );
+            eprintln!("sim: injected hang: model {} at stage {}", spec.name, stage.as_str());
             std::future::pending::<()>().await;
         }
         // Work through the stage in steps so progress and memory move.
@@ -166,8 +130,13 @@ async fn load(model: Shared, generation: u64) {
         let started = Instant::now();
         for step in 1..=steps {
             tokio::time::sleep_until(started + length.mul_f64(step as f64 / steps as f64)).await;
-            let progress =
-                (done + length.mul_f64(step as f64 / steps as f64)).as_secs_f64() / total;
+            // A crash comes halfway through its stage, as a real one would
+            // (out of memory mid-load, a corrupt shard), not at its border.
+            if spec.crash_at == Some(stage) && step * 2 >= steps {
+                eprintln!("sim: injected crash: model {} in stage {}", spec.name, stage.as_str());
+                std::process::exit(3);
+            }
+            let progress = (done + length.mul_f64(step as f64 / steps as f64)).as_secs_f64() / total;
             if !set(&model, generation, |m| {
                 m.view.progress = progress.min(1.0);
                 if stage == SimStage::Loading {
@@ -179,11 +148,7 @@ async fn load(model: Shared, generation: u64) {
             }
         }
         done += length;
-        if stage == SimStage::Authenticating
-            && std::env::var("HF_TOKEN")
-                .map(|t| t.trim().is_empty())
-                .unwrap_or(true)
-        {
+        if stage == SimStage::Authenticating && std::env::var("HF_TOKEN").map(|t| t.trim().is_empty()).unwrap_or(true) {
             let error = format!(
                 "authentication failed: model '{}' is gated and HF_TOKEN is not set; \
                  give the service a Hugging Face token with access to it",

@@ -69,21 +69,12 @@ impl ModelSpec {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SpecError {
-    #[error(
-        "model spec {spec:?}: the name before ':' is empty (expected e.g. `nllb:mb=300,load=3s`)"
-    )]
+    #[error("model spec {spec:?}: the name before ':' is empty (expected e.g. `nllb:mb=300,load=3s`)")]
     EmptyName { spec: String },
-    #[error(
-        "model spec {spec:?}: unknown key {key:?} (known: mb, auth, download, load, warmup, gated, crash, hang)"
-    )]
+    #[error("model spec {spec:?}: unknown key {key:?} (known: mb, auth, download, load, warmup, gated, crash, hang)")]
     UnknownKey { spec: String, key: String },
     #[error("model spec {spec:?}: bad value {value:?} for {key}: {reason}")]
-    BadValue {
-        spec: String,
-        key: String,
-        value: String,
-        reason: String,
-    },
+    BadValue { spec: String, key: String, value: String, reason: String },
 }
 
 impl FromStr for ModelSpec {
@@ -93,9 +84,7 @@ impl FromStr for ModelSpec {
         let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
         let name = name.trim();
         if name.is_empty() {
-            return Err(SpecError::EmptyName {
-                spec: spec.to_owned(),
-            });
+            return Err(SpecError::EmptyName { spec: spec.to_owned() });
         }
         let mut model = ModelSpec::new(name);
         for item in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -107,40 +96,27 @@ impl FromStr for ModelSpec {
                 reason: reason.to_owned(),
             };
             let stage = || {
-                SimStage::parse(value).ok_or_else(|| {
-                    bad("expected authenticating, downloading, loading or warming_up")
-                })
+                SimStage::parse(value).ok_or_else(|| bad("expected authenticating, downloading, loading or warming_up"))
             };
             match key {
-                "mb" => {
-                    model.size_mb = value
-                        .parse()
-                        .map_err(|_| bad("expected a whole number of MiB"))?
-                }
+                "mb" => model.size_mb = value.parse().map_err(|_| bad("expected a whole number of MiB"))?,
                 "auth" => {
-                    model.auth = parse_duration(value)
-                        .ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
+                    model.auth = parse_duration(value).ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
                 }
                 "download" => {
-                    model.download = parse_duration(value)
-                        .ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
+                    model.download = parse_duration(value).ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
                 }
                 "load" => {
-                    model.load = parse_duration(value)
-                        .ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
+                    model.load = parse_duration(value).ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
                 }
                 "warmup" => {
-                    model.warmup = parse_duration(value)
-                        .ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
+                    model.warmup = parse_duration(value).ok_or_else(|| bad("expected a duration like 500ms or 2s"))?
                 }
                 "gated" => model.gated = true,
                 "crash" => model.crash_at = Some(stage()?),
                 "hang" => model.hang_at = Some(stage()?),
                 _ => {
-                    return Err(SpecError::UnknownKey {
-                        spec: spec.to_owned(),
-                        key: key.to_owned(),
-                    });
+                    return Err(SpecError::UnknownKey { spec: spec.to_owned(), key: key.to_owned() });
                 }
             }
         }
@@ -172,10 +148,7 @@ mod tests {
 
     #[test]
     fn parses_a_full_spec() {
-        let m: ModelSpec =
-            "aya:mb=400,auth=1s,download=2s,load=1.5s,warmup=250ms,gated,hang=loading"
-                .parse()
-                .unwrap();
+        let m: ModelSpec = "aya:mb=400,auth=1s,download=2s,load=1.5s,warmup=250ms,gated,hang=loading".parse().unwrap();
         assert_eq!(m.name, "aya");
         assert_eq!(m.size_mb, 400);
         assert_eq!(m.auth, Duration::from_secs(1));
@@ -197,9 +170,6 @@ mod tests {
         assert!(err.to_string().contains("unknown key \"size\""), "{err}");
         let err = "nllb:load=soon".parse::<ModelSpec>().unwrap_err();
         assert!(err.to_string().contains("expected a duration"), "{err}");
-        assert!(matches!(
-            ":mb=1".parse::<ModelSpec>(),
-            Err(SpecError::EmptyName { .. })
-        ));
+        assert!(matches!(":mb=1".parse::<ModelSpec>(), Err(SpecError::EmptyName { .. })));
     }
 }

@@ -4,9 +4,7 @@
 /// Detected language as an ISO 639-1 code where one exists, and confidence.
 pub fn detect(text: &str) -> Option<(String, f64)> {
     let info = whatlang::detect(text)?;
-    let code = iso639_1(info.lang())
-        .unwrap_or(info.lang().code())
-        .to_owned();
+    let code = iso639_1(info.lang()).unwrap_or(info.lang().code()).to_owned();
     Some((code, info.confidence()))
 }
 
@@ -74,11 +72,7 @@ pub fn translate(text: &str, source: &str, target: &str) -> String {
     let words: Vec<String> = text
         .split_whitespace()
         .filter_map(|word| {
-            let bare: String = word
-                .chars()
-                .filter(|c| c.is_alphabetic())
-                .collect::<String>()
-                .to_lowercase();
+            let bare: String = word.chars().filter(|c| c.is_alphabetic()).collect::<String>().to_lowercase();
             match LEXICON.iter().find(|row| pick(row, from) == bare) {
                 Some(row) if pick(row, to).is_empty() => None,
                 Some(row) => Some(pick(row, to).to_owned()),
@@ -86,11 +80,7 @@ pub fn translate(text: &str, source: &str, target: &str) -> String {
             }
         })
         .collect();
-    if words.is_empty() {
-        text.to_owned()
-    } else {
-        words.join(" ")
-    }
+    if words.is_empty() { text.to_owned() } else { words.join(" ") }
 }
 
 #[cfg(test)]
@@ -108,22 +98,10 @@ mod tests {
     #[test]
     fn detects_common_languages() {
         let cases = [
-            (
-                "The quick brown fox jumps over the lazy dog and keeps running",
-                "en",
-            ),
-            (
-                "El rápido zorro marrón salta sobre el perro perezoso y sigue corriendo",
-                "es",
-            ),
-            (
-                "Le renard brun rapide saute par-dessus le chien paresseux",
-                "fr",
-            ),
-            (
-                "Der schnelle braune Fuchs springt über den faulen Hund",
-                "de",
-            ),
+            ("The quick brown fox jumps over the lazy dog and keeps running", "en"),
+            ("El rápido zorro marrón salta sobre el perro perezoso y sigue corriendo", "es"),
+            ("Le renard brun rapide saute par-dessus le chien paresseux", "fr"),
+            ("Der schnelle braune Fuchs springt über den faulen Hund", "de"),
         ];
         for (text, want) in cases {
             assert_eq!(detect(text).unwrap().0, want, "{text}");

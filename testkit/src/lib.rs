@@ -1,1 +1,238 @@
-//! placeholder
+//! Test-only helpers: scratch folders, a real `proctor agent` process
+//! supervising `proctor sim`, and bounded waits. Tests read like the domain:
+//!
+//! ```ignore
+//! let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=32,load=2s"])).await;
+//! let mut client = agent.client().await;
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use proto::agent_client::AgentClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// A folder of its own for one test, removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("proctor-test-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch folder");
+        Scratch { path }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::write(&p, text).expect("write scratch file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// One `proctor sim` service in an agent config.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub models: Vec<String>,
+    pub sim_flags: Vec<String>,
+    pub stop_grace: String,
+    pub secret: Option<(String, String)>,
+    pub model_timeout: Option<String>,
+}
+
+impl Service {
+    /// A sim service named `translation` with these model specs.
+    pub fn sim(models: &[&str]) -> Service {
+        Service {
+            name: "translation".into(),
+            models: models.iter().map(|s| s.to_string()).collect(),
+            sim_flags: Vec::new(),
+            stop_grace: "5s".into(),
+            secret: None,
+            model_timeout: None,
+        }
+    }
+
+    pub fn flag(mut self, flag: &str) -> Service {
+        self.sim_flags.push(flag.to_owned());
+        self
+    }
+
+    pub fn stop_grace(mut self, grace: &str) -> Service {
+        self.stop_grace = grace.to_owned();
+        self
+    }
+
+    pub fn secret(mut self, name: &str, value: &str) -> Service {
+        self.secret = Some((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn model_timeout(mut self, timeout: &str) -> Service {
+        self.model_timeout = Some(timeout.to_owned());
+        self
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.split(':').next().unwrap_or_default().to_owned()).collect()
+    }
+
+    /// The agent config text for this service, run by `bin`.
+    pub fn agent_toml(&self, bin: &str, dir: &Path) -> String {
+        let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut command = vec![q(bin), q("sim"), q("--port"), q("{port}")];
+        for m in &self.models {
+            command.push(q("--model"));
+            command.push(q(m));
+        }
+        command.extend(self.sim_flags.iter().map(|f| q(f)));
+        let mut text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[[service]]\nname = {}\ncommand = [{}]\nstop_grace = {}\n",
+            q(&dir.join("data").display().to_string()),
+            q(&self.name),
+            command.join(", "),
+            q(&self.stop_grace),
+        );
+        if let Some((name, value)) = &self.secret {
+            let file = dir.join("secret.token");
+            std::fs::write(&file, value).expect("write secret");
+            text.push_str(&format!("secrets = {{ {name} = {} }}\n", q(&file.display().to_string())));
+        }
+        for m in self.model_names() {
+            text.push_str(&format!("\n[[service.model]]\nname = {}\n", q(&m)));
+            if let Some(t) = &self.model_timeout {
+                text.push_str(&format!("timeout = {}\n", q(t)));
+            }
+        }
+        text
+    }
+}
+
+/// A real `proctor agent` child process. Dropping it stops it with SIGTERM
+/// (so it stops its services) and waits.
+#[derive(Debug)]
+pub struct Agent {
+    pub addr: String,
+    pub pid: u32,
+    pub scratch: Scratch,
+    child: Option<tokio::process::Child>,
+}
+
+impl Agent {
+    pub async fn spawn(bin: &str, service: &Service) -> Agent {
+        let scratch = Scratch::new(&service.name);
+        let config = scratch.write("agent.toml", &service.agent_toml(bin, &scratch.path));
+        let mut child = tokio::process::Command::new(bin)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(scratch.path.join("agent.stderr")).expect("stderr file")))
+            .spawn()
+            .expect("spawn proctor agent");
+        let pid = child.id().expect("agent pid");
+        let stdout = child.stdout.take().expect("agent stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = within(Duration::from_secs(20), "the agent to print its address", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("proctor agent listening on ") {
+                    return rest.split_whitespace().next().unwrap_or_default().to_owned();
+                }
+            }
+            panic!("agent exited before listening; see {}", scratch.path.join("agent.stderr").display());
+        })
+        .await;
+        // Keep draining stdout so the agent never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Agent { addr, pid, scratch, child: Some(child) }
+    }
+
+    pub async fn client(&self) -> AgentClient<Channel> {
+        AgentClient::connect(format!("http://{}", self.addr)).await.expect("connect to agent")
+    }
+
+    /// The agent's stderr so far (its logs).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.scratch.path.join("agent.stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+        for _ in 0..300 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// True while any process of group `pgid` exists.
+pub fn group_alive(pgid: u32) -> bool {
+    kill(Pid::from_raw(-(pgid as i32)), None).is_ok()
+}
+
+/// True while process `pid` exists (zombies count as gone only once reaped).
+pub fn process_alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Resident memory of `root` and all its descendants, from /proc: the ground
+/// truth samplers are checked against.
+pub fn proc_tree_rss(root: u32) -> u64 {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The field after the command (which may hold spaces) ends with ')'.
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest.to_owned()) else { continue };
+        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        parents.push((pid, ppid));
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.iter().map(|pid| vm_rss(*pid)).sum()
+}
+
+fn vm_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

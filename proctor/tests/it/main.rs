@@ -1,1 +1,65 @@
+//! End-to-end tests of the `proctor` binary: real agent processes, real sim
+//! services, real gRPC and HTTP. One integration-test binary for the crate.
 
+mod agent;
+mod cli;
+mod run;
+
+use std::time::Duration;
+
+use proto::agent_client::AgentClient;
+use proto::{Event, Stage, event, watch_message};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_proctor");
+
+/// Takes a lease on `translation` for a test run.
+pub async fn lease(client: &mut AgentClient<Channel>, run_id: &str) -> proto::LeaseRef {
+    let l = client
+        .acquire_lease(proto::AcquireLeaseRequest {
+            service: "translation".into(),
+            run_id: run_id.into(),
+            holder: "test".into(),
+            ttl_ms: 60_000,
+        })
+        .await
+        .expect("lease")
+        .into_inner();
+    proto::LeaseRef { service: l.service, run_id: l.run_id, lease_id: l.id, epoch: l.epoch }
+}
+
+/// Opens a watch from `from_seq` and collects events until `stop` says so.
+/// Returns the snapshot and the events (gaps would panic: none expected).
+pub async fn watch_until(
+    client: &mut AgentClient<Channel>,
+    from_seq: u64,
+    limit: Duration,
+    mut stop: impl FnMut(&Event) -> bool,
+) -> (proto::Snapshot, Vec<Event>) {
+    let mut stream = client.watch(proto::WatchRequest { from_seq }).await.expect("watch").into_inner();
+    let first = stream.message().await.expect("watch message").expect("a first message");
+    let Some(watch_message::Kind::Snapshot(snapshot)) = first.kind else {
+        panic!("watch must open with a snapshot, got {first:?}")
+    };
+    let mut events = Vec::new();
+    testkit::within(limit, "the expected events", async {
+        while let Some(m) = stream.message().await.expect("watch stream") {
+            match m.kind {
+                Some(watch_message::Kind::Event(e)) => {
+                    let done = stop(&e);
+                    events.push(e);
+                    if done {
+                        return;
+                    }
+                }
+                other => panic!("unexpected watch message {other:?}"),
+            }
+        }
+    })
+    .await;
+    (snapshot, events)
+}
+
+pub fn reached(e: &Event, model: &str, stage: Stage) -> bool {
+    matches!(&e.kind, Some(event::Kind::StageChanged(c)) if c.model == model && c.to() == stage)
+}

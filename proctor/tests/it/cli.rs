@@ -1,0 +1,162 @@
+//! The `proctor` command line as a user runs it: exit codes and what it prints.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use testkit::{Agent, Scratch, Service};
+
+use crate::BIN;
+use crate::run::TRANSLATE_SUITE;
+
+async fn proctor(args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN).args(args).output().await.expect("run proctor")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_expectation_fails_naming_case_pointer_expected_and_actual() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=200ms,warmup=100ms"])).await;
+    let out = Scratch::new("wrong");
+    let suite = out.write("wrong.yaml", &TRANSLATE_SUITE.replace("equals: hola mundo", "equals: bonjour le monde"));
+    let o = proctor(&[
+        "run",
+        "--agent",
+        &agent.addr,
+        "--out",
+        &out.path.display().to_string(),
+        "--progress",
+        "none",
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "exit 1 for a test failure\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("case \"english to spanish\" failed: equals at /translated_text: expected \"bonjour le monde\", got \"hola mundo\""),
+        "{stdout}"
+    );
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gated_model_without_token_errors_at_authenticating_in_seconds() {
+    // A five-minute timeout: the failure must come from the auth error, not the clock.
+    let service = Service::sim(&["aya:mb=8,gated,auth=300ms"]).model_timeout("5m");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("gated");
+    let suite = out.write("aya.yaml", &TRANSLATE_SUITE.replace("nllb", "aya"));
+    let started = Instant::now();
+    let o = proctor(&[
+        "run",
+        "--agent",
+        &agent.addr,
+        "--out",
+        &out.path.display().to_string(),
+        "--progress",
+        "none",
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "exit 2 for a load failure\n{stdout}\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "failed in seconds: {:?}", started.elapsed());
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert_eq!(junit.matches("<error").count(), 2, "every case of the model is an error: {junit}");
+    assert!(junit.contains("model aya failed in stage AUTHENTICATING"), "{junit}");
+    assert!(junit.contains("HF_TOKEN is not set"), "{junit}");
+    assert!(!junit.contains("<skipped"), "{junit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gated_model_loads_with_its_token_from_a_secret_file() {
+    let service =
+        Service::sim(&["aya:mb=8,gated,auth=100ms,download=100ms,load=100ms"]).secret("HF_TOKEN", "hf_test_token\n");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("gated-ok");
+    let suite = out.write("aya.yaml", &TRANSLATE_SUITE.replace("nllb", "aya"));
+    let o = proctor(&[
+        "run",
+        "--agent",
+        &agent.addr,
+        "--out",
+        &out.path.display().to_string(),
+        "--progress",
+        "none",
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!agent.logs().contains("hf_test_token"), "the secret never reaches the agent's logs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn off_a_tty_progress_prints_a_line_per_change_and_per_interval() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=300ms,load=2s,warmup=300ms"])).await;
+    let out = Scratch::new("progress");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let o = proctor(&[
+        "run",
+        "--agent",
+        &agent.addr,
+        "--out",
+        &out.path.display().to_string(),
+        "--progress-interval",
+        "300ms",
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("/translation/nllb")).collect();
+    let with = |stage: &str| lines.iter().filter(|l| l.contains(stage)).count();
+    for stage in ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "WARMING_UP", "READY after"] {
+        assert!(with(stage) >= 1, "a line when the model enters {stage}:\n{stdout}");
+    }
+    // A 2 s stage with a 300 ms interval: the change line plus several repeats.
+    assert!(with("LOADING_WEIGHTS") >= 4, "interval lines while loading weights:\n{stdout}");
+    assert!(lines.iter().all(|l| l.contains("rss ") || l.contains("READY after")), "each line shows memory:\n{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suite_errors_point_at_file_line_column_and_exit_64() {
+    let out = Scratch::new("bad-suite");
+    let suite = out.write("bad.yaml", &TRANSLATE_SUITE.replace("method: POST", "method: SEND"));
+    // No agent is needed: suites are checked before anything connects.
+    let o = proctor(&[
+        "run",
+        "--agent",
+        "127.0.0.1:9",
+        "--out",
+        &out.path.display().to_string(),
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains(&format!("{}:7:15: unknown HTTP method \"SEND\"", suite.display())), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_agent_is_exit_2_with_every_case_an_error() {
+    let out = Scratch::new("unreachable");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let o = proctor(&[
+        "run",
+        "--agent",
+        "127.0.0.1:9",
+        "--out",
+        &out.path.display().to_string(),
+        &suite.display().to_string(),
+    ])
+    .await;
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("cannot reach agent 127.0.0.1:9"), "{stderr}");
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert_eq!(junit.matches("<error").count(), 2, "{junit}");
+}

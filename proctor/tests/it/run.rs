@@ -1,0 +1,78 @@
+//! The controller in-process against a real agent process.
+
+use std::time::Duration;
+
+use controller::progress::Mode;
+use controller::report::Outcome;
+use controller::{Exit, RunOptions};
+use testkit::{Agent, Scratch, Service};
+use tokio_util::sync::CancellationToken;
+
+use crate::BIN;
+
+pub const TRANSLATE_SUITE: &str = "\
+name: translate
+service: translation
+models: [nllb]
+cases:
+  - name: english to spanish
+    request:
+      method: POST
+      path: /translate
+      json: {text: Hello world, source_lang: en, target_lang: es, model: nllb}
+    expect:
+      status: 200
+      json:
+        - {pointer: /translated_text, equals: hola mundo}
+        - {pointer: /model, equals: nllb}
+  - name: health shows it loaded
+    request: {method: GET, path: /health}
+    expect:
+      json:
+        - {pointer: /models/nllb/status, equals: loaded}
+";
+
+fn options(agent: &Agent, suites: Vec<std::path::PathBuf>, out: &Scratch) -> RunOptions {
+    RunOptions {
+        agents: vec![agent.addr.clone()],
+        suites,
+        out_dir: out.path.clone(),
+        progress: Mode::Quiet,
+        model_timeout: None,
+        fresh: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_model_is_waited_for_and_then_its_cases_pass() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=16,download=500ms,load=2s,warmup=300ms"])).await;
+    let out = Scratch::new("slow-model");
+    let suite = out.write("translate.yaml", TRANSLATE_SUITE);
+    let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
+    let report = result.report.expect("a report");
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    assert_eq!(report.cases.len(), 2);
+    assert!(report.cases.iter().all(|c| c.outcome == Outcome::Passed));
+    let load = &report.loads[0];
+    assert_eq!(load.failure, None);
+    assert!(load.waited >= Duration::from_millis(2500), "the run waited for the whole load: {:?}", load.waited);
+    let junit = std::fs::read_to_string(result.junit.unwrap()).unwrap();
+    assert_eq!(junit.matches("<testcase ").count(), 2, "{junit}");
+    assert!(!junit.contains("<failure") && !junit.contains("<error") && !junit.contains("<skipped"), "{junit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_crashes_while_loading_turns_its_cases_into_errors_with_the_stage() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=16,download=200ms,load=1s,crash=loading"])).await;
+    let out = Scratch::new("crash");
+    let suite = out.write("translate.yaml", TRANSLATE_SUITE);
+    let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
+    assert_eq!(result.exit, Exit::Infrastructure);
+    let report = result.report.unwrap();
+    for case in &report.cases {
+        let Outcome::Error(message) = &case.outcome else { panic!("{case:?} should be an error") };
+        assert!(message.contains("model nllb failed in stage LOADING_WEIGHTS"), "{message}");
+        assert!(message.contains("CRASHED(3)"), "{message}");
+        assert!(message.contains("injected crash"), "the last log lines are included: {message}");
+    }
+}
