@@ -346,6 +346,15 @@ load = "endpoint"
     }
 
     #[test]
+    fn the_deploy_example_is_valid() {
+        let text = include_str!("../../deploy/agent.example.toml");
+        let c = Config::parse(text, Path::new("/etc/proctor/agent.toml")).unwrap();
+        let models = &c.services[0].models;
+        assert_eq!(models[0].timeout, Some(Duration::from_secs(5 * 60)), "NLLB: 5 min");
+        assert_eq!(models[1].timeout, Some(Duration::from_secs(60 * 60)), "Aya: 60 min");
+    }
+
+    #[test]
     fn load_timeout_precedence() {
         let s = Duration::from_secs;
         // override > env > config > default

@@ -55,6 +55,7 @@ pub struct Service {
     pub stop_grace: String,
     pub secret: Option<(String, String)>,
     pub model_timeout: Option<String>,
+    pub load_mode: String,
 }
 
 impl Service {
@@ -67,6 +68,7 @@ impl Service {
             stop_grace: "5s".into(),
             secret: None,
             model_timeout: None,
+            load_mode: "at_start".into(),
         }
     }
 
@@ -87,6 +89,16 @@ impl Service {
 
     pub fn model_timeout(mut self, timeout: &str) -> Service {
         self.model_timeout = Some(timeout.to_owned());
+        self
+    }
+
+    /// `endpoint`: the agent asks for each model with `POST /models/{name}/load`
+    /// (and the sim is started `--lazy`).
+    pub fn load_mode(mut self, mode: &str) -> Service {
+        self.load_mode = mode.to_owned();
+        if mode == "endpoint" {
+            self.sim_flags.push("--lazy".into());
+        }
         self
     }
 
@@ -116,7 +128,7 @@ impl Service {
             text.push_str(&format!("secrets = {{ {name} = {} }}\n", q(&file.display().to_string())));
         }
         for m in self.model_names() {
-            text.push_str(&format!("\n[[service.model]]\nname = {}\n", q(&m)));
+            text.push_str(&format!("\n[[service.model]]\nname = {}\nload = {}\n", q(&m), q(&self.load_mode)));
             if let Some(t) = &self.model_timeout {
                 text.push_str(&format!("timeout = {}\n", q(t)));
             }

@@ -160,3 +160,53 @@ async fn an_unreachable_agent_is_exit_2_with_every_case_an_error() {
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
     assert_eq!(junit.matches("<error").count(), 2, "{junit}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_writes_partial_reports_and_exits_130() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=60s"])).await;
+    let out = Scratch::new("interrupt");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--out", &out.path.display().to_string(), "--progress-interval", "200ms"])
+        .arg(&suite)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    testkit::within(Duration::from_secs(20), "the model to be loading", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("LOADING_WEIGHTS") {
+                return;
+            }
+        }
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let status = testkit::within(Duration::from_secs(10), "proctor run to exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(130));
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert_eq!(junit.matches("<error").count(), 2, "unrun cases are errors, not missing: {junit}");
+    assert!(junit.contains("interrupted while waiting for models to load"), "{junit}");
+    // The lease was released: another run can take the service at once.
+    let mut client = agent.client().await;
+    crate::lease(&mut client, "after-interrupt").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn help_lists_every_command_and_the_exit_codes() {
+    let o = proctor(&["--help"]).await;
+    let (stdout, _) = text(&o);
+    for needle in ["demo", "run", "agent", "sim", "Exit codes", "64 bad input", "130 interrupted"] {
+        assert!(stdout.contains(needle), "--help mentions {needle}:\n{stdout}");
+    }
+    assert!(!stdout.contains("sim-worker"), "internal commands stay hidden");
+    let o = proctor(&["run", "--help"]).await;
+    let (stdout, _) = text(&o);
+    for flag in ["--agent", "--out", "--model-timeout", "--fresh", "--progress-interval", "--progress"] {
+        assert!(stdout.contains(flag), "run --help documents {flag}:\n{stdout}");
+    }
+}

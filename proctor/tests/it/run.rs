@@ -76,3 +76,32 @@ async fn a_model_that_crashes_while_loading_turns_its_cases_into_errors_with_the
         assert!(message.contains("injected crash"), "the last log lines are included: {message}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_load_times_out_naming_the_stage() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=16,download=100ms,hang=loading"])).await;
+    let out = Scratch::new("hang");
+    let suite = out.write("translate.yaml", TRANSLATE_SUITE);
+    let opts = RunOptions { model_timeout: Some(Duration::from_secs(2)), ..options(&agent, vec![suite], &out) };
+    let result = controller::run(opts, CancellationToken::new()).await;
+    assert_eq!(result.exit, Exit::Infrastructure);
+    let report = result.report.unwrap();
+    let load = &report.loads[0];
+    assert!(load.waited >= Duration::from_secs(2) && load.waited < Duration::from_secs(10), "{:?}", load.waited);
+    let Outcome::Error(message) = &report.cases[0].outcome else { panic!("{:?}", report.cases[0]) };
+    assert!(message.starts_with("model nllb failed in stage LOADING_WEIGHTS"), "{message}");
+    assert!(message.contains("load timed out after 2s"), "{message}");
+    assert!(message.contains("last health payload: {"), "{message}");
+    assert!(message.contains("injected hang"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_models_are_loaded_on_request() {
+    let service = Service::sim(&["nllb:mb=8,download=100ms,load=300ms,warmup=100ms"]).load_mode("endpoint");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("endpoint");
+    let suite = out.write("translate.yaml", TRANSLATE_SUITE);
+    let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+}
