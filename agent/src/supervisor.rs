@@ -29,6 +29,8 @@ use crate::sampling::TreeMemory;
 
 /// Log lines kept for failure messages.
 const LOG_TAIL: usize = 20;
+/// How long to wait, after the service exits, for its last output lines.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// How long to wait for a killed process group to vanish.
 const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -106,6 +108,7 @@ impl Supervisor {
             last_exit: None,
             stop: None,
             pending: Vec::new(),
+            cancel: cancel.clone(),
         };
         let task = tokio::spawn(actor.run(rx, internal_rx, probe_rx, cancel));
         (Supervisor { tx }, task)
@@ -206,6 +209,8 @@ struct Actor {
     last_exit: Option<ExitStatus>,
     stop: Option<Stopping>,
     pending: Vec<Pending>,
+    /// The agent is shutting down once this fires: no more (re)starts.
+    cancel: CancellationToken,
 }
 
 impl Actor {
@@ -417,6 +422,7 @@ impl Actor {
         let log_file =
             std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok().map(|f| Arc::new(Mutex::new(f)));
         let generation = self.generation;
+        let mut readers = Vec::new();
         for (stream, reader) in [
             ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
             ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
@@ -424,7 +430,7 @@ impl Actor {
             let Some(reader) = reader else { continue };
             let tx = self.internal_tx.clone();
             let file = log_file.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(reader).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Some(f) = &file {
@@ -434,11 +440,15 @@ impl Actor {
                         return;
                     }
                 }
-            });
+            }));
         }
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            // Let the last lines it printed (often the reason it died) arrive
+            // first. A child still holding the pipes would keep them open, so
+            // the wait is bounded.
+            let _ = tokio::time::timeout(OUTPUT_DRAIN, join_readers(readers)).await;
             let _ = tx.send(Internal::Exited { generation, status });
         });
 
@@ -553,7 +563,11 @@ impl Actor {
         }
         // A restart someone asked for: start again and answer them.
         let pending = std::mem::take(&mut self.pending);
-        if !pending.is_empty() {
+        if self.cancel.is_cancelled() {
+            for p in pending {
+                let _ = p.reply.send(Err(SupervisorError::Closed));
+            }
+        } else if !pending.is_empty() {
             let all: Vec<String> = pending.iter().flat_map(|p| p.models.clone()).collect();
             self.start(&all);
             for p in pending {
@@ -723,6 +737,12 @@ pub fn classify(status: Option<std::process::ExitStatus>, stop: Option<bool>) ->
         (None, None, None) => ExitKind::Unknown,
     };
     ExitStatus { kind: kind.into(), code: code.unwrap_or(0), signal: signal.unwrap_or(0) }
+}
+
+async fn join_readers(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
 }
 
 /// SIGKILLs what is left of a process group and waits for it to be empty.
