@@ -7,13 +7,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proto::Stage;
 use serde::Deserialize;
+
+use crate::probe::{HealthJson, Protocol};
 
 /// Built-in model load timeout when nothing else sets one (DESIGN §4 precedence).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Readiness polls never wait longer than this between two probes by default.
 pub const DEFAULT_POLL_CEILING: Duration = Duration::from_millis(250);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// A stage with no progress signal for this long has stalled (by default).
+pub const DEFAULT_STALL: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Environment variable that sets the load timeout (seconds) for all models.
 pub const LOAD_TIMEOUT_ENV: &str = "MODEL_LOADING_TIMEOUT";
 
@@ -27,6 +33,15 @@ struct RawConfig {
     telemetry_interval: String,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    #[serde(default)]
+    admission: RawAdmission,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    /// Most memory (MiB) the agent may commit to its services' loads.
+    memory_budget_mb: Option<u64>,
 }
 
 fn default_listen() -> String {
@@ -69,6 +84,13 @@ struct RawReadiness {
     protocol: Option<String>,
     path: Option<String>,
     poll_ceiling: Option<String>,
+    status_pointer: Option<String>,
+    progress_pointer: Option<String>,
+    error_pointer: Option<String>,
+    #[serde(default)]
+    status_map: BTreeMap<String, String>,
+    load_path: Option<String>,
+    load_body: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +104,27 @@ struct RawModel {
     ram_mb: u64,
     #[serde(default)]
     gpu_mb: u64,
+    served_as: Option<String>,
+    #[serde(default)]
+    stall: BTreeMap<String, String>,
+    #[serde(default)]
+    log_patterns: BTreeMap<String, String>,
+    warmup: Option<RawWarmup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWarmup {
+    #[serde(default = "default_warmup_method")]
+    method: String,
+    path: String,
+    body: Option<String>,
+    expect_status: Option<u16>,
+    timeout: Option<String>,
+}
+
+fn default_warmup_method() -> String {
+    "POST".to_owned()
 }
 
 fn default_load_mode() -> String {
@@ -92,6 +135,8 @@ fn default_load_mode() -> String {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Most memory the agent may commit to loads (on top of what the host has).
+    pub memory_budget_bytes: Option<u64>,
     /// Where service output is written: `<data_dir>/<service>.log`.
     pub data_dir: PathBuf,
     pub telemetry_interval: Duration,
@@ -120,10 +165,11 @@ pub struct ServiceConfig {
 
 #[derive(Clone, Debug)]
 pub struct Readiness {
-    /// `health-json` is the only protocol so far.
-    pub protocol: String,
-    pub path: String,
+    pub protocol: Protocol,
     pub poll_ceiling: Duration,
+    /// Endpoint-mode loads: `POST <load_path>` with `load_body`; `{model}` replaced.
+    pub load_path: String,
+    pub load_body: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,10 +192,47 @@ impl LoadMode {
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub name: String,
+    /// The model's name in the service's own API (vLLM model id, Ollama tag…).
+    pub served_as: String,
     pub load: LoadMode,
     pub timeout: Option<Duration>,
     pub ram_bytes: u64,
     pub gpu_bytes: u64,
+    pub stall: StallLimits,
+    /// Log lines that mark stages (`{model}` = served name), checked in order.
+    pub log_patterns: Vec<(Stage, regex::Regex)>,
+    pub warmup: Option<Warmup>,
+}
+
+/// How long a model may sit in a stage without any sign of progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StallLimits {
+    pub default: Duration,
+    pub per_stage: BTreeMap<i32, Duration>,
+}
+
+impl StallLimits {
+    pub fn for_stage(&self, stage: Stage) -> Duration {
+        self.per_stage.get(&(stage as i32)).copied().unwrap_or(self.default)
+    }
+}
+
+impl Default for StallLimits {
+    /// Built-in: ten minutes without any progress signal in any stage.
+    fn default() -> Self {
+        StallLimits { default: DEFAULT_STALL, per_stage: BTreeMap::new() }
+    }
+}
+
+/// A real inference request that must succeed before a model counts as READY.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Warmup {
+    pub method: String,
+    pub path: String,
+    pub body: Option<String>,
+    /// `None` = any 2xx.
+    pub expect_status: Option<u16>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,21 +286,62 @@ impl Config {
                 Some(g) => duration(g).ok_or_else(|| invalid(key("stop_grace"), bad_duration(g)))?,
                 None => DEFAULT_STOP_GRACE,
             };
-            let protocol = s.readiness.protocol.clone().unwrap_or_else(|| "health-json".into());
-            if protocol != "health-json" {
+            let r = &s.readiness;
+            let protocol_name = r.protocol.clone().unwrap_or_else(|| "health-json".into());
+            let protocol = match protocol_name.as_str() {
+                "health-json" => {
+                    let mut map = HealthJson::default_map();
+                    for (status, stage) in &r.status_map {
+                        let stage = Stage::from_str_name(stage)
+                            .ok_or_else(|| invalid(key(&format!("readiness.status_map.{status}")), bad_stage(stage)))?;
+                        map.insert(status.clone(), stage);
+                    }
+                    Protocol::HealthJson(HealthJson {
+                        path: r.path.clone().unwrap_or_else(|| "/health".into()),
+                        status_pointer: r.status_pointer.clone().unwrap_or_else(|| "/models/{model}/status".into()),
+                        progress_pointer: r
+                            .progress_pointer
+                            .clone()
+                            .unwrap_or_else(|| "/models/{model}/progress".into()),
+                        error_pointer: r.error_pointer.clone().unwrap_or_else(|| "/models/{model}/error".into()),
+                        map,
+                    })
+                }
+                "kserve-v2" => Protocol::KserveV2,
+                "openai" => Protocol::OpenAi,
+                "tgi" => Protocol::Tgi,
+                "ollama" => Protocol::Ollama,
+                "http" => Protocol::Http {
+                    path: r.path.clone().ok_or_else(|| {
+                        invalid(key("readiness.path"), "the http protocol needs a path, e.g. \"/ready\"".into())
+                    })?,
+                },
+                other => {
+                    return Err(invalid(
+                        key("readiness.protocol"),
+                        format!("{other:?} is not a readiness protocol; use one of {:?}", Protocol::NAMES),
+                    ));
+                }
+            };
+            if !matches!(protocol, Protocol::HealthJson(_))
+                && (r.status_pointer.is_some() || r.progress_pointer.is_some() || !r.status_map.is_empty())
+            {
                 return Err(invalid(
-                    key("readiness.protocol"),
-                    format!("{protocol:?} is not supported by this agent; supported: \"health-json\""),
+                    key("readiness"),
+                    format!(
+                        "status_pointer, progress_pointer and status_map only apply to health-json, not {protocol_name}"
+                    ),
                 ));
             }
-            let poll_ceiling = match &s.readiness.poll_ceiling {
+            let poll_ceiling = match &r.poll_ceiling {
                 Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
                 None => DEFAULT_POLL_CEILING,
             };
             let readiness = Readiness {
                 protocol,
-                path: s.readiness.path.clone().unwrap_or_else(|| "/health".into()),
                 poll_ceiling,
+                load_path: r.load_path.clone().unwrap_or_else(|| "/models/{model}/load".into()),
+                load_body: r.load_body.clone(),
             };
             let mut models = Vec::new();
             for m in &s.models {
@@ -236,12 +360,56 @@ impl Config {
                     Some(t) => Some(duration(t).ok_or_else(|| invalid(mkey("timeout"), bad_duration(t)))?),
                     None => None,
                 };
+                let served_as = m.served_as.clone().unwrap_or_else(|| m.name.clone());
+                let mut stall = StallLimits::default();
+                for (stage, value) in &m.stall {
+                    let limit =
+                        duration(value).ok_or_else(|| invalid(mkey(&format!("stall.{stage}")), bad_duration(value)))?;
+                    if stage == "default" {
+                        stall.default = limit;
+                    } else {
+                        let st = Stage::from_str_name(stage)
+                            .filter(|s| Stage::LOADING.contains(s))
+                            .ok_or_else(|| invalid(mkey(&format!("stall.{stage}")), bad_loading_stage(stage)))?;
+                        stall.per_stage.insert(st as i32, limit);
+                    }
+                }
+                let mut log_patterns = Vec::new();
+                for (stage, pattern) in &m.log_patterns {
+                    let st = Stage::from_str_name(stage)
+                        .filter(|s| Stage::LOADING.contains(s) || *s == Stage::Failed)
+                        .ok_or_else(|| invalid(mkey(&format!("log_patterns.{stage}")), bad_loading_stage(stage)))?;
+                    let text = pattern.replace("{model}", &regex::escape(&served_as));
+                    let re = regex::Regex::new(&text).map_err(|e| {
+                        invalid(mkey(&format!("log_patterns.{stage}")), format!("not a valid regex: {e}"))
+                    })?;
+                    log_patterns.push((st, re));
+                }
+                // Later stages first, so a line naming two stages counts as the later one.
+                log_patterns.sort_by_key(|(st, _)| std::cmp::Reverse(*st as i32));
+                let warmup = match &m.warmup {
+                    None => None,
+                    Some(w) => Some(Warmup {
+                        method: w.method.to_uppercase(),
+                        path: w.path.clone(),
+                        body: w.body.clone(),
+                        expect_status: w.expect_status,
+                        timeout: match &w.timeout {
+                            Some(t) => duration(t).ok_or_else(|| invalid(mkey("warmup.timeout"), bad_duration(t)))?,
+                            None => DEFAULT_WARMUP_TIMEOUT,
+                        },
+                    }),
+                };
                 models.push(ModelConfig {
                     name: m.name.clone(),
+                    served_as,
                     load,
                     timeout,
                     ram_bytes: m.ram_mb * 1024 * 1024,
                     gpu_bytes: m.gpu_mb * 1024 * 1024,
+                    stall,
+                    log_patterns,
+                    warmup,
                 });
             }
             let secrets = s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect();
@@ -259,8 +427,22 @@ impl Config {
                 models,
             });
         }
-        Ok(Config { listen, data_dir, telemetry_interval, services })
+        let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);
+        Ok(Config { listen, memory_budget_bytes, data_dir, telemetry_interval, services })
     }
+}
+
+fn bad_stage(value: &str) -> String {
+    format!(
+        "{value:?} is not a stage; use one of READY, FAILED, AUTHENTICATING, DOWNLOADING, LOADING_WEIGHTS, WARMING_UP"
+    )
+}
+
+fn bad_loading_stage(value: &str) -> String {
+    format!(
+        "{value:?} is not a loading stage; use one of PROCESS_STARTING, WAITING_FOR_HTTP, AUTHENTICATING, \
+         DOWNLOADING, LOADING_WEIGHTS, WARMING_UP (or `default`; FAILED for log patterns)"
+    )
 }
 
 fn bad_duration(value: &str) -> String {

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::cases;
 use crate::journal::{Journal, grant_to_proto};
 use crate::lease::{LeaseClaim, LeaseError};
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::supervisor::{EnsureRequest, Supervisor, SupervisorError};
 
 /// Longest lease a controller may ask for; shorter asks are honoured.
 const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
@@ -50,6 +50,7 @@ fn lease_status(e: LeaseError) -> Status {
 fn supervisor_status(e: SupervisorError) -> Status {
     match e {
         SupervisorError::UnknownModel { .. } => Status::not_found(e.to_string()),
+        SupervisorError::Refused(_) => Status::resource_exhausted(e.to_string()),
         SupervisorError::Closed => closed(e),
     }
 }
@@ -129,8 +130,14 @@ impl AgentApi for Service {
         if r.models.is_empty() {
             return Err(Status::invalid_argument("no models named: list the models this run needs"));
         }
-        let timeout = r.overrides.map(|o| o.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
-        let outcome = supervisor.ensure(r.models, timeout, r.fresh).await.map_err(supervisor_status)?;
+        let overrides = r.overrides.unwrap_or_default();
+        let request = EnsureRequest {
+            models: r.models,
+            timeout: Some(overrides.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis),
+            headroom: overrides.ram_headroom_bytes,
+            fresh: r.fresh,
+        };
+        let outcome = supervisor.ensure(request).await.map_err(supervisor_status)?;
         let seq_after = self.journal.snapshot().await.map_err(closed)?.next_seq;
         Ok(Response::new(proto::EnsureModelsResponse {
             already_ready: outcome.already_ready,

@@ -7,6 +7,7 @@
 //! supervisors stop their services (signal, grace, SIGKILL), then the server
 //! closes, then the sampler ends. See `docs/agent.md`.
 
+pub mod admission;
 pub mod cases;
 pub mod config;
 mod grpc;
@@ -100,10 +101,13 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         sampler_cancel.clone(),
     ));
 
+    let admission =
+        admission::Admission::start(admission::Admission::host(config.memory_budget_bytes), samples_rx.clone());
     let wiring = supervisor::Wiring {
         journal: journal.clone(),
         roots: Arc::new(roots_tx),
         samples: samples_rx,
+        admission,
         data_dir: config.data_dir.clone(),
     };
     let mut supervisors = BTreeMap::new();
@@ -125,7 +129,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
             .iter()
             .map(|s| proto::ServiceInfo {
                 name: s.name.clone(),
-                readiness_protocol: s.readiness.protocol.clone(),
+                readiness_protocol: s.readiness.protocol.name().to_owned(),
                 models: s
                     .models
                     .iter()
@@ -142,7 +146,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         capabilities: Some(proto::Capabilities {
             cgroup: false,
             nvml: false,
-            readiness_protocols: vec!["health-json".into()],
+            readiness_protocols: probe::Protocol::NAMES.iter().map(|p| p.to_string()).collect(),
             case_kinds: vec!["http".into()],
         }),
         ..Default::default()

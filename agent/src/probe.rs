@@ -1,6 +1,20 @@
-//! Readiness probing: the `health-json` protocol (DESIGN §3) polled with an
-//! adaptive interval, and the pure mapping from a health payload to a stage.
+//! Readiness probing: the protocols a service can speak (DESIGN §3), each a
+//! pure mapping from HTTP answers to per-model stages, and the adaptive poll
+//! loop that collects those answers.
+//!
+//! | protocol | asks | a model is READY when |
+//! |---|---|---|
+//! | `health-json` | `GET <path>` | its status (JSON pointer) maps to `READY` |
+//! | `kserve-v2` | `/v2/health/live`, `/v2/models/<m>/ready` | its ready endpoint answers 200 |
+//! | `openai` | `/health`, `/v1/models` | `/health` is 200 and the model is listed |
+//! | `tgi` | `/health`, `/info` | `/health` is 200 (and `/info` names the model) |
+//! | `ollama` | `/api/ps` | the model is listed as running |
+//! | `http` | `GET <path>` | the path answers 2xx |
+//!
+//! "Ready" from a protocol means "the server says so"; a configured warm-up
+//! request (see the supervisor) decides whether the model can really serve.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use proto::Stage;
@@ -15,80 +29,291 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes of a health payload kept for failure messages.
 pub const PAYLOAD_EXCERPT: usize = 1024;
 
-/// What one model looks like in a health payload.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Protocol {
+    HealthJson(HealthJson),
+    KserveV2,
+    OpenAi,
+    Tgi,
+    Ollama,
+    Http { path: String },
+}
+
+/// The `health-json` protocol: one JSON document with a status per model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthJson {
+    pub path: String,
+    /// JSON pointers; `{model}` is replaced by the served model name.
+    pub status_pointer: String,
+    pub progress_pointer: String,
+    pub error_pointer: String,
+    /// Service status word → stage. Words not in the map leave the stage as is.
+    pub map: BTreeMap<String, Stage>,
+}
+
+impl HealthJson {
+    /// The translation API contract's statuses (DESIGN §3).
+    pub fn default_map() -> BTreeMap<String, Stage> {
+        [
+            ("authenticating", Stage::Authenticating),
+            ("downloading", Stage::Downloading),
+            ("loading", Stage::LoadingWeights),
+            ("warming_up", Stage::WarmingUp),
+            ("loaded", Stage::Ready),
+            ("failed", Stage::Failed),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+/// One HTTP answer, or why there was none.
+pub type Answer = Result<(u16, Vec<u8>), String>;
+
+/// What one model looks like to the protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelHealth {
     /// The service's own word for the status, e.g. `downloading`.
     pub status: String,
-    /// Mapped stage; `None` for statuses outside the map (`not_loaded`).
+    /// Mapped stage; `None` when the protocol says nothing about the model yet.
     pub stage: Option<Stage>,
     pub progress: f64,
     pub error: Option<String>,
 }
 
-/// The default `health-json` status map (DESIGN §3).
-pub fn map_status(status: &str) -> Option<Stage> {
-    Some(match status {
-        "authenticating" => Stage::Authenticating,
-        "downloading" => Stage::Downloading,
-        "loading" => Stage::LoadingWeights,
-        "warming_up" => Stage::WarmingUp,
-        "loaded" => Stage::Ready,
-        "failed" => Stage::Failed,
-        _ => return None,
-    })
+impl ModelHealth {
+    fn new(status: impl Into<String>, stage: Option<Stage>) -> ModelHealth {
+        ModelHealth { status: status.into(), stage, progress: 0.0, error: None }
+    }
 }
 
-/// Reads one model's status from a `/health` payload (`/models/<name>/…`).
-pub fn model_health(payload: &Value, model: &str) -> Option<ModelHealth> {
-    let m = payload.get("models")?.get(model)?;
-    let status = m.get("status")?.as_str()?.to_owned();
-    Some(ModelHealth {
-        stage: map_status(&status),
-        progress: m.get("progress").and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 1.0),
-        error: m.get("error").and_then(Value::as_str).map(str::to_owned),
-        status,
-    })
+/// A protocol's reading of one round of answers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reading {
+    /// The service answered HTTP at all.
+    pub up: bool,
+    /// By our model name; models the protocol says nothing about are absent.
+    pub models: BTreeMap<String, ModelHealth>,
+    /// What was seen, shortened, for failure messages.
+    pub payload: String,
 }
 
-/// One probe's outcome.
-#[derive(Debug)]
-pub enum Observation {
-    /// The service answered: HTTP status and body.
-    Answered { status: u16, body: Vec<u8> },
-    /// No HTTP answer (not listening yet, reset, timeout).
-    NoAnswer(String),
+/// A model as the protocol knows it: our name and the service's name for it.
+#[derive(Clone, Debug)]
+pub struct Named {
+    pub name: String,
+    pub served_as: String,
 }
 
-/// Polls `url` until cancelled, sending every observation to `tx`.
+impl Protocol {
+    pub const NAMES: [&'static str; 6] = ["health-json", "kserve-v2", "openai", "tgi", "ollama", "http"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::HealthJson(_) => "health-json",
+            Protocol::KserveV2 => "kserve-v2",
+            Protocol::OpenAi => "openai",
+            Protocol::Tgi => "tgi",
+            Protocol::Ollama => "ollama",
+            Protocol::Http { .. } => "http",
+        }
+    }
+
+    /// The paths to GET on every poll, in the order `read` expects answers.
+    pub fn paths(&self, models: &[Named]) -> Vec<String> {
+        match self {
+            Protocol::HealthJson(h) => vec![h.path.clone()],
+            Protocol::KserveV2 => std::iter::once("/v2/health/live".to_owned())
+                .chain(models.iter().map(|m| format!("/v2/models/{}/ready", m.served_as)))
+                .collect(),
+            Protocol::OpenAi => vec!["/health".into(), "/v1/models".into()],
+            Protocol::Tgi => vec!["/health".into(), "/info".into()],
+            Protocol::Ollama => vec!["/api/ps".into()],
+            Protocol::Http { path } => vec![path.clone()],
+        }
+    }
+
+    /// Interprets one round of answers (one per path of `paths`).
+    pub fn read(&self, models: &[Named], answers: &[Answer]) -> Reading {
+        let mut reading = Reading { payload: payload(&self.paths(models), answers), ..Reading::default() };
+        let ok = |i: usize| answers.get(i).and_then(|a| a.as_ref().ok());
+        let json = |i: usize| ok(i).and_then(|(_, body)| serde_json::from_slice::<Value>(body).ok());
+        match self {
+            Protocol::HealthJson(h) => {
+                let Some((_, body)) = ok(0) else { return reading };
+                reading.up = true;
+                let Ok(doc) = serde_json::from_slice::<Value>(body) else { return reading };
+                for m in models {
+                    let at = |template: &str| doc.pointer(&template.replace("{model}", &pointer_token(&m.served_as)));
+                    let Some(status) = at(&h.status_pointer).and_then(Value::as_str) else { continue };
+                    let mut health = ModelHealth::new(status, h.map.get(status).copied());
+                    health.progress = at(&h.progress_pointer).and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 1.0);
+                    health.error = at(&h.error_pointer).and_then(Value::as_str).map(str::to_owned);
+                    reading.models.insert(m.name.clone(), health);
+                }
+            }
+            Protocol::KserveV2 => {
+                let Some((live, _)) = ok(0) else { return reading };
+                reading.up = true;
+                if *live != 200 {
+                    return reading;
+                }
+                for (i, m) in models.iter().enumerate() {
+                    let health = match ok(i + 1) {
+                        Some((200, _)) => ModelHealth::new("ready", Some(Stage::Ready)),
+                        Some((code, _)) => {
+                            ModelHealth::new(format!("not ready (HTTP {code})"), Some(Stage::LoadingWeights))
+                        }
+                        None => continue,
+                    };
+                    reading.models.insert(m.name.clone(), health);
+                }
+            }
+            Protocol::OpenAi => {
+                let Some((health, body)) = ok(0) else { return reading };
+                reading.up = true;
+                if *health != 200 {
+                    // Servers that answer before the model loads say so with a non-200.
+                    let message = error_text(body);
+                    for m in models {
+                        let mut h = ModelHealth::new(format!("loading (HTTP {health})"), Some(Stage::LoadingWeights));
+                        h.error = message.clone();
+                        reading.models.insert(m.name.clone(), h);
+                    }
+                    return reading;
+                }
+                let listed: Vec<String> = json(1)
+                    .and_then(|d| d.get("data").and_then(Value::as_array).cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .flat_map(|e| ["id", "root"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
+                    .flatten()
+                    .collect();
+                for m in models {
+                    let health = if listed.contains(&m.served_as) {
+                        ModelHealth::new("listed", Some(Stage::Ready))
+                    } else {
+                        ModelHealth::new("not listed in /v1/models", Some(Stage::LoadingWeights))
+                    };
+                    reading.models.insert(m.name.clone(), health);
+                }
+            }
+            Protocol::Tgi => {
+                let Some((health, body)) = ok(0) else { return reading };
+                reading.up = true;
+                let model_id = json(1).and_then(|d| d.get("model_id").and_then(Value::as_str).map(str::to_owned));
+                for m in models {
+                    let h = if *health == 200 {
+                        match &model_id {
+                            Some(id) if m.served_as != m.name && *id != m.served_as => {
+                                let mut h = ModelHealth::new(format!("serving {id}"), Some(Stage::Failed));
+                                h.error = Some(format!("TGI serves {id}, not {}", m.served_as));
+                                h
+                            }
+                            _ => ModelHealth::new("healthy", Some(Stage::Ready)),
+                        }
+                    } else {
+                        let mut h = ModelHealth::new(format!("unhealthy (HTTP {health})"), Some(Stage::LoadingWeights));
+                        h.error = error_text(body);
+                        h
+                    };
+                    reading.models.insert(m.name.clone(), h);
+                }
+            }
+            Protocol::Ollama => {
+                let Some((200, _)) = ok(0) else {
+                    reading.up = ok(0).is_some();
+                    return reading;
+                };
+                reading.up = true;
+                let running: Vec<String> = json(0)
+                    .and_then(|d| d.get("models").and_then(Value::as_array).cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .flat_map(|e| ["name", "model"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
+                    .flatten()
+                    .collect();
+                for m in models {
+                    let tagged =
+                        if m.served_as.contains(':') { m.served_as.clone() } else { format!("{}:latest", m.served_as) };
+                    if running.contains(&m.served_as) || running.contains(&tagged) {
+                        reading.models.insert(m.name.clone(), ModelHealth::new("running", Some(Stage::Ready)));
+                    }
+                }
+            }
+            Protocol::Http { .. } => {
+                let Some((code, _)) = ok(0) else { return reading };
+                reading.up = true;
+                if (200..300).contains(code) {
+                    for m in models {
+                        reading
+                            .models
+                            .insert(m.name.clone(), ModelHealth::new(format!("HTTP {code}"), Some(Stage::Ready)));
+                    }
+                }
+            }
+        }
+        reading
+    }
+}
+
+/// Escapes a name for use as one JSON pointer token (RFC 6901).
+fn pointer_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
+/// `{"error": "..."}` or `{"error": {"message": "..."}}`, as servers send.
+fn error_text(body: &[u8]) -> Option<String> {
+    let doc: Value = serde_json::from_slice(body).ok()?;
+    let e = doc.get("error")?;
+    e.as_str().or_else(|| e.get("message").and_then(Value::as_str)).map(str::to_owned)
+}
+
+fn payload(paths: &[String], answers: &[Answer]) -> String {
+    let mut out = String::new();
+    for (path, answer) in paths.iter().zip(answers) {
+        if !out.is_empty() {
+            out.push_str(" | ");
+        }
+        match answer {
+            Ok((code, body)) => {
+                let text = String::from_utf8_lossy(&body[..body.len().min(PAYLOAD_EXCERPT)]);
+                if paths.len() == 1 {
+                    out.push_str(text.trim());
+                } else {
+                    out.push_str(&format!("{path} {code} {}", text.trim()));
+                }
+            }
+            Err(e) => out.push_str(&format!("{path}: {e}")),
+        }
+    }
+    out
+}
+
+/// Polls `paths` under `base_url` until cancelled, sending each round's
+/// answers to `tx`. Fast after a change, slower while nothing changes, never
+/// slower than `ceiling`.
 pub async fn poll(
-    url: String,
+    base_url: String,
+    paths: Vec<String>,
     ceiling: Duration,
     generation: u64,
-    tx: mpsc::UnboundedSender<(u64, Observation)>,
+    tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
     cancel: CancellationToken,
 ) {
     let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().unwrap_or_default();
+    let base = base_url.trim_end_matches('/').to_owned();
     let mut interval = FAST_POLL;
-    let mut last: Option<Vec<u8>> = None;
+    let mut last: Option<Vec<Answer>> = None;
     loop {
-        let observation = match client.get(&url).send().await {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                match r.bytes().await {
-                    Ok(b) => Observation::Answered { status, body: b.to_vec() },
-                    Err(e) => Observation::NoAnswer(e.to_string()),
-                }
-            }
-            Err(e) => Observation::NoAnswer(if e.is_connect() { "connection refused".into() } else { e.to_string() }),
-        };
-        let body = match &observation {
-            Observation::Answered { body, .. } => Some(body.clone()),
-            Observation::NoAnswer(_) => None,
-        };
-        interval = if body != last { FAST_POLL } else { (interval * 2).min(ceiling) };
-        last = body;
-        if tx.send((generation, observation)).is_err() {
+        let mut answers = Vec::with_capacity(paths.len());
+        for path in &paths {
+            answers.push(get(&client, &format!("{base}{path}")).await);
+        }
+        interval = if last.as_ref() != Some(&answers) { FAST_POLL } else { (interval * 2).min(ceiling) };
+        last = Some(answers.clone());
+        if tx.send((generation, answers)).is_err() {
             return;
         }
         tokio::select! {
@@ -98,37 +323,17 @@ pub async fn poll(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn maps_each_contract_status() {
-        let table = [
-            ("not_loaded", None),
-            ("authenticating", Some(Stage::Authenticating)),
-            ("downloading", Some(Stage::Downloading)),
-            ("loading", Some(Stage::LoadingWeights)),
-            ("warming_up", Some(Stage::WarmingUp)),
-            ("loaded", Some(Stage::Ready)),
-            ("failed", Some(Stage::Failed)),
-            ("exploded", None),
-        ];
-        for (status, stage) in table {
-            assert_eq!(map_status(status), stage, "{status}");
+async fn get(client: &reqwest::Client, url: &str) -> Answer {
+    match client.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            r.bytes().await.map(|b| (status, b.to_vec())).map_err(|e| e.to_string())
         }
-    }
-
-    #[test]
-    fn reads_a_model_out_of_a_health_payload() {
-        let payload = json!({"status": "degraded", "models_loaded": 1, "models": {
-            "nllb": {"status": "loaded", "progress": 1.0, "error": null},
-            "aya": {"status": "failed", "progress": 0.1, "error": "authentication failed"}}});
-        let aya = model_health(&payload, "aya").unwrap();
-        assert_eq!(aya.stage, Some(Stage::Failed));
-        assert_eq!(aya.error.as_deref(), Some("authentication failed"));
-        assert_eq!(model_health(&payload, "nllb").unwrap().stage, Some(Stage::Ready));
-        assert_eq!(model_health(&payload, "missing"), None);
+        Err(e) if e.is_connect() => Err("connection refused".into()),
+        Err(e) if e.is_timeout() => Err("timed out".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,8 @@
-//! Memory sampling: host RAM and each service's process-tree RSS, at a fixed
-//! interval (1 Hz by default), published to the journal as `Telemetry` and to
-//! the supervisors through a watch channel (for failure messages).
+//! Resource sampling: host RAM and, for each service's whole process tree,
+//! RSS, CPU time and I/O bytes, at a fixed interval (1 Hz by default).
+//! Published to the journal as `Telemetry`, and to the supervisors through a
+//! watch channel: for failure messages, and as the progress signals that tell
+//! a slow load from a stalled one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -17,14 +19,19 @@ pub struct TreeMemory {
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
     pub processes: u32,
+    /// User + system CPU time of the tree's live processes, in milliseconds.
+    pub cpu_ms: u64,
+    /// Bytes read and written by the tree's live processes (`rchar + wchar`:
+    /// files, pipes and sockets alike, so a network download counts).
+    pub io_bytes: u64,
 }
 
 /// Service name → root PID, kept current by the supervisors.
 pub type Roots = watch::Receiver<BTreeMap<String, u32>>;
 pub type Samples = watch::Sender<BTreeMap<String, TreeMemory>>;
 
-/// Sums RSS over `root` and all its descendants. `procs` is (pid, parent, rss).
-pub fn tree_rss(procs: &[(u32, Option<u32>, u64)], root: u32) -> (u64, u32) {
+/// Indices into `procs` of `root` and all its descendants.
+fn tree(procs: &[(u32, Option<u32>, u64)], root: u32) -> Vec<usize> {
     let mut children: HashMap<u32, Vec<usize>> = HashMap::new();
     let mut root_index = None;
     for (i, (pid, parent, _)) in procs.iter().enumerate() {
@@ -35,19 +42,39 @@ pub fn tree_rss(procs: &[(u32, Option<u32>, u64)], root: u32) -> (u64, u32) {
             children.entry(*p).or_default().push(i);
         }
     }
-    let Some(start) = root_index else {
-        return (0, 0);
-    };
-    let (mut rss, mut count, mut stack) = (0, 0, vec![start]);
+    let Some(start) = root_index else { return Vec::new() };
+    let (mut members, mut stack) = (Vec::new(), vec![start]);
     while let Some(i) = stack.pop() {
-        let (pid, _, bytes) = procs[i];
-        rss += bytes;
-        count += 1;
-        if let Some(kids) = children.get(&pid) {
+        members.push(i);
+        if let Some(kids) = children.get(&procs[i].0) {
             stack.extend(kids.iter().copied());
         }
     }
-    (rss, count)
+    members
+}
+
+/// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ): 100 on every
+/// mainstream Linux architecture.
+const USER_HZ: u64 = 100;
+
+/// CPU milliseconds (utime + stime) of one process, from `/proc/<pid>/stat`.
+pub fn cpu_ms(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // The command name may contain spaces; fields after it start at ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) * 1000 / USER_HZ
+}
+
+/// `rchar + wchar` of one process, from `/proc/<pid>/io` (0 if unreadable).
+pub fn io_bytes(pid: u32) -> u64 {
+    let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) else { return 0 };
+    io.lines()
+        .filter_map(|l| l.strip_prefix("rchar:").or_else(|| l.strip_prefix("wchar:")))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Runs until cancelled.
@@ -92,13 +119,20 @@ pub async fn run(journal: Journal, roots: Roots, samples: Samples, interval: Dur
         };
         let mut current = BTreeMap::new();
         for (service, root) in &roots_now {
-            let (rss, processes) = tree_rss(&procs, *root);
+            let members = tree(&procs, *root);
+            let rss: u64 = members.iter().map(|i| procs[*i].2).sum();
+            let processes = members.len() as u32;
+            let cpu = members.iter().map(|i| cpu_ms(procs[*i].0)).sum();
+            let io = members.iter().map(|i| io_bytes(procs[*i].0)).sum();
             let peak = peaks.entry(service.clone()).or_insert((*root, 0));
             if peak.0 != *root {
                 *peak = (*root, 0);
             }
             peak.1 = peak.1.max(rss);
-            current.insert(service.clone(), TreeMemory { rss_bytes: rss, peak_rss_bytes: peak.1, processes });
+            current.insert(
+                service.clone(),
+                TreeMemory { rss_bytes: rss, peak_rss_bytes: peak.1, processes, cpu_ms: cpu, io_bytes: io },
+            );
             telemetry.services.push(proto::ServiceMemory { service: service.clone(), rss_bytes: rss, processes });
         }
         samples.send_replace(current);
@@ -119,7 +153,9 @@ mod tests {
             (12, Some(11), 3),   // grandchild
             (20, Some(1), 5000), // unrelated
         ];
-        assert_eq!(tree_rss(&procs, 10), (123, 3));
-        assert_eq!(tree_rss(&procs, 99), (0, 0));
+        let rss = |root| tree(&procs, root).iter().map(|i| procs[*i].2).sum::<u64>();
+        assert_eq!(rss(10), 123);
+        assert_eq!(tree(&procs, 10).len(), 3);
+        assert_eq!(rss(99), 0);
     }
 }

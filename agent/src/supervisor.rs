@@ -1,43 +1,44 @@
 //! Supervision of one model service: the only code that spawns or signals it.
 //!
 //! One actor per configured service owns the child process, its output, the
-//! readiness probe and the per-model stage machine. Everything it learns goes
-//! to the journal as events. The process runs in its own process group, so a
-//! stop (signal, grace, SIGKILL) reaches the whole group; only the PID it
-//! spawned is ever reaped.
+//! readiness probe and the per-model stage machine (`stages`). Everything it
+//! learns goes to the journal as events. The process runs in its own process
+//! group (`process`), so a stop (signal, grace, SIGKILL) reaches the whole
+//! group; only the PID it spawned is ever reaped. Loads are admitted against
+//! memory (`crate::admission`) before the service starts.
+
+mod process;
+mod stages;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use proto::{ExitKind, ExitStatus, Stage, event};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use process::classify;
+pub use stages::{log_stage, progress_signal};
+
+use crate::admission::{Admission, Refused};
 use crate::config::{LoadMode, ServiceConfig, load_timeout};
 use crate::journal::Journal;
-use crate::probe::{self, Observation};
+use crate::probe::{self, Answer, Named};
 use crate::sampling::TreeMemory;
 
 /// Log lines kept for failure messages.
 const LOG_TAIL: usize = 20;
-/// How long to wait, after the service exits, for its last output lines.
-const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
-/// How long to wait for a killed process group to vanish.
-const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("service {service} has no model {model:?}; it serves {known:?}")]
     UnknownModel { service: String, model: String, known: Vec<String> },
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error("the agent is shutting down")]
     Closed,
 }
@@ -49,19 +50,22 @@ pub struct EnsureOutcome {
     pub loading: Vec<String>,
 }
 
+/// What a controller asks of `EnsureModels`.
+#[derive(Clone, Debug, Default)]
+pub struct EnsureRequest {
+    pub models: Vec<String>,
+    /// Load timeout override (CLI flag > suite), below which the agent decides.
+    pub timeout: Option<Duration>,
+    /// Memory to keep free beyond each model's declared need.
+    pub headroom: u64,
+    /// Restart the service for a cold load.
+    pub fresh: bool,
+}
+
 enum Command {
-    Ensure {
-        models: Vec<String>,
-        timeout: Option<Duration>,
-        fresh: bool,
-        reply: oneshot::Sender<Result<EnsureOutcome, SupervisorError>>,
-    },
-    Stop {
-        reply: oneshot::Sender<ExitStatus>,
-    },
-    BaseUrl {
-        reply: oneshot::Sender<Option<String>>,
-    },
+    Ensure { request: EnsureRequest, reply: oneshot::Sender<Result<EnsureOutcome, SupervisorError>> },
+    Stop { reply: oneshot::Sender<ExitStatus> },
+    BaseUrl { reply: oneshot::Sender<Option<String>> },
 }
 
 /// Cloneable handle to one service's supervisor.
@@ -82,6 +86,7 @@ pub struct Wiring {
     pub journal: Journal,
     pub roots: Arc<watch::Sender<BTreeMap<String, u32>>>,
     pub samples: watch::Receiver<BTreeMap<String, TreeMemory>>,
+    pub admission: Admission,
     pub data_dir: PathBuf,
 }
 
@@ -97,6 +102,8 @@ impl Supervisor {
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let actor = Actor {
             models: cfg.models.iter().map(|m| (m.name.clone(), Track::new(Stage::Stopped))).collect(),
+            named: cfg.models.iter().map(|m| Named { name: m.name.clone(), served_as: m.served_as.clone() }).collect(),
+            admission: wiring.admission.clone(),
             cfg,
             wiring,
             internal_tx,
@@ -106,6 +113,7 @@ impl Supervisor {
             logs: VecDeque::new(),
             last_payload: None,
             last_exit: None,
+            last_sample: None,
             stop: None,
             pending: Vec::new(),
             cancel: cancel.clone(),
@@ -121,13 +129,8 @@ impl Supervisor {
     }
 
     /// Idempotent: starts the service if needed; ready models stay as they are.
-    pub async fn ensure(
-        &self,
-        models: Vec<String>,
-        timeout: Option<Duration>,
-        fresh: bool,
-    ) -> Result<EnsureOutcome, SupervisorError> {
-        self.ask(|reply| Command::Ensure { models, timeout, fresh, reply }).await?
+    pub async fn ensure(&self, request: EnsureRequest) -> Result<EnsureOutcome, SupervisorError> {
+        self.ask(|reply| Command::Ensure { request, reply }).await?
     }
 
     /// Stops the service (signal, grace, SIGKILL of the group); returns how it ended.
@@ -150,10 +153,17 @@ struct Track {
     /// When the current load began (service start, or load request).
     load_started: Instant,
     deadline: Option<(Instant, Duration)>,
+    /// Last sign of progress: a transition, or a resource signal.
+    last_progress: Instant,
+    /// Which resource signal it was (`None`: a stage or progress change).
+    last_signal: Option<String>,
     /// Endpoint-mode models: the load request was sent for this run.
     load_requested: bool,
     /// Endpoint-mode models only take part once asked for.
     wanted: bool,
+    /// Holds an admission reservation until its load ends.
+    reserved: bool,
+    warm: stages::Warm,
 }
 
 impl Track {
@@ -165,8 +175,12 @@ impl Track {
             progress: 0.0,
             load_started: now,
             deadline: None,
+            last_progress: now,
+            last_signal: None,
             load_requested: false,
             wanted: false,
+            reserved: false,
+            warm: stages::Warm::default(),
         }
     }
 }
@@ -186,27 +200,31 @@ struct Stopping {
 
 /// An Ensure waiting for a restart (fresh load, or a retry of a failed one).
 struct Pending {
-    models: Vec<String>,
-    timeout: Option<Duration>,
+    request: EnsureRequest,
     reply: oneshot::Sender<Result<EnsureOutcome, SupervisorError>>,
 }
 
+/// What the actor's own helper tasks tell it.
 enum Internal {
     Exited { generation: u64, status: std::io::Result<std::process::ExitStatus> },
     Log { generation: u64, stream: &'static str, line: String },
+    Warmup { generation: u64, model: String, outcome: Result<String, String> },
 }
 
 struct Actor {
     cfg: ServiceConfig,
+    named: Vec<Named>,
     wiring: Wiring,
+    admission: Admission,
     internal_tx: mpsc::UnboundedSender<Internal>,
-    probe_tx: mpsc::UnboundedSender<(u64, Observation)>,
+    probe_tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
     generation: u64,
     run: Option<Running>,
     models: BTreeMap<String, Track>,
     logs: VecDeque<String>,
     last_payload: Option<String>,
     last_exit: Option<ExitStatus>,
+    last_sample: Option<(Instant, TreeMemory)>,
     stop: Option<Stopping>,
     pending: Vec<Pending>,
     /// The agent is shutting down once this fires: no more (re)starts.
@@ -218,10 +236,11 @@ impl Actor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
-        mut probes: mpsc::UnboundedReceiver<(u64, Observation)>,
+        mut probes: mpsc::UnboundedReceiver<(u64, Vec<Answer>)>,
         cancel: CancellationToken,
     ) {
         let mut timeouts = tokio::time::interval(Duration::from_millis(100));
+        let mut samples = self.wiring.samples.clone();
         let mut shutting_down = false;
         loop {
             let escalate_at = self.stop.as_ref().filter(|s| !s.escalated).map(|s| s.deadline);
@@ -243,11 +262,12 @@ impl Actor {
                         return;
                     }
                 }
-                Some((generation, obs)) = probes.recv() => {
+                Some((generation, answers)) = probes.recv() => {
                     if generation == self.generation && self.run.is_some() {
-                        self.observe(obs);
+                        self.observe(answers);
                     }
                 }
+                Ok(()) = samples.changed() => self.on_sample(),
                 _ = tokio::time::sleep_until(escalate_at.unwrap_or_else(Instant::now)), if escalate_at.is_some() => {
                     self.escalate();
                 }
@@ -258,8 +278,8 @@ impl Actor {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Ensure { models, timeout, fresh, reply } => {
-                if let Some(unknown) = models.iter().find(|m| !self.models.contains_key(*m)) {
+            Command::Ensure { request, reply } => {
+                if let Some(unknown) = request.models.iter().find(|m| !self.models.contains_key(*m)) {
                     let _ = reply.send(Err(SupervisorError::UnknownModel {
                         service: self.cfg.name.clone(),
                         model: unknown.clone(),
@@ -268,21 +288,21 @@ impl Actor {
                     return;
                 }
                 let needs_restart = self.run.is_some()
-                    && (fresh
-                        || models.iter().any(|m| {
+                    && (request.fresh
+                        || request.models.iter().any(|m| {
                             let t = &self.models[m];
                             matches!(t.stage, Stage::Failed | Stage::Stopped) && self.load_mode(m) == LoadMode::AtStart
                         }));
                 if needs_restart || self.stop.is_some() {
                     // Finish (or begin) the stop; the start happens on exit.
-                    self.pending.push(Pending { models, timeout, reply });
+                    self.pending.push(Pending { request, reply });
                     if self.stop.is_none() {
                         self.begin_stop(None);
                     }
                     return;
                 }
-                let outcome = self.ensure(&models, timeout);
-                let _ = reply.send(Ok(outcome));
+                let outcome = self.ensure(&request).await;
+                let _ = reply.send(outcome);
             }
             Command::Stop { reply } => {
                 if self.run.is_none() {
@@ -303,15 +323,49 @@ impl Actor {
         self.cfg.models.iter().find(|m| m.name == model).map_or(LoadMode::AtStart, |m| m.load)
     }
 
-    fn ensure(&mut self, models: &[String], timeout: Option<Duration>) -> EnsureOutcome {
-        if self.run.is_none() {
-            self.start(models);
+    /// Admits the loads this request starts, then starts them.
+    async fn ensure(&mut self, request: &EnsureRequest) -> Result<EnsureOutcome, SupervisorError> {
+        // Starting the service loads every at-start model, asked for or not.
+        let starting = self.run.is_none();
+        let loads: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(name, t)| {
+                let asked = request.models.contains(name);
+                let loads_now = if starting {
+                    asked || self.load_mode(name) == LoadMode::AtStart
+                } else {
+                    asked && matches!(t.stage, Stage::Stopped | Stage::Failed)
+                };
+                loads_now && t.stage != Stage::Ready && !t.reserved
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut admitted: Vec<String> = Vec::new();
+        for name in &loads {
+            let need = self.cfg.models.iter().find(|m| m.name == *name).map_or(0, |m| m.ram_bytes);
+            if let Err(refused) = self.admission.reserve(&self.cfg.name, name, need, request.headroom).await {
+                for done in &admitted {
+                    self.admission.release(&self.cfg.name, done);
+                }
+                tracing::warn!(service = %self.cfg.name, model = %name, %refused, "load refused");
+                return Err(refused.into());
+            }
+            admitted.push(name.clone());
+        }
+        for name in &admitted {
+            if let Some(t) = self.models.get_mut(name) {
+                t.reserved = true;
+            }
+        }
+        if starting {
+            self.start(&request.models);
         }
         let env_timeout = std::env::var(crate::config::LOAD_TIMEOUT_ENV).ok();
         let mut outcome = EnsureOutcome::default();
-        for name in models {
+        for name in &request.models {
             let configured = self.cfg.models.iter().find(|m| m.name == *name).and_then(|m| m.timeout);
-            let limit = load_timeout(timeout, env_timeout.as_deref(), configured);
+            let limit = load_timeout(request.timeout, env_timeout.as_deref(), configured);
             let mode = self.load_mode(name);
             let running = self.run.is_some();
             let track = self.models.get_mut(name).expect("validated model");
@@ -330,7 +384,7 @@ impl Actor {
             track.deadline = Some((track.load_started + limit, limit));
             outcome.loading.push(name.clone());
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Spawns the service. Failures turn the wanted models FAILED with a
@@ -339,6 +393,7 @@ impl Actor {
         self.generation += 1;
         self.logs.clear();
         self.last_payload = None;
+        self.last_sample = None;
         let now = Instant::now();
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in &names {
@@ -352,18 +407,32 @@ impl Actor {
                 self.transition(name, Stage::ProcessStarting, "service starting", None);
             }
         }
-        match self.spawn() {
-            Ok(run) => {
+        match process::spawn(&self.cfg, &self.wiring.data_dir, self.generation, &self.internal_tx) {
+            Ok(spawned) => {
                 self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
                     service: self.cfg.name.clone(),
-                    pid: run.pid,
+                    pid: spawned.pid,
                     command: self.cfg.command.join(" "),
                 }));
                 self.wiring.roots.send_modify(|r| {
-                    r.insert(self.cfg.name.clone(), run.pid);
+                    r.insert(self.cfg.name.clone(), spawned.pid);
                 });
-                tracing::info!(service = %self.cfg.name, pid = run.pid, "service started");
-                self.run = Some(run);
+                tracing::info!(service = %self.cfg.name, pid = spawned.pid, "service started");
+                let probe_cancel = CancellationToken::new();
+                tokio::spawn(probe::poll(
+                    spawned.base_url.clone(),
+                    self.cfg.readiness.protocol.paths(&self.named),
+                    self.cfg.readiness.poll_ceiling,
+                    self.generation,
+                    self.probe_tx.clone(),
+                    probe_cancel.clone(),
+                ));
+                self.run = Some(Running {
+                    pid: spawned.pid,
+                    base_url: spawned.base_url,
+                    probe_cancel,
+                    started: Instant::now(),
+                });
                 for name in &names {
                     if self.models[name].stage == Stage::ProcessStarting {
                         self.transition(name, Stage::WaitingForHttp, "process spawned", None);
@@ -383,87 +452,6 @@ impl Actor {
         }
     }
 
-    fn spawn(&mut self) -> Result<Running, String> {
-        let port = if self.cfg.port == 0 {
-            free_port().map_err(|e| format!("cannot pick a free port for service {}: {e}", self.cfg.name))?
-        } else {
-            self.cfg.port
-        };
-        let subst = |s: &str| s.replace("{port}", &port.to_string());
-        let argv: Vec<String> = self.cfg.command.iter().map(|a| subst(a)).collect();
-        let mut command = tokio::process::Command::new(&argv[0]);
-        command.args(&argv[1..]).env_clear();
-        // The service sees only what its config names, plus the basics.
-        for key in ["PATH", "HOME", "LANG", "TZ"] {
-            if let Ok(v) = std::env::var(key) {
-                command.env(key, v);
-            }
-        }
-        for (k, v) in &self.cfg.env {
-            command.env(k, subst(v));
-        }
-        for (k, path) in &self.cfg.secrets {
-            let value = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read secret {k} from {}: {e}", path.display()))?;
-            command.env(k, value.trim());
-        }
-        if let Some(dir) = &self.cfg.workdir {
-            command.current_dir(dir);
-        }
-        command.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = command.spawn().map_err(|e| {
-            let dir = self.cfg.workdir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default();
-            format!("cannot start service {}: command {argv:?}{dir}: {e}", self.cfg.name)
-        })?;
-        let pid = child.id().ok_or("the service exited before its PID could be read")?;
-
-        std::fs::create_dir_all(&self.wiring.data_dir).ok();
-        let log_path = self.wiring.data_dir.join(format!("{}.log", self.cfg.name));
-        let log_file =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok().map(|f| Arc::new(Mutex::new(f)));
-        let generation = self.generation;
-        let mut readers = Vec::new();
-        for (stream, reader) in [
-            ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-            ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-        ] {
-            let Some(reader) = reader else { continue };
-            let tx = self.internal_tx.clone();
-            let file = log_file.clone();
-            readers.push(tokio::spawn(async move {
-                let mut lines = BufReader::new(reader).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(f) = &file {
-                        let _ = writeln!(f.lock().expect("log file lock"), "{line}");
-                    }
-                    if tx.send(Internal::Log { generation, stream, line }).is_err() {
-                        return;
-                    }
-                }
-            }));
-        }
-        let tx = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            // Let the last lines it printed (often the reason it died) arrive
-            // first. A child still holding the pipes would keep them open, so
-            // the wait is bounded.
-            let _ = tokio::time::timeout(OUTPUT_DRAIN, join_readers(readers)).await;
-            let _ = tx.send(Internal::Exited { generation, status });
-        });
-
-        let base_url = subst(&self.cfg.base_url);
-        let probe_cancel = CancellationToken::new();
-        tokio::spawn(probe::poll(
-            format!("{}{}", base_url.trim_end_matches('/'), self.cfg.readiness.path),
-            self.cfg.readiness.poll_ceiling,
-            generation,
-            self.probe_tx.clone(),
-            probe_cancel.clone(),
-        ));
-        Ok(Running { pid, base_url, probe_cancel, started: Instant::now() })
-    }
-
     fn begin_stop(&mut self, waiter: Option<oneshot::Sender<ExitStatus>>) {
         let Some(run) = &self.run else {
             if let Some(w) = waiter {
@@ -475,7 +463,7 @@ impl Actor {
             Some(stop) => stop.waiters.extend(waiter),
             None => {
                 tracing::info!(service = %self.cfg.name, pid = run.pid, signal = %self.cfg.stop_signal, "stopping service");
-                let _ = killpg(Pid::from_raw(run.pid as i32), self.cfg.stop_signal);
+                process::signal_group(run.pid, self.cfg.stop_signal);
                 self.stop = Some(Stopping {
                     deadline: Instant::now() + self.cfg.stop_grace,
                     escalated: false,
@@ -489,7 +477,7 @@ impl Actor {
         if let (Some(stop), Some(run)) = (&mut self.stop, &self.run) {
             tracing::warn!(service = %self.cfg.name, pid = run.pid, grace = ?self.cfg.stop_grace, "service ignored the stop signal; killing its process group");
             stop.escalated = true;
-            let _ = killpg(Pid::from_raw(run.pid as i32), Signal::SIGKILL);
+            process::signal_group(run.pid, Signal::SIGKILL);
         }
     }
 
@@ -503,6 +491,7 @@ impl Actor {
                     self.logs.pop_front();
                 }
                 self.logs.push_back(line.clone());
+                self.on_log(&line);
                 self.wiring.journal.append(event::Kind::Log(proto::LogLine {
                     service: self.cfg.name.clone(),
                     stream: stream.into(),
@@ -510,10 +499,14 @@ impl Actor {
                 }));
             }
             Internal::Exited { generation, status } => {
-                if generation != self.generation {
-                    return;
+                if generation == self.generation {
+                    self.exited(status).await;
                 }
-                self.exited(status).await;
+            }
+            Internal::Warmup { generation, model, outcome } => {
+                if generation == self.generation {
+                    self.on_warmup(&model, outcome);
+                }
             }
         }
     }
@@ -524,8 +517,7 @@ impl Actor {
         let stop = self.stop.take();
         let exit = classify(status.ok(), stop.as_ref().map(|s| s.escalated));
         // Nothing of the group may outlive its leader.
-        let group_gone = kill_group(run.pid).await;
-        if !group_gone {
+        if !process::kill_group(run.pid).await {
             tracing::warn!(service = %self.cfg.name, pgid = run.pid, "processes of the service's group survived SIGKILL");
         }
         self.wiring.roots.send_modify(|r| {
@@ -547,13 +539,8 @@ impl Actor {
             if stop.is_some() {
                 self.transition(name, Stage::Stopped, "service stopped", None);
             } else {
-                let reason = if stage == Stage::Ready {
-                    format!("the service exited {exit} while serving")
-                } else {
-                    format!("the service exited {exit} while loading")
-                };
-                let message = self.failure_message(name, &reason);
-                self.transition(name, Stage::Failed, &format!("process exited {exit}"), Some(message));
+                let what = if stage == Stage::Ready { "serving" } else { "loading" };
+                self.fail(name, &format!("process exited {exit}"), &format!("the service exited {exit} while {what}"));
             }
         }
         if let Some(stop) = stop {
@@ -563,227 +550,10 @@ impl Actor {
         }
         // A restart someone asked for: start again and answer them.
         let pending = std::mem::take(&mut self.pending);
-        if self.cancel.is_cancelled() {
-            for p in pending {
-                let _ = p.reply.send(Err(SupervisorError::Closed));
-            }
-        } else if !pending.is_empty() {
-            let all: Vec<String> = pending.iter().flat_map(|p| p.models.clone()).collect();
-            self.start(&all);
-            for p in pending {
-                let outcome = self.ensure(&p.models, p.timeout);
-                let _ = p.reply.send(Ok(outcome));
-            }
-        }
-    }
-
-    fn observe(&mut self, obs: Observation) {
-        let Observation::Answered { body, .. } = obs else {
-            return;
-        };
-        let text = String::from_utf8_lossy(&body[..body.len().min(probe::PAYLOAD_EXCERPT)]).into_owned();
-        self.last_payload = Some(text);
-        let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&body) else {
-            return;
-        };
-        let names: Vec<String> = self.models.keys().cloned().collect();
-        for name in names {
-            let track = &self.models[&name];
-            if !track.wanted || track.stage == Stage::Failed {
-                continue;
-            }
-            let Some(health) = probe::model_health(&payload, &name) else {
-                continue;
-            };
-            match health.stage {
-                None => {
-                    if track.stage == Stage::Ready {
-                        self.transition(&name, Stage::Stopped, &format!("health: status={}", health.status), None);
-                    } else if self.load_mode(&name) == LoadMode::Endpoint && !track.load_requested {
-                        self.request_load(&name);
-                    }
-                }
-                Some(Stage::Failed) => {
-                    let reason = health.error.clone().unwrap_or_else(|| "the service reported status=failed".into());
-                    let message = self.failure_message(&name, &reason);
-                    self.transition(&name, Stage::Failed, &format!("health: status={}", health.status), Some(message));
-                }
-                Some(stage) => {
-                    let track = self.models.get_mut(&name).expect("model");
-                    let moved = (health.progress - track.progress).abs() >= 0.05
-                        || (health.progress == 1.0 && track.progress != 1.0);
-                    if stage != track.stage || moved {
-                        track.progress = health.progress;
-                        self.transition(&name, stage, &format!("health: status={}", health.status), None);
-                    }
-                }
-            }
-        }
-    }
-
-    fn request_load(&mut self, model: &str) {
-        let Some(run) = &self.run else { return };
-        if let Some(t) = self.models.get_mut(model) {
-            t.load_requested = true;
-        }
-        let url = format!("{}/models/{model}/load", run.base_url.trim_end_matches('/'));
-        let service = self.cfg.name.clone();
-        tokio::spawn(async move {
-            match reqwest::Client::new().post(&url).send().await {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => {
-                    tracing::warn!(%service, %url, status = %r.status(), "load request refused")
-                }
-                Err(error) => tracing::warn!(%service, %url, %error, "load request failed"),
-            }
-        });
-    }
-
-    fn check_timeouts(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<(String, Duration)> = self
-            .models
-            .iter()
-            .filter(|(_, t)| !t.stage.is_terminal() && t.wanted)
-            .filter_map(|(n, t)| t.deadline.filter(|(at, _)| *at <= now).map(|(_, limit)| (n.clone(), limit)))
-            .collect();
-        for (name, limit) in expired {
-            let reason = format!(
-                "load timed out after {}s (raise it with --model-timeout, the suite's `timeout`, \
-                 MODEL_LOADING_TIMEOUT or the agent config)",
-                limit.as_secs_f64()
-            );
-            let message = self.failure_message(&name, &reason);
-            self.transition(&name, Stage::Failed, "load timeout", Some(message));
-        }
-    }
-
-    /// The full story of a failed load (DESIGN §4): model, stage, time there,
-    /// reason, last health payload, memory, last log lines.
-    fn failure_message(&self, model: &str, reason: &str) -> String {
-        let track = &self.models[model];
-        let memory = self.wiring.samples.borrow().get(&self.cfg.name).copied().unwrap_or_default();
-        let mut out = format!(
-            "model {model} failed in stage {} after {:.1}s there ({:.1}s since load began): {reason}",
-            track.stage.label(),
-            track.since.elapsed().as_secs_f64(),
-            track.load_started.elapsed().as_secs_f64(),
-        );
-        out.push_str(&format!(
-            "\n  service memory: current {} MiB, peak {} MiB",
-            memory.rss_bytes / (1024 * 1024),
-            memory.peak_rss_bytes / (1024 * 1024)
-        ));
-        out.push_str(&format!(
-            "\n  last health payload: {}",
-            self.last_payload.as_deref().unwrap_or("(none: the service never answered)")
-        ));
-        if self.logs.is_empty() {
-            out.push_str("\n  last log lines: (none)");
-        } else {
-            out.push_str(&format!("\n  last {} log lines:", self.logs.len()));
-            for line in &self.logs {
-                out.push_str("\n    ");
-                out.push_str(line);
-            }
-        }
-        out
-    }
-
-    fn transition(&mut self, model: &str, to: Stage, cause: &str, message: Option<String>) {
-        let Some(track) = self.models.get_mut(model) else {
-            return;
-        };
-        let from = track.stage;
-        if from != to {
-            track.stage = to;
-            track.since = Instant::now();
-            if to == Stage::ProcessStarting {
-                track.progress = 0.0;
-            }
-        }
-        if to.is_terminal() {
-            track.deadline = None;
-            if to == Stage::Ready {
-                track.progress = 1.0;
-            }
-        }
-        if to == Stage::Failed {
-            tracing::warn!(service = %self.cfg.name, model, cause, "model failed");
-        } else if from != to {
-            tracing::info!(service = %self.cfg.name, model, from = from.label(), to = to.label(), cause, "stage");
-        }
-        self.wiring.journal.append(event::Kind::StageChanged(proto::StageChanged {
-            service: self.cfg.name.clone(),
-            model: model.to_owned(),
-            from: from.into(),
-            to: to.into(),
-            cause: cause.to_owned(),
-            progress: track.progress,
-            message: message.unwrap_or_default(),
-        }));
-    }
-}
-
-/// Explains an exit. `stop` is `Some(escalated)` when the agent stopped it.
-pub fn classify(status: Option<std::process::ExitStatus>, stop: Option<bool>) -> ExitStatus {
-    let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
-    let kind = match (stop, code, signal) {
-        (Some(true), _, _) => ExitKind::KilledAfterGrace,
-        (Some(false), _, _) => ExitKind::StoppedGracefully,
-        (None, Some(0), _) => ExitKind::Clean,
-        (None, Some(_), _) => ExitKind::Crashed,
-        (None, None, Some(_)) => ExitKind::Signaled,
-        (None, None, None) => ExitKind::Unknown,
-    };
-    ExitStatus { kind: kind.into(), code: code.unwrap_or(0), signal: signal.unwrap_or(0) }
-}
-
-async fn join_readers(handles: Vec<tokio::task::JoinHandle<()>>) {
-    for h in handles {
-        let _ = h.await;
-    }
-}
-
-/// SIGKILLs what is left of a process group and waits for it to be empty.
-async fn kill_group(pgid: u32) -> bool {
-    let group = Pid::from_raw(-(pgid as i32));
-    let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
-    let deadline = Instant::now() + GROUP_EXIT_DEADLINE;
-    while Instant::now() < deadline {
-        if kill(group, None).is_err() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::process::ExitStatus as Std;
-
-    #[test]
-    fn classifies_every_exit() {
-        // Raw wait statuses: exit code in the high byte, signal in the low bits.
-        let exited = |code: i32| Some(Std::from_raw(code << 8));
-        let signaled = |sig: i32| Some(Std::from_raw(sig));
-        let table = [
-            (exited(0), None, "CLEAN"),
-            (exited(3), None, "CRASHED(3)"),
-            (signaled(9), None, "SIGNALED(9)"),
-            (exited(0), Some(false), "STOPPED_GRACEFULLY"),
-            (signaled(15), Some(false), "STOPPED_GRACEFULLY"),
-            (signaled(9), Some(true), "KILLED_AFTER_GRACE"),
-            (None, None, "UNKNOWN"),
-        ];
-        for (status, stop, want) in table {
-            assert_eq!(classify(status, stop).to_string(), want, "{status:?} {stop:?}");
+        for p in pending {
+            let outcome =
+                if self.cancel.is_cancelled() { Err(SupervisorError::Closed) } else { self.ensure(&p.request).await };
+            let _ = p.reply.send(outcome);
         }
     }
 }

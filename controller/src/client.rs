@@ -155,7 +155,10 @@ impl Agent {
             .ensure_models(proto::EnsureModelsRequest {
                 lease: Some(lease.to_proto()),
                 models: models.to_vec(),
-                overrides: Some(proto::ModelOverrides { load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64) }),
+                overrides: Some(proto::ModelOverrides {
+                    load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                    ..Default::default()
+                }),
                 fresh,
             })
             .await

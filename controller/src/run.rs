@@ -211,6 +211,13 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     RunResult { exit, report: Some(report), junit }
 }
 
+/// The controller's part of the load-timeout precedence (DESIGN §4): the CLI
+/// flag beats the suite. The agent then applies MODEL_LOADING_TIMEOUT, its
+/// config and its default below whatever is sent.
+pub fn requested_timeout(cli: Option<Duration>, suite: Option<Duration>) -> Option<Duration> {
+    cli.or(suite)
+}
+
 fn describe_services(info: &proto::AgentInfo) -> String {
     let list: Vec<String> = info
         .services
@@ -267,7 +274,7 @@ async fn run_suite(
     let agent = &connected.agent;
     let mut view = connected.view.clone();
     let all_names: Vec<String> = suite.cases.iter().map(|c| c.name.clone()).collect();
-    let timeout = opts.model_timeout.or(suite.load_timeout);
+    let timeout = requested_timeout(opts.model_timeout, suite.load_timeout);
     let asked = Instant::now();
     let barrier = match agent.ensure(lease, &suite.models, timeout, opts.fresh).await {
         Ok(b) => b,

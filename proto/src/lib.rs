@@ -6,6 +6,8 @@
 //! committed code differs from what the `.proto` files produce; run it with
 //! `PROCTOR_BLESS=1` to rewrite the committed code.
 
+pub mod admission;
+
 /// Version of this contract, sent in `GetInfo`. Bumped on incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 

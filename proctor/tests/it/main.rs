@@ -63,3 +63,24 @@ pub async fn watch_until(
 pub fn reached(e: &Event, model: &str, stage: Stage) -> bool {
     matches!(&e.kind, Some(event::Kind::StageChanged(c)) if c.model == model && c.to() == stage)
 }
+
+/// The whole load-timeout precedence (DESIGN §4), across the controller's
+/// part (CLI flag > suite) and the agent's (MODEL_LOADING_TIMEOUT > agent
+/// config > built-in default).
+#[test]
+fn load_timeout_precedence_across_controller_and_agent() {
+    let s = Duration::from_secs;
+    // (cli, suite, env, config, effective)
+    let table = [
+        (Some(1), Some(2), Some("3"), Some(4), s(1)),
+        (None, Some(2), Some("3"), Some(4), s(2)),
+        (None, None, Some("3"), Some(4), s(3)),
+        (None, None, None, Some(4), s(4)),
+        (None, None, None, None, ::agent::config::DEFAULT_LOAD_TIMEOUT),
+    ];
+    for (cli, suite, env, config, want) in table {
+        let sent = controller::run::requested_timeout(cli.map(s), suite.map(s));
+        let effective = ::agent::config::load_timeout(sent, env, config.map(s));
+        assert_eq!(effective, want, "cli {cli:?} suite {suite:?} env {env:?} config {config:?}");
+    }
+}

@@ -119,6 +119,9 @@ pub struct ModelOverrides {
     /// Total load timeout for every requested model; 0 = agent's own choice.
     #[prost(uint64, tag = "1")]
     pub load_timeout_ms: u64,
+    /// Memory to keep free beyond each model's declared need when admitting it.
+    #[prost(uint64, tag = "2")]
+    pub ram_headroom_bytes: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnsureModelsResponse {

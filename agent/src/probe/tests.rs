@@ -1,0 +1,155 @@
+//! Each protocol read against golden responses from its project's documents
+//! (see `agent/fixtures/readiness/README.md` for sources), in loading, ready
+//! and error states.
+
+use super::*;
+
+macro_rules! fixture {
+    ($name:literal) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/readiness/", $name)).to_vec()
+    };
+}
+
+fn named(pairs: &[(&str, &str)]) -> Vec<Named> {
+    pairs.iter().map(|(n, s)| Named { name: n.to_string(), served_as: s.to_string() }).collect()
+}
+
+fn ok(code: u16, body: Vec<u8>) -> Answer {
+    Ok((code, body))
+}
+
+fn refused() -> Answer {
+    Err("connection refused".into())
+}
+
+/// (model, stage) pairs read; models the protocol says nothing about are absent.
+fn stages(reading: &Reading) -> Vec<(String, Option<Stage>)> {
+    reading.models.iter().map(|(k, v)| (k.clone(), v.stage)).collect()
+}
+
+fn pairs(list: &[(&str, Option<Stage>)]) -> Vec<(String, Option<Stage>)> {
+    list.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn health_json() -> Protocol {
+    Protocol::HealthJson(HealthJson {
+        path: "/health".into(),
+        status_pointer: "/models/{model}/status".into(),
+        progress_pointer: "/models/{model}/progress".into(),
+        error_pointer: "/models/{model}/error".into(),
+        map: HealthJson::default_map(),
+    })
+}
+
+#[test]
+fn health_json_loading_loaded_failed() {
+    let p = health_json();
+    let models = named(&[("nllb", "nllb"), ("aya", "aya")]);
+    assert_eq!(p.paths(&models), vec!["/health"]);
+
+    let r = p.read(&models, &[ok(200, fixture!("health-json-loading.json"))]);
+    assert!(r.up);
+    assert_eq!(stages(&r), pairs(&[("aya", Some(Stage::Authenticating)), ("nllb", Some(Stage::LoadingWeights))]));
+    assert_eq!(r.models["nllb"].progress, 0.42);
+
+    let r = p.read(&models, &[ok(200, fixture!("health-json-loaded.json"))]);
+    assert_eq!(stages(&r), pairs(&[("aya", Some(Stage::Ready)), ("nllb", Some(Stage::Ready))]));
+
+    let r = p.read(&models, &[ok(200, fixture!("health-json-failed.json"))]);
+    assert_eq!(r.models["aya"].stage, Some(Stage::Failed));
+    assert!(r.models["aya"].error.as_deref().unwrap().contains("HF_TOKEN is not set"));
+
+    let r = p.read(&models, &[refused()]);
+    assert!(!r.up && r.models.is_empty());
+}
+
+#[test]
+fn health_json_with_custom_pointers_and_map() {
+    let mut map = BTreeMap::new();
+    map.insert("READY".to_owned(), Stage::Ready);
+    map.insert("FETCHING".to_owned(), Stage::Downloading);
+    let p = Protocol::HealthJson(HealthJson {
+        path: "/status".into(),
+        status_pointer: "/engines/{model}/state".into(),
+        progress_pointer: "/engines/{model}/pct".into(),
+        error_pointer: "/engines/{model}/err".into(),
+        map,
+    });
+    // A served name with a slash is escaped as a pointer token (RFC 6901).
+    let models = named(&[("llama", "meta/llama")]);
+    let body = br#"{"engines": {"meta/llama": {"state": "FETCHING", "pct": 0.5}}}"#.to_vec();
+    let r = p.read(&models, &[ok(200, body)]);
+    assert_eq!(stages(&r), pairs(&[("llama", Some(Stage::Downloading))]));
+}
+
+#[test]
+fn kserve_v2_live_then_model_ready() {
+    let p = Protocol::KserveV2;
+    let models = named(&[("densenet", "densenet_onnx")]);
+    assert_eq!(p.paths(&models), vec!["/v2/health/live", "/v2/models/densenet_onnx/ready"]);
+    // Not listening yet.
+    assert!(!p.read(&models, &[refused(), refused()]).up);
+    // Live, model not ready: KServe answers 503 with an error object (Triton: 400).
+    let r = p.read(&models, &[ok(200, vec![]), ok(503, fixture!("kserve-v2-model-not-ready.json"))]);
+    assert_eq!(stages(&r), pairs(&[("densenet", Some(Stage::LoadingWeights))]));
+    // Live and ready: 200 with no body, as the protocol specifies.
+    let r = p.read(&models, &[ok(200, vec![]), ok(200, vec![])]);
+    assert_eq!(stages(&r), pairs(&[("densenet", Some(Stage::Ready))]));
+}
+
+#[test]
+fn openai_health_and_model_listing() {
+    let p = Protocol::OpenAi;
+    let models = named(&[("opt", "facebook/opt-125m"), ("other", "mistral-7b")]);
+    assert_eq!(p.paths(&models), vec!["/health", "/v1/models"]);
+    // vLLM does not listen until its model is loaded.
+    assert!(p.read(&models, &[refused(), refused()]).models.is_empty());
+    let r = p.read(&models, &[ok(200, vec![]), ok(200, fixture!("openai-v1-models.json"))]);
+    assert_eq!(stages(&r), pairs(&[("opt", Some(Stage::Ready)), ("other", Some(Stage::LoadingWeights))]));
+    // A server that answers while loading.
+    let r = p.read(&models, &[ok(503, br#"{"error": {"message": "Loading model"}}"#.to_vec()), refused()]);
+    assert_eq!(r.models["opt"].stage, Some(Stage::LoadingWeights));
+    assert_eq!(r.models["opt"].error.as_deref(), Some("Loading model"));
+}
+
+#[test]
+fn tgi_health_and_info() {
+    let p = Protocol::Tgi;
+    let models = named(&[("bloom", "bigscience/blomm-560m")]);
+    assert!(!p.read(&models, &[refused(), refused()]).up);
+    let r = p.read(&models, &[ok(503, fixture!("tgi-health-unhealthy.json")), ok(200, fixture!("tgi-info.json"))]);
+    assert_eq!(r.models["bloom"].stage, Some(Stage::LoadingWeights));
+    assert_eq!(r.models["bloom"].error.as_deref(), Some("unhealthy"));
+    let r = p.read(&models, &[ok(200, vec![]), ok(200, fixture!("tgi-info.json"))]);
+    assert_eq!(r.models["bloom"].stage, Some(Stage::Ready));
+    // Serving another model than the one configured is a failure, not readiness.
+    let wrong = named(&[("llama", "meta-llama/Llama-3-8B")]);
+    let r = p.read(&wrong, &[ok(200, vec![]), ok(200, fixture!("tgi-info.json"))]);
+    assert_eq!(r.models["llama"].stage, Some(Stage::Failed));
+    assert!(r.models["llama"].error.as_deref().unwrap().contains("bigscience/blomm-560m"));
+}
+
+#[test]
+fn ollama_running_models() {
+    let p = Protocol::Ollama;
+    let models = named(&[("gemma", "gemma3"), ("llama", "llama3:8b")]);
+    let r = p.read(&models, &[ok(200, fixture!("ollama-ps-empty.json"))]);
+    assert!(r.up && r.models.is_empty(), "nothing loaded yet");
+    let r = p.read(&models, &[ok(200, fixture!("ollama-ps.json"))]);
+    assert_eq!(stages(&r), pairs(&[("gemma", Some(Stage::Ready))]));
+}
+
+#[test]
+fn plain_http_is_ready_on_2xx() {
+    let p = Protocol::Http { path: "/ready".into() };
+    let models = named(&[("m", "m")]);
+    assert!(p.read(&models, &[ok(503, vec![])]).models.is_empty());
+    assert_eq!(stages(&p.read(&models, &[ok(204, vec![])])), pairs(&[("m", Some(Stage::Ready))]));
+}
+
+#[test]
+fn the_payload_names_each_path_when_there_are_several() {
+    let p = Protocol::Tgi;
+    let r = p.read(&named(&[("m", "m")]), &[ok(503, b"{}".to_vec()), refused()]);
+    assert_eq!(r.payload, "/health 503 {} | /info: connection refused");
+}
