@@ -99,6 +99,38 @@ pub fn start_loading(model: &Shared) -> bool {
 }
 
 const STEP: Duration = Duration::from_millis(100);
+/// At most this much is written to disk while "downloading" a model.
+const DOWNLOAD_CAP_MB: u64 = 64;
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+/// A scratch file the download stage writes to, removed when done.
+struct Download {
+    file: Option<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl Download {
+    fn new(model: &str) -> Download {
+        let path = std::env::temp_dir().join(format!("proctor-sim-{}-{model}.download", std::process::id()));
+        Download { file: std::fs::File::create(&path).ok(), path }
+    }
+
+    fn write(&mut self, bytes: usize) {
+        use std::io::Write;
+        if let Some(f) = &mut self.file {
+            let _ = f.write_all(&vec![7u8; bytes]);
+        }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
 
 async fn load(model: Shared, generation: u64) {
     let spec = model.lock().expect("model lock").spec.clone();
@@ -127,18 +159,31 @@ async fn load(model: Shared, generation: u64) {
         // Work through the stage in steps so progress and memory move.
         let steps = (length.as_millis() / STEP.as_millis()).max(1) as u64;
         let chunk = (spec.size_mb * 1024 * 1024 / steps) as usize;
+        let mut download = (stage == SimStage::Downloading && spec.download_io).then(|| Download::new(&spec.name));
+        let download_chunk = (spec.size_mb.min(DOWNLOAD_CAP_MB) * 1024 * 1024 / steps) as usize;
         let started = Instant::now();
         for step in 1..=steps {
+            if let Some(d) = &mut download {
+                d.write(download_chunk);
+            }
             tokio::time::sleep_until(started + length.mul_f64(step as f64 / steps as f64)).await;
             // A crash comes halfway through its stage, as a real one would
             // (out of memory mid-load, a corrupt shard), not at its border.
             if spec.crash_at == Some(stage) && step * 2 >= steps {
-                eprintln!("sim: injected crash: model {} in stage {}", spec.name, stage.as_str());
+                eprintln!(
+                    "sim: injected crash: model {} in stage {} at_unix_ms={}",
+                    spec.name,
+                    stage.as_str(),
+                    unix_ms()
+                );
                 std::process::exit(3);
             }
             let progress = (done + length.mul_f64(step as f64 / steps as f64)).as_secs_f64() / total;
+            let report = spec.report_progress;
             if !set(&model, generation, |m| {
-                m.view.progress = progress.min(1.0);
+                if report {
+                    m.view.progress = progress.min(1.0);
+                }
                 if stage == SimStage::Loading {
                     // vec![1; n] writes every byte, so the pages are resident.
                     m.memory.push(vec![1u8; chunk]);
@@ -166,6 +211,8 @@ async fn load(model: Shared, generation: u64) {
         m.view.status = Status::Loaded;
         m.view.progress = 1.0;
     });
+    // Readiness-lag benchmarks compare this stamp with when READY arrives.
+    println!("sim: model {} loaded at_unix_ms={}", spec.name, unix_ms());
     tracing::info!(model = %spec.name, "model loaded");
 }
 

@@ -49,6 +49,11 @@ pub struct ModelSpec {
     pub crash_at: Option<SimStage>,
     /// Stop making progress on entering this stage.
     pub hang_at: Option<SimStage>,
+    /// Report progress in `/health` (off: always 0, as many real services do).
+    pub report_progress: bool,
+    /// Write the "downloaded" bytes to a scratch file while downloading, as a
+    /// real download does (off: a download that only waits).
+    pub download_io: bool,
 }
 
 impl ModelSpec {
@@ -63,6 +68,8 @@ impl ModelSpec {
             gated: false,
             crash_at: None,
             hang_at: None,
+            report_progress: true,
+            download_io: true,
         }
     }
 }
@@ -71,7 +78,9 @@ impl ModelSpec {
 pub enum SpecError {
     #[error("model spec {spec:?}: the name before ':' is empty (expected e.g. `nllb:mb=300,load=3s`)")]
     EmptyName { spec: String },
-    #[error("model spec {spec:?}: unknown key {key:?} (known: mb, auth, download, load, warmup, gated, crash, hang)")]
+    #[error(
+        "model spec {spec:?}: unknown key {key:?} (known: mb, auth, download, load, warmup, gated, crash, hang, progress, io)"
+    )]
     UnknownKey { spec: String, key: String },
     #[error("model spec {spec:?}: bad value {value:?} for {key}: {reason}")]
     BadValue { spec: String, key: String, value: String, reason: String },
@@ -115,12 +124,22 @@ impl FromStr for ModelSpec {
                 "gated" => model.gated = true,
                 "crash" => model.crash_at = Some(stage()?),
                 "hang" => model.hang_at = Some(stage()?),
+                "progress" => model.report_progress = on_off(value).ok_or_else(|| bad("expected on or off"))?,
+                "io" => model.download_io = on_off(value).ok_or_else(|| bad("expected on or off"))?,
                 _ => {
                     return Err(SpecError::UnknownKey { spec: spec.to_owned(), key: key.to_owned() });
                 }
             }
         }
         Ok(model)
+    }
+}
+
+fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -148,7 +167,10 @@ mod tests {
 
     #[test]
     fn parses_a_full_spec() {
-        let m: ModelSpec = "aya:mb=400,auth=1s,download=2s,load=1.5s,warmup=250ms,gated,hang=loading".parse().unwrap();
+        let m: ModelSpec =
+            "aya:mb=400,auth=1s,download=2s,load=1.5s,warmup=250ms,gated,hang=loading,progress=off,io=off"
+                .parse()
+                .unwrap();
         assert_eq!(m.name, "aya");
         assert_eq!(m.size_mb, 400);
         assert_eq!(m.auth, Duration::from_secs(1));
@@ -157,6 +179,7 @@ mod tests {
         assert!(m.gated);
         assert_eq!(m.hang_at, Some(SimStage::Loading));
         assert_eq!(m.crash_at, None);
+        assert!(!m.report_progress && !m.download_io);
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Service {
     pub secret: Option<(String, String)>,
     pub model_timeout: Option<String>,
     pub load_mode: String,
+    /// Top-level agent config lines (e.g. an `[admission]` table goes last).
+    pub agent_extra: String,
+    /// Lines added to every `[[service.model]]` table.
+    pub model_extra: String,
 }
 
 impl Service {
@@ -69,6 +73,8 @@ impl Service {
             secret: None,
             model_timeout: None,
             load_mode: "at_start".into(),
+            agent_extra: String::new(),
+            model_extra: String::new(),
         }
     }
 
@@ -102,6 +108,20 @@ impl Service {
         self
     }
 
+    /// Adds lines to every model's table, e.g. `stall = { default = "2s" }`.
+    pub fn model_lines(mut self, lines: &str) -> Service {
+        self.model_extra.push_str(lines);
+        self.model_extra.push('\n');
+        self
+    }
+
+    /// Adds agent-level tables after the service, e.g. `[admission]`.
+    pub fn agent_lines(mut self, lines: &str) -> Service {
+        self.agent_extra.push_str(lines);
+        self.agent_extra.push('\n');
+        self
+    }
+
     fn model_names(&self) -> Vec<String> {
         self.models.iter().map(|m| m.split(':').next().unwrap_or_default().to_owned()).collect()
     }
@@ -132,7 +152,10 @@ impl Service {
             if let Some(t) = &self.model_timeout {
                 text.push_str(&format!("timeout = {}\n", q(t)));
             }
+            text.push_str(&self.model_extra);
         }
+        text.push('\n');
+        text.push_str(&self.agent_extra);
         text
     }
 }
@@ -150,7 +173,17 @@ pub struct Agent {
 impl Agent {
     pub async fn spawn(bin: &str, service: &Service) -> Agent {
         let scratch = Scratch::new(&service.name);
-        let config = scratch.write("agent.toml", &service.agent_toml(bin, &scratch.path));
+        let text = service.agent_toml(bin, &scratch.path);
+        Agent::spawn_with(bin, scratch, &text).await
+    }
+
+    /// An agent from a config text written by the test.
+    pub async fn spawn_config(bin: &str, config: &str) -> Agent {
+        Agent::spawn_with(bin, Scratch::new("custom"), config).await
+    }
+
+    async fn spawn_with(bin: &str, scratch: Scratch, text: &str) -> Agent {
+        let config = scratch.write("agent.toml", text);
         let mut child = tokio::process::Command::new(bin)
             .args(["agent", "--config"])
             .arg(&config)
@@ -247,4 +280,55 @@ fn vm_rss(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// A scripted HTTP server standing in for a service: each path answers with
+/// a status and body the test can change while it runs.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    pub url: String,
+    routes: Routes,
+    hits: Hits,
+}
+
+type Routes = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u16, Vec<u8>)>>>;
+type Hits = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
+impl Fixture {
+    pub async fn start() -> Fixture {
+        use axum::body::Bytes;
+        use axum::extract::{Request, State};
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let routes: Routes = Default::default();
+        let hits: Hits = Default::default();
+        async fn answer(State((routes, hits)): State<(Routes, Hits)>, request: Request) -> axum::response::Response {
+            let key = format!("{} {}", request.method(), request.uri().path());
+            *hits.lock().expect("hits").entry(key.clone()).or_default() += 1;
+            let found = routes.lock().expect("routes").get(&key).cloned();
+            match found {
+                Some((code, body)) => {
+                    (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), Bytes::from(body)).into_response()
+                }
+                None => (StatusCode::NOT_FOUND, format!("no fixture for {key}")).into_response(),
+            }
+        }
+        let app = axum::Router::new().fallback(answer).with_state((routes.clone(), hits.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fixture");
+        let url = format!("http://{}", listener.local_addr().expect("fixture addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Fixture { url, routes, hits }
+    }
+
+    /// How many requests `route` has had.
+    pub fn hits(&self, route: &str) -> u32 {
+        self.hits.lock().expect("hits").get(route).copied().unwrap_or(0)
+    }
+
+    /// `GET /path` (or `POST /path`, …) now answers `code` with `body`.
+    pub fn set(&self, route: &str, code: u16, body: impl Into<Vec<u8>>) {
+        self.routes.lock().expect("routes").insert(route.to_owned(), (code, body.into()));
+    }
 }

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod loading;
 mod run;
 
 use std::time::Duration;

@@ -1,0 +1,189 @@
+//! The loading monitor with a real agent process: warm-up before READY,
+//! stalls told apart from slow loads, crashes noticed at once, admission.
+
+use std::time::{Duration, Instant};
+
+use controller::progress::Mode;
+use controller::report::Outcome;
+use controller::{Exit, RunOptions};
+use proto::{Event, Stage, event};
+use testkit::{Agent, Fixture, Scratch, Service};
+use tokio_util::sync::CancellationToken;
+
+use crate::run::TRANSLATE_SUITE;
+use crate::{BIN, lease, reached, watch_until};
+
+async fn ensure(agent: &Agent, models: &[&str]) -> proto::agent_client::AgentClient<tonic::transport::Channel> {
+    let mut client = agent.client().await;
+    let lease = lease(&mut client, "loading-test").await;
+    client
+        .ensure_models(proto::EnsureModelsRequest {
+            lease: Some(lease),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("ensure");
+    client
+}
+
+fn stage_event(e: &Event) -> Option<&proto::StageChanged> {
+    match &e.kind {
+        Some(event::Kind::StageChanged(c)) => Some(c),
+        _ => None,
+    }
+}
+
+fn first<'a>(events: &'a [Event], model: &str, stage: Stage) -> &'a Event {
+    events.iter().find(|e| reached(e, model, stage)).unwrap_or_else(|| panic!("{model} never reached {stage:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_lists_before_it_can_serve_is_not_ready_until_warm_up_succeeds() {
+    // An OpenAI-compatible server (vLLM's documented /v1/models) that lists
+    // the model but cannot complete yet.
+    let fixture = Fixture::start().await;
+    fixture.set("GET /health", 200, "");
+    fixture.set(
+        "GET /v1/models",
+        200,
+        include_bytes!("../../../agent/fixtures/readiness/openai-v1-models.json").to_vec(),
+    );
+    fixture.set("POST /v1/completions", 503, r#"{"error": "still capturing CUDA graphs"}"#);
+    let scratch = Scratch::new("warmup");
+    let config = format!(
+        r#"listen = "127.0.0.1:0"
+data_dir = "{dir}"
+
+[[service]]
+name = "translation"
+command = ["sleep", "600"]
+base_url = "{url}"
+stop_grace = "1s"
+
+[service.readiness]
+protocol = "openai"
+
+[[service.model]]
+name = "opt"
+served_as = "facebook/opt-125m"
+[service.model.warmup]
+path = "/v1/completions"
+body = '{{"model": "{{model}}", "prompt": "Hello", "max_tokens": 1}}'
+expect_status = 200
+"#,
+        dir = scratch.path.display(),
+        url = fixture.url
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["opt"]).await;
+    watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "opt", Stage::WarmingUp)).await;
+    // Several warm-up attempts fail; the model must still not be READY.
+    testkit::within(Duration::from_secs(20), "three failed warm-up attempts", async {
+        while fixture.hits("POST /v1/completions") < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let opt = snapshot.services[0].models.iter().find(|m| m.name == "opt").unwrap();
+    assert_eq!(opt.stage(), Stage::WarmingUp, "listed is not ready: {opt:?}");
+
+    fixture.set("POST /v1/completions", 200, r#"{"choices": [{"text": " world"}]}"#);
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "opt", Stage::Ready)).await;
+    let ready = stage_event(first(&events, "opt", Stage::Ready)).unwrap();
+    assert!(ready.cause.starts_with("warm-up succeeded (HTTP 200"), "{ready:?}");
+    assert!(events.iter().filter_map(stage_event).all(|c| c.to() != Stage::Failed));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hang_in_loading_weights_stalls_naming_the_stage() {
+    let service = Service::sim(&["nllb:mb=16,download=300ms,hang=loading"])
+        .model_timeout("5m")
+        .model_lines(r#"stall = { default = "2s" }"#);
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "nllb", Stage::Failed)).await;
+    let loading = first(&events, "nllb", Stage::LoadingWeights);
+    let failed = first(&events, "nllb", Stage::Failed);
+    let after = failed.time_unix_ms - loading.time_unix_ms;
+    assert!((2000..6000).contains(&after), "stalled after {after} ms, limit 2 s");
+    let message = &stage_event(failed).unwrap().message;
+    assert!(message.starts_with("model nllb failed in stage LOADING_WEIGHTS"), "{message}");
+    assert!(message.contains("stalled: no progress for 2s in LOADING_WEIGHTS"), "{message}");
+    assert!(message.contains("injected hang"), "the last log lines are part of it: {message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_download_with_steady_io_is_not_a_stall_but_a_silent_one_is() {
+    // No progress in /health, no RSS growth: only the I/O of the download moves.
+    let slow = |io: &str| {
+        Service::sim(&[&format!("nllb:mb=32,download=6s,load=200ms,warmup=100ms,progress=off,io={io}")])
+            .model_lines(r#"stall = { default = "3s" }"#)
+    };
+    let agent = Agent::spawn(BIN, &slow("on")).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| {
+        reached(e, "nllb", Stage::Ready) || reached(e, "nllb", Stage::Failed)
+    })
+    .await;
+    let last = stage_event(events.last().unwrap()).unwrap();
+    assert_eq!(last.to(), Stage::Ready, "a 6 s download with steady I/O and a 3 s stall limit loads: {last:?}");
+
+    let agent = Agent::spawn(BIN, &slow("off")).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| {
+        reached(e, "nllb", Stage::Ready) || reached(e, "nllb", Stage::Failed)
+    })
+    .await;
+    let last = stage_event(events.last().unwrap()).unwrap();
+    assert_eq!(last.to(), Stage::Failed, "the same download without I/O stalls: {last:?}");
+    assert!(last.message.contains("stalled: no progress for 3s in DOWNLOADING"), "{}", last.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_mid_load_is_reported_within_a_second() {
+    let service = Service::sim(&["nllb:mb=16,download=200ms,load=2s,crash=loading"]).model_timeout("5m");
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "nllb", Stage::Failed)).await;
+    let crashed_at: i64 = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(event::Kind::Log(l)) if l.line.contains("injected crash") => {
+                l.line.rsplit_once("at_unix_ms=").map(|(_, t)| t.trim().parse().unwrap())
+            }
+            _ => None,
+        })
+        .expect("the sim logged its crash");
+    let failed = first(&events, "nllb", Stage::Failed);
+    let lag = failed.time_unix_ms - crashed_at;
+    assert!((0..1000).contains(&lag), "FAILED {lag} ms after the crash");
+    assert!(stage_event(failed).unwrap().message.contains("CRASHED(3)"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_that_does_not_fit_is_refused_with_the_numbers() {
+    let service =
+        Service::sim(&["nllb:mb=8"]).model_lines("ram_mb = 200").agent_lines("[admission]\nmemory_budget_mb = 100");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("admission");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let started = Instant::now();
+    let opts = RunOptions {
+        agents: vec![agent.addr.clone()],
+        suites: vec![suite],
+        out_dir: out.path.clone(),
+        progress: Mode::Quiet,
+        model_timeout: None,
+        fresh: false,
+    };
+    let result = controller::run(opts, CancellationToken::new()).await;
+    assert_eq!(result.exit, Exit::Infrastructure);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let report = result.report.unwrap();
+    let Outcome::Error(message) = &report.cases[0].outcome else { panic!("{:?}", report.cases[0]) };
+    assert!(message.contains("cannot load nllb on service translation: not enough memory: needs 200 MiB"), "{message}");
+    assert!(message.contains("agent budget room 100 MiB"), "{message}");
+    assert!(message.contains("largest consumers: "), "{message}");
+}
