@@ -519,12 +519,38 @@ load = "endpoint"
             (GOOD.replace("load = \"endpoint\"", "load = \"lazy\""), "(aya).load: \"lazy\": expected"),
             (GOOD.replace("command = [\"sim\", \"--port\", \"{port}\"]", "command = []"), "command: is empty"),
             (GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen: \"nowhere\" is not an address"),
+            (
+                GOOD.replace("ram_mb = 300", "stall = { LOADING = \"1m\" }"),
+                "stall.LOADING: \"LOADING\" is not a loading stage",
+            ),
+            (
+                GOOD.replace("ram_mb = 300", "log_patterns = { DOWNLOADING = \"(\" }"),
+                "log_patterns.DOWNLOADING: not a valid regex",
+            ),
+            (
+                GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"2s\"\nreadiness = { protocol = \"grpc\" }"),
+                "\"grpc\" is not a readiness protocol",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
             assert!(err.contains("agent.toml"), "{err}");
         }
+    }
+
+    /// The reference config in docs/agent.md parses, so the docs cannot drift.
+    #[test]
+    fn the_documented_config_is_valid() {
+        let doc = include_str!("../../docs/agent.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let text = &doc[start..start + doc[start..].find("```").expect("end of block")];
+        let c = Config::parse(text, Path::new("/etc/proctor/agent.toml")).unwrap();
+        let m = &c.services[0].models[0];
+        assert!(m.warmup.is_some() && !m.log_patterns.is_empty());
+        assert_eq!(m.stall.for_stage(Stage::Downloading), Duration::from_secs(30 * 60));
+        assert_eq!(m.stall.for_stage(Stage::LoadingWeights), Duration::from_secs(10 * 60));
+        assert_eq!(c.memory_budget_bytes, Some(120_000 * 1024 * 1024));
     }
 
     #[test]

@@ -68,12 +68,23 @@ name = "nllb"
 load = "at_start"
 timeout = "5m"
 ram_mb = 256
+# Ten minutes without any sign of progress (stage, RSS, CPU, I/O) is a stall.
+stall = {{ default = "10m" }}
+# READY means "can serve": a real translation must succeed first.
+[service.model.warmup]
+path = "/translate"
+body = '{{"text": "Hello", "source_lang": "en", "target_lang": "es", "model": "{{model}}"}}'
+expect_status = 200
 
 [[service.model]]
 name = "aya"
 load = "at_start"
 timeout = "60m"
 ram_mb = 384
+[service.model.warmup]
+path = "/translate"
+body = '{{"text": "Hello", "source_lang": "en", "target_lang": "de", "model": "{{model}}"}}'
+expect_status = 200
 "#,
         config = "proctor-out/agent.toml",
         command = command.join(", "),
@@ -158,6 +169,7 @@ mod tests {
         let config = agent::Config::parse(&text, Path::new("/tmp/out/agent.toml")).unwrap();
         assert_eq!(config.services[0].command[0], "/opt/my \"odd\" dir/proctor");
         assert_eq!(config.services[0].models.len(), 2);
+        assert!(config.services[0].models.iter().all(|m| m.warmup.is_some()), "the demo warms both models up");
         for (name, text) in SUITES {
             controller::suite::parse(text, Path::new(name)).unwrap();
         }
