@@ -218,9 +218,17 @@ impl StallLimits {
 }
 
 impl Default for StallLimits {
-    /// Built-in: ten minutes without any progress signal in any stage.
+    /// Built-in limits: ten minutes without any progress signal, less where
+    /// a healthy service never sits quiet for long.
     fn default() -> Self {
-        StallLimits { default: DEFAULT_STALL, per_stage: BTreeMap::new() }
+        let per_stage = [
+            (Stage::ProcessStarting, Duration::from_secs(2 * 60)),
+            (Stage::Authenticating, Duration::from_secs(5 * 60)),
+        ]
+        .into_iter()
+        .map(|(s, d)| (s as i32, d))
+        .collect();
+        StallLimits { default: DEFAULT_STALL, per_stage }
     }
 }
 
@@ -362,11 +370,18 @@ impl Config {
                 };
                 let served_as = m.served_as.clone().unwrap_or_else(|| m.name.clone());
                 let mut stall = StallLimits::default();
-                for (stage, value) in &m.stall {
+                // A configured `default` replaces every built-in limit; named
+                // stages then override it.
+                let ordered = m
+                    .stall
+                    .iter()
+                    .filter(|(k, _)| *k == "default")
+                    .chain(m.stall.iter().filter(|(k, _)| *k != "default"));
+                for (stage, value) in ordered {
                     let limit =
                         duration(value).ok_or_else(|| invalid(mkey(&format!("stall.{stage}")), bad_duration(value)))?;
                     if stage == "default" {
-                        stall.default = limit;
+                        stall = StallLimits { default: limit, per_stage: BTreeMap::new() };
                     } else {
                         let st = Stage::from_str_name(stage)
                             .filter(|s| Stage::LOADING.contains(s))
@@ -550,6 +565,14 @@ load = "endpoint"
         assert!(m.warmup.is_some() && !m.log_patterns.is_empty());
         assert_eq!(m.stall.for_stage(Stage::Downloading), Duration::from_secs(30 * 60));
         assert_eq!(m.stall.for_stage(Stage::LoadingWeights), Duration::from_secs(10 * 60));
+        assert_eq!(
+            m.stall.for_stage(Stage::ProcessStarting),
+            Duration::from_secs(10 * 60),
+            "`default` replaces built-ins"
+        );
+        let built_in = StallLimits::default();
+        assert_eq!(built_in.for_stage(Stage::ProcessStarting), Duration::from_secs(2 * 60));
+        assert_eq!(built_in.for_stage(Stage::Downloading), DEFAULT_STALL);
         assert_eq!(c.memory_budget_bytes, Some(120_000 * 1024 * 1024));
     }
 

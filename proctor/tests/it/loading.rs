@@ -187,3 +187,123 @@ async fn a_load_that_does_not_fit_is_refused_with_the_numbers() {
     assert!(message.contains("agent budget room 100 MiB"), "{message}");
     assert!(message.contains("largest consumers: "), "{message}");
 }
+
+/// One protocol's scripted service: answers while loading, then when ready.
+struct Script {
+    protocol: &'static str,
+    model_lines: &'static str,
+    loading: Vec<(&'static str, u16, Vec<u8>)>,
+    /// The stage the agent must report while loading (None: no stage yet).
+    loading_stage: Option<Stage>,
+    ready: Vec<(&'static str, u16, Vec<u8>)>,
+}
+
+macro_rules! golden {
+    ($name:literal) => {
+        include_bytes!(concat!("../../../agent/fixtures/readiness/", $name)).to_vec()
+    };
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_protocol_follows_its_golden_responses_served_over_http() {
+    let scripts = [
+        Script {
+            protocol: "kserve-v2",
+            model_lines: "served_as = \"densenet_onnx\"",
+            loading: vec![
+                ("GET /v2/health/live", 200, vec![]),
+                ("GET /v2/models/densenet_onnx/ready", 503, golden!("kserve-v2-model-not-ready.json")),
+            ],
+            loading_stage: Some(Stage::LoadingWeights),
+            ready: vec![("GET /v2/models/densenet_onnx/ready", 200, vec![])],
+        },
+        Script {
+            protocol: "openai",
+            model_lines: "served_as = \"facebook/opt-125m\"",
+            loading: vec![("GET /health", 503, br#"{"error": "loading"}"#.to_vec())],
+            loading_stage: Some(Stage::LoadingWeights),
+            ready: vec![("GET /health", 200, vec![]), ("GET /v1/models", 200, golden!("openai-v1-models.json"))],
+        },
+        Script {
+            protocol: "tgi",
+            model_lines: "served_as = \"bigscience/blomm-560m\"",
+            loading: vec![
+                ("GET /health", 503, golden!("tgi-health-unhealthy.json")),
+                ("GET /info", 200, golden!("tgi-info.json")),
+            ],
+            loading_stage: Some(Stage::LoadingWeights),
+            ready: vec![("GET /health", 200, vec![])],
+        },
+        Script {
+            protocol: "ollama",
+            model_lines: "served_as = \"gemma3\"\nload = \"endpoint\"",
+            loading: vec![
+                ("GET /api/ps", 200, golden!("ollama-ps-empty.json")),
+                ("POST /api/generate", 200, b"{}".to_vec()),
+            ],
+            loading_stage: None,
+            ready: vec![("GET /api/ps", 200, golden!("ollama-ps.json"))],
+        },
+        Script {
+            protocol: "http",
+            model_lines: "",
+            loading: vec![("GET /ready", 503, vec![])],
+            loading_stage: None,
+            ready: vec![("GET /ready", 204, vec![])],
+        },
+    ];
+    for script in scripts {
+        let fixture = Fixture::start().await;
+        for (route, code, body) in &script.loading {
+            fixture.set(route, *code, body.clone());
+        }
+        let scratch = Scratch::new(script.protocol);
+        let extra = match script.protocol {
+            "ollama" => "load_path = \"/api/generate\"\nload_body = '{\"model\": \"{model}\"}'\n",
+            "http" => "path = \"/ready\"\n",
+            _ => "",
+        };
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sleep\", \"600\"]\n\
+             base_url = \"{}\"\nstop_grace = \"1s\"\n\n[service.readiness]\nprotocol = \"{}\"\n{extra}\n[[service.model]]\nname = \"m\"\n{}\n",
+            scratch.path.display(),
+            fixture.url,
+            script.protocol,
+            script.model_lines
+        );
+        let agent = Agent::spawn_config(BIN, &config).await;
+        let mut client = ensure(&agent, &["m"]).await;
+        let what = script.protocol;
+        match script.loading_stage {
+            Some(stage) => {
+                watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "m", stage)).await;
+            }
+            None => {
+                // No stage to see: wait until the agent has polled the loading answers.
+                let route = script.loading[0].0;
+                testkit::within(Duration::from_secs(20), "polls of the loading state", async {
+                    while fixture.hits(route) < 3 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+                let m = &snapshot.services[0].models[0];
+                assert_eq!(m.stage(), Stage::WaitingForHttp, "{what}: nothing ready yet: {m:?}");
+            }
+        }
+        if what == "ollama" {
+            assert!(fixture.hits("POST /api/generate") >= 1, "ollama: the agent asked for the load");
+        }
+        for (route, code, body) in &script.ready {
+            fixture.set(route, *code, body.clone());
+        }
+        let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+            reached(e, "m", Stage::Ready) || reached(e, "m", Stage::Failed)
+        })
+        .await;
+        let last = stage_event(events.last().unwrap()).unwrap();
+        assert_eq!(last.to(), Stage::Ready, "{what}: {last:?}");
+        assert!(last.cause.starts_with(&format!("{what}: status=")), "{what}: {last:?}");
+    }
+}
