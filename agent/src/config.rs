@@ -72,6 +72,22 @@ struct RawService {
     readiness: RawReadiness,
     #[serde(default, rename = "model")]
     models: Vec<RawModel>,
+    memory_limit_mb: Option<u64>,
+    #[serde(default = "default_restart")]
+    restart: String,
+    restart_backoff: Option<String>,
+    restart_backoff_max: Option<String>,
+    stable_after: Option<String>,
+    #[serde(default = "default_on_agent_restart")]
+    on_agent_restart: String,
+}
+
+fn default_restart() -> String {
+    "never".to_owned()
+}
+
+fn default_on_agent_restart() -> String {
+    "reattach".to_owned()
 }
 
 fn default_stop_signal() -> String {
@@ -161,6 +177,37 @@ pub struct ServiceConfig {
     pub stop_grace: Duration,
     pub readiness: Readiness,
     pub models: Vec<ModelConfig>,
+    /// Memory limit of the service's cgroup (the whole tree).
+    pub memory_limit_bytes: Option<u64>,
+    pub restart: RestartPolicy,
+    /// What a restarted agent does with a service the previous one left running.
+    pub on_agent_restart: OnAgentRestart,
+}
+
+/// When a service that exited on its own is started again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub mode: RestartMode,
+    /// First delay; doubles per consecutive failure.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// A run this long (or one in which a model became READY) resets the count.
+    pub stable_after: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartMode {
+    Never,
+    OnFailure,
+    Always,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnAgentRestart {
+    /// Keep it running and monitor it again (the default).
+    Reattach,
+    /// Kill it; the next ensure starts it afresh.
+    Reap,
 }
 
 #[derive(Clone, Debug)]
@@ -428,6 +475,40 @@ impl Config {
                 });
             }
             let secrets = s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect();
+            let mode = match s.restart.as_str() {
+                "never" => RestartMode::Never,
+                "on-failure" => RestartMode::OnFailure,
+                "always" => RestartMode::Always,
+                other => {
+                    return Err(invalid(
+                        key("restart"),
+                        format!("{other:?}: expected \"never\", \"on-failure\" or \"always\""),
+                    ));
+                }
+            };
+            let dur = |k: &str, v: &Option<String>, default: Duration| match v {
+                Some(v) => duration(v).ok_or_else(|| invalid(key(k), bad_duration(v))),
+                None => Ok(default),
+            };
+            let restart = RestartPolicy {
+                mode,
+                backoff: dur("restart_backoff", &s.restart_backoff, Duration::from_secs(1))?,
+                backoff_max: dur("restart_backoff_max", &s.restart_backoff_max, Duration::from_secs(60))?,
+                stable_after: dur("stable_after", &s.stable_after, Duration::from_secs(60))?,
+            };
+            if restart.backoff > restart.backoff_max {
+                return Err(invalid(key("restart_backoff"), "is longer than restart_backoff_max".into()));
+            }
+            let on_agent_restart = match s.on_agent_restart.as_str() {
+                "reattach" => OnAgentRestart::Reattach,
+                "reap" => OnAgentRestart::Reap,
+                other => {
+                    return Err(invalid(
+                        key("on_agent_restart"),
+                        format!("{other:?}: expected \"reattach\" or \"reap\""),
+                    ));
+                }
+            };
             services.push(ServiceConfig {
                 base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
                 name: s.name,
@@ -440,6 +521,9 @@ impl Config {
                 stop_grace,
                 readiness,
                 models,
+                memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
+                restart,
+                on_agent_restart,
             });
         }
         let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);

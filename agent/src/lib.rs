@@ -35,6 +35,10 @@ pub enum AgentError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot use the data folder {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}; {env} is set, so the agent will not run services without cgroups", env = supervisor::cgroup::REQUIRE_ENV)]
+    Cgroup(supervisor::cgroup::CgroupError),
 }
 
 /// A started agent. Dropping it does not stop it: call `shutdown`.
@@ -78,6 +82,19 @@ impl RunningAgent {
 /// Binds, starts every part, and serves until shut down. Services are not
 /// started until a controller ensures their models.
 pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
+    let agent_id = supervisor::cgroup::agent_id(&data_dir);
+    let cgroups = match supervisor::cgroup::probe(&agent_id) {
+        Ok(()) => true,
+        Err(e) if std::env::var_os(supervisor::cgroup::REQUIRE_ENV).is_some() => return Err(AgentError::Cgroup(e)),
+        Err(error) => {
+            tracing::warn!(%error, "cgroups unavailable: services get a process group only (no OOM classification, no tree kill of setsid children)");
+            false
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
@@ -105,10 +122,12 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         admission::Admission::start(admission::Admission::host(config.memory_budget_bytes), samples_rx.clone());
     let wiring = supervisor::Wiring {
         journal: journal.clone(),
+        agent_id,
+        cgroups,
         roots: Arc::new(roots_tx),
         samples: samples_rx,
         admission,
-        data_dir: config.data_dir.clone(),
+        data_dir,
     };
     let mut supervisors = BTreeMap::new();
     for service in &config.services {
@@ -144,7 +163,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
             })
             .collect(),
         capabilities: Some(proto::Capabilities {
-            cgroup: false,
+            cgroup: cgroups,
             nvml: false,
             readiness_protocols: probe::Protocol::NAMES.iter().map(|p| p.to_string()).collect(),
             case_kinds: vec!["http".into()],

@@ -4,10 +4,15 @@
 //! readiness probe and the per-model stage machine (`stages`). Everything it
 //! learns goes to the journal as events. The process runs in its own process
 //! group (`process`), so a stop (signal, grace, SIGKILL) reaches the whole
-//! group; only the PID it spawned is ever reaped. Loads are admitted against
-//! memory (`crate::admission`) before the service starts.
+//! group and its own cgroup (`cgroup`), so a stop reaches the whole tree;
+//! only the PID it spawned is ever reaped. Loads are admitted against memory
+//! (`crate::admission`) before the service starts. A service that exits on
+//! its own may be restarted (`restart`). A restarted agent re-attaches to a
+//! service the previous one left running (`process::reattach`).
 
+pub mod cgroup;
 mod process;
+pub mod restart;
 mod stages;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -21,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use process::Persisted;
 pub use process::classify;
 pub use stages::{log_stage, progress_signal};
 
@@ -84,6 +90,10 @@ impl std::fmt::Debug for Command {
 #[derive(Clone, Debug)]
 pub struct Wiring {
     pub journal: Journal,
+    /// Stable id of this agent, for cgroup paths (see `cgroup::agent_id`).
+    pub agent_id: String,
+    /// Whether services get cgroups (probed once at agent start).
+    pub cgroups: bool,
     pub roots: Arc<watch::Sender<BTreeMap<String, u32>>>,
     pub samples: watch::Receiver<BTreeMap<String, TreeMemory>>,
     pub admission: Admission,
@@ -114,6 +124,10 @@ impl Supervisor {
             last_payload: None,
             last_exit: None,
             last_sample: None,
+            cgroup: None,
+            oom_baseline: 0,
+            failures: 0,
+            restart_at: None,
             stop: None,
             pending: Vec::new(),
             cancel: cancel.clone(),
@@ -190,7 +204,15 @@ struct Running {
     base_url: String,
     probe_cancel: CancellationToken,
     started: Instant,
+    /// The service has answered a readiness probe at least once.
+    answered: bool,
+    /// The agent re-attached to it after a restart (it is not our child).
+    reattached: bool,
 }
+
+/// A service that dies this soon after launch, never having answered, failed
+/// to launch: its message names the command.
+const LAUNCH_WINDOW: Duration = Duration::from_secs(2);
 
 struct Stopping {
     deadline: Instant,
@@ -206,9 +228,21 @@ struct Pending {
 
 /// What the actor's own helper tasks tell it.
 enum Internal {
-    Exited { generation: u64, status: std::io::Result<std::process::ExitStatus> },
-    Log { generation: u64, stream: &'static str, line: String },
-    Warmup { generation: u64, model: String, outcome: Result<String, String> },
+    /// `status` is `None` when it could not be read (a re-attached service).
+    Exited {
+        generation: u64,
+        status: Option<std::process::ExitStatus>,
+    },
+    Log {
+        generation: u64,
+        stream: &'static str,
+        line: String,
+    },
+    Warmup {
+        generation: u64,
+        model: String,
+        outcome: Result<String, String>,
+    },
 }
 
 struct Actor {
@@ -225,6 +259,13 @@ struct Actor {
     last_payload: Option<String>,
     last_exit: Option<ExitStatus>,
     last_sample: Option<(Instant, TreeMemory)>,
+    /// The service's cgroup while it runs.
+    cgroup: Option<cgroup::ServiceCgroup>,
+    /// The cgroup's OOM-kill count when the run began.
+    oom_baseline: u64,
+    /// Consecutive failed runs, for the restart backoff.
+    failures: u32,
+    restart_at: Option<Instant>,
     stop: Option<Stopping>,
     pending: Vec<Pending>,
     /// The agent is shutting down once this fires: no more (re)starts.
@@ -242,8 +283,10 @@ impl Actor {
         let mut timeouts = tokio::time::interval(Duration::from_millis(100));
         let mut samples = self.wiring.samples.clone();
         let mut shutting_down = false;
+        self.recover().await;
         loop {
             let escalate_at = self.stop.as_ref().filter(|s| !s.escalated).map(|s| s.deadline);
+            let restart_at = self.restart_at;
             tokio::select! {
                 _ = cancel.cancelled(), if !shutting_down => {
                     shutting_down = true;
@@ -270,6 +313,14 @@ impl Actor {
                 Ok(()) = samples.changed() => self.on_sample(),
                 _ = tokio::time::sleep_until(escalate_at.unwrap_or_else(Instant::now)), if escalate_at.is_some() => {
                     self.escalate();
+                }
+                _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now)), if restart_at.is_some() && !shutting_down => {
+                    self.restart_at = None;
+                    if self.run.is_none() {
+                        let wanted: Vec<String> = self.models.iter().filter(|(_, t)| t.wanted).map(|(n, _)| n.clone()).collect();
+                        tracing::info!(service = %self.cfg.name, attempt = self.failures, "restarting service");
+                        self.start(&wanted);
+                    }
                 }
                 _ = timeouts.tick() => self.check_timeouts(),
             }
@@ -325,6 +376,7 @@ impl Actor {
 
     /// Admits the loads this request starts, then starts them.
     async fn ensure(&mut self, request: &EnsureRequest) -> Result<EnsureOutcome, SupervisorError> {
+        self.restart_at = None;
         // Starting the service loads every at-start model, asked for or not.
         let starting = self.run.is_none();
         let loads: Vec<String> = self
@@ -407,8 +459,27 @@ impl Actor {
                 self.transition(name, Stage::ProcessStarting, "service starting", None);
             }
         }
-        match process::spawn(&self.cfg, &self.wiring.data_dir, self.generation, &self.internal_tx) {
-            Ok(spawned) => {
+        self.cgroup = None;
+        if self.wiring.cgroups {
+            match cgroup::ServiceCgroup::locate(&self.wiring.agent_id, &self.cfg.name)
+                .and_then(|cg| cg.create(self.cfg.memory_limit_bytes).map(|()| cg))
+            {
+                Ok(cg) => {
+                    self.oom_baseline = cg.oom_kills();
+                    self.cgroup = Some(cg);
+                }
+                Err(error) => tracing::warn!(service = %self.cfg.name, %error, "starting without a cgroup"),
+            }
+        }
+        let args = process::SpawnArgs {
+            service: &self.cfg,
+            data_dir: &self.wiring.data_dir,
+            cgroup: self.cgroup.as_ref(),
+            incarnation: self.wiring.journal.incarnation(),
+        };
+        match process::spawn(&args, self.generation, &self.internal_tx) {
+            Ok((spawned, persisted)) => {
+                self.persist(Some(&persisted));
                 self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
                     service: self.cfg.name.clone(),
                     pid: spawned.pid,
@@ -432,6 +503,8 @@ impl Actor {
                     base_url: spawned.base_url,
                     probe_cancel,
                     started: Instant::now(),
+                    answered: false,
+                    reattached: false,
                 });
                 for name in &names {
                     if self.models[name].stage == Stage::ProcessStarting {
@@ -441,6 +514,9 @@ impl Actor {
             }
             Err(message) => {
                 tracing::warn!(service = %self.cfg.name, %message, "service failed to start");
+                if let Some(cg) = self.cgroup.take() {
+                    cg.remove();
+                }
                 self.last_exit = Some(ExitStatus { kind: ExitKind::Unknown.into(), ..Default::default() });
                 for name in &names {
                     if self.models[name].stage == Stage::ProcessStarting {
@@ -511,28 +587,38 @@ impl Actor {
         }
     }
 
-    async fn exited(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+    async fn exited(&mut self, status: Option<std::process::ExitStatus>) {
         let Some(run) = self.run.take() else { return };
         run.probe_cancel.cancel();
         let stop = self.stop.take();
-        let exit = classify(status.ok(), stop.as_ref().map(|s| s.escalated));
-        // Nothing of the group may outlive its leader.
-        if !process::kill_group(run.pid).await {
-            tracing::warn!(service = %self.cfg.name, pgid = run.pid, "processes of the service's group survived SIGKILL");
+        let cgroup = self.cgroup.take();
+        let oom = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > self.oom_baseline);
+        let exit = classify(status, stop.as_ref().map(|s| s.escalated), oom);
+        // Nothing of the tree may outlive its leader.
+        if !process::kill_tree(run.pid, cgroup.as_ref()).await {
+            tracing::warn!(service = %self.cfg.name, pgid = run.pid, "processes of the service survived SIGKILL");
         }
+        if let Some(cg) = &cgroup {
+            cg.remove();
+        }
+        self.persist(None);
         self.wiring.roots.send_modify(|r| {
             r.remove(&self.cfg.name);
         });
-        tracing::info!(service = %self.cfg.name, pid = run.pid, exit = %exit, ran = ?run.started.elapsed(), "service exited");
+        let ran = run.started.elapsed();
+        tracing::info!(service = %self.cfg.name, pid = run.pid, exit = %exit, ?ran, "service exited");
         self.wiring.journal.append(event::Kind::ServiceExited(proto::ServiceExited {
             service: self.cfg.name.clone(),
             pid: run.pid,
             exit: Some(exit),
         }));
         self.last_exit = Some(exit);
+        let at_launch = stop.is_none() && !run.answered && !run.reattached && ran < LAUNCH_WINDOW;
+        let mut reached_ready = false;
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in &names {
             let stage = self.models[name].stage;
+            reached_ready |= stage == Stage::Ready;
             if stage == Stage::Stopped || stage == Stage::Failed {
                 continue;
             }
@@ -540,7 +626,34 @@ impl Actor {
                 self.transition(name, Stage::Stopped, "service stopped", None);
             } else {
                 let what = if stage == Stage::Ready { "serving" } else { "loading" };
-                self.fail(name, &format!("process exited {exit}"), &format!("the service exited {exit} while {what}"));
+                let reason = if at_launch {
+                    format!(
+                        "the service exited {exit} {:.1}s after launch, before answering: command {:?}",
+                        ran.as_secs_f64(),
+                        self.cfg.command
+                    )
+                } else if exit.kind() == ExitKind::OomKilled {
+                    let limit = self
+                        .cfg
+                        .memory_limit_bytes
+                        .map_or("the host's".to_owned(), |b| format!("{} MiB", b / (1024 * 1024)));
+                    format!("the service was OOM-killed while {what} (its cgroup's memory limit is {limit})")
+                } else {
+                    format!("the service exited {exit} while {what}")
+                };
+                self.fail(name, &format!("process exited {exit}"), &reason);
+            }
+        }
+        // Restart policy, for exits nobody asked for.
+        if stop.is_none() && self.pending.is_empty() && !self.cancel.is_cancelled() {
+            if reached_ready || ran >= self.cfg.restart.stable_after {
+                self.failures = 0;
+            }
+            if restart::should_restart(self.cfg.restart.mode, exit.kind()) {
+                self.failures += 1;
+                let delay = restart::delay(&self.cfg.restart, self.failures, restart::jitter());
+                tracing::info!(service = %self.cfg.name, attempt = self.failures, ?delay, exit = %exit, "restart scheduled");
+                self.restart_at = Some(Instant::now() + delay);
             }
         }
         if let Some(stop) = stop {
@@ -555,5 +668,106 @@ impl Actor {
                 if self.cancel.is_cancelled() { Err(SupervisorError::Closed) } else { self.ensure(&p.request).await };
             let _ = p.reply.send(outcome);
         }
+    }
+}
+
+impl Actor {
+    /// Writes (or, with `None`, removes) the state a restarted agent needs.
+    fn persist(&self, state: Option<&Persisted>) {
+        let path = process::state_path(&self.wiring.data_dir, &self.cfg.name);
+        match state {
+            Some(state) => {
+                let written = serde_json::to_string_pretty(state)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| std::fs::write(&path, text).map_err(|e| e.to_string()));
+                if let Err(error) = written {
+                    tracing::warn!(service = %self.cfg.name, %error, path = %path.display(), "cannot save service state");
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// At agent start: finds a service a previous agent left running and
+    /// re-attaches to it (or reaps it, as configured).
+    async fn recover(&mut self) {
+        let path = process::state_path(&self.wiring.data_dir, &self.cfg.name);
+        let Ok(text) = std::fs::read_to_string(&path) else { return };
+        let Ok(state) = serde_json::from_str::<Persisted>(&text) else {
+            tracing::warn!(service = %self.cfg.name, path = %path.display(), "ignoring unreadable service state");
+            self.persist(None);
+            return;
+        };
+        let alive = process::start_ticks(state.pid) == Some(state.start_ticks);
+        if !alive {
+            // It ended while no agent watched: say how, as far as can be known.
+            let oom = state.cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+            let exit = classify(None, None, oom);
+            tracing::warn!(service = %self.cfg.name, pid = state.pid, exit = %exit, "service ended while the agent was down");
+            if let Some(cg) = &state.cgroup {
+                let _ = cg.kill_all(Duration::from_secs(5)).await;
+                cg.remove();
+            }
+            self.wiring.journal.append(event::Kind::ServiceExited(proto::ServiceExited {
+                service: self.cfg.name.clone(),
+                pid: state.pid,
+                exit: Some(exit),
+            }));
+            self.last_exit = Some(exit);
+            self.persist(None);
+            return;
+        }
+        if self.cfg.on_agent_restart == crate::config::OnAgentRestart::Reap {
+            tracing::info!(service = %self.cfg.name, pid = state.pid, "reaping the service a previous agent left running");
+            let _ = process::kill_tree(state.pid, state.cgroup.as_ref()).await;
+            if let Some(cg) = &state.cgroup {
+                cg.remove();
+            }
+            self.persist(None);
+            return;
+        }
+        self.generation += 1;
+        tracing::info!(service = %self.cfg.name, pid = state.pid, from = %state.incarnation, "re-attaching to a running service");
+        process::reattach(&state, &self.wiring.data_dir, &self.cfg.name, self.generation, &self.internal_tx);
+        self.logs = process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL).into();
+        self.cgroup = state.cgroup.clone();
+        self.oom_baseline = self.cgroup.as_ref().map_or(0, |cg| cg.oom_kills());
+        self.wiring.roots.send_modify(|r| {
+            r.insert(self.cfg.name.clone(), state.pid);
+        });
+        self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
+            service: self.cfg.name.clone(),
+            pid: state.pid,
+            command: format!("(re-attached) {}", self.cfg.command.join(" ")),
+        }));
+        let probe_cancel = CancellationToken::new();
+        tokio::spawn(probe::poll(
+            state.base_url.clone(),
+            self.cfg.readiness.protocol.paths(&self.named),
+            self.cfg.readiness.poll_ceiling,
+            self.generation,
+            self.probe_tx.clone(),
+            probe_cancel.clone(),
+        ));
+        self.run = Some(Running {
+            pid: state.pid,
+            base_url: state.base_url.clone(),
+            probe_cancel,
+            started: Instant::now(),
+            answered: false,
+            reattached: true,
+        });
+        // Its at-start models carry on loading; the probe tells where they are.
+        let cause = format!("re-attached to pid {} after an agent restart", state.pid);
+        let names: Vec<String> = self.models.keys().cloned().collect();
+        for name in names {
+            if self.load_mode(&name) == LoadMode::AtStart {
+                self.models.get_mut(&name).expect("model").wanted = true;
+                self.transition(&name, Stage::WaitingForHttp, &cause, None);
+            }
+        }
+        self.persist(Some(&Persisted { incarnation: self.wiring.journal.incarnation().to_owned(), ..state }));
     }
 }

@@ -1,115 +1,266 @@
-//! The service process itself: spawning it in its own process group with a
-//! filtered environment and captured output, stopping its group, and
-//! explaining how it ended.
+//! The service process itself: spawning it (in its own process group and
+//! cgroup, with a filtered environment, its output going to a file the agent
+//! tails), re-attaching to one a previous agent started, stopping its tree,
+//! and explaining how it ended.
+//!
+//! Output goes to `<data_dir>/<service>.log`, not to a pipe: a pipe would
+//! break (and SIGPIPE the service) when the agent restarts, a file does not.
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use proto::{ExitKind, ExitStatus};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Internal;
+use super::cgroup::ServiceCgroup;
 use crate::config::ServiceConfig;
 
 /// How long to wait, after the service exits, for its last output lines.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// How long to wait for a killed process group to vanish.
 const GROUP_EXIT_DEADLINE: Duration = Duration::from_secs(5);
+/// How often the log file is read for new lines, and a re-attached process
+/// checked for life.
+const TAIL_EVERY: Duration = Duration::from_millis(50);
 
-/// A spawned service: its PID (also its process group) and where it listens.
+/// What a restarted agent needs to find a running service again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Persisted {
+    pub pid: u32,
+    /// Kernel start time of `pid` (clock ticks since boot): tells a reused PID apart.
+    pub start_ticks: u64,
+    pub base_url: String,
+    pub cgroup: Option<ServiceCgroup>,
+    pub incarnation: String,
+    pub started_unix_ms: i64,
+}
+
+/// A running service the supervisor watches.
 pub(super) struct Spawned {
     pub pid: u32,
     pub base_url: String,
 }
 
-/// Starts the service; its output goes to `<data_dir>/<service>.log` and, a
-/// line at a time, to `tx`; its exit arrives on `tx` after its last lines.
+pub(super) fn log_path(data_dir: &Path, service: &str) -> PathBuf {
+    data_dir.join(format!("{service}.log"))
+}
+
+pub(super) fn state_path(data_dir: &Path, service: &str) -> PathBuf {
+    data_dir.join(format!("{service}.state.json"))
+}
+
+/// Kernel start time of a live, non-zombie process.
+pub(super) fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // State is field 3 (index 0 after ')'); starttime is field 22 (index 19).
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Checks the program and the working folder before anything starts, so a
+/// typo is a clear error, not a cryptic exit.
+fn precheck(cfg: &ServiceConfig, argv: &[String]) -> Result<(), String> {
+    if let Some(dir) = cfg.workdir.as_ref().filter(|d| !d.is_dir()) {
+        return Err(format!(
+            "cannot start service {}: command {argv:?}: workdir {} is not a folder",
+            cfg.name,
+            dir.display()
+        ));
+    }
+    let program = Path::new(&argv[0]);
+    let found = if program.components().count() > 1 {
+        let full = match &cfg.workdir {
+            Some(d) if program.is_relative() => d.join(program),
+            _ => program.to_owned(),
+        };
+        full.is_file()
+    } else {
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file())).unwrap_or(false)
+    };
+    if !found {
+        return Err(format!(
+            "cannot start service {}: command {argv:?}: program {:?} not found{}",
+            cfg.name,
+            argv[0],
+            if program.components().count() > 1 { "" } else { " in PATH" }
+        ));
+    }
+    Ok(())
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Starts the service. A small `sh` prologue puts it into its cgroup and
+/// resets its OOM score before `exec`ing the real command, so nothing it
+/// forks can escape and it does not inherit the agent's OOM protection.
 pub(super) fn spawn(
-    cfg: &ServiceConfig,
-    data_dir: &Path,
+    cfg: &SpawnArgs<'_>,
     generation: u64,
     tx: &mpsc::UnboundedSender<Internal>,
-) -> Result<Spawned, String> {
-    let port = if cfg.port == 0 {
-        free_port().map_err(|e| format!("cannot pick a free port for service {}: {e}", cfg.name))?
+) -> Result<(Spawned, Persisted), String> {
+    let service = cfg.service;
+    let port = if service.port == 0 {
+        free_port().map_err(|e| format!("cannot pick a free port for service {}: {e}", service.name))?
     } else {
-        cfg.port
+        service.port
     };
     let subst = |s: &str| s.replace("{port}", &port.to_string());
-    let argv: Vec<String> = cfg.command.iter().map(|a| subst(a)).collect();
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command.args(&argv[1..]).env_clear();
+    let argv: Vec<String> = service.command.iter().map(|a| subst(a)).collect();
+    precheck(service, &argv)?;
+
+    let mut prologue = String::from("set -e; ");
+    if let Some(cg) = cfg.cgroup {
+        for f in cg.procs_files() {
+            prologue.push_str(&format!("echo $$ > {}; ", quote(&f.to_string_lossy())));
+        }
+    }
+    prologue.push_str("echo 0 > /proc/self/oom_score_adj 2>/dev/null || true; exec \"$@\"");
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command.arg("-c").arg(prologue).arg("proctor-service").args(&argv).env_clear();
     // The service sees only what its config names, plus the basics.
     for key in ["PATH", "HOME", "LANG", "TZ"] {
         if let Ok(v) = std::env::var(key) {
             command.env(key, v);
         }
     }
-    let env: BTreeMap<&String, String> = cfg.env.iter().map(|(k, v)| (k, subst(v))).collect();
-    command.envs(env);
-    for (k, path) in &cfg.secrets {
+    for (k, v) in &service.env {
+        command.env(k, subst(v));
+    }
+    for (k, path) in &service.secrets {
         let value = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read secret {k} from {}: {e}", path.display()))?;
         command.env(k, value.trim());
     }
-    if let Some(dir) = &cfg.workdir {
+    if let Some(dir) = &service.workdir {
         command.current_dir(dir);
     }
-    command.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|e| {
-        let dir = cfg.workdir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default();
-        format!("cannot start service {}: command {argv:?}{dir}: {e}", cfg.name)
-    })?;
+    std::fs::create_dir_all(cfg.data_dir).map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    let log = log_path(cfg.data_dir, &service.name);
+    let open = || std::fs::OpenOptions::new().create(true).append(true).open(&log);
+    let out = open().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
+    command.process_group(0).stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err));
+    let mut child =
+        command.spawn().map_err(|e| format!("cannot start service {}: command {argv:?}: {e}", service.name))?;
     let pid = child.id().ok_or("the service exited before its PID could be read")?;
+    let ticks = start_ticks(pid).unwrap_or(0);
 
-    std::fs::create_dir_all(data_dir).ok();
-    let log_path = data_dir.join(format!("{}.log", cfg.name));
-    let log_file =
-        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok().map(|f| Arc::new(Mutex::new(f)));
-    let mut readers = Vec::new();
-    for (stream, reader) in [
-        ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-        ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-    ] {
-        let Some(reader) = reader else { continue };
-        let tx = tx.clone();
-        let file = log_file.clone();
-        readers.push(tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(f) = &file {
-                    let _ = writeln!(f.lock().expect("log file lock"), "{line}");
-                }
-                if tx.send(Internal::Log { generation, stream, line }).is_err() {
+    let (finish, tail) = tail(log.clone(), offset, generation, tx.clone());
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await.ok();
+        finish_tail(finish, tail).await;
+        let _ = tx.send(Internal::Exited { generation, status });
+    });
+    let base_url = subst(&service.base_url);
+    let persisted = Persisted {
+        pid,
+        start_ticks: ticks,
+        base_url: base_url.clone(),
+        cgroup: cfg.cgroup.cloned(),
+        incarnation: cfg.incarnation.to_owned(),
+        started_unix_ms: crate::journal::now_unix_ms(),
+    };
+    Ok((Spawned { pid, base_url }, persisted))
+}
+
+/// What `spawn` needs besides the service's own config.
+pub(super) struct SpawnArgs<'a> {
+    pub service: &'a ServiceConfig,
+    pub data_dir: &'a Path,
+    pub cgroup: Option<&'a ServiceCgroup>,
+    pub incarnation: &'a str,
+}
+
+/// Watches a service a previous agent started: its output file from now on,
+/// and its life by polling (it is not our child, so it cannot be waited for).
+pub(super) fn reattach(
+    state: &Persisted,
+    data_dir: &Path,
+    service: &str,
+    generation: u64,
+    tx: &mpsc::UnboundedSender<Internal>,
+) {
+    let log = log_path(data_dir, service);
+    let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let (finish, tail) = tail(log, offset, generation, tx.clone());
+    let (pid, ticks) = (state.pid, state.start_ticks);
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        while start_ticks(pid) == Some(ticks) {
+            tokio::time::sleep(TAIL_EVERY).await;
+        }
+        finish_tail(finish, tail).await;
+        let _ = tx.send(Internal::Exited { generation, status: None });
+    });
+}
+
+/// The last `n` lines of the service's log file, for failure messages.
+pub(super) fn last_lines(data_dir: &Path, service: &str, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(log_path(data_dir, service)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
+}
+
+/// Follows a file from `offset`, sending each complete line; on `finish`,
+/// reads what is left and stops.
+fn tail(
+    path: PathBuf,
+    offset: u64,
+    generation: u64,
+    tx: mpsc::UnboundedSender<Internal>,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (finish, mut finished) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let Ok(mut file) = std::fs::File::open(&path) else { return };
+        if file.seek(SeekFrom::Start(offset)).is_err() {
+            return;
+        }
+        let mut pending = Vec::new();
+        loop {
+            // Asked to finish, or the asker is gone: read what is left and stop.
+            let last = !matches!(finished.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+            let mut chunk = Vec::new();
+            let _ = file.read_to_end(&mut chunk);
+            pending.extend_from_slice(&chunk);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line = String::from_utf8_lossy(&pending[..i]).into_owned();
+                pending.drain(..=i);
+                if tx.send(Internal::Log { generation, stream: "output", line }).is_err() {
                     return;
                 }
             }
-        }));
-    }
-    let tx = tx.clone();
-    tokio::spawn(async move {
-        let status = child.wait().await;
-        // Let the last lines it printed (often the reason it died) arrive
-        // first. A child still holding the pipes would keep them open, so
-        // the wait is bounded.
-        let _ = tokio::time::timeout(OUTPUT_DRAIN, async {
-            for r in readers {
-                let _ = r.await;
+            if last {
+                if !pending.is_empty() {
+                    let line = String::from_utf8_lossy(&pending).into_owned();
+                    let _ = tx.send(Internal::Log { generation, stream: "output", line });
+                }
+                return;
             }
-        })
-        .await;
-        let _ = tx.send(Internal::Exited { generation, status });
+            tokio::time::sleep(TAIL_EVERY).await;
+        }
     });
-    Ok(Spawned { pid, base_url: subst(&cfg.base_url) })
+    (finish, task)
+}
+
+async fn finish_tail(finish: oneshot::Sender<()>, tail: tokio::task::JoinHandle<()>) {
+    let _ = finish.send(());
+    let _ = tokio::time::timeout(OUTPUT_DRAIN, tail).await;
 }
 
 /// Sends `signal` to the whole process group led by `pgid`.
@@ -117,30 +268,41 @@ pub(super) fn signal_group(pgid: u32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pgid as i32), signal);
 }
 
-/// SIGKILLs what is left of a process group and waits for it to be empty.
-pub(super) async fn kill_group(pgid: u32) -> bool {
+/// SIGKILLs what is left of the service: its cgroup if it has one (which
+/// catches processes that left the group), and its process group.
+pub(super) async fn kill_tree(pgid: u32, cgroup: Option<&ServiceCgroup>) -> bool {
+    let mut gone = true;
+    if let Some(cg) = cgroup {
+        gone &= cg.kill_all(GROUP_EXIT_DEADLINE).await;
+    }
     let group = Pid::from_raw(-(pgid as i32));
     signal_group(pgid, Signal::SIGKILL);
     let deadline = Instant::now() + GROUP_EXIT_DEADLINE;
-    while Instant::now() < deadline {
+    loop {
         if kill(group, None).is_err() {
-            return true;
+            return gone;
+        }
+        if Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    false
 }
 
-/// Explains an exit. `stop` is `Some(escalated)` when the agent stopped it.
-pub fn classify(status: Option<std::process::ExitStatus>, stop: Option<bool>) -> ExitStatus {
+/// Explains an exit. `stop` is `Some(escalated)` when the agent stopped it;
+/// `oom` when the cgroup's OOM-kill counter rose during the run — then the
+/// exit is `OOM_KILLED` whatever the main process's own status (a worker may
+/// have been the one killed).
+pub fn classify(status: Option<std::process::ExitStatus>, stop: Option<bool>, oom: bool) -> ExitStatus {
     let (code, signal) = status.map_or((None, None), |s| (s.code(), s.signal()));
-    let kind = match (stop, code, signal) {
-        (Some(true), _, _) => ExitKind::KilledAfterGrace,
-        (Some(false), _, _) => ExitKind::StoppedGracefully,
-        (None, Some(0), _) => ExitKind::Clean,
-        (None, Some(_), _) => ExitKind::Crashed,
-        (None, None, Some(_)) => ExitKind::Signaled,
-        (None, None, None) => ExitKind::Unknown,
+    let kind = match (oom, stop, code, signal) {
+        (true, _, _, _) => ExitKind::OomKilled,
+        (_, Some(true), _, _) => ExitKind::KilledAfterGrace,
+        (_, Some(false), _, _) => ExitKind::StoppedGracefully,
+        (_, None, Some(0), _) => ExitKind::Clean,
+        (_, None, Some(_), _) => ExitKind::Crashed,
+        (_, None, None, Some(_)) => ExitKind::Signaled,
+        (_, None, None, None) => ExitKind::Unknown,
     };
     ExitStatus { kind: kind.into(), code: code.unwrap_or(0), signal: signal.unwrap_or(0) }
 }
@@ -160,16 +322,24 @@ mod tests {
         let exited = |code: i32| Some(Std::from_raw(code << 8));
         let signaled = |sig: i32| Some(Std::from_raw(sig));
         let table = [
-            (exited(0), None, "CLEAN"),
-            (exited(3), None, "CRASHED(3)"),
-            (signaled(9), None, "SIGNALED(9)"),
-            (exited(0), Some(false), "STOPPED_GRACEFULLY"),
-            (signaled(15), Some(false), "STOPPED_GRACEFULLY"),
-            (signaled(9), Some(true), "KILLED_AFTER_GRACE"),
-            (None, None, "UNKNOWN"),
+            (exited(0), None, false, "CLEAN"),
+            (exited(3), None, false, "CRASHED(3)"),
+            (signaled(9), None, false, "SIGNALED(9)"),
+            (signaled(9), None, true, "OOM_KILLED"),
+            // A worker was OOM-killed and the main process then exited 0.
+            (exited(0), None, true, "OOM_KILLED"),
+            (exited(0), Some(false), false, "STOPPED_GRACEFULLY"),
+            (signaled(15), Some(false), false, "STOPPED_GRACEFULLY"),
+            (signaled(9), Some(true), false, "KILLED_AFTER_GRACE"),
+            (None, None, false, "UNKNOWN"),
         ];
-        for (status, stop, want) in table {
-            assert_eq!(classify(status, stop).to_string(), want, "{status:?} {stop:?}");
+        for (status, stop, oom, want) in table {
+            assert_eq!(classify(status, stop, oom).to_string(), want, "{status:?} {stop:?} {oom}");
         }
+    }
+
+    #[test]
+    fn quoting_survives_odd_paths() {
+        assert_eq!(quote("/sys/fs/cgroup/a b/it's"), "'/sys/fs/cgroup/a b/it'\\''s'");
     }
 }

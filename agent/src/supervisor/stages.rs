@@ -73,6 +73,9 @@ impl Actor {
             return;
         }
         self.last_payload = Some(reading.payload.clone());
+        if let Some(run) = &mut self.run {
+            run.answered = true;
+        }
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in names {
             let track = &self.models[&name];
