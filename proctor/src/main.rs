@@ -43,6 +43,8 @@ enum Command {
     SimWorker {
         #[arg(long)]
         mb: u64,
+        #[arg(long)]
+        detach: bool,
     },
 }
 
@@ -128,6 +130,12 @@ struct SimArgs {
     /// Start a worker child process holding this many MiB.
     #[arg(long, value_name = "MIB")]
     worker_mb: Option<u64>,
+    /// Fault: the worker calls setsid and outlives the service (a daemonising grandchild).
+    #[arg(long, requires = "worker_mb")]
+    detach_worker: bool,
+    /// Fault: exit with code 0 as soon as the worker dies (e.g. OOM-killed).
+    #[arg(long, requires = "worker_mb")]
+    exit_with_worker: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -169,8 +177,8 @@ fn interrupt_token() -> CancellationToken {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::SimWorker { mb } = cli.command {
-        sim::hold_memory(mb);
+    if let Command::SimWorker { mb, detach } = cli.command {
+        sim::hold_memory(mb, detach);
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -211,7 +219,11 @@ async fn async_main(command: Command) -> ExitCode {
             init_tracing("info");
             let worker = args.worker_mb.map(|mb| {
                 let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "proctor".into());
-                vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()]
+                let mut argv = vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()];
+                if args.detach_worker {
+                    argv.push("--detach".into());
+                }
+                argv
             });
             let config = sim::SimConfig {
                 host: args.host,
@@ -220,6 +232,7 @@ async fn async_main(command: Command) -> ExitCode {
                 lazy: args.lazy,
                 ignore_sigterm: args.ignore_sigterm,
                 worker,
+                exit_with_worker: args.exit_with_worker,
             };
             match sim::serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,8 @@ pub struct SimConfig {
     pub ignore_sigterm: bool,
     /// Start this command as a child worker (e.g. one that holds memory).
     pub worker: Option<Vec<String>>,
+    /// Fault: exit (code 0) as soon as the worker dies.
+    pub exit_with_worker: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +59,17 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
     // The one line scripts and the agent can rely on.
     println!("proctor sim listening on http://{local}");
 
-    let _worker = match &config.worker {
+    let worker = match &config.worker {
         Some(command) => Some(spawn_worker(command)?),
         None => None,
     };
+    if let (Some(mut child), true) = (worker, config.exit_with_worker) {
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            eprintln!("sim: worker ended ({status:?}); exiting with it");
+            std::process::exit(0);
+        });
+    }
     let state = api::AppState { models: Arc::new(models) };
     if !config.lazy {
         for m in state.models.values() {
@@ -79,7 +88,7 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
 fn spawn_worker(command: &[String]) -> Result<tokio::process::Child, SimError> {
     let err = |source| SimError::Worker { command: command.to_vec(), source };
     let (program, args) = command.split_first().ok_or_else(|| err(std::io::Error::other("empty command")))?;
-    tokio::process::Command::new(program).args(args).kill_on_drop(true).spawn().map_err(err)
+    tokio::process::Command::new(program).args(args).spawn().map_err(err)
 }
 
 async fn shutdown_signal(ignore_sigterm: bool) {
@@ -102,11 +111,20 @@ async fn shutdown_signal(ignore_sigterm: bool) {
 
 /// A worker process body: allocates and touches `mb` MiB, then holds it until
 /// its parent goes away. Used by `--worker-mb` to put memory in a child.
-pub fn hold_memory(mb: u64) {
+/// `detach` is a fault: the worker calls `setsid` (leaving the service's
+/// process group and session, as daemons do) and outlives its parent.
+pub fn hold_memory(mb: u64, detach: bool) {
+    if detach {
+        let _ = nix::unistd::setsid();
+    }
     let parent = std::os::unix::process::parent_id();
-    let block = vec![1u8; (mb * 1024 * 1024) as usize];
-    println!("proctor sim worker holding {mb} MiB");
-    while std::os::unix::process::parent_id() == parent {
+    println!(
+        "proctor sim worker pid={} holding {mb} MiB{}",
+        std::process::id(),
+        if detach { " (detached)" } else { "" }
+    );
+    let block = std::hint::black_box(vec![1u8; (mb * 1024 * 1024) as usize]);
+    while detach || std::os::unix::process::parent_id() == parent {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     drop(block);

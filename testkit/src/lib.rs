@@ -42,7 +42,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
@@ -60,6 +62,8 @@ pub struct Service {
     pub agent_extra: String,
     /// Lines added to every `[[service.model]]` table.
     pub model_extra: String,
+    /// Lines added to the `[[service]]` table.
+    pub service_extra: String,
 }
 
 impl Service {
@@ -75,6 +79,7 @@ impl Service {
             load_mode: "at_start".into(),
             agent_extra: String::new(),
             model_extra: String::new(),
+            service_extra: String::new(),
         }
     }
 
@@ -115,6 +120,13 @@ impl Service {
         self
     }
 
+    /// Adds lines to the service's table, e.g. `memory_limit_mb = 64`.
+    pub fn service_lines(mut self, lines: &str) -> Service {
+        self.service_extra.push_str(lines);
+        self.service_extra.push('\n');
+        self
+    }
+
     /// Adds agent-level tables after the service, e.g. `[admission]`.
     pub fn agent_lines(mut self, lines: &str) -> Service {
         self.agent_extra.push_str(lines);
@@ -142,6 +154,7 @@ impl Service {
             command.join(", "),
             q(&self.stop_grace),
         );
+        text.push_str(&self.service_extra);
         if let Some((name, value)) = &self.secret {
             let file = dir.join("secret.token");
             std::fs::write(&file, value).expect("write secret");
@@ -159,6 +172,9 @@ impl Service {
         text
     }
 }
+
+/// Set in every test agent's environment; a service must not see it.
+pub const CANARY_ENV: &str = "PROCTOR_TEST_CANARY";
 
 /// A real `proctor agent` child process. Dropping it stops it with SIGTERM
 /// (so it stops its services) and waits.
@@ -188,8 +204,16 @@ impl Agent {
             .args(["agent", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            // Must never reach a service: its environment is filtered.
+            .env(CANARY_ENV, "leaked")
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(scratch.path.join("agent.stderr")).expect("stderr file")))
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(scratch.path.join("agent.stderr"))
+                    .expect("stderr file"),
+            ))
             .spawn()
             .expect("spawn proctor agent");
         let pid = child.id().expect("agent pid");
@@ -211,6 +235,28 @@ impl Agent {
 
     pub async fn client(&self) -> AgentClient<Channel> {
         AgentClient::connect(format!("http://{}", self.addr)).await.expect("connect to agent")
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup: its services keep running)
+    /// and hands back its folder, to start another agent from.
+    pub fn kill9(mut self) -> Scratch {
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        if let Some(mut child) = self.child.take() {
+            for _ in 0..200 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let path = std::mem::replace(&mut self.scratch.path, PathBuf::new());
+        Scratch { path }
+    }
+
+    /// Starts a new agent from the config a previous one left in `scratch`.
+    pub async fn restart_from(bin: &str, scratch: Scratch) -> Agent {
+        let text = std::fs::read_to_string(scratch.path.join("agent.toml")).expect("previous agent config");
+        Agent::spawn_with(bin, scratch, &text).await
     }
 
     /// The agent's stderr so far (its logs).
@@ -331,4 +377,37 @@ impl Fixture {
     pub fn set(&self, route: &str, code: u16, body: impl Into<Vec<u8>>) {
         self.routes.lock().expect("routes").insert(route.to_owned(), (code, body.into()));
     }
+}
+
+/// Children of `pid` (from /proc), with their state letter (`Z` = zombie).
+pub fn children(pid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push((child, state));
+        }
+    }
+    out
+}
+
+/// The process group of `pid`, if it exists.
+pub fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Waits (bounded) until `cond` holds, polling every 20 ms.
+pub async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    within(limit, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }

@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod loading;
 mod run;
+mod supervision;
 
 use std::time::Duration;
 
