@@ -645,16 +645,15 @@ impl Actor {
             }
         }
         // Restart policy, for exits nobody asked for.
-        if stop.is_none() && self.pending.is_empty() && !self.cancel.is_cancelled() {
-            if reached_ready || ran >= self.cfg.restart.stable_after {
-                self.failures = 0;
-            }
-            if restart::should_restart(self.cfg.restart.mode, exit.kind()) {
-                self.failures += 1;
-                let delay = restart::delay(&self.cfg.restart, self.failures, restart::jitter());
-                tracing::info!(service = %self.cfg.name, attempt = self.failures, ?delay, exit = %exit, "restart scheduled");
-                self.restart_at = Some(Instant::now() + delay);
-            }
+        if stop.is_none()
+            && self.pending.is_empty()
+            && !self.cancel.is_cancelled()
+            && restart::should_restart(self.cfg.restart.mode, exit.kind())
+        {
+            self.failures = restart::failures_after(self.failures, reached_ready, ran, self.cfg.restart.stable_after);
+            let delay = restart::delay(&self.cfg.restart, self.failures, restart::jitter());
+            tracing::info!(service = %self.cfg.name, attempt = self.failures, ?delay, exit = %exit, "restart scheduled");
+            self.restart_at = Some(Instant::now() + delay);
         }
         if let Some(stop) = stop {
             for w in stop.waiters {

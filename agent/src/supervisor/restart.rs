@@ -26,6 +26,13 @@ pub fn delay(policy: &RestartPolicy, attempt: u32, jitter: f64) -> Duration {
     base.mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0))
 }
 
+/// The count of consecutive failed runs after a run that lasted `ran` and
+/// did (or did not) get a model to READY: a healthy run starts a new count,
+/// so a long load that finally crashes is a first failure, not a crash loop.
+pub fn failures_after(previous: u32, reached_ready: bool, ran: Duration, stable_after: Duration) -> u32 {
+    if reached_ready || ran >= stable_after { 1 } else { previous.saturating_add(1) }
+}
+
 /// A fresh random number in [0, 1) without a random-number crate.
 pub fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
@@ -60,6 +67,16 @@ mod tests {
             let j = jitter();
             assert!((0.0..1.0).contains(&j));
         }
+    }
+
+    #[test]
+    fn a_stable_run_resets_the_count() {
+        let s = Duration::from_secs;
+        let stable = s(60);
+        assert_eq!(failures_after(0, false, s(1), stable), 1);
+        assert_eq!(failures_after(3, false, s(1), stable), 4, "quick crashes count up");
+        assert_eq!(failures_after(3, false, s(3600), stable), 1, "an hour-long load is not a crash loop");
+        assert_eq!(failures_after(3, true, s(5), stable), 1, "a run that served is not a crash loop");
     }
 
     #[test]
