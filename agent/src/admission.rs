@@ -33,6 +33,7 @@ struct Reservation {
 enum Command {
     Reserve { service: String, model: String, need: u64, headroom: u64, reply: oneshot::Sender<Result<(), Refused>> },
     Release { service: String, model: String },
+    Capacity { reply: oneshot::Sender<(Capacity, u64)> },
 }
 
 impl std::fmt::Debug for Command {
@@ -72,6 +73,16 @@ impl Admission {
         rx.await.unwrap_or(Ok(()))
     }
 
+    /// The host's capacity now and the memory reserved by loads in progress,
+    /// as `admit` would see them (for GetInfo, so controllers place alike).
+    pub async fn capacity(&self) -> (Capacity, u64) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Capacity { reply }).is_err() {
+            return (Capacity::default(), 0);
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// The load ended (ready, failed or stopped): its reservation is freed.
     pub fn release(&self, service: &str, model: &str) {
         let _ = self.tx.send(Command::Release { service: service.into(), model: model.into() });
@@ -89,6 +100,10 @@ async fn run(
             Command::Release { service, model } => {
                 held.remove(&(service, model));
             }
+            Command::Capacity { reply } => {
+                let now = samples.borrow().clone();
+                let _ = reply.send((source(&now), reserved(&held, &now)));
+            }
             Command::Reserve { service, model, need, headroom, reply } => {
                 let key = (service.clone(), model.clone());
                 if held.contains_key(&key) {
@@ -97,11 +112,7 @@ async fn run(
                 }
                 let now = samples.borrow().clone();
                 let rss = |s: &str| now.get(s).map_or(0, |m| m.rss_bytes);
-                let reserved = held
-                    .iter()
-                    .map(|((svc, _), r)| r.need.saturating_sub(rss(svc).saturating_sub(r.rss_at_admission)))
-                    .sum();
-                let result = match admission::admit(need, headroom, source(&now), reserved) {
+                let result = match admission::admit(need, headroom, source(&now), reserved(&held, &now)) {
                     Ok(_) => {
                         held.insert(key, Reservation { need: need + headroom, rss_at_admission: rss(&service) });
                         Ok(())
@@ -112,6 +123,13 @@ async fn run(
             }
         }
     }
+}
+
+/// Memory still owed to admitted loads: each reservation less what its
+/// service's tree has grown by since.
+fn reserved(held: &BTreeMap<(String, String), Reservation>, now: &BTreeMap<String, TreeMemory>) -> u64 {
+    let rss = |s: &str| now.get(s).map_or(0, |m| m.rss_bytes);
+    held.iter().map(|((svc, _), r)| r.need.saturating_sub(rss(svc).saturating_sub(r.rss_at_admission))).sum()
 }
 
 fn mem_available() -> Option<u64> {

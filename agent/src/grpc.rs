@@ -24,6 +24,7 @@ const MAX_CASES_PER_CALL: usize = 10_000;
 
 pub struct Service {
     pub journal: Journal,
+    pub admission: crate::admission::Admission,
     pub supervisors: BTreeMap<String, Supervisor>,
     pub info: proto::AgentInfo,
     pub http: reqwest::Client,
@@ -83,8 +84,12 @@ impl AgentApi for Service {
         let snapshot = self.journal.snapshot().await.map_err(closed)?;
         if let Some(host) = snapshot.host.filter(|h| h.total_bytes > 0) {
             info.host_memory_total_bytes = host.total_bytes;
-            info.host_memory_available_bytes = host.available_bytes;
         }
+        let (capacity, reserved) = self.admission.capacity().await;
+        info.host_memory_available_bytes = capacity.mem_available;
+        info.cgroup_room_bytes = capacity.cgroup_room;
+        info.budget_room_bytes = capacity.budget_room;
+        info.reserved_bytes = reserved;
         info.now_unix_ms = crate::journal::now_unix_ms();
         Ok(Response::new(info))
     }

@@ -188,6 +188,7 @@ struct State {
     watchers: Vec<mpsc::Sender<WatchMessage>>,
     services: BTreeMap<String, ServiceState>,
     host: HostMemory,
+    heartbeat_unix_ms: i64,
     leases: LeaseTable,
 }
 
@@ -220,7 +221,15 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
                 let _ = reply.send(result);
             }
             Command::Renew { claim, ttl, reply } => {
-                let _ = reply.send(state.leases.renew(&claim, ttl, Instant::now(), now_unix_ms()));
+                let result = state.leases.renew(&claim, ttl, Instant::now(), now_unix_ms());
+                if let Ok(g) = &result {
+                    // Watchers learn the new expiry, so nobody mistakes it for expired.
+                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged {
+                        lease: Some(grant_to_proto(g)),
+                        released: false,
+                    }));
+                }
+                let _ = reply.send(result);
             }
             Command::Release { claim, reply } => {
                 let result = state.leases.release(&claim, Instant::now());
@@ -328,6 +337,7 @@ impl State {
                 }
             }
             event::Kind::Telemetry(t) => {
+                self.heartbeat_unix_ms = now;
                 if let Some(host) = t.host {
                     self.host = host;
                 }
@@ -354,6 +364,7 @@ impl State {
             services: self.services.values().cloned().collect(),
             leases: self.leases.live_grants(now).iter().map(grant_to_proto).collect(),
             host: Some(self.host),
+            heartbeat_unix_ms: self.heartbeat_unix_ms,
         }
     }
 

@@ -126,7 +126,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         cgroups,
         roots: Arc::new(roots_tx),
         samples: samples_rx,
-        admission,
+        admission: admission.clone(),
         data_dir,
     };
     let mut supervisors = BTreeMap::new();
@@ -162,6 +162,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
                     .collect(),
             })
             .collect(),
+        memory_budget_bytes: config.memory_budget_bytes,
         capabilities: Some(proto::Capabilities {
             cgroup: cgroups,
             nvml: false,
@@ -170,7 +171,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         }),
         ..Default::default()
     };
-    let service = grpc::Service { journal, supervisors, info, http: reqwest::Client::new() };
+    let service = grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new() };
 
     let server_cancel = cancel.clone();
     let server_tasks = tasks.clone();

@@ -37,6 +37,8 @@ pub enum ClientError {
 /// One connected agent.
 #[derive(Clone, Debug)]
 pub struct Agent {
+    /// The inventory's name for it (its address when given by `--agent`).
+    pub name: String,
     pub addr: String,
     inner: AgentClient<Channel>,
     pub info: proto::AgentInfo,
@@ -64,6 +66,10 @@ impl Lease {
 
 impl Agent {
     pub async fn connect(addr: &str) -> Result<Agent, ClientError> {
+        Agent::connect_named(addr, addr).await
+    }
+
+    pub async fn connect_named(name: &str, addr: &str) -> Result<Agent, ClientError> {
         let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
         let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress { addr: addr.to_owned() })?;
         let channel = endpoint
@@ -84,7 +90,33 @@ impl Agent {
                 ours: proto::PROTOCOL_VERSION,
             });
         }
-        Ok(Agent { addr: addr.to_owned(), inner, info })
+        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info })
+    }
+
+    /// Asks again for the handshake: memory figures change as models load.
+    pub async fn refresh_info(&mut self) -> Result<(), ClientError> {
+        self.info = self.inner.get_info(proto::GetInfoRequest {}).await.map_err(|s| self.rpc(s))?.into_inner();
+        Ok(())
+    }
+
+    /// The agent's snapshot, as a one-off (for `proctor agents`).
+    pub async fn snapshot(&self) -> Result<proto::Snapshot, ClientError> {
+        let mut stream = self
+            .inner
+            .clone()
+            .watch(proto::WatchRequest { from_seq: u64::MAX })
+            .await
+            .map_err(|s| self.rpc(s))?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(proto::WatchMessage { kind: Some(watch_message::Kind::Snapshot(s)) })) => Ok(s),
+            Ok(_) => Err(ClientError::Rpc {
+                addr: self.addr.clone(),
+                code: tonic::Code::Internal,
+                message: "watch did not open with a snapshot".into(),
+            }),
+            Err(s) => Err(self.rpc(s)),
+        }
     }
 
     fn rpc(&self, s: tonic::Status) -> ClientError {
@@ -100,7 +132,13 @@ impl Agent {
     }
 
     /// Tries once. A busy service is `Err(Rpc { code: FailedPrecondition })`.
-    pub async fn acquire(&self, service: &str, run_id: &str, holder: &str) -> Result<Lease, ClientError> {
+    pub async fn acquire(
+        &self,
+        service: &str,
+        run_id: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, ClientError> {
         let lease = self
             .inner
             .clone()
@@ -108,7 +146,7 @@ impl Agent {
                 service: service.to_owned(),
                 run_id: run_id.to_owned(),
                 holder: holder.to_owned(),
-                ttl_ms: LEASE_TTL.as_millis() as u64,
+                ttl_ms: ttl.as_millis() as u64,
             })
             .await
             .map_err(|s| self.rpc(s))?
@@ -117,12 +155,12 @@ impl Agent {
     }
 
     /// Renews the lease every third of its TTL until cancelled.
-    pub fn keep_renewed(&self, lease: &Lease, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn keep_renewed(&self, lease: &Lease, ttl: Duration, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let mut client = self.inner.clone();
         let lease = lease.clone();
         let addr = self.addr.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE_TTL / 3);
+            let mut tick = tokio::time::interval(ttl / 3);
             tick.tick().await;
             loop {
                 tokio::select! {
@@ -147,6 +185,7 @@ impl Agent {
         lease: &Lease,
         models: &[String],
         timeout: Option<Duration>,
+        headroom: u64,
         fresh: bool,
     ) -> Result<u64, ClientError> {
         let response = self
@@ -157,7 +196,7 @@ impl Agent {
                 models: models.to_vec(),
                 overrides: Some(proto::ModelOverrides {
                     load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-                    ..Default::default()
+                    ram_headroom_bytes: headroom,
                 }),
                 fresh,
             })
@@ -232,6 +271,43 @@ pub struct ModelView {
     pub message: String,
 }
 
+/// A lease as watchers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseView {
+    pub run_id: String,
+    pub holder: String,
+    pub since: String,
+    pub epoch: u64,
+    pub expires_unix_ms: i64,
+}
+
+fn lease_view(l: &proto::Lease) -> LeaseView {
+    LeaseView {
+        run_id: l.run_id.clone(),
+        holder: l.holder.clone(),
+        since: format_unix_ms(l.granted_unix_ms),
+        epoch: l.epoch,
+        expires_unix_ms: l.expires_unix_ms,
+    }
+}
+
+/// RFC 3339 UTC, second precision.
+pub fn format_unix_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// The controller's picture of one agent, kept current by `follow`.
 #[derive(Clone, Debug, Default)]
 pub struct AgentView {
@@ -241,6 +317,10 @@ pub struct AgentView {
     pub models: BTreeMap<(String, String), ModelView>,
     pub rss: BTreeMap<String, u64>,
     pub results: HashMap<String, CaseReport>,
+    /// Live leases by service.
+    pub leases: BTreeMap<String, LeaseView>,
+    /// The agent's last heartbeat (its 1 Hz sample), agent clock.
+    pub heartbeat_unix_ms: i64,
     /// Set when the agent is gone for longer than the reconnect grace.
     pub lost: Option<String>,
 }
@@ -271,6 +351,8 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         http_status: (r.http_status > 0).then_some(r.http_status as u16),
         excerpt: r.response_excerpt,
         attempt: r.attempt,
+        host: String::new(),
+        lease_epoch: r.lease_epoch,
     }
 }
 
@@ -338,6 +420,8 @@ fn apply(
             }
             v.incarnation = s.incarnation.clone();
             v.last_seq = s.next_seq.saturating_sub(1);
+            v.heartbeat_unix_ms = s.heartbeat_unix_ms;
+            v.leases = s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect();
             for svc in &s.services {
                 v.rss.insert(svc.name.clone(), svc.rss_bytes);
                 for m in &svc.models {
@@ -370,7 +454,18 @@ fn apply(
                         v.last_seq = seq;
                     });
                 }
+                Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
+                    if let Some(l) = &c.lease {
+                        if c.released {
+                            v.leases.remove(&l.service);
+                        } else {
+                            v.leases.insert(l.service.clone(), lease_view(l));
+                        }
+                    }
+                    v.last_seq = seq;
+                }),
                 Some(event::Kind::Telemetry(t)) => {
+                    let at = e.time_unix_ms;
                     for s in &t.services {
                         let _ = updates.send(Update::Memory {
                             host: host.to_owned(),
@@ -382,6 +477,7 @@ fn apply(
                         for s in t.services {
                             v.rss.insert(s.service, s.rss_bytes);
                         }
+                        v.heartbeat_unix_ms = at;
                         v.last_seq = seq;
                     });
                 }

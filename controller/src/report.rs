@@ -42,6 +42,10 @@ pub struct CaseReport {
     pub http_status: Option<u16>,
     pub excerpt: String,
     pub attempt: u32,
+    /// The agent it ran on (empty if it never reached one).
+    pub host: String,
+    /// The lease epoch the agent ran it under.
+    pub lease_epoch: u64,
 }
 
 impl CaseReport {
@@ -54,6 +58,8 @@ impl CaseReport {
             http_status: None,
             excerpt: String::new(),
             attempt: 1,
+            host: String::new(),
+            lease_epoch: 0,
         }
     }
 
@@ -73,6 +79,7 @@ impl CaseReport {
 /// How a requested model ended up, for the summary.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelLoad {
+    pub host: String,
     pub service: String,
     pub model: String,
     /// `None` = ready; `Some(message)` = failed.
@@ -114,18 +121,25 @@ impl RunReport {
         let mut out = String::new();
         let suite_w = self.cases.iter().map(|c| c.suite.len()).max().unwrap_or(5).max(5);
         let case_w = self.cases.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(out, "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}", "SUITE", "CASE", "RESULT", "TIME");
+        let host_w = self.cases.iter().map(|c| c.host.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(
+            out,
+            "{:<suite_w$}  {:<case_w$}  {:<host_w$}  {:<6}  {:>9}",
+            "SUITE", "CASE", "HOST", "RESULT", "TIME"
+        );
         for c in &self.cases {
             let result = match c.outcome {
                 Outcome::Passed => "PASS",
                 Outcome::Failed(_) => "FAIL",
                 Outcome::Error(_) => "ERROR",
             };
+            let host = if c.host.is_empty() { "-" } else { &c.host };
             let _ = writeln!(
                 out,
-                "{:<suite_w$}  {:<case_w$}  {:<6}  {:>9}",
+                "{:<suite_w$}  {:<case_w$}  {:<host_w$}  {:<6}  {:>9}",
                 c.suite,
                 c.name,
+                host,
                 result,
                 fmt_duration(c.duration)
             );
@@ -149,12 +163,20 @@ impl RunReport {
             for l in &self.loads {
                 match &l.failure {
                     None => {
-                        let _ = writeln!(out, "  {}/{}: READY (waited {})", l.service, l.model, fmt_duration(l.waited));
+                        let _ = writeln!(
+                            out,
+                            "  {}/{}/{}: READY (waited {})",
+                            l.host,
+                            l.service,
+                            l.model,
+                            fmt_duration(l.waited)
+                        );
                     }
                     Some(m) => {
                         let _ = writeln!(
                             out,
-                            "  {}/{}: FAILED after {}: {}",
+                            "  {}/{}/{}: FAILED after {}: {}",
+                            l.host,
                             l.service,
                             l.model,
                             fmt_duration(l.waited),
@@ -212,6 +234,9 @@ impl RunReport {
             };
             let mut tc = TestCase::new(c.name.clone(), status);
             tc.set_classname(c.suite.clone());
+            if !c.host.is_empty() {
+                tc.add_property(quick_junit::Property::new("host", c.host.clone()));
+            }
             tc.set_time(c.duration);
             suites[idx].add_test_case(tc);
         }
@@ -245,6 +270,8 @@ mod tests {
             http_status: Some(200),
             excerpt: "{\"model\":\"nllb\"}".into(),
             attempt: 1,
+            host: "gpu-01".into(),
+            lease_epoch: 1,
         };
         RunReport {
             run_id: "r".into(),

@@ -1,19 +1,25 @@
-//! `proctor run`: parse every suite, then for each suite take a lease on its
-//! service, ensure its models and wait for them (never skip), run its cases on
-//! the agent, and collect results. Reports are written on every outcome,
-//! including Ctrl-C.
+//! `proctor run`: parse every suite, connect to the inventory's agents, then
+//! run the suites in parallel — each placed by the planner where its models
+//! fit (preferring hosts where they are loaded), waiting with its reasons
+//! printed when no host is free, failing as unsatisfiable only when no host
+//! could ever hold it. On a host a suite takes a lease on its service, ensures
+//! its models and waits for them (never skips), runs its cases on the agent,
+//! and collects the results. Reports are written on every outcome, Ctrl-C too.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Agent, AgentView, ClientError, Lease, Stage};
+use crate::inventory::{self, Entry};
 use crate::progress::{self, Mode};
 use crate::report::{CaseReport, ModelLoad, RunReport};
+use crate::scheduler::{self, Need, Plan};
 use crate::suite::{self, Suite};
 
 /// Exit codes (DESIGN §5).
@@ -28,13 +34,34 @@ pub enum Exit {
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// Inventory file (`--inventory`).
+    pub inventory: Option<PathBuf>,
+    /// `--agent HOST:PORT` addresses, added to the inventory.
     pub agents: Vec<String>,
     pub suites: Vec<PathBuf>,
     pub out_dir: PathBuf,
     pub progress: Mode,
     /// `--model-timeout`: beats the suite's timeout.
     pub model_timeout: Option<Duration>,
+    /// `--fresh`: cold loads for every suite.
     pub fresh: bool,
+    /// Lease TTL asked of agents; renewed every third of it.
+    pub lease_ttl: Duration,
+}
+
+impl RunOptions {
+    pub fn new(agents: Vec<String>, suites: Vec<PathBuf>, out_dir: PathBuf) -> RunOptions {
+        RunOptions {
+            inventory: None,
+            agents,
+            suites,
+            out_dir,
+            progress: Mode::Quiet,
+            model_timeout: None,
+            fresh: false,
+            lease_ttl: client::LEASE_TTL,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -47,11 +74,56 @@ pub struct RunResult {
 /// Time allowed for a case's result beyond its own timeout.
 const RESULT_SLACK: Duration = Duration::from_secs(10);
 const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
-const BUSY_RETRY: Duration = Duration::from_secs(2);
+/// How often a waiting suite looks again, and says why it waits.
+const REPLAN_EVERY: Duration = Duration::from_secs(1);
+const SAY_WAITING_EVERY: Duration = Duration::from_secs(10);
+/// An agent refusing a load the planner thought would fit, this many times
+/// in a row, ends the suite with the agent's message.
+const MAX_REFUSALS: u32 = 3;
 
-struct Connected {
-    agent: Agent,
-    view: watch::Receiver<AgentView>,
+/// The controller's part of the load-timeout precedence (DESIGN §4): the CLI
+/// flag beats the suite. The agent then applies MODEL_LOADING_TIMEOUT, its
+/// config and its default below whatever is sent.
+pub fn requested_timeout(cli: Option<Duration>, suite: Option<Duration>) -> Option<Duration> {
+    cli.or(suite)
+}
+
+/// One inventory entry and, if reachable, its connection and live view.
+struct Slot {
+    entry: Entry,
+    agent: Option<Agent>,
+    view: Option<watch::Receiver<AgentView>>,
+    unreachable: Option<String>,
+}
+
+/// Everything the suite tasks share.
+struct Ctx {
+    run_id: String,
+    holder: String,
+    opts: RunOptions,
+    cancel: CancellationToken,
+    stop: CancellationToken,
+    slots: Vec<Slot>,
+    /// (slot, service) → this run's lease there, once taken. The mutex also
+    /// makes suites of this run take turns on one service of one host.
+    leases: Mutex<BTreeMap<(usize, String), LeaseCell>>,
+}
+
+/// This run's lease on one service of one host; locked while a suite uses it.
+type LeaseCell = Arc<Mutex<Option<Lease>>>;
+
+/// What one placement attempt on one host came to.
+enum Attempt {
+    Done {
+        reports: Vec<(usize, CaseReport)>,
+        loads: Vec<ModelLoad>,
+        interrupted: bool,
+    },
+    /// Not this time (lease busy, memory refused): plan these cases again.
+    Retry {
+        reason: String,
+        refused: bool,
+    },
 }
 
 /// Runs suites; prints progress and the summary; writes `junit.xml`.
@@ -74,119 +146,67 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
         );
         bad = true;
     }
-    if opts.agents.is_empty() {
-        eprintln!("error: no agents given: pass --agent HOST:PORT (repeatable)");
+    let entries = match inventory::load(opts.inventory.as_deref(), &opts.agents) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            bad = true;
+            Vec::new()
+        }
+    };
+    if entries.is_empty() && !bad {
+        eprintln!("error: no agents given: pass --agent HOST:PORT (repeatable) or --inventory FILE");
         bad = true;
     }
     if bad {
         return RunResult { exit: Exit::BadInput, report: None, junit: None };
     }
 
-    let run_id = uuid::Uuid::new_v4().to_string();
-    let holder = format!(
-        "{}@{}",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
-    );
     let stop = CancellationToken::new();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let display = tokio::spawn(progress::run(opts.progress, std::io::stdout(), updates_rx, stop.clone()));
-
-    let mut agents = Vec::new();
-    let mut unreachable = Vec::new();
-    for addr in &opts.agents {
-        match Agent::connect(addr).await {
-            Ok(agent) => {
-                let (tx, rx) = watch::channel(AgentView::default());
-                tokio::spawn(client::follow(agent.clone(), tx, updates_tx.clone(), stop.clone()));
-                agents.push(Connected { agent, view: rx });
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                unreachable.push(e.to_string());
-            }
-        }
-    }
+    let slots = connect_all(entries, &updates_tx, &stop).await;
     drop(updates_tx);
 
-    let mut report = RunReport { run_id: run_id.clone(), ..Default::default() };
-    let mut leases: BTreeMap<(usize, String), (Lease, CancellationToken)> = BTreeMap::new();
-    for suite in &suites {
-        if cancel.is_cancelled() {
-            report.interrupted = true;
-            push_errors(
-                &mut report,
-                suite,
-                &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-                "interrupted before the suite started",
-            );
-            continue;
-        }
-        let Some(index) = agents.iter().position(|a| a.agent.serves(&suite.service, &suite.models)) else {
-            let why = if agents.is_empty() {
-                format!("no agent reachable: {}", unreachable.join("; "))
-            } else {
-                let offered: Vec<String> = agents
-                    .iter()
-                    .map(|a| format!("{} serves {}", a.agent.addr, describe_services(&a.agent.info)))
-                    .collect();
-                format!(
-                    "unsatisfiable: no agent serves service {} with models {:?} ({})",
-                    suite.service,
-                    suite.models,
-                    offered.join("; ")
-                )
-            };
-            eprintln!("error: suite {}: {why}", suite.name);
-            push_errors(&mut report, suite, &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), &why);
-            continue;
-        };
-        let key = (index, suite.service.clone());
-        if !leases.contains_key(&key) {
-            match acquire(&agents[index].agent, &suite.service, &run_id, &holder, &cancel).await {
-                Ok(lease) => {
-                    let renew = stop.child_token();
-                    agents[index].agent.keep_renewed(&lease, renew.clone());
-                    leases.insert(key.clone(), (lease, renew));
-                }
-                Err(why) => {
-                    if cancel.is_cancelled() {
-                        report.interrupted = true;
-                    }
-                    eprintln!("error: suite {}: {why}", suite.name);
-                    push_errors(
-                        &mut report,
-                        suite,
-                        &suite.cases.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-                        &why,
-                    );
-                    continue;
-                }
-            }
-        }
-        let lease = leases[&key].0.clone();
-        let interrupted = run_suite(&agents[index], &lease, suite, &opts, &run_id, &mut report, &cancel).await;
-        report.interrupted |= interrupted;
-    }
+    let ctx = Arc::new(Ctx {
+        run_id: uuid::Uuid::new_v4().to_string(),
+        holder: format!(
+            "{}@{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+        ),
+        opts,
+        cancel,
+        stop,
+        slots,
+        leases: Mutex::new(BTreeMap::new()),
+    });
 
-    // Acknowledge what we received, free the services, stop following.
-    for connected in &agents {
-        let view = connected.view.borrow().clone();
-        if view.last_seq > 0 {
-            let _ = connected.agent.ack(&view.incarnation, view.last_seq).await;
+    // Every suite at once; the planner and the leases keep them apart.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, suite) in suites.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        tasks.spawn(async move { (index, run_suite(&ctx, &suite).await) });
+    }
+    let mut done: Vec<(usize, SuiteOutcome)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(outcome) = joined {
+            done.push(outcome);
         }
     }
-    for ((index, _), (lease, renew)) in &leases {
-        renew.cancel();
-        if let Err(e) = agents[*index].agent.release(lease).await {
-            tracing::warn!(error = %e, "could not release lease");
-        }
+    done.sort_by_key(|(i, _)| *i);
+    let mut report = RunReport { run_id: ctx.run_id.clone(), ..Default::default() };
+    for (_, outcome) in done {
+        report.cases.extend(outcome.cases);
+        report.loads.extend(outcome.loads);
+        report.interrupted |= outcome.interrupted;
     }
-    stop.cancel();
+    report.interrupted |= ctx.cancel.is_cancelled();
+
+    finish(&ctx).await;
     let _ = display.await;
-
     report.duration = started.elapsed();
-    let junit = opts.out_dir.join("junit.xml");
+    let junit = ctx.opts.out_dir.join("junit.xml");
     let junit = match report.write_junit(&junit) {
         Ok(()) => Some(junit),
         Err(e) => {
@@ -201,7 +221,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     let counts = report.counts();
     let exit = if report.interrupted {
         Exit::Interrupted
-    } else if counts.errors > 0 || (junit.is_none()) {
+    } else if counts.errors > 0 || junit.is_none() {
         Exit::Infrastructure
     } else if counts.failed > 0 {
         Exit::TestFailures
@@ -211,77 +231,245 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     RunResult { exit, report: Some(report), junit }
 }
 
-/// The controller's part of the load-timeout precedence (DESIGN §4): the CLI
-/// flag beats the suite. The agent then applies MODEL_LOADING_TIMEOUT, its
-/// config and its default below whatever is sent.
-pub fn requested_timeout(cli: Option<Duration>, suite: Option<Duration>) -> Option<Duration> {
-    cli.or(suite)
-}
-
-fn describe_services(info: &proto::AgentInfo) -> String {
-    let list: Vec<String> = info
-        .services
-        .iter()
-        .map(|s| format!("{} [{}]", s.name, s.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")))
-        .collect();
-    if list.is_empty() { "nothing".into() } else { list.join(", ") }
-}
-
-fn push_errors(report: &mut RunReport, suite: &Suite, names: &[String], message: &str) {
-    for name in names {
-        report.cases.push(CaseReport::error(&suite.name, name, message.to_owned()));
+async fn connect_all(
+    entries: Vec<Entry>,
+    updates: &mpsc::UnboundedSender<client::Update>,
+    stop: &CancellationToken,
+) -> Vec<Slot> {
+    let mut connecting = tokio::task::JoinSet::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let (name, addr) = (entry.name.clone(), entry.address.clone());
+        connecting.spawn(async move { (i, Agent::connect_named(&name, &addr).await) });
     }
+    let mut slots: Vec<Slot> =
+        entries.into_iter().map(|entry| Slot { entry, agent: None, view: None, unreachable: None }).collect();
+    while let Some(Ok((i, result))) = connecting.join_next().await {
+        match result {
+            Ok(agent) => {
+                let (tx, rx) = watch::channel(AgentView::default());
+                tokio::spawn(client::follow(agent.clone(), tx, updates.clone(), stop.clone()));
+                slots[i].agent = Some(agent);
+                slots[i].view = Some(rx);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                slots[i].unreachable = Some(e.to_string());
+            }
+        }
+    }
+    slots
 }
 
-/// Takes the lease, waiting (never skipping) while another run holds it.
-async fn acquire(
-    agent: &Agent,
-    service: &str,
-    run_id: &str,
-    holder: &str,
-    cancel: &CancellationToken,
-) -> Result<Lease, String> {
-    let mut last_said: Option<Instant> = None;
-    loop {
-        match agent.acquire(service, run_id, holder).await {
-            Ok(lease) => return Ok(lease),
-            Err(ClientError::Rpc { code: tonic::Code::FailedPrecondition, message, .. }) => {
-                if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    println!("waiting for {}: {message}", agent.addr);
-                    last_said = Some(Instant::now());
+/// Acknowledges what was received, frees the services, stops following.
+async fn finish(ctx: &Ctx) {
+    for slot in &ctx.slots {
+        if let (Some(agent), Some(view)) = (&slot.agent, &slot.view) {
+            let view = view.borrow().clone();
+            if view.last_seq > 0 {
+                let _ = agent.ack(&view.incarnation, view.last_seq).await;
+            }
+        }
+    }
+    let leases = ctx.leases.lock().await;
+    for ((slot, _), lease) in leases.iter() {
+        if let (Some(lease), Some(agent)) = (lease.lock().await.as_ref(), &ctx.slots[*slot].agent)
+            && let Err(e) = agent.release(lease).await
+        {
+            tracing::warn!(error = %e, "could not release lease");
+        }
+    }
+    ctx.stop.cancel();
+}
+
+#[derive(Default)]
+struct SuiteOutcome {
+    cases: Vec<CaseReport>,
+    loads: Vec<ModelLoad>,
+    interrupted: bool,
+}
+
+/// Places and runs one suite until every case has a result.
+async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
+    let mut outcome = SuiteOutcome::default();
+    let mut slots: Vec<Option<CaseReport>> = vec![None; suite.cases.len()];
+    let mut pending: Vec<usize> = (0..suite.cases.len()).collect();
+    let need = Need {
+        service: suite.service.clone(),
+        models: suite.models.clone(),
+        headroom: suite.headroom_bytes,
+        labels: suite.labels.clone(),
+        fresh: suite.fresh || ctx.opts.fresh,
+        shard: match suite.shard {
+            None => scheduler::Shard::One,
+            Some(suite::Shard::Count(n)) => scheduler::Shard::Count(n),
+            Some(suite::Shard::Auto) => scheduler::Shard::Auto,
+        },
+    };
+    let mut last_said: Option<(Instant, Vec<String>)> = None;
+    let mut refusals = 0;
+    while !pending.is_empty() {
+        if ctx.cancel.is_cancelled() {
+            outcome.interrupted = true;
+            fill(&mut slots, &pending, suite, "interrupted before the case ran");
+            break;
+        }
+        let hosts = host_views(ctx).await;
+        match scheduler::plan::plan(&need, pending.len(), &hosts, &ctx.run_id) {
+            Plan::Unsatisfiable(why) => {
+                let text =
+                    format!("unsatisfiable: no host could ever run suite {}:\n  {}", suite.name, why.join("\n  "));
+                eprintln!("error: {text}");
+                fill(&mut slots, &pending, suite, &text);
+                break;
+            }
+            Plan::Wait(why) => {
+                let repeat =
+                    last_said.as_ref().is_some_and(|(at, said)| *said == why && at.elapsed() < SAY_WAITING_EVERY);
+                if !repeat {
+                    println!("suite {} waiting for a host:\n  {}", suite.name, why.join("\n  "));
+                    last_said = Some((Instant::now(), why));
+                }
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(REPLAN_EVERY) => {}
                 }
             }
-            Err(e) => return Err(e.to_string()),
+            Plan::Place(assignments) => {
+                let mut attempts = tokio::task::JoinSet::new();
+                for a in assignments {
+                    let cases: Vec<usize> = a.cases.iter().map(|i| pending[*i]).collect();
+                    let ctx = ctx.clone();
+                    let suite = suite.clone();
+                    attempts.spawn(async move { (cases.clone(), attempt(&ctx, a.host, &suite, &cases).await) });
+                }
+                let mut retry = Vec::new();
+                while let Some(Ok((cases, result))) = attempts.join_next().await {
+                    match result {
+                        Attempt::Done { reports, loads, interrupted } => {
+                            for (i, r) in reports {
+                                slots[i] = Some(r);
+                            }
+                            outcome.loads.extend(loads);
+                            outcome.interrupted |= interrupted;
+                            refusals = 0;
+                        }
+                        Attempt::Retry { reason, refused } => {
+                            refusals += u32::from(refused);
+                            if refusals >= MAX_REFUSALS {
+                                fill(&mut slots, &cases, suite, &reason);
+                            } else {
+                                println!("suite {}: {reason}; placing it again", suite.name);
+                                retry.extend(cases);
+                            }
+                        }
+                    }
+                }
+                retry.sort_unstable();
+                pending = retry;
+                if outcome.interrupted {
+                    fill(&mut slots, &pending, suite, "interrupted before the case ran");
+                    pending.clear();
+                }
+                if !pending.is_empty() {
+                    tokio::time::sleep(REPLAN_EVERY).await;
+                }
+            }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return Err("interrupted while waiting for the lease".into()),
-            _ = tokio::time::sleep(BUSY_RETRY) => {}
+    }
+    outcome.cases = slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| CaseReport::error(&suite.name, &suite.cases[i].name, "no result".into())))
+        .collect();
+    outcome
+}
+
+fn fill(slots: &mut [Option<CaseReport>], cases: &[usize], suite: &Suite, message: &str) {
+    for i in cases {
+        if slots[*i].is_none() {
+            slots[*i] = Some(CaseReport::error(&suite.name, &suite.cases[*i].name, message.to_owned()));
         }
     }
 }
 
-/// Ensures the suite's models, waits for them, runs the cases that can run.
-/// Returns true if interrupted.
-async fn run_suite(
-    connected: &Connected,
+/// Every host as the planner should see it now.
+async fn host_views(ctx: &Ctx) -> Vec<scheduler::Host> {
+    let mut hosts = Vec::new();
+    for slot in &ctx.slots {
+        let (Some(agent), Some(view)) = (&slot.agent, &slot.view) else {
+            let reason = slot.unreachable.clone().unwrap_or_else(|| "not connected".into());
+            hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, &reason));
+            continue;
+        };
+        let mut agent = agent.clone();
+        let view = view.borrow().clone();
+        match agent.refresh_info().await {
+            Ok(()) => hosts.push(scheduler::host_view(&slot.entry.name, &slot.entry.labels, &agent.info, &view)),
+            Err(e) => hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, &e.to_string())),
+        }
+    }
+    hosts
+}
+
+/// Runs `cases` of `suite` on one host, taking this run's lease there first.
+async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize]) -> Attempt {
+    let agent = ctx.slots[slot].agent.clone().expect("planned hosts are connected");
+    let key = (slot, suite.service.clone());
+    let cell = ctx.leases.lock().await.entry(key).or_default().clone();
+    // Suites of this run take turns on one service of one host.
+    let mut held = cell.lock().await;
+    if held.is_none() {
+        match agent.acquire(&suite.service, &ctx.run_id, &ctx.holder, ctx.opts.lease_ttl).await {
+            Ok(lease) => {
+                agent.keep_renewed(&lease, ctx.opts.lease_ttl, ctx.stop.child_token());
+                *held = Some(lease);
+            }
+            Err(ClientError::Rpc { code: tonic::Code::FailedPrecondition, message, .. }) => {
+                return Attempt::Retry { reason: format!("{}: {message}", agent.name), refused: false };
+            }
+            Err(e) => {
+                let reports =
+                    cases.iter().map(|i| (*i, CaseReport::error(&suite.name, &suite.cases[*i].name, e.to_string())));
+                return Attempt::Done { reports: reports.collect(), loads: Vec::new(), interrupted: false };
+            }
+        }
+    }
+    let lease = held.clone().expect("just taken");
+    let view = ctx.slots[slot].view.clone().expect("connected");
+    run_on(ctx, &agent, view, &lease, suite, cases).await
+}
+
+/// Ensures the suite's models on one host, waits for them, runs the cases
+/// whose models loaded, and turns the others into errors.
+async fn run_on(
+    ctx: &Ctx,
+    agent: &Agent,
+    mut view: watch::Receiver<AgentView>,
     lease: &Lease,
     suite: &Suite,
-    opts: &RunOptions,
-    run_id: &str,
-    report: &mut RunReport,
-    cancel: &CancellationToken,
-) -> bool {
-    let agent = &connected.agent;
-    let mut view = connected.view.clone();
-    let all_names: Vec<String> = suite.cases.iter().map(|c| c.name.clone()).collect();
-    let timeout = requested_timeout(opts.model_timeout, suite.load_timeout);
+    cases: &[usize],
+) -> Attempt {
+    let host = agent.name.clone();
+    let error = |i: usize, message: String| {
+        let mut r = CaseReport::error(&suite.name, &suite.cases[i].name, message);
+        r.host = host.clone();
+        (i, r)
+    };
+    let timeout = requested_timeout(ctx.opts.model_timeout, suite.load_timeout);
     let asked = Instant::now();
-    let barrier = match agent.ensure(lease, &suite.models, timeout, opts.fresh).await {
+    let fresh = suite.fresh || ctx.opts.fresh;
+    let barrier = match agent.ensure(lease, &suite.models, timeout, suite.headroom_bytes, fresh).await {
         Ok(b) => b,
+        Err(ClientError::Rpc { code: tonic::Code::ResourceExhausted, message, .. }) => {
+            return Attempt::Retry { reason: format!("{}: {message}", agent.name), refused: true };
+        }
         Err(e) => {
             eprintln!("error: suite {}: {e}", suite.name);
-            push_errors(report, suite, &all_names, &e.to_string());
-            return false;
+            return Attempt::Done {
+                reports: cases.iter().map(|i| error(*i, e.to_string())).collect(),
+                loads: vec![],
+                interrupted: false,
+            };
         }
     };
 
@@ -293,89 +481,94 @@ async fn run_suite(
                 && suite.models.iter().all(|m| v.models.get(&key(m)).is_some_and(|x| x.stage.is_terminal())))
     };
     let waited = tokio::select! {
-        _ = cancel.cancelled() => None,
+        _ = ctx.cancel.cancelled() => None,
         r = view.wait_for(settled) => Some(r.map(|v| v.clone())),
     };
     let snapshot = match waited {
         None => {
-            push_errors(report, suite, &all_names, "interrupted while waiting for models to load");
-            return true;
+            let reports = cases.iter().map(|i| error(*i, "interrupted while waiting for models to load".into()));
+            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: true };
         }
         Some(Err(_)) => {
-            push_errors(report, suite, &all_names, "lost the agent's event stream");
-            return false;
+            let reports = cases.iter().map(|i| error(*i, "lost the agent's event stream".into()));
+            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: false };
         }
         Some(Ok(v)) => v,
     };
     if let Some(lost) = &snapshot.lost {
-        push_errors(report, suite, &all_names, lost);
-        return false;
+        return Attempt::Done {
+            reports: cases.iter().map(|i| error(*i, lost.clone())).collect(),
+            loads: vec![],
+            interrupted: false,
+        };
     }
 
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut loads = Vec::new();
     for m in &suite.models {
-        let state = snapshot.models.get(&key(m));
-        let failure = match state {
+        let failure = match snapshot.models.get(&key(m)) {
             Some(s) if s.stage == Stage::Ready => None,
             Some(s) if !s.message.is_empty() => Some(s.message.clone()),
             Some(s) => Some(format!("model {m} is {}", s.stage.label())),
-            None => Some(format!("model {m} is unknown to the agent")),
+            None => Some(format!("model {m} is unknown to agent {}", agent.name)),
         };
-        if !report.loads.iter().any(|l| l.service == suite.service && l.model == *m) {
-            report.loads.push(ModelLoad {
-                service: suite.service.clone(),
-                model: m.clone(),
-                failure: failure.clone(),
-                waited: asked.elapsed(),
-            });
-        }
+        loads.push(ModelLoad {
+            host: host.clone(),
+            service: suite.service.clone(),
+            model: m.clone(),
+            failure: failure.clone(),
+            waited: asked.elapsed(),
+        });
         if let Some(f) = failure {
             failed.insert(m.clone(), f);
         }
     }
 
     // Cases whose models failed become errors carrying the load message.
+    let mut reports = Vec::new();
     let mut runnable = Vec::new();
-    let mut slots: Vec<Option<CaseReport>> = vec![None; suite.cases.len()];
-    for (i, case) in suite.cases.iter().enumerate() {
-        match case.models.iter().find_map(|m| failed.get(m)) {
-            Some(message) => slots[i] = Some(CaseReport::error(&suite.name, &case.name, message.clone())),
+    for &i in cases {
+        match suite.cases[i].models.iter().find_map(|m| failed.get(m)) {
+            Some(message) => reports.push(error(i, message.clone())),
             None => runnable.push(i),
         }
     }
-    let ids: Vec<(usize, String)> = runnable.iter().map(|i| (*i, format!("{run_id}/{}/{i}", suite.name))).collect();
+    let ids: Vec<(usize, String)> =
+        runnable.iter().map(|i| (*i, format!("{}/{}/{i}", ctx.run_id, suite.name))).collect();
     let mut interrupted = false;
     if !ids.is_empty() {
-        let cases = ids.iter().map(|(i, id)| client::case_to_proto(id.clone(), 1, &suite.cases[*i])).collect();
-        match agent.run_cases(lease, cases).await {
-            Err(e) => {
-                for (i, _) in &ids {
-                    slots[*i] = Some(CaseReport::error(&suite.name, &suite.cases[*i].name, e.to_string()));
-                }
-            }
+        let protos = ids.iter().map(|(i, id)| client::case_to_proto(id.clone(), 1, &suite.cases[*i])).collect();
+        match agent.run_cases(lease, protos).await {
+            Err(e) => reports.extend(ids.iter().map(|(i, _)| error(*i, e.to_string()))),
             Ok(()) => {
                 let budget: Duration =
                     ids.iter().map(|(i, _)| suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT)).sum::<Duration>()
                         + RESULT_SLACK;
                 let done = |v: &AgentView| v.lost.is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id));
-                let outcome = tokio::select! {
-                    _ = cancel.cancelled() => { interrupted = true; None }
+                let got = tokio::select! {
+                    _ = ctx.cancel.cancelled() => { interrupted = true; None }
                     _ = tokio::time::sleep(budget) => None,
                     r = view.wait_for(done) => r.ok().map(|v| v.clone()),
                 };
-                let latest = outcome.unwrap_or_else(|| connected.view.borrow().clone());
+                let latest = got.unwrap_or_else(|| view.borrow().clone());
                 for (i, id) in &ids {
-                    let name = &suite.cases[*i].name;
-                    slots[*i] = Some(match latest.results.get(id) {
-                        Some(r) => CaseReport { suite: suite.name.clone(), ..r.clone() },
-                        None if interrupted => {
-                            CaseReport::error(&suite.name, name, "interrupted before the case finished".into())
+                    reports.push(match latest.results.get(id) {
+                        // Fencing: a result under another lease epoch is never merged.
+                        Some(r) if r.lease_epoch == lease.epoch => {
+                            (*i, CaseReport { suite: suite.name.clone(), host: host.clone(), ..r.clone() })
                         }
-                        None => CaseReport::error(
-                            &suite.name,
-                            name,
+                        Some(r) => error(
+                            *i,
+                            format!(
+                                "result rejected: it came under lease epoch {}, this run holds epoch {}",
+                                r.lease_epoch, lease.epoch
+                            ),
+                        ),
+                        None if interrupted => error(*i, "interrupted before the case finished".into()),
+                        None => error(
+                            *i,
                             latest.lost.clone().unwrap_or_else(|| {
-                                format!("no result from agent {} within {}s", agent.addr, budget.as_secs())
+                                format!("no result from agent {} within {}s", agent.name, budget.as_secs())
                             }),
                         ),
                     });
@@ -383,6 +576,5 @@ async fn run_suite(
             }
         }
     }
-    report.cases.extend(slots.into_iter().flatten());
-    interrupted
+    Attempt::Done { reports, loads, interrupted }
 }

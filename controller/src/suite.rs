@@ -19,7 +19,22 @@ pub struct Suite {
     pub models: Vec<String>,
     /// Model load timeout asked by the suite (below the CLI flag).
     pub load_timeout: Option<Duration>,
+    /// Hosts must carry all of these labels.
+    pub labels: Vec<String>,
+    /// Memory to keep free beyond the models' declared needs.
+    pub headroom_bytes: u64,
+    /// Restart the service for a cold load even where the models are loaded.
+    pub fresh: bool,
+    /// Split the cases across hosts: `None` = one host.
+    pub shard: Option<Shard>,
     pub cases: Vec<Case>,
+}
+
+/// `shard: N` or `shard: auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shard {
+    Count(u32),
+    Auto,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,6 +84,14 @@ struct RawSuite {
     models: Spanned<Vec<String>>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    headroom_mb: u64,
+    #[serde(default)]
+    fresh: bool,
+    #[serde(default)]
+    shard: Option<Spanned<String>>,
     cases: Spanned<Vec<Spanned<RawCase>>>,
 }
 
@@ -240,7 +263,31 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
             timeout,
         });
     }
-    Ok(Suite { name, file: path.to_owned(), service, models: raw.models.value, load_timeout, cases })
+    let shard = match &raw.shard {
+        None => None,
+        Some(s) if s.value == "auto" => Some(Shard::Auto),
+        Some(s) => match s.value.parse::<u32>() {
+            Ok(n) if n >= 1 => Some(Shard::Count(n)),
+            _ => {
+                return Err(at(
+                    s.referenced,
+                    format!("shard {:?}: write a number of hosts (1 or more) or `auto`", s.value),
+                ));
+            }
+        },
+    };
+    Ok(Suite {
+        name,
+        file: path.to_owned(),
+        service,
+        models: raw.models.value,
+        load_timeout,
+        labels: raw.labels,
+        headroom_bytes: raw.headroom_mb * 1024 * 1024,
+        fresh: raw.fresh,
+        shard,
+        cases,
+    })
 }
 
 /// saphyr says "error: line 3 column 5: reason"; we print the location once.
@@ -327,6 +374,14 @@ cases:
     fn parses_a_suite() {
         let s = parse(GOOD, Path::new("s.yaml")).unwrap();
         assert_eq!(s.load_timeout, Some(Duration::from_secs(300)));
+        assert_eq!((s.shard, s.fresh, s.headroom_bytes), (None, false, 0));
+        let s = parse(
+            &GOOD.replace("timeout: 5m", "timeout: 5m\nshard: auto\nfresh: true\nheadroom_mb: 512\nlabels: [a100]"),
+            Path::new("s.yaml"),
+        )
+        .unwrap();
+        assert_eq!((s.shard, s.fresh, s.headroom_bytes), (Some(Shard::Auto), true, 512 * 1024 * 1024));
+        assert_eq!(s.labels, vec!["a100"]);
         let c = &s.cases[0];
         assert_eq!(c.request.method, "POST");
         assert_eq!(c.models, vec!["nllb"]);
@@ -354,6 +409,7 @@ cases:
             ("models: [nllb]", "models: []", "s.yaml:3:9: models is empty"),
             ("    expect:", "    expected:", "s.yaml:11:5: unknown field `expected`"),
             ("status: 200", "status: [200]", "s.yaml:12:15:"),
+            ("timeout: 5m", "timeout: 5m\nshard: many", "s.yaml:5:8: shard \"many\": write a number"),
         ];
         for (from, to, want) in table {
             assert!(GOOD.contains(from), "{from}");

@@ -138,12 +138,8 @@ pub async fn run(out: &Path, progress: controller::progress::Mode, cancel: Cance
     println!("proctor demo: agent from {} listening on {}", config_path.display(), agent.addr);
     println!("running {} suites against service `translation` (models nllb, aya)\n", suites.len());
     let opts = controller::RunOptions {
-        agents: vec![agent.addr.to_string()],
-        suites,
-        out_dir: out.to_owned(),
         progress,
-        model_timeout: None,
-        fresh: false,
+        ..controller::RunOptions::new(vec![agent.addr.to_string()], suites, out.to_owned())
     };
     let result = controller::run(opts, cancel).await;
     if let Err(e) = agent.shutdown().await {

@@ -34,6 +34,8 @@ enum Command {
     Demo(DemoArgs),
     /// Run suites against one or more agents.
     Run(RunArgs),
+    /// Show what each agent of the inventory offers now: memory, services, models, stages, leases.
+    Agents(AgentsArgs),
     /// Run the agent daemon on this host.
     Agent(AgentArgs),
     /// Run the reference model service (translation API contract) with simulated models and faults.
@@ -82,10 +84,29 @@ struct DemoArgs {
 }
 
 #[derive(Args, Debug)]
-struct RunArgs {
-    /// Agent address HOST:PORT (repeatable).
-    #[arg(long = "agent", value_name = "HOST:PORT", required = true)]
+struct AgentsArgs {
+    /// Agent address HOST:PORT (repeatable); added to the inventory.
+    #[arg(long = "agent", value_name = "HOST:PORT")]
     agents: Vec<String>,
+    /// Inventory file (TOML): agents with names, addresses and labels; see docs/scheduling.md.
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Agent address HOST:PORT (repeatable); added to the inventory.
+    #[arg(long = "agent", value_name = "HOST:PORT")]
+    agents: Vec<String>,
+    /// Inventory file (TOML): agents with names, addresses and labels; see docs/scheduling.md.
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// Lease TTL asked of agents (renewed every third of it).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    lease_ttl: Duration,
     /// Suite files (YAML).
     #[arg(value_name = "SUITE", required = true)]
     suites: Vec<PathBuf>,
@@ -201,15 +222,26 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Run(args) => {
             init_tracing("warn");
             let opts = controller::RunOptions {
+                inventory: args.inventory,
                 agents: args.agents,
                 suites: args.suites,
                 out_dir: args.out,
                 progress: args.progress.mode(),
                 model_timeout: args.model_timeout,
                 fresh: args.fresh,
+                lease_ttl: args.lease_ttl,
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)
+        }
+        Command::Agents(args) => {
+            init_tracing("warn");
+            let opts = controller::agents::AgentsOptions {
+                inventory: args.inventory,
+                agents: args.agents,
+                json: args.output == "json",
+            };
+            ExitCode::from(controller::agents::agents(opts).await as u8)
         }
         Command::Agent(args) => {
             init_tracing("info");

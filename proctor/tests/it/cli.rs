@@ -112,7 +112,7 @@ async fn off_a_tty_progress_prints_a_line_per_change_and_per_interval() {
     .await;
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
-    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("/translation/nllb")).collect();
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[') && l.contains("/translation/nllb")).collect();
     let with = |stage: &str| lines.iter().filter(|l| l.contains(stage)).count();
     for stage in ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "WARMING_UP", "READY after"] {
         assert!(with(stage) >= 1, "a line when the model enters {stage}:\n{stdout}");

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use controller::progress::Mode;
 use controller::report::Outcome;
 use controller::{Exit, RunOptions};
 use proto::{Event, Stage, event};
@@ -167,25 +166,46 @@ async fn a_load_that_does_not_fit_is_refused_with_the_numbers() {
     let service =
         Service::sim(&["nllb:mb=8"]).model_lines("ram_mb = 200").agent_lines("[admission]\nmemory_budget_mb = 100");
     let agent = Agent::spawn(BIN, &service).await;
+    // The agent itself refuses, with the numbers and the largest consumers.
+    let mut client = agent.client().await;
+    let lease = lease(&mut client, "admission").await;
+    let status = client
+        .ensure_models(proto::EnsureModelsRequest {
+            lease: Some(lease),
+            models: vec!["nllb".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    let message = status.message();
+    assert!(message.contains("cannot load nllb on service translation: not enough memory: needs 200 MiB"), "{message}");
+    assert!(message.contains("agent budget room 100 MiB"), "{message}");
+    assert!(message.contains("largest consumers: "), "{message}");
+    let _ = client
+        .release_lease(proto::LeaseRef {
+            service: "translation".into(),
+            run_id: "admission".into(),
+            ..Default::default()
+        })
+        .await;
+
+    // The controller, judging by the same rule, knows this host can never
+    // hold it: unsatisfiable at once, every case an error, exit 2.
     let out = Scratch::new("admission");
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
     let started = Instant::now();
-    let opts = RunOptions {
-        agents: vec![agent.addr.clone()],
-        suites: vec![suite],
-        out_dir: out.path.clone(),
-        progress: Mode::Quiet,
-        model_timeout: None,
-        fresh: false,
-    };
+    let opts = RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone());
     let result = controller::run(opts, CancellationToken::new()).await;
     assert_eq!(result.exit, Exit::Infrastructure);
     assert!(started.elapsed() < Duration::from_secs(10));
     let report = result.report.unwrap();
     let Outcome::Error(message) = &report.cases[0].outcome else { panic!("{:?}", report.cases[0]) };
-    assert!(message.contains("cannot load nllb on service translation: not enough memory: needs 200 MiB"), "{message}");
-    assert!(message.contains("agent budget room 100 MiB"), "{message}");
-    assert!(message.contains("largest consumers: "), "{message}");
+    assert!(message.starts_with("unsatisfiable: no host could ever run suite translate"), "{message}");
+    assert!(
+        message.contains("needs 200 MiB (200 MiB for the models + 0 MiB headroom), can hold at most 100 MiB"),
+        "{message}"
+    );
 }
 
 /// One protocol's scripted service: answers while loading, then when ready.

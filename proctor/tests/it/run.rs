@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use controller::progress::Mode;
 use controller::report::Outcome;
 use controller::{Exit, RunOptions};
 use testkit::{Agent, Scratch, Service};
@@ -33,14 +32,7 @@ cases:
 ";
 
 fn options(agent: &Agent, suites: Vec<std::path::PathBuf>, out: &Scratch) -> RunOptions {
-    RunOptions {
-        agents: vec![agent.addr.clone()],
-        suites,
-        out_dir: out.path.clone(),
-        progress: Mode::Quiet,
-        model_timeout: None,
-        fresh: false,
-    }
+    RunOptions::new(vec![agent.addr.clone()], suites, out.path.clone())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,17 @@ pub struct AgentInfo {
     /// Wall clock at the agent when it answered, for clock-offset estimates.
     #[prost(int64, tag = "9")]
     pub now_unix_ms: i64,
+    /// Memory admission inputs (see proto::admission): absent = no such limit.
+    #[prost(uint64, optional, tag = "10")]
+    pub cgroup_room_bytes: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "11")]
+    pub budget_room_bytes: ::core::option::Option<u64>,
+    /// Memory promised to loads admitted and still loading.
+    #[prost(uint64, tag = "12")]
+    pub reserved_bytes: u64,
+    /// The agent's configured memory budget for its services, if any.
+    #[prost(uint64, optional, tag = "13")]
+    pub memory_budget_bytes: ::core::option::Option<u64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServiceInfo {
@@ -320,6 +331,9 @@ pub struct Snapshot {
     pub leases: ::prost::alloc::vec::Vec<Lease>,
     #[prost(message, optional, tag = "5")]
     pub host: ::core::option::Option<HostMemory>,
+    /// When the agent last sampled its host (its 1 Hz heartbeat); 0 = not yet.
+    #[prost(int64, tag = "6")]
+    pub heartbeat_unix_ms: i64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServiceState {
