@@ -77,6 +77,8 @@ const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a waiting suite looks again, and says why it waits.
 const REPLAN_EVERY: Duration = Duration::from_secs(1);
 const SAY_WAITING_EVERY: Duration = Duration::from_secs(10);
+/// How long a freshly connected agent may take to send its first snapshot.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 /// An agent refusing a load the planner thought would fit, this many times
 /// in a row, ends the suite with the agent's message.
 const MAX_REFUSALS: u32 = 3;
@@ -246,8 +248,10 @@ async fn connect_all(
     while let Some(Ok((i, result))) = connecting.join_next().await {
         match result {
             Ok(agent) => {
-                let (tx, rx) = watch::channel(AgentView::default());
+                let (tx, mut rx) = watch::channel(AgentView::default());
                 tokio::spawn(client::follow(agent.clone(), tx, updates.clone(), stop.clone()));
+                // Plan on what the agent says, not on an empty view: wait for its snapshot.
+                let _ = tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(|v| !v.incarnation.is_empty())).await;
                 slots[i].agent = Some(agent);
                 slots[i].view = Some(rx);
             }
@@ -358,7 +362,7 @@ async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
                             if refusals >= MAX_REFUSALS {
                                 fill(&mut slots, &cases, suite, &reason);
                             } else {
-                                println!("suite {}: {reason}; placing it again", suite.name);
+                                println!("suite {} waiting for a host:\n  {reason}", suite.name);
                                 retry.extend(cases);
                             }
                         }

@@ -130,7 +130,7 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
         }
         if let Some(holder) = service.lease.as_ref().filter(|h| h.run_id != run_id) {
             waits.push(format!(
-                "{name}: busy: {} is held by run {} ({}) since {}",
+                "{name}: busy: service {} is held by run {} ({}) since {}",
                 need.service, holder.run_id, holder.holder, holder.since
             ));
             continue;
@@ -264,7 +264,7 @@ mod tests {
             Some(Holder { run_id: "other".into(), holder: "ci@b".into(), since: "2026-11-24T18:00:00Z".into() });
         let full = host("b", 1_000, &[("nllb", 4700, Stopped)]);
         let Plan::Wait(reasons) = plan(&need(&["nllb"]), 1, &[busy.clone(), full], "mine") else { panic!() };
-        assert_eq!(reasons[0], "a: busy: translation is held by run other (ci@b) since 2026-11-24T18:00:00Z");
+        assert_eq!(reasons[0], "a: busy: service translation is held by run other (ci@b) since 2026-11-24T18:00:00Z");
         assert!(reasons[1].starts_with("b: not enough memory: needs 4700 MiB"), "{reasons:?}");
         // Our own lease is no obstacle.
         assert!(matches!(plan(&need(&["nllb"]), 1, &[busy], "other"), Plan::Place(_)));

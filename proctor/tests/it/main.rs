@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod hosts;
 mod loading;
 mod run;
 mod supervision;
