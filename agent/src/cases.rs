@@ -95,6 +95,7 @@ fn is_empty(v: &Value) -> bool {
 pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Case, epoch: u64) -> CaseResult {
     let started = tokio::time::Instant::now();
     let mut result = CaseResult {
+        started_unix_ms: crate::journal::now_unix_ms(),
         case_id: case.case_id.clone(),
         attempt: case.attempt,
         name: case.name.clone(),
@@ -107,6 +108,7 @@ pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Ca
         return result;
     };
     let url = format!("{}{}", base_url.trim_end_matches('/'), http.path);
+    result.url = url.clone();
     let method = match reqwest::Method::from_bytes(http.method.to_uppercase().as_bytes()) {
         Ok(m) => m,
         Err(_) => {
@@ -119,6 +121,9 @@ pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Ca
     let mut request = client.request(method, &url).timeout(timeout).body(http.body.clone());
     for (k, v) in &http.headers {
         request = request.header(k, v);
+    }
+    if !case.traceparent.is_empty() {
+        request = request.header("traceparent", &case.traceparent);
     }
     let response = async {
         let r = request.send().await?;

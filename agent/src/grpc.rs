@@ -130,6 +130,8 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::EnsureModelsRequest>,
     ) -> Result<Response<proto::EnsureModelsResponse>, Status> {
+        // The caller's trace context (W3C), passed on to warm-up and load requests.
+        let traceparent = request.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let r = request.into_inner();
         let (supervisor, _, _) = self.leased(r.lease).await?;
         if r.models.is_empty() {
@@ -141,6 +143,7 @@ impl AgentApi for Service {
             timeout: Some(overrides.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis),
             headroom: overrides.ram_headroom_bytes,
             fresh: r.fresh,
+            traceparent,
         };
         let outcome = supervisor.ensure(request).await.map_err(supervisor_status)?;
         let seq_after = self.journal.snapshot().await.map_err(closed)?.next_seq;

@@ -66,6 +66,8 @@ pub struct EnsureRequest {
     pub headroom: u64,
     /// Restart the service for a cold load.
     pub fresh: bool,
+    /// W3C trace context of the caller, for warm-up and load requests.
+    pub traceparent: Option<String>,
 }
 
 enum Command {
@@ -128,6 +130,7 @@ impl Supervisor {
             oom_baseline: 0,
             failures: 0,
             restart_at: None,
+            traceparent: None,
             stop: None,
             pending: Vec::new(),
             cancel: cancel.clone(),
@@ -266,6 +269,8 @@ struct Actor {
     /// Consecutive failed runs, for the restart backoff.
     failures: u32,
     restart_at: Option<Instant>,
+    /// Trace context of the last ensure, sent on warm-up and load requests.
+    traceparent: Option<String>,
     stop: Option<Stopping>,
     pending: Vec<Pending>,
     /// The agent is shutting down once this fires: no more (re)starts.
@@ -377,6 +382,9 @@ impl Actor {
     /// Admits the loads this request starts, then starts them.
     async fn ensure(&mut self, request: &EnsureRequest) -> Result<EnsureOutcome, SupervisorError> {
         self.restart_at = None;
+        if request.traceparent.is_some() {
+            self.traceparent = request.traceparent.clone();
+        }
         // Starting the service loads every at-start model, asked for or not.
         let starting = self.run.is_none();
         let loads: Vec<String> = self

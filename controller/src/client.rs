@@ -3,7 +3,7 @@
 //! types stop here; the rest of the controller sees `AgentView`, `CaseReport`
 //! and friends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use proto::agent_client::AgentClient;
@@ -42,6 +42,9 @@ pub struct Agent {
     pub addr: String,
     inner: AgentClient<Channel>,
     pub info: proto::AgentInfo,
+    /// Agent clock minus ours, measured at connect (half the round trip
+    /// assumed each way): subtract it from agent times to get ours.
+    pub clock_offset_ms: i64,
 }
 
 /// A lease this run holds on one service of one agent.
@@ -78,11 +81,14 @@ impl Agent {
             .await
             .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
         let mut inner = AgentClient::new(channel);
+        let asked = now_unix_ms();
         let info = inner
             .get_info(proto::GetInfoRequest {})
             .await
             .map_err(|s| ClientError::Unreachable { addr: addr.to_owned(), reason: s.message().to_owned() })?
             .into_inner();
+        let answered = now_unix_ms();
+        let clock_offset_ms = info.now_unix_ms - (asked + answered) / 2;
         if info.protocol_version != proto::PROTOCOL_VERSION {
             return Err(ClientError::Protocol {
                 addr: addr.to_owned(),
@@ -90,7 +96,7 @@ impl Agent {
                 ours: proto::PROTOCOL_VERSION,
             });
         }
-        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info })
+        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info, clock_offset_ms })
     }
 
     /// Asks again for the handshake: memory figures change as models load.
@@ -179,6 +185,11 @@ impl Agent {
         Ok(())
     }
 
+    /// An agent timestamp in our clock.
+    pub fn local_ms(&self, agent_ms: i64) -> i64 {
+        agent_ms - self.clock_offset_ms
+    }
+
     /// Asks for the models; returns the seq every resulting event is below.
     pub async fn ensure(
         &self,
@@ -187,11 +198,10 @@ impl Agent {
         timeout: Option<Duration>,
         headroom: u64,
         fresh: bool,
+        traceparent: &str,
     ) -> Result<u64, ClientError> {
-        let response = self
-            .inner
-            .clone()
-            .ensure_models(proto::EnsureModelsRequest {
+        let request = with_trace(
+            proto::EnsureModelsRequest {
                 lease: Some(lease.to_proto()),
                 models: models.to_vec(),
                 overrides: Some(proto::ModelOverrides {
@@ -199,17 +209,22 @@ impl Agent {
                     ram_headroom_bytes: headroom,
                 }),
                 fresh,
-            })
-            .await
-            .map_err(|s| self.rpc(s))?
-            .into_inner();
+            },
+            traceparent,
+        );
+        let response = self.inner.clone().ensure_models(request).await.map_err(|s| self.rpc(s))?.into_inner();
         Ok(response.seq_after)
     }
 
-    pub async fn run_cases(&self, lease: &Lease, cases: Vec<proto::Case>) -> Result<(), ClientError> {
+    pub async fn run_cases(
+        &self,
+        lease: &Lease,
+        cases: Vec<proto::Case>,
+        traceparent: &str,
+    ) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .run_cases(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases })
+            .run_cases(with_trace(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases }, traceparent))
             .await
             .map_err(|s| self.rpc(s))?;
         Ok(())
@@ -225,8 +240,21 @@ impl Agent {
     }
 }
 
+/// A request carrying the W3C trace context in its gRPC metadata.
+fn with_trace<T>(message: T, traceparent: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = traceparent.parse() {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    request
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Turns a suite case into the message the agent runs.
-pub fn case_to_proto(case_id: String, attempt: u32, case: &Case) -> proto::Case {
+pub fn case_to_proto(case_id: String, attempt: u32, case: &Case, traceparent: String) -> proto::Case {
     use proto::assertion::Kind;
     let assertions = case
         .checks
@@ -251,6 +279,7 @@ pub fn case_to_proto(case_id: String, attempt: u32, case: &Case) -> proto::Case 
     proto::Case {
         case_id,
         attempt,
+        traceparent,
         name: case.name.clone(),
         timeout_ms: case.timeout.map_or(0, |t| t.as_millis() as u64),
         kind: Some(proto::case::Kind::Http(proto::HttpCase {
@@ -319,11 +348,29 @@ pub struct AgentView {
     pub results: HashMap<String, CaseReport>,
     /// Live leases by service.
     pub leases: BTreeMap<String, LeaseView>,
+    /// Stage transitions seen, oldest first (bounded): the trace's stage spans.
+    pub stage_log: VecDeque<StageMark>,
+    /// (service, agent time, tree RSS) samples seen, oldest first (bounded).
+    pub rss_log: VecDeque<(String, i64, u64)>,
     /// The agent's last heartbeat (its 1 Hz sample), agent clock.
     pub heartbeat_unix_ms: i64,
     /// Set when the agent is gone for longer than the reconnect grace.
     pub lost: Option<String>,
 }
+
+/// One stage transition as the agent stamped it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageMark {
+    pub service: String,
+    pub model: String,
+    pub stage: Stage,
+    pub cause: String,
+    /// Agent clock.
+    pub time_unix_ms: i64,
+}
+
+/// How many stage marks and memory samples a view keeps.
+const LOG_CAP: usize = 10_000;
 
 /// What the progress display is told.
 #[derive(Clone, Debug)]
@@ -353,6 +400,8 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         attempt: r.attempt,
         host: String::new(),
         lease_epoch: r.lease_epoch,
+        started_unix_ms: r.started_unix_ms,
+        url: r.url,
     }
 }
 
@@ -447,6 +496,18 @@ fn apply(
                         progress: c.progress,
                     });
                     view.send_modify(|v| {
+                        if from != to {
+                            if v.stage_log.len() == LOG_CAP {
+                                v.stage_log.pop_front();
+                            }
+                            v.stage_log.push_back(StageMark {
+                                service: c.service.clone(),
+                                model: c.model.clone(),
+                                stage: to,
+                                cause: c.cause.clone(),
+                                time_unix_ms: e.time_unix_ms,
+                            });
+                        }
                         v.models.insert(
                             (c.service, c.model),
                             ModelView { stage: to, progress: c.progress, message: c.message },
@@ -475,6 +536,10 @@ fn apply(
                     }
                     view.send_modify(|v| {
                         for s in t.services {
+                            if v.rss_log.len() == LOG_CAP {
+                                v.rss_log.pop_front();
+                            }
+                            v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
                             v.rss.insert(s.service, s.rss_bytes);
                         }
                         v.heartbeat_unix_ms = at;

@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod client;
 pub mod inventory;
+pub mod otel;
 pub mod progress;
 pub mod report;
 pub mod run;

@@ -46,6 +46,10 @@ pub struct CaseReport {
     pub host: String,
     /// The lease epoch the agent ran it under.
     pub lease_epoch: u64,
+    /// When the agent started it (agent clock; 0 if it never ran).
+    pub started_unix_ms: i64,
+    /// The URL requested.
+    pub url: String,
 }
 
 impl CaseReport {
@@ -60,6 +64,8 @@ impl CaseReport {
             attempt: 1,
             host: String::new(),
             lease_epoch: 0,
+            started_unix_ms: 0,
+            url: String::new(),
         }
     }
 
@@ -272,6 +278,8 @@ mod tests {
             attempt: 1,
             host: "gpu-01".into(),
             lease_epoch: 1,
+            started_unix_ms: 0,
+            url: String::new(),
         };
         RunReport {
             run_id: "r".into(),

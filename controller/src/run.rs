@@ -15,8 +15,12 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Link, SpanContext};
+
 use crate::client::{self, Agent, AgentView, ClientError, Lease, Stage};
 use crate::inventory::{self, Entry};
+use crate::otel::{self, Scope};
 use crate::progress::{self, Mode};
 use crate::report::{CaseReport, ModelLoad, RunReport};
 use crate::scheduler::{self, Need, Plan};
@@ -47,6 +51,8 @@ pub struct RunOptions {
     pub fresh: bool,
     /// Lease TTL asked of agents; renewed every third of it.
     pub lease_ttl: Duration,
+    /// OTLP export (the trace file is always written).
+    pub otel: otel::OtelConfig,
 }
 
 impl RunOptions {
@@ -60,6 +66,7 @@ impl RunOptions {
             model_timeout: None,
             fresh: false,
             lease_ttl: client::LEASE_TTL,
+            otel: otel::OtelConfig::default(),
         }
     }
 }
@@ -69,6 +76,7 @@ pub struct RunResult {
     pub exit: Exit,
     pub report: Option<RunReport>,
     pub junit: Option<PathBuf>,
+    pub trace: Option<PathBuf>,
 }
 
 /// Time allowed for a case's result beyond its own timeout.
@@ -109,6 +117,11 @@ struct Ctx {
     /// (slot, service) → this run's lease there, once taken. The mutex also
     /// makes suites of this run take turns on one service of one host.
     leases: Mutex<BTreeMap<(usize, String), LeaseCell>>,
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    /// The root span: one trace per run.
+    trace: Scope,
+    /// Model loads traced in this run, so a later reuse links to them.
+    loads: std::sync::Mutex<BTreeMap<(String, String, String), SpanContext>>,
 }
 
 /// This run's lease on one service of one host; locked while a suite uses it.
@@ -161,9 +174,23 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
         bad = true;
     }
     if bad {
-        return RunResult { exit: Exit::BadInput, report: None, junit: None };
+        return RunResult { exit: Exit::BadInput, report: None, junit: None, trace: None };
     }
 
+    let telemetry = otel::Telemetry::init(&opts.otel);
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let trace = otel::start(
+        telemetry.tracer(),
+        "run",
+        None,
+        None,
+        vec![
+            KeyValue::new("proctor.run.id", run_id.clone()),
+            KeyValue::new("proctor.suites", suites.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(",")),
+            KeyValue::new("proctor.hosts", entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>().join(",")),
+        ],
+        vec![],
+    );
     let stop = CancellationToken::new();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let display = tokio::spawn(progress::run(opts.progress, std::io::stdout(), updates_rx, stop.clone()));
@@ -171,7 +198,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     drop(updates_tx);
 
     let ctx = Arc::new(Ctx {
-        run_id: uuid::Uuid::new_v4().to_string(),
+        run_id,
         holder: format!(
             "{}@{}",
             std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
@@ -182,6 +209,9 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
         stop,
         slots,
         leases: Mutex::new(BTreeMap::new()),
+        tracer: telemetry.tracer().clone(),
+        trace,
+        loads: std::sync::Mutex::new(BTreeMap::new()),
     });
 
     // Every suite at once; the planner and the leases keep them apart.
@@ -208,6 +238,29 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     finish(&ctx).await;
     let _ = display.await;
     report.duration = started.elapsed();
+    let counts = report.counts();
+    ctx.trace.set(vec![
+        KeyValue::new("proctor.cases.passed", counts.passed as i64),
+        KeyValue::new("proctor.cases.failed", counts.failed as i64),
+        KeyValue::new("proctor.cases.errors", counts.errors as i64),
+    ]);
+    if counts.failed + counts.errors > 0 || report.interrupted {
+        ctx.trace.fail(&format!(
+            "{} failed, {} errors{}",
+            counts.failed,
+            counts.errors,
+            if report.interrupted { ", interrupted" } else { "" }
+        ));
+    }
+    ctx.trace.end();
+    let trace_path = otel::trace_file(&ctx.opts.out_dir);
+    let trace_path = match telemetry.finish(&trace_path).await {
+        Ok(()) => Some(trace_path),
+        Err(e) => {
+            eprintln!("error: cannot write {}: {e}", trace_path.display());
+            None
+        }
+    };
     let junit = ctx.opts.out_dir.join("junit.xml");
     let junit = match report.write_junit(&junit) {
         Ok(()) => Some(junit),
@@ -220,7 +273,9 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     if let Some(j) = &junit {
         println!("JUnit report: {}", j.display());
     }
-    let counts = report.counts();
+    if let Some(t) = &trace_path {
+        println!("Trace (OTLP JSON): {}", t.display());
+    }
     let exit = if report.interrupted {
         Exit::Interrupted
     } else if counts.errors > 0 || junit.is_none() {
@@ -230,7 +285,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     } else {
         Exit::Passed
     };
-    RunResult { exit, report: Some(report), junit }
+    RunResult { exit, report: Some(report), junit, trace: trace_path }
 }
 
 async fn connect_all(
@@ -294,6 +349,29 @@ struct SuiteOutcome {
 
 /// Places and runs one suite until every case has a result.
 async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
+    let scope = otel::start(
+        &ctx.tracer,
+        "suite",
+        Some(&ctx.trace),
+        None,
+        vec![
+            KeyValue::new("proctor.suite.name", suite.name.clone()),
+            KeyValue::new("proctor.suite.file", suite.file.display().to_string()),
+            KeyValue::new("proctor.service", suite.service.clone()),
+            KeyValue::new("proctor.models", suite.models.join(",")),
+        ],
+        vec![],
+    );
+    let outcome = place_and_run(ctx, suite, &scope).await;
+    let bad = outcome.cases.iter().filter(|c| c.outcome != crate::report::Outcome::Passed).count();
+    if bad > 0 {
+        scope.fail(&format!("{bad} of {} cases did not pass", outcome.cases.len()));
+    }
+    scope.end();
+    outcome
+}
+
+async fn place_and_run(ctx: &Arc<Ctx>, suite: &Suite, scope: &Scope) -> SuiteOutcome {
     let mut outcome = SuiteOutcome::default();
     let mut slots: Vec<Option<CaseReport>> = vec![None; suite.cases.len()];
     let mut pending: Vec<usize> = (0..suite.cases.len()).collect();
@@ -344,7 +422,8 @@ async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
                     let cases: Vec<usize> = a.cases.iter().map(|i| pending[*i]).collect();
                     let ctx = ctx.clone();
                     let suite = suite.clone();
-                    attempts.spawn(async move { (cases.clone(), attempt(&ctx, a.host, &suite, &cases).await) });
+                    let scope = scope.clone();
+                    attempts.spawn(async move { (cases.clone(), attempt(&ctx, a.host, &suite, &cases, &scope).await) });
                 }
                 let mut retry = Vec::new();
                 while let Some(Ok((cases, result))) = attempts.join_next().await {
@@ -416,7 +495,7 @@ async fn host_views(ctx: &Ctx) -> Vec<scheduler::Host> {
 }
 
 /// Runs `cases` of `suite` on one host, taking this run's lease there first.
-async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize]) -> Attempt {
+async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize], scope: &Scope) -> Attempt {
     let agent = ctx.slots[slot].agent.clone().expect("planned hosts are connected");
     let key = (slot, suite.service.clone());
     let cell = ctx.leases.lock().await.entry(key).or_default().clone();
@@ -440,7 +519,25 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize]) ->
     }
     let lease = held.clone().expect("just taken");
     let view = ctx.slots[slot].view.clone().expect("connected");
-    run_on(ctx, &agent, view, &lease, suite, cases).await
+    let lease_scope = otel::start(
+        &ctx.tracer,
+        "lease",
+        Some(scope),
+        None,
+        vec![
+            KeyValue::new("proctor.host", agent.name.clone()),
+            KeyValue::new("proctor.service", suite.service.clone()),
+            KeyValue::new("proctor.lease.epoch", lease.epoch as i64),
+            KeyValue::new("server.address", agent.addr.clone()),
+        ],
+        vec![],
+    );
+    let result = run_on(ctx, &agent, view, &lease, suite, cases, &lease_scope).await;
+    if let Attempt::Retry { reason, .. } = &result {
+        lease_scope.fail(reason);
+    }
+    lease_scope.end();
+    result
 }
 
 /// Ensures the suite's models on one host, waits for them, runs the cases
@@ -452,8 +549,10 @@ async fn run_on(
     lease: &Lease,
     suite: &Suite,
     cases: &[usize],
+    scope: &Scope,
 ) -> Attempt {
     let host = agent.name.clone();
+    let traceparent = otel::traceparent(&scope.span_context());
     let error = |i: usize, message: String| {
         let mut r = CaseReport::error(&suite.name, &suite.cases[i].name, message);
         r.host = host.clone();
@@ -461,8 +560,9 @@ async fn run_on(
     };
     let timeout = requested_timeout(ctx.opts.model_timeout, suite.load_timeout);
     let asked = Instant::now();
+    let asked_ms = client::now_unix_ms();
     let fresh = suite.fresh || ctx.opts.fresh;
-    let barrier = match agent.ensure(lease, &suite.models, timeout, suite.headroom_bytes, fresh).await {
+    let barrier = match agent.ensure(lease, &suite.models, timeout, suite.headroom_bytes, fresh, &traceparent).await {
         Ok(b) => b,
         Err(ClientError::Rpc { code: tonic::Code::ResourceExhausted, message, .. }) => {
             return Attempt::Retry { reason: format!("{}: {message}", agent.name), refused: true };
@@ -523,6 +623,7 @@ async fn run_on(
             failure: failure.clone(),
             waited: asked.elapsed(),
         });
+        trace_load(ctx, agent, &snapshot, suite, m, asked_ms, failure.as_deref(), scope);
         if let Some(f) = failure {
             failed.insert(m.clone(), f);
         }
@@ -539,10 +640,19 @@ async fn run_on(
     }
     let ids: Vec<(usize, String)> =
         runnable.iter().map(|i| (*i, format!("{}/{}/{i}", ctx.run_id, suite.name))).collect();
+    // Each case's span id is chosen now, so its traceparent can go with it.
+    let span_ids: BTreeMap<usize, opentelemetry::trace::SpanId> =
+        runnable.iter().map(|i| (*i, otel::new_span_id())).collect();
+    let trace_id = scope.span_context().trace_id();
     let mut interrupted = false;
     if !ids.is_empty() {
-        let protos = ids.iter().map(|(i, id)| client::case_to_proto(id.clone(), 1, &suite.cases[*i])).collect();
-        match agent.run_cases(lease, protos).await {
+        let protos = ids
+            .iter()
+            .map(|(i, id)| {
+                client::case_to_proto(id.clone(), 1, &suite.cases[*i], format!("00-{trace_id}-{}-01", span_ids[i]))
+            })
+            .collect();
+        match agent.run_cases(lease, protos, &traceparent).await {
             Err(e) => reports.extend(ids.iter().map(|(i, _)| error(*i, e.to_string()))),
             Ok(()) => {
                 let budget: Duration =
@@ -580,5 +690,126 @@ async fn run_on(
             }
         }
     }
+    for (i, r) in &reports {
+        trace_case(ctx, agent, &suite.cases[*i], r, span_ids.get(i).copied(), scope);
+    }
     Attempt::Done { reports, loads, interrupted }
+}
+
+fn at(ms: i64) -> std::time::SystemTime {
+    otel::unix_ms_to_time(ms)
+}
+
+/// The `model.load` span of one model, with a child span per stage at the
+/// times the agent stamped (in our clock), or a zero-length span linked to an
+/// earlier load in this run when the model was already loaded.
+#[expect(clippy::too_many_arguments, reason = "one call site; the parts are unrelated")]
+fn trace_load(
+    ctx: &Ctx,
+    agent: &Agent,
+    view: &AgentView,
+    suite: &Suite,
+    model: &str,
+    asked_ms: i64,
+    failure: Option<&str>,
+    scope: &Scope,
+) {
+    let asked_agent = asked_ms + agent.clock_offset_ms;
+    let marks: Vec<&client::StageMark> = view
+        .stage_log
+        .iter()
+        .filter(|m| m.service == suite.service && m.model == model && m.time_unix_ms >= asked_agent - 5)
+        .collect();
+    let key = (agent.name.clone(), suite.service.clone(), model.to_owned());
+    let mut attributes = vec![
+        KeyValue::new("proctor.model", model.to_owned()),
+        KeyValue::new("proctor.host", agent.name.clone()),
+        KeyValue::new("proctor.service", suite.service.clone()),
+        KeyValue::new("proctor.load.outcome", if failure.is_none() { "ready" } else { "failed" }),
+    ];
+    if marks.is_empty() {
+        // Already loaded: reused, not loaded again.
+        attributes.push(KeyValue::new("proctor.load.reused", true));
+        let earlier = ctx.loads.lock().expect("loads").get(&key).cloned();
+        let links = earlier.into_iter().map(Link::with_context).collect();
+        let span = otel::start(&ctx.tracer, "model.load", Some(scope), Some(at(asked_ms)), attributes, links);
+        span.end_at(at(asked_ms));
+        return;
+    }
+    let end_agent = marks.last().map_or(asked_agent, |m| m.time_unix_ms);
+    let peak = view
+        .rss_log
+        .iter()
+        .filter(|(svc, t, _)| *svc == suite.service && *t >= asked_agent && *t <= end_agent)
+        .map(|(_, _, rss)| *rss)
+        .max()
+        .unwrap_or(0);
+    attributes.push(KeyValue::new("proctor.load.peak_rss_bytes", peak as i64));
+    let load = otel::start(&ctx.tracer, "model.load", Some(scope), Some(at(asked_ms)), attributes, vec![]);
+    for pair in marks.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let stage = otel::start(
+            &ctx.tracer,
+            from.stage.label(),
+            Some(&load),
+            Some(at(agent.local_ms(from.time_unix_ms))),
+            vec![
+                KeyValue::new("proctor.stage", from.stage.label()),
+                KeyValue::new("proctor.stage.cause", from.cause.clone()),
+            ],
+            vec![],
+        );
+        stage.end_at(at(agent.local_ms(to.time_unix_ms)));
+    }
+    if let Some(f) = failure {
+        load.fail(f.lines().next().unwrap_or(f));
+    }
+    load.end_at(at(agent.local_ms(end_agent).max(asked_ms)));
+    ctx.loads.lock().expect("loads").insert(key, load.span_context());
+}
+
+/// A case's span, with the id its traceparent announced, at the agent's times.
+fn trace_case(
+    ctx: &Ctx,
+    agent: &Agent,
+    case: &crate::suite::Case,
+    report: &CaseReport,
+    id: Option<opentelemetry::trace::SpanId>,
+    scope: &Scope,
+) {
+    use crate::report::Outcome;
+    let ran = report.started_unix_ms > 0;
+    let start = if ran { agent.local_ms(report.started_unix_ms) } else { client::now_unix_ms() };
+    let mut attributes = vec![
+        KeyValue::new("proctor.case.name", case.name.clone()),
+        KeyValue::new("proctor.case.attempt", i64::from(report.attempt)),
+        KeyValue::new(
+            "proctor.case.outcome",
+            match report.outcome {
+                Outcome::Passed => "passed",
+                Outcome::Failed(_) => "failed",
+                Outcome::Error(_) => "error",
+            },
+        ),
+        KeyValue::new("proctor.case.latency_ms", report.duration.as_secs_f64() * 1000.0),
+        KeyValue::new("http.request.method", case.request.method.clone()),
+    ];
+    if !report.url.is_empty() {
+        let url = otel::redact_url(&report.url);
+        let server = url.split("://").nth(1).and_then(|r| r.split(['/', ':']).next()).unwrap_or("").to_owned();
+        attributes.push(KeyValue::new("url.full", url));
+        attributes.push(KeyValue::new("server.address", server));
+    }
+    if let Some(status) = report.http_status {
+        attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
+    }
+    let name = format!("case {}", case.name);
+    let span = match id {
+        Some(id) if ran => otel::start_with_id(&ctx.tracer, id, name, scope, at(start), attributes),
+        _ => otel::start(&ctx.tracer, name, Some(scope), Some(at(start)), attributes, vec![]),
+    };
+    if report.outcome != Outcome::Passed {
+        span.fail(&report.headline());
+    }
+    span.end_at(at(start + report.duration.as_millis() as i64));
 }

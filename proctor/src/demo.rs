@@ -112,7 +112,12 @@ fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     Ok((config, suites))
 }
 
-pub async fn run(out: &Path, progress: controller::progress::Mode, cancel: CancellationToken) -> ExitCode {
+pub async fn run(
+    out: &Path,
+    progress: controller::progress::Mode,
+    otel: controller::otel::OtelConfig,
+    cancel: CancellationToken,
+) -> ExitCode {
     let (config_path, suites) = match prepare(out) {
         Ok(x) => x,
         Err(e) => {
@@ -139,6 +144,7 @@ pub async fn run(out: &Path, progress: controller::progress::Mode, cancel: Cance
     println!("running {} suites against service `translation` (models nllb, aya)\n", suites.len());
     let opts = controller::RunOptions {
         progress,
+        otel,
         ..controller::RunOptions::new(vec![agent.addr.to_string()], suites, out.to_owned())
     };
     let result = controller::run(opts, cancel).await;
@@ -150,6 +156,9 @@ pub async fn run(out: &Path, progress: controller::progress::Mode, cancel: Cance
     println!("  suites         {}", out.join("suites").display());
     if let Some(j) = &result.junit {
         println!("  JUnit report   {}", j.display());
+    }
+    if let Some(t) = &result.trace {
+        println!("  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
     }
     println!("  service log    {}", data_dir.join("translation.log").display());
     ExitCode::from(result.exit as u8)

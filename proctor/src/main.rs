@@ -75,12 +75,31 @@ impl ProgressArgs {
 }
 
 #[derive(Args, Debug)]
+struct OtlpArgs {
+    /// Export the run's trace over OTLP to this endpoint (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; none set: no export). The trace file is written either way.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: grpc or http/protobuf (default: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf).
+    #[arg(long, value_name = "PROTOCOL", value_parser = ["grpc", "http/protobuf"])]
+    otlp_protocol: Option<String>,
+}
+
+impl OtlpArgs {
+    fn config(&self) -> controller::otel::OtelConfig {
+        controller::otel::OtelConfig { endpoint: self.otlp_endpoint.clone(), protocol: self.otlp_protocol.clone() }
+    }
+}
+
+#[derive(Args, Debug)]
 struct DemoArgs {
     /// Where the demo writes its agent config, suites, logs and reports.
     #[arg(long, value_name = "DIR", default_value = "proctor-out")]
     out: PathBuf,
     #[command(flatten)]
     progress: ProgressArgs,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 #[derive(Args, Debug)]
@@ -107,10 +126,12 @@ struct RunArgs {
     /// Lease TTL asked of agents (renewed every third of it).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     lease_ttl: Duration,
+    #[command(flatten)]
+    otlp: OtlpArgs,
     /// Suite files (YAML).
     #[arg(value_name = "SUITE", required = true)]
     suites: Vec<PathBuf>,
-    /// Where reports are written (junit.xml).
+    /// Where reports are written (junit.xml, trace.json).
     #[arg(long, value_name = "DIR", default_value = "proctor-out")]
     out: PathBuf,
     /// Model load timeout for every model; beats the suite's `timeout`, MODEL_LOADING_TIMEOUT and the agent config.
@@ -217,7 +238,7 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Demo(args) => {
             init_tracing("warn");
             let mode = args.progress.mode();
-            demo::run(&args.out, mode, interrupt_token()).await
+            demo::run(&args.out, mode, args.otlp.config(), interrupt_token()).await
         }
         Command::Run(args) => {
             init_tracing("warn");
@@ -230,6 +251,7 @@ async fn async_main(command: Command) -> ExitCode {
                 model_timeout: args.model_timeout,
                 fresh: args.fresh,
                 lease_ttl: args.lease_ttl,
+                otel: args.otlp.config(),
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)

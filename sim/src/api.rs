@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -58,7 +58,16 @@ struct TranslateRequest {
     model: String,
 }
 
-async fn translate(State(state): State<AppState>, Json(req): Json<TranslateRequest>) -> Response {
+/// Logs the caller's W3C trace context, as an instrumented service would
+/// attach its spans to it.
+fn log_trace(path: &str, headers: &HeaderMap) {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        eprintln!("sim: {path} traceparent={tp}");
+    }
+}
+
+async fn translate(State(state): State<AppState>, headers: HeaderMap, Json(req): Json<TranslateRequest>) -> Response {
+    log_trace("/translate", &headers);
     let started = Instant::now();
     let Some(model) = state.models.get(&req.model) else {
         let known: Vec<&String> = state.models.keys().collect();
@@ -87,7 +96,8 @@ struct DetectRequest {
     text: String,
 }
 
-async fn detect(Json(req): Json<DetectRequest>) -> Response {
+async fn detect(headers: HeaderMap, Json(req): Json<DetectRequest>) -> Response {
+    log_trace("/detect", &headers);
     match crate::text::detect(&req.text) {
         Some((language, confidence)) => Json(json!({ "language": language, "confidence": confidence })).into_response(),
         None => {

@@ -411,3 +411,87 @@ pub async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) 
     })
     .await
 }
+
+/// An in-process OTLP trace receiver, over gRPC and over HTTP/protobuf
+/// (`POST /v1/traces`), keeping every request it gets.
+#[derive(Clone, Debug)]
+pub struct OtlpReceiver {
+    /// `http://127.0.0.1:PORT` for gRPC.
+    pub grpc_url: String,
+    /// `http://127.0.0.1:PORT/v1/traces` for HTTP/protobuf.
+    pub http_url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    trace_service_server::{TraceService, TraceServiceServer},
+};
+
+#[derive(Clone, Debug, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collect {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().expect("otlp store").push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        let collect = Collect::default();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind otlp grpc");
+        let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+        let service = TraceServiceServer::new(collect.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc))
+                .await;
+        });
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind otlp http");
+        let http_url = format!("http://{}/v1/traces", http.local_addr().expect("addr"));
+        let store = collect.0.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let store = store.clone();
+                async move {
+                    match <ExportTraceServiceRequest as prost::Message>::decode(body) {
+                        Ok(request) => {
+                            store.lock().expect("otlp store").push(request);
+                            (axum::http::StatusCode::OK, Vec::new())
+                        }
+                        Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(http, app).await;
+        });
+        OtlpReceiver { grpc_url, http_url, got: collect.0 }
+    }
+
+    /// Every span received so far, flattened.
+    pub fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.got
+            .lock()
+            .expect("otlp store")
+            .iter()
+            .flat_map(|r| r.resource_spans.iter())
+            .flat_map(|rs| rs.scope_spans.iter())
+            .flat_map(|ss| ss.spans.iter().cloned())
+            .collect()
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
+        self.got.lock().expect("otlp store").clone()
+    }
+}

@@ -145,8 +145,8 @@ impl Actor {
             warmup,
             served_as,
             name.to_owned(),
-            self.generation,
-            self.internal_tx.clone(),
+            self.traceparent.clone(),
+            (self.generation, self.internal_tx.clone()),
         ));
     }
 
@@ -181,8 +181,12 @@ impl Actor {
         );
         let body = self.cfg.readiness.load_body.as_ref().map(|b| b.replace("{model}", &served_as));
         let service = self.cfg.name.clone();
+        let traceparent = self.traceparent.clone();
         tokio::spawn(async move {
             let mut request = reqwest::Client::new().post(&url);
+            if let Some(tp) = &traceparent {
+                request = request.header("traceparent", tp);
+            }
             if let Some(body) = body {
                 request = request.header("content-type", "application/json").body(body);
             }
@@ -360,13 +364,16 @@ async fn warm_up(
     w: Warmup,
     served_as: String,
     model: String,
-    generation: u64,
-    tx: tokio::sync::mpsc::UnboundedSender<Internal>,
+    traceparent: Option<String>,
+    (generation, tx): (u64, tokio::sync::mpsc::UnboundedSender<Internal>),
 ) {
     let url = format!("{}{}", base_url.trim_end_matches('/'), w.path.replace("{model}", &served_as));
     let started = Instant::now();
     let method = reqwest::Method::from_bytes(w.method.as_bytes()).unwrap_or(reqwest::Method::POST);
     let mut request = reqwest::Client::new().request(method, &url).timeout(w.timeout);
+    if let Some(tp) = &traceparent {
+        request = request.header("traceparent", tp);
+    }
     if let Some(body) = &w.body {
         request = request.header("content-type", "application/json").body(body.replace("{model}", &served_as));
     }

@@ -7,6 +7,7 @@ mod hosts;
 mod loading;
 mod run;
 mod supervision;
+mod tracing;
 
 use std::time::Duration;
 

@@ -179,6 +179,10 @@ pub struct Case {
     pub name: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
     pub timeout_ms: u64,
+    /// W3C trace context of the case's span: sent as the `traceparent` header
+    /// so the service's own spans join the run's trace.
+    #[prost(string, tag = "5")]
+    pub traceparent: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "20")]
     pub assertions: ::prost::alloc::vec::Vec<Assertion>,
     #[prost(oneof = "case::Kind", tags = "10")]
@@ -275,6 +279,12 @@ pub struct CaseResult {
     pub response_excerpt: ::prost::alloc::string::String,
     #[prost(uint64, tag = "10")]
     pub lease_epoch: u64,
+    /// When the agent started the request (agent clock).
+    #[prost(int64, tag = "11")]
+    pub started_unix_ms: i64,
+    /// The URL requested.
+    #[prost(string, tag = "12")]
+    pub url: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AssertionFailure {
