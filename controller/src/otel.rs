@@ -168,7 +168,16 @@ impl Telemetry {
         if exporting {
             match flushed {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => eprintln!("warning: trace export to {} failed: {e}", self.exporting_to),
+                Ok(Ok(Err(e))) if e.to_string().contains("Timeout") => eprintln!(
+                    "warning: trace export to {} did not finish within {}s (is the collector reachable?); \
+                     the trace file has every span",
+                    self.exporting_to,
+                    FLUSH_DEADLINE.as_secs()
+                ),
+                Ok(Ok(Err(e))) => eprintln!(
+                    "warning: trace export to {} failed: {e}; the trace file has every span",
+                    self.exporting_to
+                ),
                 _ => eprintln!(
                     "warning: trace export to {} did not finish within {}s; gave up",
                     self.exporting_to,

@@ -230,7 +230,16 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     let mut report = RunReport { run_id: ctx.run_id.clone(), ..Default::default() };
     for (_, outcome) in done {
         report.cases.extend(outcome.cases);
-        report.loads.extend(outcome.loads);
+        // A model appears once: where it was first waited for.
+        for load in outcome.loads {
+            let seen = report
+                .loads
+                .iter()
+                .any(|l| (&l.host, &l.service, &l.model) == (&load.host, &load.service, &load.model));
+            if !seen {
+                report.loads.push(load);
+            }
+        }
         report.interrupted |= outcome.interrupted;
     }
     report.interrupted |= ctx.cancel.is_cancelled();
