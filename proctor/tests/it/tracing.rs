@@ -197,3 +197,39 @@ fn the_compose_file_exposes_the_ports_the_docs_name() {
     }
     assert!(compose["services"]["jaeger"]["image"].as_str().unwrap().starts_with("jaegertracing/"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standard_otel_variables_configure_the_cli() {
+    let receiver = OtlpReceiver::start().await;
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=100ms,warmup=100ms"])).await;
+    let out = Scratch::new("trace-env");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    // The generic endpoint: the HTTP exporter adds /v1/traces itself.
+    let base = receiver.http_url.trim_end_matches("/v1/traces").to_owned();
+    let o = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--progress", "none", "--out"])
+        .arg(&out.path)
+        .arg(&suite)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_SERVICE_NAME", "nlp-ci")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "team=nlp,ci.job=1234")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let requests = receiver.requests();
+    assert!(!requests.is_empty(), "exported over HTTP/protobuf to the env's endpoint");
+    let resource = requests[0].resource_spans[0].resource.clone().unwrap();
+    let get = |k: &str| {
+        resource.attributes.iter().find(|a| a.key == k).and_then(|a| a.value.clone()).and_then(|v| v.value).map(|v| {
+            match v {
+                Value::StringValue(s) => s,
+                other => format!("{other:?}"),
+            }
+        })
+    };
+    assert_eq!(get("service.name").as_deref(), Some("nlp-ci"));
+    assert_eq!(get("team").as_deref(), Some("nlp"));
+    assert_eq!(get("ci.job").as_deref(), Some("1234"));
+}
