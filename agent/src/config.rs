@@ -35,6 +35,8 @@ struct RawConfig {
     services: Vec<RawService>,
     #[serde(default)]
     admission: RawAdmission,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +159,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub telemetry_interval: Duration,
     pub services: Vec<ServiceConfig>,
+    /// HTTP/2 PING to controllers this often; no answer within the timeout
+    /// closes the connection (and its watch streams).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -527,7 +533,21 @@ impl Config {
             });
         }
         let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);
-        Ok(Config { listen, memory_budget_bytes, data_dir, telemetry_interval, services })
+        let keep = |k: &str, v: &Option<String>| match v {
+            Some(v) => duration(v).ok_or_else(|| invalid(k.into(), bad_duration(v))),
+            None => Ok(Duration::from_secs(5)),
+        };
+        let keepalive_interval = keep("keepalive_interval", &raw.keepalive_interval)?;
+        let keepalive_timeout = keep("keepalive_timeout", &raw.keepalive_timeout)?;
+        Ok(Config {
+            listen,
+            memory_budget_bytes,
+            data_dir,
+            telemetry_interval,
+            services,
+            keepalive_interval,
+            keepalive_timeout,
+        })
     }
 }
 

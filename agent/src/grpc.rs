@@ -209,12 +209,19 @@ impl AgentApi for Service {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr().map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let from_seq = request.into_inner().from_seq;
+        tracing::info!(%peer, from_seq, "watch started");
         let sub = self.journal.subscribe(from_seq).await.map_err(closed)?;
         let head = std::iter::once(WatchMessage { kind: Some(watch_message::Kind::Snapshot(sub.snapshot)) })
             .chain(sub.backlog)
             .map(Ok);
-        let live = tokio_stream::wrappers::ReceiverStream::new(sub.live).map(Ok);
+        // Says when the stream ends: the watcher left, or keepalive found it gone.
+        let ended = EndLog { peer, started: tokio::time::Instant::now() };
+        let live = tokio_stream::wrappers::ReceiverStream::new(sub.live).map(move |m| {
+            let _ = &ended;
+            Ok(m)
+        });
         Ok(Response::new(Box::pin(tokio_stream::iter(head).chain(live))))
     }
 
@@ -238,5 +245,17 @@ impl AgentApi for Service {
         }
         let released = self.journal.ack(r.up_to_seq).await.map_err(closed)?;
         Ok(Response::new(proto::AckResponse { released }))
+    }
+}
+
+/// Logs when a watch stream is dropped.
+struct EndLog {
+    peer: String,
+    started: tokio::time::Instant,
+}
+
+impl Drop for EndLog {
+    fn drop(&mut self) {
+        tracing::info!(peer = %self.peer, after = ?self.started.elapsed(), "watch ended");
     }
 }

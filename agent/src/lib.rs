@@ -173,11 +173,14 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     };
     let service = grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new() };
 
+    let keepalive = (config.keepalive_interval, config.keepalive_timeout);
     let server_cancel = cancel.clone();
     let server_tasks = tasks.clone();
     let server = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(keepalive.0))
+            .http2_keepalive_timeout(Some(keepalive.1))
             .add_service(proto::agent_server::AgentServer::new(service))
             .serve_with_incoming_shutdown(incoming, async move {
                 server_cancel.cancelled().await;

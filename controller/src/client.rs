@@ -19,8 +19,25 @@ pub use proto::Stage;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
-/// How long a lost watch stream may stay down before the agent counts as lost.
-const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+/// How long a lost event stream may stay down before the agent counts as lost.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(20);
+/// HTTP/2 PING every so often; no answer within the timeout = connection dead.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connection liveness settings. Detection (interval + timeout) must come
+/// before the reconnect grace, and the grace before the lease TTL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive { interval: KEEPALIVE_INTERVAL, timeout: KEEPALIVE_TIMEOUT }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -73,10 +90,17 @@ impl Agent {
     }
 
     pub async fn connect_named(name: &str, addr: &str) -> Result<Agent, ClientError> {
+        Agent::connect_with(name, addr, Keepalive::default()).await
+    }
+
+    pub async fn connect_with(name: &str, addr: &str, keepalive: Keepalive) -> Result<Agent, ClientError> {
         let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
         let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress { addr: addr.to_owned() })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(keepalive.interval)
+            .keep_alive_timeout(keepalive.timeout)
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
@@ -354,8 +378,15 @@ pub struct AgentView {
     pub rss_log: VecDeque<(String, i64, u64)>,
     /// The agent's last heartbeat (its 1 Hz sample), agent clock.
     pub heartbeat_unix_ms: i64,
-    /// Set when the agent is gone for longer than the reconnect grace.
+    /// Set when the agent is gone for longer than the reconnect grace, or
+    /// came back as a new incarnation; cleared when it is back.
     pub lost: Option<String>,
+    /// Times the event stream broke.
+    pub disconnects: u32,
+    /// Ranges of logs/telemetry the agent reported as dropped.
+    pub gaps: Vec<(u64, u64)>,
+    /// Every event seq applied, in order (for tests: no gap, no duplicate).
+    pub seqs_applied: Vec<u64>,
 }
 
 /// One stage transition as the agent stamped it.
@@ -412,6 +443,7 @@ pub async fn follow(
     view: watch::Sender<AgentView>,
     updates: mpsc::UnboundedSender<Update>,
     cancel: CancellationToken,
+    grace: Duration,
 ) {
     let mut from_seq = u64::MAX;
     let mut down_since: Option<tokio::time::Instant> = None;
@@ -431,7 +463,9 @@ pub async fn follow(
                         m = stream.message() => m,
                     };
                     let Ok(Some(message)) = message else { break };
-                    down_since = None;
+                    if down_since.take().is_some() {
+                        tracing::info!(addr = %agent.addr, "watch resumed");
+                    }
                     backoff = Duration::from_millis(100);
                     apply(&agent.addr, &view, &updates, message);
                     from_seq = view.borrow().last_seq + 1;
@@ -441,12 +475,15 @@ pub async fn follow(
                 tracing::debug!(addr = %agent.addr, error = %status.message(), "watch failed")
             }
         }
-        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() > RECONNECT_GRACE {
+        let since = *down_since.get_or_insert_with(|| {
+            tracing::warn!(addr = %agent.addr, "lost the agent's event stream; reconnecting");
+            view.send_modify(|v| v.disconnects += 1);
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() > grace && view.borrow().lost.is_none() {
             view.send_modify(|v| {
-                v.lost = Some(format!("agent {} unreachable for {}s", agent.addr, RECONNECT_GRACE.as_secs()))
+                v.lost = Some(format!("agent {} unreachable for more than {}s", agent.addr, grace.as_secs()))
             });
-            return;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -464,11 +501,22 @@ fn apply(
 ) {
     match message.kind {
         Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| {
-            if v.incarnation != s.incarnation && !v.incarnation.is_empty() {
-                tracing::warn!(old = %v.incarnation, new = %s.incarnation, "agent restarted: new incarnation");
+            let first = v.incarnation.is_empty();
+            if !first && v.incarnation != s.incarnation {
+                // A restarted agent: its sequence numbers started over and
+                // whatever this run had running there is gone. Never merged.
+                tracing::warn!(host, old = %v.incarnation, new = %s.incarnation, "agent restarted: new incarnation");
+                v.lost = Some(format!("agent {host} restarted (new incarnation {})", s.incarnation));
+                v.last_seq = s.next_seq.saturating_sub(1);
+            } else if first {
+                v.last_seq = s.next_seq.saturating_sub(1);
+            } else if v.lost.as_deref().is_some_and(|l| l.contains("unreachable")) {
+                // Back after a partition longer than the grace: reachable again.
+                v.lost = None;
             }
+            // On a reconnect to the same incarnation the replayed events follow;
+            // last_seq stays where it was so none is applied twice.
             v.incarnation = s.incarnation.clone();
-            v.last_seq = s.next_seq.saturating_sub(1);
             v.heartbeat_unix_ms = s.heartbeat_unix_ms;
             v.leases = s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect();
             for svc in &s.services {
@@ -481,9 +529,17 @@ fn apply(
                 }
             }
         }),
-        Some(watch_message::Kind::Gap(_)) => {}
+        Some(watch_message::Kind::Gap(g)) => view.send_modify(|v| v.gaps.push((g.from_seq, g.to_seq))),
         Some(watch_message::Kind::Event(e)) => {
             let seq = e.seq;
+            if seq <= view.borrow().last_seq {
+                return; // already applied before a reconnect
+            }
+            view.send_modify(|v| {
+                if v.seqs_applied.len() < 100_000 {
+                    v.seqs_applied.push(seq);
+                }
+            });
             match e.kind {
                 Some(event::Kind::StageChanged(c)) => {
                     let (from, to) = (c.from(), c.to());

@@ -53,6 +53,11 @@ pub struct RunOptions {
     pub lease_ttl: Duration,
     /// OTLP export (the trace file is always written).
     pub otel: otel::OtelConfig,
+    /// HTTP/2 keepalive towards agents.
+    pub keepalive: client::Keepalive,
+    /// How long an agent may be unreachable before its unfinished cases are
+    /// placed elsewhere.
+    pub reconnect_grace: Duration,
 }
 
 impl RunOptions {
@@ -67,7 +72,30 @@ impl RunOptions {
             fresh: false,
             lease_ttl: client::LEASE_TTL,
             otel: otel::OtelConfig::default(),
+            keepalive: client::Keepalive::default(),
+            reconnect_grace: client::RECONNECT_GRACE,
         }
+    }
+
+    /// Keepalive detection < reconnect grace < lease TTL, or a silent
+    /// partition would outlive the lease before anyone noticed.
+    pub fn check_timing(&self) -> Result<(), String> {
+        let detect = self.keepalive.interval + self.keepalive.timeout;
+        if detect >= self.reconnect_grace {
+            return Err(format!(
+                "keepalive interval + timeout ({}s) must be shorter than the reconnect grace ({}s)",
+                detect.as_secs_f64(),
+                self.reconnect_grace.as_secs_f64()
+            ));
+        }
+        if self.reconnect_grace >= self.lease_ttl {
+            return Err(format!(
+                "the reconnect grace ({}s) must be shorter than the lease TTL ({}s)",
+                self.reconnect_grace.as_secs_f64(),
+                self.lease_ttl.as_secs_f64()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -169,6 +197,10 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
             Vec::new()
         }
     };
+    if let Err(e) = opts.check_timing() {
+        eprintln!("error: {e}");
+        bad = true;
+    }
     if entries.is_empty() && !bad {
         eprintln!("error: no agents given: pass --agent HOST:PORT (repeatable) or --inventory FILE");
         bad = true;
@@ -194,7 +226,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     let stop = CancellationToken::new();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let display = tokio::spawn(progress::run(opts.progress, std::io::stdout(), updates_rx, stop.clone()));
-    let slots = connect_all(entries, &updates_tx, &stop).await;
+    let slots = connect_all(entries, &opts, &updates_tx, &stop).await;
     drop(updates_tx);
 
     let ctx = Arc::new(Ctx {
@@ -299,13 +331,15 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
 
 async fn connect_all(
     entries: Vec<Entry>,
+    opts: &RunOptions,
     updates: &mpsc::UnboundedSender<client::Update>,
     stop: &CancellationToken,
 ) -> Vec<Slot> {
     let mut connecting = tokio::task::JoinSet::new();
     for (i, entry) in entries.iter().enumerate() {
         let (name, addr) = (entry.name.clone(), entry.address.clone());
-        connecting.spawn(async move { (i, Agent::connect_named(&name, &addr).await) });
+        let keepalive = opts.keepalive;
+        connecting.spawn(async move { (i, Agent::connect_with(&name, &addr, keepalive).await) });
     }
     let mut slots: Vec<Slot> =
         entries.into_iter().map(|entry| Slot { entry, agent: None, view: None, unreachable: None }).collect();
@@ -313,7 +347,7 @@ async fn connect_all(
         match result {
             Ok(agent) => {
                 let (tx, mut rx) = watch::channel(AgentView::default());
-                tokio::spawn(client::follow(agent.clone(), tx, updates.clone(), stop.clone()));
+                tokio::spawn(client::follow(agent.clone(), tx, updates.clone(), stop.clone(), opts.reconnect_grace));
                 // Plan on what the agent says, not on an empty view: wait for its snapshot.
                 let _ = tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(|v| !v.incarnation.is_empty())).await;
                 slots[i].agent = Some(agent);

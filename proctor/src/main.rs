@@ -126,6 +126,16 @@ struct RunArgs {
     /// Lease TTL asked of agents (renewed every third of it).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     lease_ttl: Duration,
+    /// HTTP/2 keepalive PING interval towards agents.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// A PING unanswered this long closes the connection (then the run reconnects).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    keepalive_timeout: Duration,
+    /// An agent unreachable this long is lost: its unfinished cases are placed on another host.
+    /// Must exceed keepalive interval + timeout, and be shorter than --lease-ttl.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    reconnect_grace: Duration,
     #[command(flatten)]
     otlp: OtlpArgs,
     /// Suite files (YAML).
@@ -252,6 +262,11 @@ async fn async_main(command: Command) -> ExitCode {
                 fresh: args.fresh,
                 lease_ttl: args.lease_ttl,
                 otel: args.otlp.config(),
+                keepalive: controller::client::Keepalive {
+                    interval: args.keepalive_interval,
+                    timeout: args.keepalive_timeout,
+                },
+                reconnect_grace: args.reconnect_grace,
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)

@@ -237,6 +237,11 @@ async fn leases_stay_renewed_under_cpu_load() {
     let out = Scratch::new("renew");
     let opts = RunOptions {
         lease_ttl: Duration::from_secs(1),
+        keepalive: controller::client::Keepalive {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(200),
+        },
+        reconnect_grace: Duration::from_millis(800),
         ..RunOptions::new(vec![agent.addr.clone()], vec![out.write("t.yaml", TRANSLATE_SUITE)], out.path.clone())
     };
     let result = controller::run(opts, CancellationToken::new()).await;
