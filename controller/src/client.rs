@@ -433,6 +433,7 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         lease_epoch: r.lease_epoch,
         started_unix_ms: r.started_unix_ms,
         url: r.url,
+        reruns: Vec::new(),
     }
 }
 

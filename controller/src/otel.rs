@@ -298,9 +298,10 @@ pub fn start_with_id(
     parent: &Scope,
     start_at: SystemTime,
     attributes: Vec<KeyValue>,
+    links: Vec<Link>,
 ) -> Scope {
     NEXT_SPAN_ID.with(|n| n.set(Some(id)));
-    let scope = start(tracer, name, Some(parent), Some(start_at), attributes, Vec::new());
+    let scope = start(tracer, name, Some(parent), Some(start_at), attributes, links);
     NEXT_SPAN_ID.with(|n| n.set(None));
     scope
 }
@@ -332,7 +333,7 @@ mod tests {
         let root = start(telemetry.tracer(), "run", None, None, vec![], vec![]);
         let id = new_span_id();
         let tp_parent = root.span_context();
-        let case = start_with_id(telemetry.tracer(), id, "case", &root, SystemTime::now(), vec![]);
+        let case = start_with_id(telemetry.tracer(), id, "case", &root, SystemTime::now(), vec![], vec![]);
         assert_eq!(case.span_context().span_id(), id);
         assert_eq!(case.span_context().trace_id(), tp_parent.trace_id());
         assert!(traceparent(&case.span_context()).starts_with(&format!("00-{}-{id}-", tp_parent.trace_id())));

@@ -50,6 +50,8 @@ pub struct CaseReport {
     pub started_unix_ms: i64,
     /// The URL requested.
     pub url: String,
+    /// Earlier attempts lost to infrastructure (a host lost), with why.
+    pub reruns: Vec<String>,
 }
 
 impl CaseReport {
@@ -66,6 +68,7 @@ impl CaseReport {
             lease_epoch: 0,
             started_unix_ms: 0,
             url: String::new(),
+            reruns: Vec::new(),
         }
     }
 
@@ -164,6 +167,13 @@ impl RunReport {
                 }
             }
         }
+        let rerun: Vec<&CaseReport> = self.cases.iter().filter(|c| !c.reruns.is_empty()).collect();
+        if !rerun.is_empty() {
+            let _ = writeln!(out, "\nRe-run after infrastructure loss:");
+            for c in rerun {
+                let _ = writeln!(out, "  {} / {} (attempt {}): {}", c.suite, c.name, c.attempt, c.reruns.join("; "));
+            }
+        }
         if !self.loads.is_empty() {
             let _ = writeln!(out, "\nModels:");
             for l in &self.loads {
@@ -238,6 +248,13 @@ impl RunReport {
                     s
                 }
             };
+            let mut status = status;
+            // Attempts lost to infrastructure show as flaky (or rerun) errors.
+            for reason in &c.reruns {
+                let mut rerun = quick_junit::TestRerun::new(NonSuccessKind::Error);
+                rerun.set_message(format!("re-run: {reason}"));
+                status.add_rerun(rerun);
+            }
             let mut tc = TestCase::new(c.name.clone(), status);
             tc.set_classname(c.suite.clone());
             if !c.host.is_empty() {
@@ -280,6 +297,7 @@ mod tests {
             lease_epoch: 1,
             started_unix_ms: 0,
             url: String::new(),
+            reruns: Vec::new(),
         };
         RunReport {
             run_id: "r".into(),

@@ -113,6 +113,8 @@ const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a waiting suite looks again, and says why it waits.
 const REPLAN_EVERY: Duration = Duration::from_secs(1);
 const SAY_WAITING_EVERY: Duration = Duration::from_secs(10);
+/// How long a planning round waits for a host's handshake.
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a freshly connected agent may take to send its first snapshot.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 /// An agent refusing a load the planner thought would fit, this many times
@@ -161,13 +163,33 @@ enum Attempt {
         reports: Vec<(usize, CaseReport)>,
         loads: Vec<ModelLoad>,
         interrupted: bool,
+        /// Cases left without a result because the host was lost: run them
+        /// elsewhere (infrastructure loss is retried, test failures never).
+        lost: Option<Lost>,
     },
     /// Not this time (lease busy, memory refused): plan these cases again.
-    Retry {
-        reason: String,
-        refused: bool,
-    },
+    Retry { reason: String, refused: bool },
 }
+
+/// Cases a lost host left unfinished, why, and the spans of their attempts.
+struct Lost {
+    reason: String,
+    cases: Vec<usize>,
+    spans: Vec<(usize, SpanContext)>,
+}
+
+/// Per-case state of a batch sent to one host.
+#[derive(Clone, Default)]
+struct Batch {
+    cases: Vec<usize>,
+    /// Attempt number of each case (1 = first).
+    attempts: BTreeMap<usize, u32>,
+    /// Spans of earlier attempts lost to infrastructure, to link re-runs to.
+    earlier: BTreeMap<usize, Vec<SpanContext>>,
+}
+
+/// How many times a case is re-run after losing its host.
+const MAX_INFRA_RETRIES: u32 = 2;
 
 /// Runs suites; prints progress and the summary; writes `junit.xml`.
 pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
@@ -432,6 +454,9 @@ async fn place_and_run(ctx: &Arc<Ctx>, suite: &Suite, scope: &Scope) -> SuiteOut
     };
     let mut last_said: Option<(Instant, Vec<String>)> = None;
     let mut refusals = 0;
+    let mut attempts_of: Vec<u32> = vec![1; suite.cases.len()];
+    let mut reruns: Vec<Vec<String>> = vec![Vec::new(); suite.cases.len()];
+    let mut earlier: BTreeMap<usize, Vec<SpanContext>> = BTreeMap::new();
     while !pending.is_empty() {
         if ctx.cancel.is_cancelled() {
             outcome.interrupted = true;
@@ -463,21 +488,52 @@ async fn place_and_run(ctx: &Arc<Ctx>, suite: &Suite, scope: &Scope) -> SuiteOut
                 let mut attempts = tokio::task::JoinSet::new();
                 for a in assignments {
                     let cases: Vec<usize> = a.cases.iter().map(|i| pending[*i]).collect();
+                    let batch = Batch {
+                        attempts: cases.iter().map(|i| (*i, attempts_of[*i])).collect(),
+                        earlier: cases.iter().filter_map(|i| earlier.get(i).map(|e| (*i, e.clone()))).collect(),
+                        cases: cases.clone(),
+                    };
                     let ctx = ctx.clone();
                     let suite = suite.clone();
                     let scope = scope.clone();
-                    attempts.spawn(async move { (cases.clone(), attempt(&ctx, a.host, &suite, &cases, &scope).await) });
+                    attempts.spawn(async move { (cases, attempt(&ctx, a.host, &suite, &batch, &scope).await) });
                 }
                 let mut retry = Vec::new();
                 while let Some(Ok((cases, result))) = attempts.join_next().await {
                     match result {
-                        Attempt::Done { reports, loads, interrupted } => {
-                            for (i, r) in reports {
+                        Attempt::Done { reports, loads, interrupted, lost } => {
+                            for (i, mut r) in reports {
+                                r.reruns = reruns[i].clone();
                                 slots[i] = Some(r);
                             }
                             outcome.loads.extend(loads);
                             outcome.interrupted |= interrupted;
                             refusals = 0;
+                            if let Some(lost) = lost {
+                                for (i, span) in lost.spans {
+                                    earlier.entry(i).or_default().push(span);
+                                }
+                                for i in lost.cases {
+                                    reruns[i].push(lost.reason.clone());
+                                    if attempts_of[i] > MAX_INFRA_RETRIES {
+                                        let mut r = CaseReport::error(
+                                            &suite.name,
+                                            &suite.cases[i].name,
+                                            format!("{} (gave up after {} attempts)", lost.reason, attempts_of[i]),
+                                        );
+                                        r.attempt = attempts_of[i];
+                                        r.reruns = reruns[i].clone();
+                                        slots[i] = Some(r);
+                                    } else {
+                                        attempts_of[i] += 1;
+                                        retry.push(i);
+                                    }
+                                }
+                                println!(
+                                    "suite {}: {}; re-running its unfinished cases elsewhere",
+                                    suite.name, lost.reason
+                                );
+                            }
                         }
                         Attempt::Retry { reason, refused } => {
                             refusals += u32::from(refused);
@@ -529,16 +585,22 @@ async fn host_views(ctx: &Ctx) -> Vec<scheduler::Host> {
         };
         let mut agent = agent.clone();
         let view = view.borrow().clone();
-        match agent.refresh_info().await {
-            Ok(()) => hosts.push(scheduler::host_view(&slot.entry.name, &slot.entry.labels, &agent.info, &view)),
-            Err(e) => hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, &e.to_string())),
+        if let Some(lost) = &view.lost {
+            hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, lost));
+            continue;
+        }
+        match tokio::time::timeout(INFO_TIMEOUT, agent.refresh_info()).await {
+            Ok(Ok(())) => hosts.push(scheduler::host_view(&slot.entry.name, &slot.entry.labels, &agent.info, &view)),
+            Ok(Err(e)) => hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, &e.to_string())),
+            Err(_) => hosts.push(scheduler::unreachable(&slot.entry.name, &slot.entry.labels, "no answer within 2s")),
         }
     }
     hosts
 }
 
 /// Runs `cases` of `suite` on one host, taking this run's lease there first.
-async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize], scope: &Scope) -> Attempt {
+async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, batch: &Batch, scope: &Scope) -> Attempt {
+    let cases = &batch.cases;
     let agent = ctx.slots[slot].agent.clone().expect("planned hosts are connected");
     let key = (slot, suite.service.clone());
     let cell = ctx.leases.lock().await.entry(key).or_default().clone();
@@ -556,7 +618,7 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize], sc
             Err(e) => {
                 let reports =
                     cases.iter().map(|i| (*i, CaseReport::error(&suite.name, &suite.cases[*i].name, e.to_string())));
-                return Attempt::Done { reports: reports.collect(), loads: Vec::new(), interrupted: false };
+                return Attempt::Done { reports: reports.collect(), loads: Vec::new(), interrupted: false, lost: None };
             }
         }
     }
@@ -575,9 +637,15 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, cases: &[usize], sc
         ],
         vec![],
     );
-    let result = run_on(ctx, &agent, view, &lease, suite, cases, &lease_scope).await;
-    if let Attempt::Retry { reason, .. } = &result {
-        lease_scope.fail(reason);
+    let result = run_on(ctx, &agent, view, &lease, suite, batch, &lease_scope).await;
+    match &result {
+        Attempt::Retry { reason, .. } => lease_scope.fail(reason),
+        Attempt::Done { lost: Some(lost), .. } => {
+            lease_scope.fail(&lost.reason);
+            // The lease there is as good as gone: take a new one if we come back.
+            *held = None;
+        }
+        _ => {}
     }
     lease_scope.end();
     result
@@ -591,9 +659,10 @@ async fn run_on(
     mut view: watch::Receiver<AgentView>,
     lease: &Lease,
     suite: &Suite,
-    cases: &[usize],
+    batch: &Batch,
     scope: &Scope,
 ) -> Attempt {
+    let cases = &batch.cases;
     let host = agent.name.clone();
     let traceparent = otel::traceparent(&scope.span_context());
     let error = |i: usize, message: String| {
@@ -616,6 +685,7 @@ async fn run_on(
                 reports: cases.iter().map(|i| error(*i, e.to_string())).collect(),
                 loads: vec![],
                 interrupted: false,
+                lost: None,
             };
         }
     };
@@ -634,19 +704,23 @@ async fn run_on(
     let snapshot = match waited {
         None => {
             let reports = cases.iter().map(|i| error(*i, "interrupted while waiting for models to load".into()));
-            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: true };
+            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: true, lost: None };
         }
         Some(Err(_)) => {
             let reports = cases.iter().map(|i| error(*i, "lost the agent's event stream".into()));
-            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: false };
+            return Attempt::Done { reports: reports.collect(), loads: vec![], interrupted: false, lost: None };
         }
         Some(Ok(v)) => v,
     };
-    if let Some(lost) = &snapshot.lost {
+    if let Some(reason) = &snapshot.lost {
+        // Lost while loading: every case goes elsewhere.
+        let spans =
+            cases.iter().map(|i| (*i, lost_span(ctx, &suite.cases[*i], batch.attempts[i], reason, scope))).collect();
         return Attempt::Done {
-            reports: cases.iter().map(|i| error(*i, lost.clone())).collect(),
+            reports: vec![],
             loads: vec![],
             interrupted: false,
+            lost: Some(Lost { reason: format!("host {host} lost: {reason}"), cases: cases.clone(), spans }),
         };
     }
 
@@ -682,17 +756,19 @@ async fn run_on(
         }
     }
     let ids: Vec<(usize, String)> =
-        runnable.iter().map(|i| (*i, format!("{}/{}/{i}", ctx.run_id, suite.name))).collect();
+        runnable.iter().map(|i| (*i, format!("{}/{}/{i}/{}", ctx.run_id, suite.name, batch.attempts[i]))).collect();
     // Each case's span id is chosen now, so its traceparent can go with it.
     let span_ids: BTreeMap<usize, opentelemetry::trace::SpanId> =
         runnable.iter().map(|i| (*i, otel::new_span_id())).collect();
     let trace_id = scope.span_context().trace_id();
     let mut interrupted = false;
+    let mut lost = None;
     if !ids.is_empty() {
         let protos = ids
             .iter()
             .map(|(i, id)| {
-                client::case_to_proto(id.clone(), 1, &suite.cases[*i], format!("00-{trace_id}-{}-01", span_ids[i]))
+                let tp = format!("00-{trace_id}-{}-01", span_ids[i]);
+                client::case_to_proto(id.clone(), batch.attempts[i], &suite.cases[*i], tp)
             })
             .collect();
         match agent.run_cases(lease, protos, &traceparent).await {
@@ -708,7 +784,20 @@ async fn run_on(
                     r = view.wait_for(done) => r.ok().map(|v| v.clone()),
                 };
                 let latest = got.unwrap_or_else(|| view.borrow().clone());
+                if let Some(reason) = latest.lost.clone().filter(|_| !interrupted) {
+                    // Keep what arrived; the rest goes elsewhere.
+                    let missing: Vec<usize> =
+                        ids.iter().filter(|(_, id)| !latest.results.contains_key(id)).map(|(i, _)| *i).collect();
+                    let spans = missing
+                        .iter()
+                        .map(|i| (*i, lost_span(ctx, &suite.cases[*i], batch.attempts[i], &reason, scope)))
+                        .collect();
+                    lost = Some(Lost { reason: format!("host {host} lost: {reason}"), cases: missing, spans });
+                }
                 for (i, id) in &ids {
+                    if lost.as_ref().is_some_and(|l| l.cases.contains(i)) {
+                        continue;
+                    }
                     reports.push(match latest.results.get(id) {
                         // Fencing: a result under another lease epoch is never merged.
                         Some(r) if r.lease_epoch == lease.epoch => {
@@ -734,9 +823,29 @@ async fn run_on(
         }
     }
     for (i, r) in &reports {
-        trace_case(ctx, agent, &suite.cases[*i], r, span_ids.get(i).copied(), scope);
+        let links = batch.earlier.get(i).cloned().unwrap_or_default();
+        trace_case(ctx, agent, &suite.cases[*i], r, span_ids.get(i).copied(), links, scope);
     }
-    Attempt::Done { reports, loads, interrupted }
+    Attempt::Done { reports, loads, interrupted, lost }
+}
+
+/// The span of an attempt that lost its host, for the re-run to link to.
+fn lost_span(ctx: &Ctx, case: &crate::suite::Case, attempt: u32, reason: &str, scope: &Scope) -> SpanContext {
+    let span = otel::start(
+        &ctx.tracer,
+        format!("case {}", case.name),
+        Some(scope),
+        None,
+        vec![
+            KeyValue::new("proctor.case.name", case.name.clone()),
+            KeyValue::new("proctor.case.attempt", i64::from(attempt)),
+            KeyValue::new("proctor.case.outcome", "lost"),
+        ],
+        vec![],
+    );
+    span.fail(&format!("host lost: {reason}"));
+    span.end();
+    span.span_context()
 }
 
 fn at(ms: i64) -> std::time::SystemTime {
@@ -818,6 +927,7 @@ fn trace_case(
     case: &crate::suite::Case,
     report: &CaseReport,
     id: Option<opentelemetry::trace::SpanId>,
+    links: Vec<SpanContext>,
     scope: &Scope,
 ) {
     use crate::report::Outcome;
@@ -847,9 +957,10 @@ fn trace_case(
         attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
     }
     let name = format!("case {}", case.name);
+    let links = links.into_iter().map(Link::with_context).collect();
     let span = match id {
-        Some(id) if ran => otel::start_with_id(&ctx.tracer, id, name, scope, at(start), attributes),
-        _ => otel::start(&ctx.tracer, name, Some(scope), Some(at(start)), attributes, vec![]),
+        Some(id) if ran => otel::start_with_id(&ctx.tracer, id, name, scope, at(start), attributes, links),
+        _ => otel::start(&ctx.tracer, name, Some(scope), Some(at(start)), attributes, links),
     };
     if report.outcome != Outcome::Passed {
         span.fail(&report.headline());

@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod hosts;
 mod loading;
+mod resilience;
 mod run;
 mod supervision;
 mod tracing;
