@@ -13,4 +13,4 @@ pub mod run;
 pub mod scheduler;
 pub mod suite;
 
-pub use run::{Exit, RunOptions, RunResult, run};
+pub use run::{Exit, Interrupt, RunOptions, RunResult, run};

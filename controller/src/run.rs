@@ -148,6 +148,8 @@ struct Ctx {
     /// makes suites of this run take turns on one service of one host.
     leases: Mutex<BTreeMap<(usize, String), LeaseCell>>,
     tracer: opentelemetry_sdk::trace::SdkTracer,
+    /// Partial results for a second interrupt.
+    interrupt: Interrupt,
     /// The root span: one trace per run.
     trace: Scope,
     /// Model loads traced in this run, so a later reuse links to them.
@@ -191,8 +193,58 @@ struct Batch {
 /// How many times a case is re-run after losing its host.
 const MAX_INFRA_RETRIES: u32 = 2;
 
+/// Cancels a run, and — on a second interrupt — writes what it has so far.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt {
+    pub token: CancellationToken,
+    partial: Arc<std::sync::Mutex<Option<Partial>>>,
+}
+
+/// A run's cases as they stand: results, or errors for cases not yet done.
+#[derive(Debug)]
+struct Partial {
+    junit: PathBuf,
+    run_id: String,
+    started: Instant,
+    suites: Vec<Vec<CaseReport>>,
+}
+
+impl From<CancellationToken> for Interrupt {
+    fn from(token: CancellationToken) -> Interrupt {
+        Interrupt { token, partial: Default::default() }
+    }
+}
+
+impl Interrupt {
+    /// Writes the JUnit file from what the run has now: every case present,
+    /// those without a result as errors. For a second interrupt: quick, no I/O
+    /// but the one file.
+    pub fn write_partial(&self) -> Option<PathBuf> {
+        let guard = self.partial.lock().ok()?;
+        let p = guard.as_ref()?;
+        let report = RunReport {
+            run_id: p.run_id.clone(),
+            cases: p.suites.iter().flatten().cloned().collect(),
+            loads: Vec::new(),
+            interrupted: true,
+            duration: p.started.elapsed(),
+        };
+        report.write_junit(&p.junit).ok().map(|()| p.junit.clone())
+    }
+
+    fn record(&self, suite: usize, case: usize, report: &CaseReport) {
+        if let Ok(mut guard) = self.partial.lock()
+            && let Some(slot) = guard.as_mut().and_then(|p| p.suites.get_mut(suite)).and_then(|s| s.get_mut(case))
+        {
+            *slot = report.clone();
+        }
+    }
+}
+
 /// Runs suites; prints progress and the summary; writes `junit.xml`.
-pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
+pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult {
+    let interrupt: Interrupt = interrupt.into();
+    let cancel = interrupt.token.clone();
     let started = Instant::now();
     let mut suites = Vec::new();
     let mut bad = false;
@@ -251,7 +303,24 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     let slots = connect_all(entries, &opts, &updates_tx, &stop).await;
     drop(updates_tx);
 
+    if let Ok(mut partial) = interrupt.partial.lock() {
+        *partial = Some(Partial {
+            junit: opts.out_dir.join("junit.xml"),
+            run_id: run_id.clone(),
+            started,
+            suites: suites
+                .iter()
+                .map(|s| {
+                    s.cases
+                        .iter()
+                        .map(|c| CaseReport::error(&s.name, &c.name, "interrupted before the case finished".into()))
+                        .collect()
+                })
+                .collect(),
+        });
+    }
     let ctx = Arc::new(Ctx {
+        interrupt: interrupt.clone(),
         run_id,
         holder: format!(
             "{}@{}",
@@ -272,7 +341,7 @@ pub async fn run(opts: RunOptions, cancel: CancellationToken) -> RunResult {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, suite) in suites.into_iter().enumerate() {
         let ctx = ctx.clone();
-        tasks.spawn(async move { (index, run_suite(&ctx, &suite).await) });
+        tasks.spawn(async move { (index, run_suite(&ctx, index, &suite).await) });
     }
     let mut done: Vec<(usize, SuiteOutcome)> = Vec::new();
     while let Some(joined) = tasks.join_next().await {
@@ -413,7 +482,7 @@ struct SuiteOutcome {
 }
 
 /// Places and runs one suite until every case has a result.
-async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
+async fn run_suite(ctx: &Arc<Ctx>, index: usize, suite: &Suite) -> SuiteOutcome {
     let scope = otel::start(
         &ctx.tracer,
         "suite",
@@ -427,7 +496,7 @@ async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
         ],
         vec![],
     );
-    let outcome = place_and_run(ctx, suite, &scope).await;
+    let outcome = place_and_run(ctx, index, suite, &scope).await;
     let bad = outcome.cases.iter().filter(|c| c.outcome != crate::report::Outcome::Passed).count();
     if bad > 0 {
         scope.fail(&format!("{bad} of {} cases did not pass", outcome.cases.len()));
@@ -436,7 +505,7 @@ async fn run_suite(ctx: &Arc<Ctx>, suite: &Suite) -> SuiteOutcome {
     outcome
 }
 
-async fn place_and_run(ctx: &Arc<Ctx>, suite: &Suite, scope: &Scope) -> SuiteOutcome {
+async fn place_and_run(ctx: &Arc<Ctx>, index: usize, suite: &Suite, scope: &Scope) -> SuiteOutcome {
     let mut outcome = SuiteOutcome::default();
     let mut slots: Vec<Option<CaseReport>> = vec![None; suite.cases.len()];
     let mut pending: Vec<usize> = (0..suite.cases.len()).collect();
@@ -504,6 +573,7 @@ async fn place_and_run(ctx: &Arc<Ctx>, suite: &Suite, scope: &Scope) -> SuiteOut
                         Attempt::Done { reports, loads, interrupted, lost } => {
                             for (i, mut r) in reports {
                                 r.reruns = reruns[i].clone();
+                                ctx.interrupt.record(index, i, &r);
                                 slots[i] = Some(r);
                             }
                             outcome.loads.extend(loads);

@@ -7,8 +7,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use tokio_util::sync::CancellationToken;
-
 /// The example suites, embedded so the demo runs from any folder.
 const SUITES: &[(&str, &str)] = &[
     ("nllb-translate.yaml", include_str!("../../suites/nllb-translate.yaml")),
@@ -116,7 +114,7 @@ pub async fn run(
     out: &Path,
     progress: controller::progress::Mode,
     otel: controller::otel::OtelConfig,
-    cancel: CancellationToken,
+    cancel: controller::Interrupt,
 ) -> ExitCode {
     let (config_path, suites) = match prepare(out) {
         Ok(x) => x,

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -200,10 +199,11 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-/// First SIGINT/SIGTERM cancels gracefully; a second exits at once.
-fn interrupt_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
+/// First SIGINT/SIGTERM cancels gracefully; a second writes the partial
+/// JUnit file and exits at once.
+fn interrupt_token() -> controller::Interrupt {
+    let interrupt = controller::Interrupt::default();
+    let handle = interrupt.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
@@ -218,13 +218,17 @@ fn interrupt_token() -> CancellationToken {
             count += 1;
             if count == 1 {
                 eprintln!("\ninterrupted: finishing up and writing reports (interrupt again to exit now)");
-                t.cancel();
+                handle.token.cancel();
             } else {
+                match handle.write_partial() {
+                    Some(path) => eprintln!("interrupted again: partial report written to {}", path.display()),
+                    None => eprintln!("interrupted again: exiting"),
+                }
                 std::process::exit(130);
             }
         }
     });
-    token
+    interrupt
 }
 
 fn main() -> ExitCode {

@@ -210,3 +210,63 @@ async fn help_lists_every_command_and_the_exit_codes() {
         assert!(stdout.contains(flag), "run --help documents {flag}:\n{stdout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_ctrl_c_exits_within_a_second_and_still_writes_partial_reports() {
+    use nix::sys::signal::{Signal, kill};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=60s"])).await;
+    let out = Scratch::new("interrupt-twice");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--out", &out.path.display().to_string(), "--progress-interval", "200ms"])
+        .arg(&suite)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    testkit::within(Duration::from_secs(20), "the model to be loading", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("LOADING_WEIGHTS") {
+                return;
+            }
+        }
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Freeze the agent: the graceful path (ack, lease release) now hangs, so
+    // only the second interrupt can end the run quickly.
+    let agent_pid = nix::unistd::Pid::from_raw(agent.pid as i32);
+    kill(agent_pid, Signal::SIGSTOP).unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    kill(pid, Signal::SIGINT).unwrap();
+    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    testkit::within(Duration::from_secs(10), "the first interrupt to be taken", async {
+        while let Some(line) = errors.next_line().await.unwrap() {
+            if line.contains("interrupted: finishing up") {
+                return;
+            }
+        }
+    })
+    .await;
+    kill(pid, Signal::SIGINT).unwrap();
+    let second = Instant::now();
+    let status = testkit::within(Duration::from_secs(5), "proctor run to exit", child.wait()).await.unwrap();
+    let elapsed = second.elapsed();
+    kill(agent_pid, Signal::SIGCONT).unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(elapsed < Duration::from_secs(1), "exited {elapsed:?} after the second signal");
+    let rest = testkit::within(Duration::from_secs(5), "stderr", async {
+        let mut all = String::new();
+        while let Ok(Some(l)) = errors.next_line().await {
+            all.push_str(&l);
+        }
+        all
+    })
+    .await;
+    assert!(rest.contains("interrupted again: partial report written"), "{rest}");
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert_eq!(junit.matches("<testcase ").count(), 2, "every case present: {junit}");
+    assert_eq!(junit.matches("<error message=\"interrupted").count(), 2, "{junit}");
+}
