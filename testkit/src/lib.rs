@@ -6,6 +6,8 @@
 //! let mut client = agent.client().await;
 //! ```
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -62,8 +64,12 @@ pub struct Service {
     pub agent_extra: String,
     /// Lines added to every `[[service.model]]` table.
     pub model_extra: String,
+    /// Top-level agent keys (before any table), e.g. `keepalive_interval = "1s"`.
+    pub agent_top: String,
     /// Lines added to the `[[service]]` table.
     pub service_extra: String,
+    /// The agent's listen address.
+    pub listen: String,
 }
 
 impl Service {
@@ -79,7 +85,9 @@ impl Service {
             load_mode: "at_start".into(),
             agent_extra: String::new(),
             model_extra: String::new(),
+            agent_top: String::new(),
             service_extra: String::new(),
+            listen: "127.0.0.1:0".into(),
         }
     }
 
@@ -120,10 +128,23 @@ impl Service {
         self
     }
 
+    /// The agent listens here (e.g. a network namespace's address, port 0).
+    pub fn listen(mut self, addr: &str) -> Service {
+        self.listen = addr.to_owned();
+        self
+    }
+
     /// Adds lines to the service's table, e.g. `memory_limit_mb = 64`.
     pub fn service_lines(mut self, lines: &str) -> Service {
         self.service_extra.push_str(lines);
         self.service_extra.push('\n');
+        self
+    }
+
+    /// Adds top-level agent keys, e.g. `keepalive_interval = "1s"`.
+    pub fn agent_keys(mut self, lines: &str) -> Service {
+        self.agent_top.push_str(lines);
+        self.agent_top.push('\n');
         self
     }
 
@@ -148,8 +169,10 @@ impl Service {
         }
         command.extend(self.sim_flags.iter().map(|f| q(f)));
         let mut text = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[[service]]\nname = {}\ncommand = [{}]\nstop_grace = {}\n",
+            "listen = {}\ndata_dir = {}\n{}\n[[service]]\nname = {}\ncommand = [{}]\nstop_grace = {}\n",
+            q(&self.listen),
             q(&dir.join("data").display().to_string()),
+            self.agent_top,
             q(&self.name),
             command.join(", "),
             q(&self.stop_grace),
@@ -193,6 +216,23 @@ impl Agent {
         Agent::spawn_with(bin, scratch, &text).await
     }
 
+    /// A real agent inside network namespace `ns` (`ip netns exec`).
+    pub async fn spawn_in_netns(bin: &str, ns: &str, service: &Service) -> Agent {
+        let scratch = Scratch::new(&service.name);
+        let text = service.agent_toml(bin, &scratch.path);
+        let config = scratch.write("agent.toml", &text);
+        let child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", ns, bin, "agent", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env(CANARY_ENV, "leaked")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(scratch.path.join("agent.stderr")).expect("stderr file")))
+            .spawn()
+            .expect("spawn proctor agent in a network namespace");
+        Agent::attach(child, scratch).await
+    }
+
     /// An agent from a config text written by the test.
     pub async fn spawn_config(bin: &str, config: &str) -> Agent {
         Agent::spawn_with(bin, Scratch::new("custom"), config).await
@@ -200,7 +240,7 @@ impl Agent {
 
     async fn spawn_with(bin: &str, scratch: Scratch, text: &str) -> Agent {
         let config = scratch.write("agent.toml", text);
-        let mut child = tokio::process::Command::new(bin)
+        let child = tokio::process::Command::new(bin)
             .args(["agent", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -216,6 +256,11 @@ impl Agent {
             ))
             .spawn()
             .expect("spawn proctor agent");
+        Agent::attach(child, scratch).await
+    }
+
+    /// Waits for a started agent's address line.
+    async fn attach(mut child: tokio::process::Child, scratch: Scratch) -> Agent {
         let pid = child.id().expect("agent pid");
         let stdout = child.stdout.take().expect("agent stdout");
         let mut lines = BufReader::new(stdout).lines();

@@ -96,3 +96,75 @@ async fn timing_that_cannot_work_is_refused() {
     assert_eq!(result.exit, Exit::BadInput, "grace 60 s is longer than the 30 s lease");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+/// Blackhole routes both ways for 20 s while a model loads: both sides notice
+/// within 5 s (keepalive 1 s / 2 s), the stream resumes after healing, and the
+/// events received have no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
+    let host = testkit::netns::host().expect("network namespaces (run as root)");
+    let service = Service::sim(&["nllb:mb=8,download=1s,load=24s,warmup=500ms"])
+        .listen(&format!("{}:0", host.ip))
+        .agent_keys("keepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"");
+    let agent = Agent::spawn_in_netns(BIN, &host.ns, &service).await;
+    assert!(agent.addr.starts_with(&host.ip), "{}", agent.addr);
+
+    let keepalive = Keepalive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2) };
+    let remote = controller::client::Agent::connect_with("host", &agent.addr, keepalive).await.unwrap();
+    let (tx, mut view) = tokio::sync::watch::channel(controller::client::AgentView::default());
+    let (updates, _updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    tokio::spawn(controller::client::follow(remote.clone(), tx, updates, stop.clone(), Duration::from_secs(40)));
+    view.wait_for(|v| !v.incarnation.is_empty()).await.unwrap();
+    let lease = remote.acquire("translation", "partition-run", "test", Duration::from_secs(120)).await.unwrap();
+    remote.ensure(&lease, &["nllb".into()], None, 0, false, "").await.unwrap();
+    let stage =
+        |v: &controller::client::AgentView| v.models.get(&("translation".into(), "nllb".into())).map(|m| m.stage);
+    testkit::within(
+        Duration::from_secs(20),
+        "loading weights",
+        view.wait_for(|v| stage(v) == Some(Stage::LoadingWeights)),
+    )
+    .await
+    .unwrap();
+
+    host.partition().unwrap();
+    let cut = Instant::now();
+    testkit::within(Duration::from_secs(5), "the controller to notice", view.wait_for(|v| v.disconnects >= 1))
+        .await
+        .unwrap();
+    let noticed = cut.elapsed();
+    testkit::until(Duration::from_secs(5), "the agent to notice", || agent.logs().contains("watch ended")).await;
+    let agent_noticed = cut.elapsed();
+    // The partition lasts 20 s; the model keeps loading on the other side.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(cut.elapsed())).await;
+    host.heal().unwrap();
+    testkit::within(
+        Duration::from_secs(30),
+        "the model to be READY, seen after healing",
+        view.wait_for(|v| stage(v) == Some(Stage::Ready)),
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+
+    let v = view.borrow().clone();
+    assert!(noticed < Duration::from_secs(5), "controller noticed after {noticed:?}");
+    assert!(agent_noticed < Duration::from_secs(5), "agent noticed after {agent_noticed:?}");
+    let seqs = &v.seqs_applied;
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no gap and no duplicate: {seqs:?}");
+    assert!(v.gaps.is_empty(), "nothing dropped: {:?}", v.gaps);
+    let stages: Vec<Stage> = v.stage_log.iter().filter(|m| m.model == "nllb").map(|m| m.stage).collect();
+    assert_eq!(
+        stages,
+        [
+            Stage::ProcessStarting,
+            Stage::WaitingForHttp,
+            Stage::Downloading,
+            Stage::LoadingWeights,
+            Stage::WarmingUp,
+            Stage::Ready
+        ],
+        "every stage transition once, in order, including those during the partition"
+    );
+}
