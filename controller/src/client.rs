@@ -486,12 +486,25 @@ pub async fn follow(
                 v.lost = Some(format!("agent {} unreachable for more than {}s", agent.addr, grace.as_secs()))
             });
         }
+        // Capped exponential backoff, up to a fifth shorter at random so many
+        // controllers do not reconnect in step.
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.mul_f64(1.0 - 0.2 * jitter())) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
+}
+
+/// Longest pause between two reconnect attempts.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A random number in [0, 1) without a random-number crate.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn apply(

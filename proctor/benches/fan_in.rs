@@ -19,7 +19,8 @@ fn cpu_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r.to_owned()).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn rss_mib() -> f64 {
@@ -39,7 +40,10 @@ fn agents(n: usize) {
         let dir = std::env::temp_dir().join(format!("proctor-fan-in-{}", std::process::id()));
         let mut running = Vec::new();
         for i in 0..n {
-            let text = format!("listen = \"127.0.0.1:0\"\ndata_dir = \"{}/a{i}\"\ntelemetry_interval = \"1s\"\n", dir.display());
+            let text = format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}/a{i}\"\ntelemetry_interval = \"1s\"\n",
+                dir.display()
+            );
             let config = agent::Config::parse(&text, &dir.join("agent.toml")).expect("config");
             let a = agent::start(config).await.expect("agent");
             println!("ADDR {}", a.addr);

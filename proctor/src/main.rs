@@ -187,6 +187,9 @@ struct SimArgs {
     /// Fault: exit with code 0 as soon as the worker dies (e.g. OOM-killed).
     #[arg(long, requires = "worker_mb")]
     exit_with_worker: bool,
+    /// Fault: delay every /translate answer this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    slow_requests: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -306,6 +309,7 @@ async fn async_main(command: Command) -> ExitCode {
                 ignore_sigterm: args.ignore_sigterm,
                 worker,
                 exit_with_worker: args.exit_with_worker,
+                slow_requests: args.slow_requests,
             };
             match sim::serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,

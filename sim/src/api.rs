@@ -16,6 +16,8 @@ use crate::model::{self, ModelView, Shared, Status};
 #[derive(Clone)]
 pub struct AppState {
     pub models: std::sync::Arc<BTreeMap<String, Shared>>,
+    /// Fault: delay every /translate answer.
+    pub slow: Option<std::time::Duration>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -69,6 +71,9 @@ fn log_trace(path: &str, headers: &HeaderMap) {
 async fn translate(State(state): State<AppState>, headers: HeaderMap, Json(req): Json<TranslateRequest>) -> Response {
     log_trace("/translate", &headers);
     let started = Instant::now();
+    if let Some(delay) = state.slow {
+        tokio::time::sleep(delay).await;
+    }
     let Some(model) = state.models.get(&req.model) else {
         let known: Vec<&String> = state.models.keys().collect();
         return error(StatusCode::NOT_FOUND, format!("unknown model '{}'; this service has {known:?}", req.model));

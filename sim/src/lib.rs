@@ -29,6 +29,8 @@ pub struct SimConfig {
     pub worker: Option<Vec<String>>,
     /// Fault: exit (code 0) as soon as the worker dies.
     pub exit_with_worker: bool,
+    /// Fault: every /translate answer is delayed this long.
+    pub slow_requests: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,7 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
             std::process::exit(0);
         });
     }
-    let state = api::AppState { models: Arc::new(models) };
+    let state = api::AppState { models: Arc::new(models), slow: config.slow_requests };
     if !config.lazy {
         for m in state.models.values() {
             model::start_loading(m);

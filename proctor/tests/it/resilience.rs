@@ -168,3 +168,81 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
         "every stage transition once, in order, including those during the partition"
     );
 }
+
+/// A partition longer than the grace: the cases re-run on another host, and
+/// the first host's late result — produced under a lease that has since
+/// expired — is never merged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_partition_re_runs_cases_elsewhere_and_fences_the_late_result() {
+    let host = testkit::netns::host().expect("network namespaces (run as root)");
+    let spec = ["nllb:mb=8,download=100ms,load=300ms,warmup=100ms"];
+    let slow = |s: Service| s.flag("--slow-requests").flag("3s");
+    let far = Agent::spawn_in_netns(
+        BIN,
+        &host.ns,
+        &slow(Service::sim(&spec))
+            .listen(&format!("{}:0", host.ip))
+            .agent_keys("keepalive_interval = \"200ms\"\nkeepalive_timeout = \"300ms\""),
+    )
+    .await;
+    let near = Agent::spawn(BIN, &slow(Service::sim(&spec))).await;
+    let out = Scratch::new("long-partition");
+    let inventory = out.write(
+        "inventory.toml",
+        &format!(
+            "[[agent]]\nname = \"far\"\naddress = \"{}\"\n\n[[agent]]\nname = \"near\"\naddress = \"{}\"\n",
+            far.addr, near.addr
+        ),
+    );
+    let suite = TRANSLATE_SUITE.replace("  - name: health shows it loaded\n    request: {method: GET, path: /health}\n    expect:\n      json:\n        - {pointer: /models/nllb/status, equals: loaded}\n", "");
+    let opts = quick(RunOptions {
+        inventory: Some(inventory),
+        ..RunOptions::new(vec![], vec![out.write("t.yaml", &suite)], out.path.clone())
+    });
+    let run = tokio::spawn(controller::run(opts, CancellationToken::new()));
+
+    // Once the far host is serving the (slow) case, cut it off.
+    let mut client = far.client().await;
+    watch_until(
+        &mut client,
+        0,
+        Duration::from_secs(20),
+        |e| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line.contains("/translate traceparent=")),
+    )
+    .await;
+    host.partition().unwrap();
+    let result = testkit::within(Duration::from_secs(40), "the run to finish", run).await.unwrap();
+    host.heal().unwrap();
+
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    assert_eq!(report.cases.len(), 1);
+    let case = &report.cases[0];
+    assert_eq!((case.host.as_str(), case.attempt), ("near", 2), "{case:?}");
+    assert!(case.reruns[0].contains("host far lost"), "{:?}", case.reruns);
+
+    // The far host did finish the first attempt, late, under its old lease…
+    let mut client = far.client().await;
+    let retained = client
+        .fetch_retained(proto::FetchRetainedRequest { run_id: report.run_id.clone(), from_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let late: Vec<proto::CaseResult> = retained
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::CaseFinished(c)) => c.result.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0].attempt, 1);
+    // …a lease that expired during the partition: fenced, so never merged.
+    let snapshot = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await.0;
+    assert!(
+        snapshot.leases.iter().all(|l| l.run_id != report.run_id),
+        "the run's lease on the far host is gone: {:?}",
+        snapshot.leases
+    );
+}
