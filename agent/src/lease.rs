@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use proto::format_unix_ms;
 use tokio::time::Instant;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,24 +123,6 @@ impl LeaseTable {
     }
 }
 
-/// RFC 3339 UTC, second precision, without a date-time dependency.
-pub fn format_unix_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,10 +158,5 @@ mod tests {
         t.release(&claim(&b), later).unwrap();
         assert!(t.check(&claim(&b), later).is_err());
         assert_eq!(t.acquire("svc", "run-c", "z", ttl, later, 0).unwrap().epoch, 3);
-    }
-
-    #[test]
-    fn formats_timestamps() {
-        assert_eq!(format_unix_ms(1_795_000_000_000), "2026-11-18T11:06:40Z");
     }
 }

@@ -497,15 +497,7 @@ impl Actor {
                     r.insert(self.cfg.name.clone(), spawned.pid);
                 });
                 tracing::info!(service = %self.cfg.name, pid = spawned.pid, "service started");
-                let probe_cancel = CancellationToken::new();
-                tokio::spawn(probe::poll(
-                    spawned.base_url.clone(),
-                    self.cfg.readiness.protocol.paths(&self.named),
-                    self.cfg.readiness.poll_ceiling,
-                    self.generation,
-                    self.probe_tx.clone(),
-                    probe_cancel.clone(),
-                ));
+                let probe_cancel = self.start_probe(&spawned.base_url);
                 self.run = Some(Running {
                     pid: spawned.pid,
                     base_url: spawned.base_url,
@@ -679,6 +671,21 @@ impl Actor {
 }
 
 impl Actor {
+    /// Starts polling the service's readiness for this generation; cancel
+    /// the token to stop.
+    fn start_probe(&self, base_url: &str) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        tokio::spawn(probe::poll(
+            base_url.to_owned(),
+            self.cfg.readiness.protocol.paths(&self.named),
+            self.cfg.readiness.poll_ceiling,
+            self.generation,
+            self.probe_tx.clone(),
+            cancel.clone(),
+        ));
+        cancel
+    }
+
     /// Writes (or, with `None`, removes) the state a restarted agent needs.
     fn persist(&self, state: Option<&Persisted>) {
         let path = process::state_path(&self.wiring.data_dir, &self.cfg.name);
@@ -749,15 +756,7 @@ impl Actor {
             pid: state.pid,
             command: format!("(re-attached) {}", self.cfg.command.join(" ")),
         }));
-        let probe_cancel = CancellationToken::new();
-        tokio::spawn(probe::poll(
-            state.base_url.clone(),
-            self.cfg.readiness.protocol.paths(&self.named),
-            self.cfg.readiness.poll_ceiling,
-            self.generation,
-            self.probe_tx.clone(),
-            probe_cancel.clone(),
-        ));
+        let probe_cancel = self.start_probe(&state.base_url);
         self.run = Some(Running {
             pid: state.pid,
             base_url: state.base_url.clone(),

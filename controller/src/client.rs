@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::report::{CaseReport, Failure, Outcome};
 use crate::suite::{Case, Check};
 
-pub use proto::Stage;
+pub use proto::{Stage, format_unix_ms};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -342,23 +342,6 @@ fn lease_view(l: &proto::Lease) -> LeaseView {
         epoch: l.epoch,
         expires_unix_ms: l.expires_unix_ms,
     }
-}
-
-/// RFC 3339 UTC, second precision.
-pub fn format_unix_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// The controller's picture of one agent, kept current by `follow`.

@@ -7,9 +7,10 @@
 //! Run: `cargo bench -p proctor --bench fan_in` (release build).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 const ROLE: &str = "PROCTOR_FAN_IN_ROLE";
 const WARMUP: Duration = Duration::from_secs(5);
@@ -131,29 +132,17 @@ fn main() {
         rows.join("\n")
     );
     println!("{table}");
-    write_section(&table);
-}
-
-fn write_section(table: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-    let start = "<!-- fan-in:start -->";
-    let end = "<!-- fan-in:end -->";
-    let section = format!(
-        "{start}\n## Controller fan-in\n\nOne controller following N agents, each streaming 1 Hz telemetry over its \
-         own gRPC watch; the agents run in a separate process, so only the controller is measured (CPU from \
-         `/proc/self/stat` over a {}-second window after a {}-second warm-up, RSS at its end). Measured on {} \
-         ({} cores), release build, `cargo bench -p proctor --bench fan_in`. Target at N = 1000: ≤ 25 % of one \
-         core and ≤ 200 MiB.\n\n{table}\n{end}",
-        WINDOW.as_secs(),
-        WARMUP.as_secs(),
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    common::write_section(
+        "fan-in",
+        &format!(
+            "## Controller fan-in\n\nOne controller following N agents, each streaming 1 Hz telemetry over its own gRPC \
+             watch; the agents run in a separate process, so only the controller is measured (CPU from \
+             `/proc/self/stat` over a {}-second window after a {}-second warm-up, RSS at its end). Measured on {}, \
+             release build, `cargo bench -p proctor --bench fan_in`. Target at N = 1000: ≤ 25 % of one core and \
+             ≤ 200 MiB.\n\n{table}",
+            WINDOW.as_secs(),
+            WARMUP.as_secs(),
+            common::machine()
+        ),
     );
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let new = match (old.find(start), old.find(end)) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &old[..a], &old[b + end.len()..]),
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write docs/benchmarks.md");
-    eprintln!("wrote {}", path.display());
 }

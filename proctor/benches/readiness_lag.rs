@@ -14,6 +14,8 @@ use std::path::Path;
 use proto::agent_client::AgentClient;
 use proto::{Stage, event, watch_message};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_proctor");
 /// Long services `long0`..`long9`, differing only in warm-up length.
 const LONG_VARIANTS: usize = 10;
@@ -162,30 +164,17 @@ fn main() {
         ]
         .join("\n");
         println!("{table}");
-        write_section(&table);
+        common::write_section(
+            "readiness-lag",
+            &format!(
+                "## Readiness lag\n\nTime from the sim marking a model loaded (its own timestamp) to a gRPC watcher — \
+                 the controller's view — receiving `READY`, with the agent's defaults (adaptive polling, 250 ms \
+                 ceiling). Measured on {}, release build, `cargo bench -p proctor --bench readiness_lag`.\n\n\
+                 {table}\n\nWhat a user would otherwise have: a Kubernetes startup/readiness probe at its default \
+                 10 s period notices readiness 5 s late on average (up to 10 s); a `wait_for_model()` loop polling \
+                 every 30 s, 15 s on average (up to 30 s). Targets: median ≤ 150 ms, p99 ≤ 300 ms.",
+                common::machine()
+            ),
+        );
     });
-}
-
-/// Replaces the readiness section of docs/benchmarks.md, keeping the rest.
-fn write_section(table: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-    let start = "<!-- readiness-lag:start -->";
-    let end = "<!-- readiness-lag:end -->";
-    let section = format!(
-        "{start}\n## Readiness lag\n\nTime from the sim marking a model loaded (its own timestamp) to a gRPC \
-         watcher — the controller's view — receiving `READY`, with the agent's defaults (adaptive polling, \
-         250 ms ceiling). Measured on {} ({} cores), release build, `cargo bench -p proctor --bench readiness_lag`.\n\n\
-         {table}\n\nWhat a user would otherwise have: a Kubernetes startup/readiness probe at its default 10 s \
-         period notices readiness 5 s late on average (up to 10 s); a `wait_for_model()` loop polling every 30 s, \
-         15 s on average (up to 30 s). Targets: median ≤ 150 ms, p99 ≤ 300 ms.\n{end}",
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-    );
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let new = match (old.find(start), old.find(end)) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &old[..a], &old[b + end.len()..]),
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write docs/benchmarks.md");
-    eprintln!("wrote {}", path.display());
 }

@@ -19,6 +19,25 @@ pub mod agent {
 
 pub use agent::*;
 
+/// A `*_unix_ms` field of the contract as RFC 3339 UTC, second precision
+/// (no date-time dependency needed).
+pub fn format_unix_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 impl Stage {
     /// Stages a model passes through while loading, in order.
     pub const LOADING: [Stage; 6] = [
@@ -55,5 +74,14 @@ impl std::fmt::Display for ExitStatus {
             ExitKind::Signaled => write!(f, "SIGNALED({})", self.signal),
             other => f.write_str(other.label()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_timestamps() {
+        assert_eq!(super::format_unix_ms(1_795_000_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(super::format_unix_ms(0), "1970-01-01T00:00:00Z");
     }
 }

@@ -216,13 +216,16 @@ impl Agent {
         Agent::spawn_with(bin, scratch, &text).await
     }
 
-    /// A real agent inside network namespace `ns` (`ip netns exec`).
+    /// A real agent inside network namespace `ns`.
     pub async fn spawn_in_netns(bin: &str, ns: &str, service: &Service) -> Agent {
         let scratch = Scratch::new(&service.name);
         let text = service.agent_toml(bin, &scratch.path);
         let config = scratch.write("agent.toml", &text);
-        let child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", ns, bin, "agent", "--config"])
+        // nsenter --net, not `ip netns exec`: the latter remounts /sys, which
+        // hides /sys/fs/cgroup from the agent.
+        let child = tokio::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args([bin, "agent", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
             .env(CANARY_ENV, "leaked")

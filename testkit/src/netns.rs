@@ -1,5 +1,6 @@
 //! Test hosts as network namespaces joined to the root namespace by veth
-//! pairs: an agent and its services run inside (`ip netns exec`), the
+//! pairs: an agent and its services run inside (`nsenter --net`, which keeps
+//! /sys/fs/cgroup visible where `ip netns exec` would remount /sys), the
 //! controller stays in the test process. Names and subnets are unique per
 //! test process; stale ones from dead test processes are swept first; all is
 //! removed on drop, failures included. Partitions are blackhole routes on
