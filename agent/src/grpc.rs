@@ -146,7 +146,7 @@ impl AgentApi for Service {
             traceparent,
         };
         let outcome = supervisor.ensure(request).await.map_err(supervisor_status)?;
-        let seq_after = self.journal.snapshot().await.map_err(closed)?.next_seq;
+        let seq_after = self.journal.next_seq().await.map_err(closed)?;
         Ok(Response::new(proto::EnsureModelsResponse {
             already_ready: outcome.already_ready,
             loading: outcome.loading,
@@ -243,7 +243,7 @@ impl AgentApi for Service {
                 self.journal.incarnation()
             )));
         }
-        let released = self.journal.ack(r.up_to_seq).await.map_err(closed)?;
+        let released = self.journal.ack(r.run_id, r.up_to_seq).await.map_err(closed)?;
         Ok(Response::new(proto::AckResponse { released }))
     }
 }

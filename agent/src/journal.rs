@@ -71,8 +71,12 @@ enum Command {
         reply: oneshot::Sender<Vec<Event>>,
     },
     Ack {
+        run_id: String,
         up_to_seq: u64,
         reply: oneshot::Sender<u32>,
+    },
+    NextSeq {
+        reply: oneshot::Sender<u64>,
     },
 }
 
@@ -172,8 +176,16 @@ impl Journal {
         self.ask(|reply| Command::FetchRetained { run_id, from_seq, reply }).await
     }
 
-    pub async fn ack(&self, up_to_seq: u64) -> Result<u32, Closed> {
-        self.ask(|reply| Command::Ack { up_to_seq, reply }).await
+    /// Releases retained events up to `up_to_seq`: case results only of
+    /// `run_id` (all runs' if empty), stage changes and exits of any run.
+    pub async fn ack(&self, run_id: String, up_to_seq: u64) -> Result<u32, Closed> {
+        self.ask(|reply| Command::Ack { run_id, up_to_seq, reply }).await
+    }
+
+    /// The seq the next event will carry: past every event appended through
+    /// this handle before the call. Cheaper than a snapshot.
+    pub async fn next_seq(&self) -> Result<u64, Closed> {
+        self.ask(|reply| Command::NextSeq { reply }).await
     }
 }
 
@@ -257,11 +269,18 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
                     .collect();
                 let _ = reply.send(events);
             }
-            Command::Ack { up_to_seq, reply } => {
-                let keep = state.retained.split_off(&(up_to_seq + 1));
-                let released = state.retained.len() as u32;
-                state.retained = keep;
-                let _ = reply.send(released);
+            Command::Ack { run_id, up_to_seq, reply } => {
+                let before = state.retained.len();
+                // Another run's results stay until that run acknowledges them:
+                // it may still need to fetch them after a reconnect.
+                state.retained.retain(|seq, e| {
+                    *seq > up_to_seq
+                        || matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if !run_id.is_empty() && c.run_id != run_id)
+                });
+                let _ = reply.send((before - state.retained.len()) as u32);
+            }
+            Command::NextSeq { reply } => {
+                let _ = reply.send(state.next_seq);
             }
         }
     }
@@ -279,8 +298,15 @@ pub fn grant_to_proto(g: &Grant) -> proto::Lease {
     }
 }
 
+/// Stage transitions, exits and case results outlive the ring until
+/// acknowledged. Progress-only updates (same stage, new percentage) are like
+/// telemetry: the ring and the snapshot carry them.
 fn is_retained(kind: &event::Kind) -> bool {
-    matches!(kind, event::Kind::StageChanged(_) | event::Kind::CaseFinished(_) | event::Kind::ServiceExited(_))
+    match kind {
+        event::Kind::StageChanged(c) => c.from != c.to,
+        event::Kind::CaseFinished(_) | event::Kind::ServiceExited(_) => true,
+        _ => false,
+    }
 }
 
 impl State {
@@ -442,6 +468,8 @@ mod tests {
         j.append(event::Kind::StageChanged(proto::StageChanged {
             service: "svc".into(),
             model: "m".into(),
+            from: proto::Stage::Stopped.into(),
+            to: proto::Stage::ProcessStarting.into(),
             ..Default::default()
         }));
         for i in 0..RING_CAPACITY + 5 {
@@ -450,7 +478,37 @@ mod tests {
         let sub = j.subscribe(1).await.unwrap();
         assert!(matches!(&sub.backlog[0].kind, Some(watch_message::Kind::Event(Event { seq: 1, .. }))));
         assert!(matches!(&sub.backlog[1].kind, Some(watch_message::Kind::Gap(_))));
-        assert_eq!(j.ack(1).await.unwrap(), 1);
+        assert_eq!(j.ack(String::new(), 1).await.unwrap(), 1);
         assert!(j.fetch_retained(String::new(), 0).await.unwrap().is_empty());
+    }
+
+    fn finished(run: &str, case: &str) -> event::Kind {
+        event::Kind::CaseFinished(proto::CaseFinished {
+            run_id: run.into(),
+            service: "svc".into(),
+            result: Some(proto::CaseResult { case_id: case.into(), ..Default::default() }),
+        })
+    }
+
+    #[tokio::test]
+    async fn one_runs_ack_keeps_another_runs_results_and_progress_is_not_retained() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        j.append(finished("run-a", "a1"));
+        j.append(finished("run-b", "b1"));
+        // A progress update: same stage, new percentage.
+        j.append(event::Kind::StageChanged(proto::StageChanged {
+            service: "svc".into(),
+            model: "m".into(),
+            from: proto::Stage::LoadingWeights.into(),
+            to: proto::Stage::LoadingWeights.into(),
+            progress: 0.5,
+            ..Default::default()
+        }));
+        assert_eq!(j.fetch_retained(String::new(), 0).await.unwrap().len(), 2, "progress is not retained");
+        let next = j.next_seq().await.unwrap();
+        assert_eq!(j.ack("run-a".into(), next - 1).await.unwrap(), 1);
+        let left = j.fetch_retained("run-b".into(), 0).await.unwrap();
+        assert_eq!(left.len(), 1, "run-b can still fetch its result after run-a's ack");
+        assert!(matches!(&left[0].kind, Some(event::Kind::CaseFinished(c)) if c.run_id == "run-b"));
     }
 }

@@ -254,10 +254,11 @@ impl Agent {
         Ok(())
     }
 
-    pub async fn ack(&self, incarnation: &str, up_to_seq: u64) -> Result<(), ClientError> {
+    /// Releases this run's retained results (and stage changes) up to a seq.
+    pub async fn ack(&self, incarnation: &str, run_id: &str, up_to_seq: u64) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .ack(proto::AckRequest { incarnation: incarnation.to_owned(), up_to_seq })
+            .ack(proto::AckRequest { incarnation: incarnation.to_owned(), up_to_seq, run_id: run_id.to_owned() })
             .await
             .map_err(|s| self.rpc(s))?;
         Ok(())

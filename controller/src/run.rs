@@ -459,7 +459,7 @@ async fn finish(ctx: &Ctx) {
         if let (Some(agent), Some(view)) = (&slot.agent, &slot.view) {
             let view = view.borrow().clone();
             if view.last_seq > 0 {
-                let _ = agent.ack(&view.incarnation, view.last_seq).await;
+                let _ = agent.ack(&view.incarnation, &ctx.run_id, view.last_seq).await;
             }
         }
     }

@@ -521,6 +521,11 @@ pub struct AckRequest {
     pub incarnation: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
     pub up_to_seq: u64,
+    /// Releases this run's case results up to up_to_seq (other runs' results
+    /// stay retained for them), and stage changes and exits up to it. Empty:
+    /// every retained event up to up_to_seq.
+    #[prost(string, tag = "3")]
+    pub run_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AckResponse {
