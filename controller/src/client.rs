@@ -51,6 +51,27 @@ pub enum ClientError {
     Protocol { addr: String, theirs: u32, ours: u32 },
 }
 
+impl ClientError {
+    /// True when the call failed on the way rather than at the agent: the
+    /// connection broke, timed out or was reset. The agent answers its own
+    /// refusals with specific codes (invalid argument, not found, busy,
+    /// stale lease, not enough memory); anything else is infrastructure.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Rpc { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+            ),
+            ClientError::BadAddress { .. } | ClientError::Protocol { .. } => false,
+        }
+    }
+}
+
 /// One connected agent.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -369,8 +390,13 @@ pub struct AgentView {
     pub disconnects: u32,
     /// Ranges of logs/telemetry the agent reported as dropped.
     pub gaps: Vec<(u64, u64)>,
-    /// Every event seq applied, in order (for tests: no gap, no duplicate).
-    pub seqs_applied: Vec<u64>,
+    /// Events applied since the first snapshot of this incarnation.
+    pub events_applied: u64,
+    /// The first event seq applied in this incarnation.
+    pub first_seq: u64,
+    /// Times an applied event did not follow the previous one directly (a
+    /// seq skipped); duplicates are never applied at all.
+    pub seq_jumps: u32,
 }
 
 /// One stage transition as the agent stamped it.
@@ -491,6 +517,17 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Moves the view past an applied event, counting any seq it skipped.
+fn advance(v: &mut AgentView, seq: u64) {
+    if v.events_applied == 0 {
+        v.first_seq = seq;
+    } else if seq != v.last_seq + 1 {
+        v.seq_jumps += 1;
+    }
+    v.events_applied += 1;
+    v.last_seq = seq;
+}
+
 fn apply(
     host: &str,
     view: &watch::Sender<AgentView>,
@@ -506,6 +543,7 @@ fn apply(
                 tracing::warn!(host, old = %v.incarnation, new = %s.incarnation, "agent restarted: new incarnation");
                 v.lost = Some(format!("agent {host} restarted (new incarnation {})", s.incarnation));
                 v.last_seq = s.next_seq.saturating_sub(1);
+                v.events_applied = 0;
             } else if first {
                 v.last_seq = s.next_seq.saturating_sub(1);
             } else if v.lost.as_deref().is_some_and(|l| l.contains("unreachable")) {
@@ -533,11 +571,6 @@ fn apply(
             if seq <= view.borrow().last_seq {
                 return; // already applied before a reconnect
             }
-            view.send_modify(|v| {
-                if v.seqs_applied.len() < 100_000 {
-                    v.seqs_applied.push(seq);
-                }
-            });
             match e.kind {
                 Some(event::Kind::StageChanged(c)) => {
                     let (from, to) = (c.from(), c.to());
@@ -566,7 +599,7 @@ fn apply(
                             (c.service, c.model),
                             ModelView { stage: to, progress: c.progress, message: c.message },
                         );
-                        v.last_seq = seq;
+                        advance(v, seq);
                     });
                 }
                 Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
@@ -577,7 +610,7 @@ fn apply(
                             v.leases.insert(l.service.clone(), lease_view(l));
                         }
                     }
-                    v.last_seq = seq;
+                    advance(v, seq);
                 }),
                 Some(event::Kind::Telemetry(t)) => {
                     let at = e.time_unix_ms;
@@ -597,16 +630,16 @@ fn apply(
                             v.rss.insert(s.service, s.rss_bytes);
                         }
                         v.heartbeat_unix_ms = at;
-                        v.last_seq = seq;
+                        advance(v, seq);
                     });
                 }
                 Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
                     if let Some(r) = c.result {
                         v.results.insert(r.case_id.clone(), result_to_report(r));
                     }
-                    v.last_seq = seq;
+                    advance(v, seq);
                 }),
-                _ => view.send_modify(|v| v.last_seq = seq),
+                _ => view.send_modify(|v| advance(v, seq)),
             }
         }
         None => {}

@@ -749,6 +749,19 @@ async fn run_on(
         Err(ClientError::Rpc { code: tonic::Code::ResourceExhausted, message, .. }) => {
             return Attempt::Retry { reason: format!("{}: {message}", agent.name), refused: true };
         }
+        Err(e) if e.is_infrastructure() => {
+            // The call broke on the way: the host, not the suite, failed.
+            let spans = cases
+                .iter()
+                .map(|i| (*i, lost_span(ctx, &suite.cases[*i], batch.attempts[i], &e.to_string(), scope)))
+                .collect();
+            return Attempt::Done {
+                reports: vec![],
+                loads: vec![],
+                interrupted: false,
+                lost: Some(Lost { reason: format!("host {host} lost: {e}"), cases: cases.clone(), spans }),
+            };
+        }
         Err(e) => {
             eprintln!("error: suite {}: {e}", suite.name);
             return Attempt::Done {
@@ -842,6 +855,16 @@ async fn run_on(
             })
             .collect();
         match agent.run_cases(lease, protos, &traceparent).await {
+            Err(e) if e.is_infrastructure() => {
+                // Whether or not the agent got them, these cases go elsewhere;
+                // a late result under this attempt's ids is never taken.
+                let spans = ids
+                    .iter()
+                    .map(|(i, _)| (*i, lost_span(ctx, &suite.cases[*i], batch.attempts[i], &e.to_string(), scope)))
+                    .collect();
+                let missing = ids.iter().map(|(i, _)| *i).collect();
+                lost = Some(Lost { reason: format!("host {host} lost: {e}"), cases: missing, spans });
+            }
             Err(e) => reports.extend(ids.iter().map(|(i, _)| error(*i, e.to_string()))),
             Ok(()) => {
                 let budget: Duration =

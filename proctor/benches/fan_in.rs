@@ -99,7 +99,7 @@ fn controller(n: usize) -> (f64, f64, f64) {
         drop(updates);
         tokio::time::sleep(WARMUP).await;
         let events = |views: &Vec<tokio::sync::watch::Receiver<controller::client::AgentView>>| {
-            views.iter().map(|v| v.borrow().seqs_applied.len()).sum::<usize>()
+            views.iter().map(|v| v.borrow().events_applied).sum::<u64>()
         };
         let (t0, c0, e0) = (Instant::now(), cpu_ticks(), events(&views));
         tokio::time::sleep(WINDOW).await;

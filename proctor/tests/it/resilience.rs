@@ -27,7 +27,10 @@ fn quick(opts: RunOptions) -> RunOptions {
 async fn a_host_killed_mid_suite_is_replaced_and_every_case_reported_once() {
     let spec = ["nllb:mb=8,download=200ms,load=3s,warmup=100ms"];
     let first = Agent::spawn(BIN, &Service::sim(&spec)).await;
-    let second = Agent::spawn(BIN, &Service::sim(&spec)).await;
+    // A small memory budget makes the second host the planner's second
+    // choice (it prefers the host with most memory to spare), so the suite
+    // starts on the first.
+    let second = Agent::spawn(BIN, &Service::sim(&spec).agent_lines("[admission]\nmemory_budget_mb = 2000")).await;
     let out = Scratch::new("killed");
     let inventory = out.write(
         "inventory.toml",
@@ -151,8 +154,9 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     let v = view.borrow().clone();
     assert!(noticed < Duration::from_secs(5), "controller noticed after {noticed:?}");
     assert!(agent_noticed < Duration::from_secs(5), "agent noticed after {agent_noticed:?}");
-    let seqs = &v.seqs_applied;
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no gap and no duplicate: {seqs:?}");
+    assert!(v.events_applied > 20, "events flowed before and after: {}", v.events_applied);
+    assert_eq!(v.seq_jumps, 0, "no gap");
+    assert_eq!(v.events_applied, v.last_seq - v.first_seq + 1, "no gap and no duplicate");
     assert!(v.gaps.is_empty(), "nothing dropped: {:?}", v.gaps);
     let stages: Vec<Stage> = v.stage_log.iter().filter(|m| m.model == "nllb").map(|m| m.stage).collect();
     assert_eq!(
@@ -185,7 +189,9 @@ async fn a_long_partition_re_runs_cases_elsewhere_and_fences_the_late_result() {
             .agent_keys("keepalive_interval = \"200ms\"\nkeepalive_timeout = \"300ms\""),
     )
     .await;
-    let near = Agent::spawn(BIN, &slow(Service::sim(&spec))).await;
+    // The planner prefers the host with most memory to spare: a small budget
+    // makes `near` its second choice, so the case starts on `far`.
+    let near = Agent::spawn(BIN, &slow(Service::sim(&spec)).agent_lines("[admission]\nmemory_budget_mb = 2000")).await;
     let out = Scratch::new("long-partition");
     let inventory = out.write(
         "inventory.toml",
