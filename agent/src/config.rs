@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::Stage;
+use proto::parse_duration as duration;
 use serde::Deserialize;
 
 use crate::probe::{HealthJson, Protocol};
@@ -566,22 +567,6 @@ fn bad_loading_stage(value: &str) -> String {
 
 fn bad_duration(value: &str) -> String {
     format!("{value:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"1h\"")
-}
-
-/// Parses `250ms`, `30s`, `1.5s`, `5m`, `1h`.
-pub fn duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number.parse().ok()?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Load timeout precedence below the controller's override (which carries the

@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
+pub use proto::parse_duration;
+
 /// A validated suite.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Suite {
@@ -327,22 +329,6 @@ fn check(raw: &RawCheck) -> Result<Check, String> {
             "check on {pointer:?} has several of equals, one_of, not_empty, matches; split it into one check each"
         )),
     }
-}
-
-/// Parses `250ms`, `30s`, `1.5s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number.parse().ok()?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
 }
 
 #[cfg(test)]

@@ -19,6 +19,24 @@ pub mod agent {
 
 pub use agent::*;
 
+/// Durations as people write them in agent configs, suites, flags and sim
+/// specs: `250ms`, `30s`, `1.5s`, `5m` (or `5min`), `1h`. One parser, so the
+/// same text means the same thing everywhere.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    std::time::Duration::try_from_secs_f64(secs).ok()
+}
+
 /// A `*_unix_ms` field of the contract as RFC 3339 UTC, second precision
 /// (no date-time dependency needed).
 pub fn format_unix_ms(ms: i64) -> String {
@@ -79,6 +97,25 @@ impl std::fmt::Display for ExitStatus {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_durations_and_refuses_the_rest() {
+        use std::time::Duration;
+        let table = [
+            ("250ms", Some(Duration::from_millis(250))),
+            ("1.5s", Some(Duration::from_millis(1500))),
+            (" 5m ", Some(Duration::from_secs(300))),
+            ("5min", Some(Duration::from_secs(300))),
+            ("1h", Some(Duration::from_secs(3600))),
+            ("30", None),
+            ("soon", None),
+            ("-1s", None),
+            ("2d", None),
+        ];
+        for (text, want) in table {
+            assert_eq!(super::parse_duration(text), want, "{text:?}");
+        }
+    }
+
     #[test]
     fn formats_timestamps() {
         assert_eq!(super::format_unix_ms(1_795_000_000_000), "2026-11-18T11:06:40Z");

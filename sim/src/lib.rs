@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use spec::{ModelSpec, SimStage, parse_duration};
+pub use spec::{ModelSpec, SimStage};
 
 /// Everything `proctor sim` is told on its command line.
 #[derive(Clone, Debug, Default)]

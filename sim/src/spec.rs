@@ -1,6 +1,8 @@
 //! Model specifications given on the command line: `NAME[:key=value,...]`.
 
 use std::str::FromStr;
+
+use proto::parse_duration;
 use std::time::Duration;
 
 /// A model stage at which a fault can be injected. Names match `/health`.
@@ -141,24 +143,6 @@ fn on_off(value: &str) -> Option<bool> {
         "off" => Some(false),
         _ => None,
     }
-}
-
-/// Parses `250ms`, `2s`, `1.5s`, `3m`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = number.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
 }
 
 #[cfg(test)]
