@@ -161,17 +161,18 @@ async fn an_unreachable_agent_is_exit_2_with_every_case_an_error() {
     assert_eq!(junit.matches("<error").count(), 2, "{junit}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ctrl_c_writes_partial_reports_and_exits_130() {
+/// A `proctor run` child (stderr piped) whose only model takes a minute to
+/// load, returned once it reports LOADING_WEIGHTS; its stdout keeps draining.
+async fn run_until_loading(name: &str) -> (Agent, Scratch, tokio::process::Child) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=60s"])).await;
-    let out = Scratch::new("interrupt");
+    let out = Scratch::new(name);
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--agent", &agent.addr, "--out", &out.path.display().to_string(), "--progress-interval", "200ms"])
         .arg(&suite)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -183,9 +184,15 @@ async fn ctrl_c_writes_partial_reports_and_exits_130() {
         }
     })
     .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (agent, out, child)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_writes_partial_reports_and_exits_130() {
+    let (agent, out, mut child) = run_until_loading("interrupt").await;
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let status = testkit::within(Duration::from_secs(10), "proctor run to exit", child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(130));
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
@@ -215,26 +222,7 @@ async fn help_lists_every_command_and_the_exit_codes() {
 async fn a_second_ctrl_c_exits_within_a_second_and_still_writes_partial_reports() {
     use nix::sys::signal::{Signal, kill};
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=60s"])).await;
-    let out = Scratch::new("interrupt-twice");
-    let suite = out.write("t.yaml", TRANSLATE_SUITE);
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--agent", &agent.addr, "--out", &out.path.display().to_string(), "--progress-interval", "200ms"])
-        .arg(&suite)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    testkit::within(Duration::from_secs(20), "the model to be loading", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("LOADING_WEIGHTS") {
-                return;
-            }
-        }
-    })
-    .await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (agent, out, mut child) = run_until_loading("interrupt-twice").await;
     // Freeze the agent: the graceful path (ack, lease release) now hangs, so
     // only the second interrupt can end the run quickly.
     let agent_pid = nix::unistd::Pid::from_raw(agent.pid as i32);
