@@ -157,7 +157,13 @@ struct Ctx {
 }
 
 /// This run's lease on one service of one host; locked while a suite uses it.
-type LeaseCell = Arc<Mutex<Option<Lease>>>;
+type LeaseCell = Arc<Mutex<Option<Held>>>;
+
+/// A lease this run holds, and the token that stops its renewals.
+struct Held {
+    lease: Lease,
+    renew: CancellationToken,
+}
 
 /// What one placement attempt on one host came to.
 enum Attempt {
@@ -465,8 +471,8 @@ async fn finish(ctx: &Ctx) {
     }
     let leases = ctx.leases.lock().await;
     for ((slot, _), lease) in leases.iter() {
-        if let (Some(lease), Some(agent)) = (lease.lock().await.as_ref(), &ctx.slots[*slot].agent)
-            && let Err(e) = agent.release(lease).await
+        if let (Some(held), Some(agent)) = (lease.lock().await.as_ref(), &ctx.slots[*slot].agent)
+            && let Err(e) = agent.release(&held.lease).await
         {
             tracing::warn!(error = %e, "could not release lease");
         }
@@ -631,7 +637,15 @@ async fn place_and_run(ctx: &Arc<Ctx>, index: usize, suite: &Suite, scope: &Scop
     outcome.cases = slots
         .into_iter()
         .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|| CaseReport::error(&suite.name, &suite.cases[i].name, "no result".into())))
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| {
+                CaseReport::error(
+                    &suite.name,
+                    &suite.cases[i].name,
+                    "no result: the run ended before this case ran".into(),
+                )
+            })
+        })
         .collect();
     outcome
 }
@@ -679,11 +693,17 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, batch: &Batch, scop
     if held.is_none() {
         match agent.acquire(&suite.service, &ctx.run_id, &ctx.holder, ctx.opts.lease_ttl).await {
             Ok(lease) => {
-                agent.keep_renewed(&lease, ctx.opts.lease_ttl, ctx.stop.child_token());
-                *held = Some(lease);
+                let renew = ctx.stop.child_token();
+                agent.keep_renewed(&lease, ctx.opts.lease_ttl, renew.clone());
+                *held = Some(Held { lease, renew });
             }
             Err(ClientError::Rpc { code: tonic::Code::FailedPrecondition, message, .. }) => {
                 return Attempt::Retry { reason: format!("{}: {message}", agent.name), refused: false };
+            }
+            Err(e) if e.is_infrastructure() => {
+                // The host did not answer: plan again (it will count as lost
+                // once past the reconnect grace).
+                return Attempt::Retry { reason: format!("{}: {e}", agent.name), refused: false };
             }
             Err(e) => {
                 let reports =
@@ -692,7 +712,7 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, batch: &Batch, scop
             }
         }
     }
-    let lease = held.clone().expect("just taken");
+    let lease = held.as_ref().map(|h| h.lease.clone()).expect("just taken");
     let view = ctx.slots[slot].view.clone().expect("connected");
     let lease_scope = otel::start(
         &ctx.tracer,
@@ -712,8 +732,11 @@ async fn attempt(ctx: &Arc<Ctx>, slot: usize, suite: &Suite, batch: &Batch, scop
         Attempt::Retry { reason, .. } => lease_scope.fail(reason),
         Attempt::Done { lost: Some(lost), .. } => {
             lease_scope.fail(&lost.reason);
-            // The lease there is as good as gone: take a new one if we come back.
-            *held = None;
+            // The lease there is as good as gone: stop renewing it (the host is
+            // unreachable) and take a new one if we come back.
+            if let Some(h) = held.take() {
+                h.renew.cancel();
+            }
         }
         _ => {}
     }
