@@ -1,11 +1,13 @@
 //! Memory admission on the agent: one actor owns the reservations of loads
 //! admitted and still running, so two loads asked for at once are judged one
-//! after the other and cannot both take the same memory. The decision itself
-//! is `proto::admission::admit`, the same function the controller uses.
+//! after the other and cannot both take the same memory. What a request
+//! brings in is `proto::admission::load_need` and whether it fits is
+//! `proto::admission::admit`, both shared with the controller's placement;
+//! a request is admitted whole, with its headroom once.
 
 use std::collections::BTreeMap;
 
-use proto::admission::{self, Capacity, Refusal};
+use proto::admission::{self, Capacity, ModelMem, Refusal};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::sampling::TreeMemory;
@@ -14,24 +16,60 @@ use crate::sampling::TreeMemory;
 pub type CapacitySource = Box<dyn Fn(&BTreeMap<String, TreeMemory>) -> Capacity + Send>;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot load {model} on service {service}: {refusal}{consumers}")]
+#[error("cannot load {} on service {service}: {refusal}{consumers}", .models.join(", "))]
 pub struct Refused {
     pub service: String,
-    pub model: String,
+    /// Every model the refused request would have loaded.
+    pub models: Vec<String>,
     pub refusal: Refusal,
     /// ", largest consumers: …" or empty.
     pub consumers: String,
 }
 
-struct Reservation {
-    need: u64,
-    /// The service's RSS when the load was admitted: growth since counts
-    /// against the reservation, since it is memory the load now holds.
-    rss_at_admission: u64,
+/// What the loads admitted on one service still owe. Kept per service, not
+/// per model, because only the service's RSS is measured: its growth is
+/// memory some load now holds and must count once, not against every load.
+#[derive(Debug, Default)]
+struct Held {
+    /// Declared needs of the models still loading.
+    models: BTreeMap<String, u64>,
+    /// Headroom of the requests that admitted them, held until they all end.
+    headroom: u64,
+    /// Bytes owed as of `rss_mark`.
+    owed: u64,
+    /// The service's RSS when `owed` was last settled.
+    rss_mark: u64,
+}
+
+impl Held {
+    fn outstanding(&self, rss: u64) -> u64 {
+        self.owed.saturating_sub(rss.saturating_sub(self.rss_mark))
+    }
+
+    fn settle(&mut self, rss: u64) {
+        self.owed = self.outstanding(rss);
+        self.rss_mark = rss;
+    }
+
+    fn add(&mut self, loads: &[(String, u64)], headroom: u64, rss: u64) {
+        self.settle(rss);
+        self.models.extend(loads.iter().cloned());
+        self.owed += loads.iter().map(|(_, need)| need).sum::<u64>() + headroom;
+        self.headroom += headroom;
+    }
+
+    /// Which model's load the growth so far was is unknown, so what is still
+    /// owed is capped at what the remaining loads could need, never below.
+    fn remove(&mut self, model: &str, rss: u64) {
+        self.settle(rss);
+        if self.models.remove(model).is_some() {
+            self.owed = self.owed.min(self.models.values().sum::<u64>() + self.headroom);
+        }
+    }
 }
 
 enum Command {
-    Reserve { service: String, model: String, need: u64, headroom: u64, reply: oneshot::Sender<Result<(), Refused>> },
+    Reserve { service: String, loads: Vec<(String, u64)>, headroom: u64, reply: oneshot::Sender<Result<(), Refused>> },
     Release { service: String, model: String },
     Capacity { reply: oneshot::Sender<(Capacity, u64)> },
 }
@@ -63,10 +101,31 @@ impl Admission {
         })
     }
 
-    /// Admits a load or says why not. Re-reserving the same model is a no-op.
-    pub async fn reserve(&self, service: &str, model: &str, need: u64, headroom: u64) -> Result<(), Refused> {
+    /// Admits the loads a request for `asked` starts on `service`
+    /// (`load_need`), all or none. Returns the models admitted; each is
+    /// released when its load ends.
+    pub async fn reserve_loads(
+        &self,
+        service: &str,
+        models: &[ModelMem<'_>],
+        asked: &[String],
+        starting: bool,
+        headroom: u64,
+    ) -> Result<Vec<String>, Refused> {
+        let need = admission::load_need(models, asked, starting, headroom);
+        let loads: Vec<(&str, u64)> =
+            models.iter().filter(|m| need.models.contains(&m.name)).map(|m| (m.name, m.ram)).collect();
+        self.reserve(service, &loads, need.headroom).await?;
+        Ok(loads.iter().map(|(name, _)| (*name).to_owned()).collect())
+    }
+
+    /// Admits `loads` (model, declared need) plus `headroom` once, as one
+    /// decision. Models already reserved are skipped; if none is left there
+    /// is nothing to admit.
+    pub async fn reserve(&self, service: &str, loads: &[(&str, u64)], headroom: u64) -> Result<(), Refused> {
         let (reply, rx) = oneshot::channel();
-        let cmd = Command::Reserve { service: service.into(), model: model.into(), need, headroom, reply };
+        let loads = loads.iter().map(|(name, need)| ((*name).to_owned(), *need)).collect();
+        let cmd = Command::Reserve { service: service.into(), loads, headroom, reply };
         if self.tx.send(cmd).is_err() {
             return Ok(());
         }
@@ -94,42 +153,60 @@ async fn run(
     samples: watch::Receiver<BTreeMap<String, TreeMemory>>,
     mut rx: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut held: BTreeMap<(String, String), Reservation> = BTreeMap::new();
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
     while let Some(cmd) = rx.recv().await {
+        let now = samples.borrow().clone();
+        let rss = |s: &str| now.get(s).map_or(0, |m| m.rss_bytes);
         match cmd {
             Command::Release { service, model } => {
-                held.remove(&(service, model));
+                if let Some(h) = held.get_mut(&service) {
+                    h.remove(&model, rss(&service));
+                    if h.models.is_empty() {
+                        held.remove(&service);
+                    }
+                }
             }
             Command::Capacity { reply } => {
-                let now = samples.borrow().clone();
                 let _ = reply.send((source(&now), reserved(&held, &now)));
             }
-            Command::Reserve { service, model, need, headroom, reply } => {
-                let key = (service.clone(), model.clone());
-                if held.contains_key(&key) {
-                    let _ = reply.send(Ok(()));
-                    continue;
-                }
-                let now = samples.borrow().clone();
-                let rss = |s: &str| now.get(s).map_or(0, |m| m.rss_bytes);
-                let result = match admission::admit(need, headroom, source(&now), reserved(&held, &now)) {
-                    Ok(_) => {
-                        held.insert(key, Reservation { need: need + headroom, rss_at_admission: rss(&service) });
-                        Ok(())
-                    }
-                    Err(refusal) => Err(Refused { service, model, refusal, consumers: largest_consumers(3) }),
-                };
+            Command::Reserve { service, mut loads, headroom, reply } => {
+                let result =
+                    admit_request(&mut held, &source, &now, &service, &mut loads, headroom).map_err(|refusal| {
+                        let models = loads.into_iter().map(|(model, _)| model).collect();
+                        Refused { service, models, refusal, consumers: largest_consumers(3) }
+                    });
                 let _ = reply.send(result);
             }
         }
     }
 }
 
-/// Memory still owed to admitted loads: each reservation less what its
-/// service's tree has grown by since.
-fn reserved(held: &BTreeMap<(String, String), Reservation>, now: &BTreeMap<String, TreeMemory>) -> u64 {
-    let rss = |s: &str| now.get(s).map_or(0, |m| m.rss_bytes);
-    held.iter().map(|((svc, _), r)| r.need.saturating_sub(rss(svc).saturating_sub(r.rss_at_admission))).sum()
+/// Admits one request's loads as one decision, headroom once. Loads already
+/// held are dropped from `loads` first: re-reserving a model is a no-op.
+fn admit_request(
+    held: &mut BTreeMap<String, Held>,
+    source: &CapacitySource,
+    now: &BTreeMap<String, TreeMemory>,
+    service: &str,
+    loads: &mut Vec<(String, u64)>,
+    headroom: u64,
+) -> Result<(), Refusal> {
+    if let Some(h) = held.get(service) {
+        loads.retain(|(model, _)| !h.models.contains_key(model));
+    }
+    if loads.is_empty() {
+        return Ok(());
+    }
+    let need = loads.iter().map(|(_, need)| need).sum();
+    admission::admit(need, headroom, source(now), reserved(held, now))?;
+    let rss = now.get(service).map_or(0, |m| m.rss_bytes);
+    held.entry(service.to_owned()).or_default().add(loads, headroom, rss);
+    Ok(())
+}
+
+/// Memory still owed to admitted loads, all services together.
+fn reserved(held: &BTreeMap<String, Held>, now: &BTreeMap<String, TreeMemory>) -> u64 {
+    held.iter().map(|(svc, h)| h.outstanding(now.get(svc).map_or(0, |m| m.rss_bytes))).sum()
 }
 
 fn mem_available() -> Option<u64> {
@@ -145,30 +222,44 @@ fn mem_available() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// `limit - usage` of this process's memory cgroup (v2, else v1), if limited.
+/// `limit - usage` of this process's memory cgroup, if limited.
 fn cgroup_room() -> Option<u64> {
+    cgroup_memory().map(|(limit, usage)| limit.saturating_sub(usage))
+}
+
+/// The limit of this process's memory cgroup, if it has one (for GetInfo:
+/// a controller can tell a suite that never fits under it from a busy host).
+pub fn cgroup_limit() -> Option<u64> {
+    cgroup_memory().map(|(limit, _)| limit)
+}
+
+/// `(limit, usage)` of this process's memory cgroup (v2, else v1), if limited.
+fn cgroup_memory() -> Option<(u64, u64)> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let read = |path: String| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    let usage = |path: String| read(path).and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         if controllers.split(',').any(|c| c == "memory") {
             let dir = format!("/sys/fs/cgroup/memory{path}");
-            let limit = read(format!("{dir}/memory.limit_in_bytes"))?;
-            // v1 reports "no limit" as a huge number.
-            if limit >= (1 << 60) {
-                return None;
-            }
-            return Some(limit.saturating_sub(read(format!("{dir}/memory.usage_in_bytes")).unwrap_or(0)));
+            let limit = parse_limit(&read(format!("{dir}/memory.limit_in_bytes"))?)?;
+            return Some((limit, usage(format!("{dir}/memory.usage_in_bytes"))));
         }
         if controllers.is_empty() {
             let dir = format!("/sys/fs/cgroup{path}");
-            if let Some(limit) = read(format!("{dir}/memory.max")) {
-                return Some(limit.saturating_sub(read(format!("{dir}/memory.current")).unwrap_or(0)));
+            if let Some(limit) = read(format!("{dir}/memory.max")).and_then(|s| parse_limit(&s)) {
+                return Some((limit, usage(format!("{dir}/memory.current"))));
             }
         }
     }
     None
+}
+
+/// A cgroup memory limit file's contents, `None` for "no limit": v2 writes
+/// `max`, v1 a huge number (9223372036854771712), so anything from 2^60 up.
+fn parse_limit(text: &str) -> Option<u64> {
+    text.trim().parse::<u64>().ok().filter(|&limit| limit < 1 << 60)
 }
 
 /// ", largest consumers: name (pid) N MiB, …" from /proc, for refusals.
@@ -203,7 +294,7 @@ mod tests {
         let (_tx, samples) = watch::channel(BTreeMap::new());
         let a = Admission::start(fixed(300 * MIB), samples);
         let (first, second) =
-            tokio::join!(a.reserve("svc-a", "m", 200 * MIB, 0), a.reserve("svc-b", "m", 200 * MIB, 0));
+            tokio::join!(a.reserve("svc-a", &[("m", 200 * MIB)], 0), a.reserve("svc-b", &[("m", 200 * MIB)], 0));
         assert!(first.is_ok() != second.is_ok(), "exactly one is admitted: {first:?} {second:?}");
         let refused = first.err().or(second.err()).unwrap();
         let text = refused.to_string();
@@ -213,20 +304,81 @@ mod tests {
         // Once the first load ends, the memory is free again.
         a.release("svc-a", "m");
         a.release("svc-b", "m");
-        assert!(a.reserve("svc-c", "m", 250 * MIB, 0).await.is_ok());
+        assert!(a.reserve("svc-c", &[("m", 250 * MIB)], 0).await.is_ok());
+    }
+
+    #[test]
+    fn a_cgroup_limit_is_a_number_below_2_pow_60() {
+        let table = [
+            ("4294967296\n", Some(4 << 30)),
+            ("max\n", None),
+            ("9223372036854771712\n", None),
+            ("1152921504606846976", None),
+            ("", None),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_limit(text), want, "{text:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_reserves_its_headroom_once() {
+        let gib = 1024 * MIB;
+        let (_tx, samples) = watch::channel(BTreeMap::new());
+        // Room for the three models and one headroom, not three.
+        let a = Admission::start(fixed(4 * gib), samples);
+        let models = [("a", true), ("b", true), ("c", false)].map(|(name, at_start)| ModelMem {
+            name,
+            ram: gib,
+            at_start,
+            loaded: false,
+        });
+        let admitted = a.reserve_loads("svc", &models, &["a".into(), "c".into()], true, gib).await;
+        assert_eq!(admitted.unwrap(), ["a", "b", "c"]);
+        // All of it is held: nothing else fits until a load ends.
+        assert!(a.reserve("other", &[("m", MIB)], 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_services_growth_counts_once_against_its_loads() {
+        let (tx, samples) = watch::channel(BTreeMap::new());
+        let a = Admission::start(fixed(10_000 * MIB), samples);
+        a.reserve("svc", &[("m1", 600 * MIB), ("m2", 400 * MIB)], 100 * MIB).await.unwrap();
+        let grown = |rss: u64| {
+            tx.send_replace(BTreeMap::from([(
+                "svc".to_owned(),
+                TreeMemory { rss_bytes: rss * MIB, ..Default::default() },
+            )]))
+        };
+        let reserved = || async { a.capacity().await.1 / MIB };
+        assert_eq!(reserved().await, 1100);
+        // 600 MiB resident (say m1's): owed by the loads together, not by each.
+        grown(600);
+        assert_eq!(reserved().await, 500);
+        // m1 ends: m2 and the headroom may still need all that is left.
+        a.release("svc", "m1");
+        assert_eq!(reserved().await, 500);
+        grown(900);
+        assert_eq!(reserved().await, 200);
+        a.release("svc", "m2");
+        assert_eq!(reserved().await, 0);
+        // m1 fails before growing at all: what is owed drops to what m2 could need.
+        a.reserve("svc", &[("m1", 600 * MIB), ("m2", 400 * MIB)], 0).await.unwrap();
+        a.release("svc", "m1");
+        assert_eq!(reserved().await, 400);
     }
 
     #[tokio::test]
     async fn a_reservation_shrinks_as_the_load_becomes_resident() {
         let (tx, samples) = watch::channel(BTreeMap::new());
         let a = Admission::start(fixed(1000 * MIB), samples);
-        a.reserve("svc-a", "m", 600 * MIB, 0).await.unwrap();
-        assert!(a.reserve("svc-b", "m", 600 * MIB, 0).await.is_err());
+        a.reserve("svc-a", &[("m", 600 * MIB)], 0).await.unwrap();
+        assert!(a.reserve("svc-b", &[("m", 600 * MIB)], 0).await.is_err());
         // svc-a's tree grew by 500 MiB: only 100 MiB of its reservation is outstanding.
         tx.send_replace(BTreeMap::from([(
             "svc-a".to_owned(),
             TreeMemory { rss_bytes: 500 * MIB, ..Default::default() },
         )]));
-        assert!(a.reserve("svc-b", "m", 600 * MIB, 0).await.is_ok());
+        assert!(a.reserve("svc-b", &[("m", 600 * MIB)], 0).await.is_ok());
     }
 }

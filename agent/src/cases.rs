@@ -1,11 +1,21 @@
 //! Test cases run on the agent, next to the service: HTTP requests whose
 //! responses are judged by assertions (proto messages) evaluated here, so the
 //! service may listen on localhost only.
+//!
+//! A `RunCases` call's cases wait in a `Queue` and run one after another.
+//! While they wait the lease may end and the service may move, so each case
+//! checks both just before it runs; one whose lease has ended is not sent and
+//! ends as ERROR, so every case still gets a result.
 
 use std::time::Duration;
 
 use proto::{AssertionFailure, CaseOutcome, CaseResult, assertion};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::Journal;
+use crate::lease::LeaseClaim;
+use crate::supervisor::Supervisor;
 
 const EXCERPT_BYTES: usize = 512;
 pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,6 +156,72 @@ pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Ca
         }
     }
     result
+}
+
+const SHUT_DOWN: &str = "the agent shut down before the case ran";
+
+/// One `RunCases` call's cases, run in order under the lease they came with.
+pub(crate) struct Queue {
+    pub journal: Journal,
+    pub supervisor: Supervisor,
+    pub claim: LeaseClaim,
+    pub epoch: u64,
+    pub http: reqwest::Client,
+    /// Fires at agent shutdown: the cases still waiting are not sent.
+    pub cancel: CancellationToken,
+}
+
+impl Queue {
+    /// Runs every case, or says why it did not, as a `CaseFinished` each:
+    /// the controller waits for an answer per case id.
+    pub async fn run(self, cases: Vec<proto::Case>) {
+        for case in cases {
+            let result = match self.target().await {
+                Ok(base_url) => run_case(&self.http, &base_url, &case, self.epoch).await,
+                Err(message) => not_run(&case, self.epoch, message),
+            };
+            self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
+                run_id: self.claim.run_id.clone(),
+                service: self.claim.service.clone(),
+                result: Some(result),
+            }));
+        }
+    }
+
+    /// Where the next case goes, asked afresh: by now the lease may be
+    /// released, expired or another run's (its traffic must not reach the
+    /// service then), and a restart may have moved the service to a new port.
+    async fn target(&self) -> Result<String, String> {
+        if self.cancel.is_cancelled() {
+            return Err(SHUT_DOWN.to_owned());
+        }
+        let service = &self.claim.service;
+        match self.journal.check(self.claim.clone()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(format!("lease on service {service} ended before the case ran, so it was not sent: {e}"));
+            }
+            Err(_closed) => return Err(SHUT_DOWN.to_owned()),
+        }
+        match self.supervisor.base_url().await {
+            Ok(Some(url)) => Ok(url),
+            Ok(None) => Err(format!("service {service} is not running")),
+            Err(_closed) => Err(SHUT_DOWN.to_owned()),
+        }
+    }
+}
+
+/// The ERROR result of a case that was not sent.
+fn not_run(case: &proto::Case, epoch: u64, message: String) -> CaseResult {
+    CaseResult {
+        case_id: case.case_id.clone(),
+        attempt: case.attempt,
+        name: case.name.clone(),
+        outcome: CaseOutcome::Error.into(),
+        message,
+        lease_epoch: epoch,
+        ..Default::default()
+    }
 }
 
 fn excerpt(body: &[u8]) -> String {

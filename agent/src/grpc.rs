@@ -9,6 +9,7 @@ use std::time::Duration;
 use proto::agent_server::Agent as AgentApi;
 use proto::{WatchMessage, watch_message};
 use tokio_stream::{Stream, StreamExt as _};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cases;
@@ -28,6 +29,8 @@ pub struct Service {
     pub supervisors: BTreeMap<String, Supervisor>,
     pub info: proto::AgentInfo,
     pub http: reqwest::Client,
+    /// Fires at agent shutdown.
+    pub cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for Service {
@@ -88,6 +91,8 @@ impl AgentApi for Service {
         let (capacity, reserved) = self.admission.capacity().await;
         info.host_memory_available_bytes = capacity.mem_available;
         info.cgroup_room_bytes = capacity.cgroup_room;
+        // Read now, like the room: a cgroup's limit can be changed while we run.
+        info.cgroup_limit_bytes = crate::admission::cgroup_limit();
         info.budget_room_bytes = capacity.budget_room;
         info.reserved_bytes = reserved;
         info.now_unix_ms = crate::journal::now_unix_ms();
@@ -113,7 +118,8 @@ impl AgentApi for Service {
 
     async fn renew_lease(&self, request: Request<proto::LeaseRef>) -> Result<Response<proto::Lease>, Status> {
         let claim = claim(Some(request.into_inner()))?;
-        let grant = self.journal.renew(claim, DEFAULT_LEASE_TTL).await.map_err(closed)?.map_err(lease_status)?;
+        // Renewal extends by the TTL granted at AcquireLease, not a default.
+        let grant = self.journal.renew(claim).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(grant_to_proto(&grant)))
     }
 
@@ -178,31 +184,16 @@ impl AgentApi for Service {
         if let Some(c) = r.cases.iter().find(|c| c.case_id.is_empty()) {
             return Err(Status::invalid_argument(format!("case {:?} has no case_id", c.name)));
         }
-        let base_url = supervisor.base_url().await.map_err(supervisor_status)?;
         let accepted = r.cases.len() as u32;
-        let journal = self.journal.clone();
-        let http = self.http.clone();
-        tokio::spawn(async move {
-            for case in r.cases {
-                let result = match &base_url {
-                    Some(url) => cases::run_case(&http, url, &case, epoch).await,
-                    None => proto::CaseResult {
-                        case_id: case.case_id.clone(),
-                        attempt: case.attempt,
-                        name: case.name.clone(),
-                        outcome: proto::CaseOutcome::Error.into(),
-                        message: format!("service {} is not running", claim.service),
-                        lease_epoch: epoch,
-                        ..Default::default()
-                    },
-                };
-                journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
-                    run_id: claim.run_id.clone(),
-                    service: claim.service.clone(),
-                    result: Some(result),
-                }));
-            }
-        });
+        let queue = cases::Queue {
+            journal: self.journal.clone(),
+            supervisor,
+            claim,
+            epoch,
+            http: self.http.clone(),
+            cancel: self.cancel.clone(),
+        };
+        tokio::spawn(queue.run(r.cases));
         Ok(Response::new(proto::RunCasesResponse { accepted }))
     }
 
@@ -257,5 +248,227 @@ struct EndLog {
 impl Drop for EndLog {
     fn drop(&mut self) {
         tracing::info!(peer = %self.peer, after = ?self.started.elapsed(), "watch ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Semaphore, mpsc};
+
+    use super::*;
+
+    fn service() -> Service {
+        service_with(BTreeMap::new())
+    }
+
+    fn service_with(supervisors: BTreeMap<String, Supervisor>) -> Service {
+        let (_, samples) = tokio::sync::watch::channel(BTreeMap::new());
+        let capacity: crate::admission::CapacitySource = Box::new(|_| proto::admission::Capacity::default());
+        Service {
+            journal: Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]),
+            admission: crate::admission::Admission::start(capacity, samples),
+            supervisors,
+            info: proto::AgentInfo::default(),
+            // Cases go to 127.0.0.1: never through a proxy from the environment.
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn renew_lease_extends_by_the_ttl_acquire_lease_granted() {
+        let api = service();
+        for ttl_ms in [4 * 60_000, 10_000, 3_600_000] {
+            let run_id = format!("run-{ttl_ms}");
+            let acquire = proto::AcquireLeaseRequest {
+                service: "svc".into(),
+                run_id: run_id.clone(),
+                holder: "ci".into(),
+                ttl_ms,
+            };
+            let lease = api.acquire_lease(Request::new(acquire)).await.unwrap().into_inner();
+            let lease_ref =
+                proto::LeaseRef { service: "svc".into(), run_id, lease_id: lease.id.clone(), epoch: lease.epoch };
+            let before = crate::journal::now_unix_ms();
+            let renewed = api.renew_lease(Request::new(lease_ref.clone())).await.unwrap().into_inner();
+            let after = crate::journal::now_unix_ms();
+            let ttl_ms = ttl_ms as i64;
+            assert!(
+                (before + ttl_ms..=after + ttl_ms).contains(&renewed.expires_unix_ms),
+                "a lease granted for {ttl_ms} ms was renewed for {} ms",
+                renewed.expires_unix_ms - after
+            );
+            api.release_lease(Request::new(lease_ref)).await.unwrap();
+        }
+    }
+
+    /// A local HTTP service that reports each request's path as it arrives
+    /// and answers only once let go, so a test can act while a case is in flight.
+    struct HeldService {
+        url: String,
+        arrived: mpsc::UnboundedReceiver<String>,
+        /// Closed to let every request, held or still to come, be answered.
+        answer: Arc<Semaphore>,
+    }
+
+    impl HeldService {
+        async fn start(held: bool) -> HeldService {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (tx, arrived) = mpsc::unbounded_channel();
+            let answer = Arc::new(Semaphore::new(0));
+            if !held {
+                answer.close();
+            }
+            let gate = answer.clone();
+            tokio::spawn(async move {
+                while let Ok((conn, _)) = listener.accept().await {
+                    tokio::spawn(answer_when_let_go(conn, tx.clone(), gate.clone()));
+                }
+            });
+            HeldService { url, arrived, answer }
+        }
+
+        fn let_go(&self) {
+            self.answer.close();
+        }
+
+        /// Requests that arrived and were not yet taken from `arrived`.
+        fn pending(&mut self) -> usize {
+            std::iter::from_fn(|| self.arrived.try_recv().ok()).count()
+        }
+    }
+
+    async fn answer_when_let_go(mut conn: TcpStream, arrived: mpsc::UnboundedSender<String>, gate: Arc<Semaphore>) {
+        let mut head = Vec::new();
+        let mut buf = [0; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let path = String::from_utf8_lossy(&head).split_whitespace().nth(1).unwrap_or_default().to_owned();
+        let _ = arrived.send(path);
+        // Err once closed: that is the signal to answer.
+        let _ = gate.acquire().await;
+        let response =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+        let _ = conn.write_all(response.as_bytes()).await;
+    }
+
+    fn http_case(n: usize) -> proto::Case {
+        let http = proto::HttpCase { method: "GET".into(), path: format!("/case-{n}"), ..Default::default() };
+        proto::Case {
+            case_id: format!("c{n}"),
+            name: format!("case {n}"),
+            kind: Some(proto::case::Kind::Http(http)),
+            assertions: vec![proto::Assertion { kind: Some(proto::assertion::Kind::Status(200)) }],
+            ..Default::default()
+        }
+    }
+
+    /// The next `count` case results of `run_id`, in the order they finished.
+    async fn case_results(
+        live: &mut mpsc::Receiver<WatchMessage>,
+        run_id: &str,
+        count: usize,
+    ) -> Vec<proto::CaseResult> {
+        let mut results = Vec::new();
+        while results.len() < count {
+            let message = tokio::time::timeout(Duration::from_secs(20), live.recv()).await;
+            let message = message.expect("case results within 20 s").expect("journal open");
+            if let Some(watch_message::Kind::Event(proto::Event {
+                kind: Some(proto::event::Kind::CaseFinished(f)),
+                ..
+            })) = message.kind
+                && f.run_id == run_id
+            {
+                results.push(f.result.expect("result"));
+            }
+        }
+        results
+    }
+
+    /// What happens while the first of a call's queued cases is in flight.
+    #[derive(Clone, Copy, Debug)]
+    enum Meanwhile {
+        Nothing,
+        Released,
+        TakenByAnotherRun,
+        /// The service restarted on another port.
+        Restarted,
+        Stopped,
+        AgentShutDown,
+    }
+
+    #[tokio::test]
+    async fn queued_cases_run_only_under_a_current_lease_and_at_the_current_url() {
+        const ENDED: &str = "lease on service svc ended before the case ran";
+        // (what happens during case 1, how cases 2 and 3 end, requests seen at the first and the second port)
+        let table = [
+            (Meanwhile::Nothing, "PASSED", 3, 0),
+            (Meanwhile::Released, ENDED, 1, 0),
+            (Meanwhile::TakenByAnotherRun, ENDED, 1, 0),
+            (Meanwhile::Restarted, "PASSED", 1, 2),
+            (Meanwhile::Stopped, "service svc is not running", 1, 0),
+            (Meanwhile::AgentShutDown, "the agent shut down before the case ran", 1, 0),
+        ];
+        for (meanwhile, later, at_first, at_second) in table {
+            let (mut first, mut second) = (HeldService::start(true).await, HeldService::start(false).await);
+            let (url, url_rx) = tokio::sync::watch::channel(Some(first.url.clone()));
+            let api = service_with(BTreeMap::from([("svc".to_owned(), Supervisor::serving(url_rx))]));
+            let acquire =
+                proto::AcquireLeaseRequest { service: "svc".into(), run_id: "run-a".into(), ..Default::default() };
+            let lease = api.acquire_lease(Request::new(acquire)).await.unwrap().into_inner();
+            let lease_ref = proto::LeaseRef {
+                service: "svc".into(),
+                run_id: "run-a".into(),
+                lease_id: lease.id,
+                epoch: lease.epoch,
+            };
+            let mut sub = api.journal.subscribe(u64::MAX).await.unwrap();
+            let cases = (1..=3).map(http_case).collect();
+            let request = proto::RunCasesRequest { lease: Some(lease_ref.clone()), cases };
+            assert_eq!(api.run_cases(Request::new(request)).await.unwrap().into_inner().accepted, 3);
+
+            assert_eq!(first.arrived.recv().await.as_deref(), Some("/case-1"), "{meanwhile:?}");
+            match meanwhile {
+                Meanwhile::Nothing => {}
+                Meanwhile::Released => api.release_lease(Request::new(lease_ref)).await.map(drop).unwrap(),
+                Meanwhile::TakenByAnotherRun => {
+                    api.release_lease(Request::new(lease_ref)).await.unwrap();
+                    let b = proto::AcquireLeaseRequest {
+                        service: "svc".into(),
+                        run_id: "run-b".into(),
+                        ..Default::default()
+                    };
+                    assert_eq!(api.acquire_lease(Request::new(b)).await.unwrap().into_inner().epoch, 2);
+                }
+                Meanwhile::Restarted => drop(url.send(Some(second.url.clone()))),
+                Meanwhile::Stopped => drop(url.send(None)),
+                Meanwhile::AgentShutDown => api.cancel.cancel(),
+            }
+            first.let_go();
+
+            let results = case_results(&mut sub.live, "run-a", 3).await;
+            let ended: Vec<_> = results
+                .iter()
+                .map(|r| match r.outcome() {
+                    proto::CaseOutcome::Passed => "PASSED".to_owned(),
+                    _ => r.message.clone(),
+                })
+                .collect();
+            assert_eq!(ended[0], "PASSED", "{meanwhile:?}: the case in flight completes");
+            for (r, got) in results.iter().zip(&ended).skip(1) {
+                assert!(got.starts_with(later), "{meanwhile:?}: case {} ended {got:?}, expected {later:?}", r.case_id);
+            }
+            let seen = (1 + first.pending(), second.pending());
+            assert_eq!(seen, (at_first, at_second), "{meanwhile:?}: requests at the first and second port");
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The journal: the agent's one ordered record of what happened, stamped
 //! `(incarnation, seq)`, and the owner of the state derived from it (the
-//! snapshot every watch opens with) and of the lease table.
+//! snapshot every watch opens with) and of the lease table. A lease that runs
+//! out is dropped and announced as released when it expires, not when someone
+//! next looks, so watchers never see a dead lease as held.
 //!
 //! Stage changes and case results are retained until acknowledged, so a
 //! watcher that reconnects never loses them; logs and telemetry live only in a
@@ -54,7 +56,6 @@ enum Command {
     },
     Renew {
         claim: LeaseClaim,
-        ttl: Duration,
         reply: oneshot::Sender<Result<Grant, LeaseError>>,
     },
     Release {
@@ -160,8 +161,9 @@ impl Journal {
         self.ask(|reply| Command::Acquire { service, run_id, holder, ttl, reply }).await
     }
 
-    pub async fn renew(&self, claim: LeaseClaim, ttl: Duration) -> Result<Result<Grant, LeaseError>, Closed> {
-        self.ask(|reply| Command::Renew { claim, ttl, reply }).await
+    /// Extends the lease by the TTL it was granted with.
+    pub async fn renew(&self, claim: LeaseClaim) -> Result<Result<Grant, LeaseError>, Closed> {
+        self.ask(|reply| Command::Renew { claim, reply }).await
     }
 
     pub async fn release(&self, claim: LeaseClaim) -> Result<Result<Grant, LeaseError>, Closed> {
@@ -205,83 +207,90 @@ struct State {
 }
 
 async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            Command::Append(kind) => state.append(kind),
-            Command::Subscribe { from_seq, reply } => {
-                let (tx, live) = mpsc::channel(WATCHER_BUFFER);
-                let sub = Subscription { snapshot: state.snapshot(), backlog: state.backlog(from_seq), live };
-                if reply.send(sub).is_ok() {
-                    state.watchers.push(tx);
-                }
+    // Fires when the earliest held lease expires; disarmed while none is held,
+    // and moved only when that instant changes (not on every command).
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let mut armed = None;
+    loop {
+        let next = state.leases.next_expiry();
+        if next != armed {
+            if let Some(at) = next {
+                timer.as_mut().reset(at);
             }
-            Command::Snapshot { reply } => {
-                let _ = reply.send(state.snapshot());
+            armed = next;
+        }
+        let cmd = tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => Some(cmd),
+                None => break,
+            },
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                None
             }
-            Command::Acquire { service, run_id, holder, ttl, reply } => {
-                let result = if state.services.contains_key(&service) {
-                    state.leases.acquire(&service, &run_id, &holder, ttl, Instant::now(), now_unix_ms())
-                } else {
-                    Err(LeaseError::UnknownService(service))
-                };
-                if let Ok(g) = &result {
-                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged {
-                        lease: Some(grant_to_proto(g)),
-                        released: false,
-                    }));
-                }
-                let _ = reply.send(result);
+        };
+        // Expired leases are announced before any command is handled, at the
+        // same `now`, so an acquire never takes over a lease whose end the
+        // watchers have not yet been told.
+        let now = Instant::now();
+        state.expire_leases(now);
+        if let Some(cmd) = cmd {
+            handle(&mut state, cmd, now);
+        }
+    }
+}
+
+fn handle(state: &mut State, cmd: Command, now: Instant) {
+    match cmd {
+        Command::Append(kind) => state.append(kind),
+        Command::Subscribe { from_seq, reply } => {
+            let (tx, live) = mpsc::channel(WATCHER_BUFFER);
+            let sub = Subscription { snapshot: state.snapshot(), backlog: state.backlog(from_seq), live };
+            if reply.send(sub).is_ok() {
+                state.watchers.push(tx);
             }
-            Command::Renew { claim, ttl, reply } => {
-                let result = state.leases.renew(&claim, ttl, Instant::now(), now_unix_ms());
-                if let Ok(g) = &result {
-                    // Watchers learn the new expiry, so nobody mistakes it for expired.
-                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged {
-                        lease: Some(grant_to_proto(g)),
-                        released: false,
-                    }));
-                }
-                let _ = reply.send(result);
+        }
+        Command::Snapshot { reply } => {
+            let _ = reply.send(state.snapshot());
+        }
+        Command::Acquire { service, run_id, holder, ttl, reply } => {
+            let result = if state.services.contains_key(&service) {
+                state.leases.acquire(&service, &run_id, &holder, ttl, now, now_unix_ms())
+            } else {
+                Err(LeaseError::UnknownService(service))
+            };
+            if let Ok(g) = &result {
+                state.lease_changed(g, false);
             }
-            Command::Release { claim, reply } => {
-                let result = state.leases.release(&claim, Instant::now());
-                if let Ok(g) = &result {
-                    state.append(event::Kind::LeaseChanged(proto::LeaseChanged {
-                        lease: Some(grant_to_proto(g)),
-                        released: true,
-                    }));
-                }
-                let _ = reply.send(result);
+            let _ = reply.send(result);
+        }
+        Command::Renew { claim, reply } => {
+            let result = state.leases.renew(&claim, now, now_unix_ms());
+            if let Ok(g) = &result {
+                // Watchers learn the new expiry, so nobody mistakes it for expired.
+                state.lease_changed(g, false);
             }
-            Command::Check { claim, reply } => {
-                let _ = reply.send(state.leases.check(&claim, Instant::now()).cloned());
+            let _ = reply.send(result);
+        }
+        Command::Release { claim, reply } => {
+            let result = state.leases.release(&claim, now);
+            if let Ok(g) = &result {
+                state.lease_changed(g, true);
             }
-            Command::FetchRetained { run_id, from_seq, reply } => {
-                let events = state
-                    .retained
-                    .range(from_seq..)
-                    .map(|(_, e)| e)
-                    .filter(|e| match &e.kind {
-                        Some(event::Kind::CaseFinished(c)) => run_id.is_empty() || c.run_id == run_id,
-                        _ => true,
-                    })
-                    .cloned()
-                    .collect();
-                let _ = reply.send(events);
-            }
-            Command::Ack { run_id, up_to_seq, reply } => {
-                let before = state.retained.len();
-                // Another run's results stay until that run acknowledges them:
-                // it may still need to fetch them after a reconnect.
-                state.retained.retain(|seq, e| {
-                    *seq > up_to_seq
-                        || matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if !run_id.is_empty() && c.run_id != run_id)
-                });
-                let _ = reply.send((before - state.retained.len()) as u32);
-            }
-            Command::NextSeq { reply } => {
-                let _ = reply.send(state.next_seq);
-            }
+            let _ = reply.send(result);
+        }
+        Command::Check { claim, reply } => {
+            let _ = reply.send(state.leases.check(&claim, now).cloned());
+        }
+        Command::FetchRetained { run_id, from_seq, reply } => {
+            let _ = reply.send(state.fetch_retained(&run_id, from_seq));
+        }
+        Command::Ack { run_id, up_to_seq, reply } => {
+            let _ = reply.send(state.ack(&run_id, up_to_seq));
+        }
+        Command::NextSeq { reply } => {
+            let _ = reply.send(state.next_seq);
         }
     }
 }
@@ -331,6 +340,45 @@ impl State {
             self.evicted_up_to = Some(old.seq);
         }
         self.ring.push_back(event);
+    }
+
+    /// Tells watchers a lease was granted or renewed (`released: false`), or
+    /// that it ended: released by its holder or expired.
+    fn lease_changed(&mut self, g: &Grant, released: bool) {
+        self.append(event::Kind::LeaseChanged(proto::LeaseChanged { lease: Some(grant_to_proto(g)), released }));
+    }
+
+    /// Drops the leases expired by `now` and announces each one's end, so
+    /// watchers stop seeing them held.
+    fn expire_leases(&mut self, now: Instant) {
+        for g in self.leases.expire(now) {
+            tracing::info!(service = %g.service, run_id = %g.run_id, epoch = g.epoch, "lease expired");
+            self.lease_changed(&g, true);
+        }
+    }
+
+    fn fetch_retained(&self, run_id: &str, from_seq: u64) -> Vec<Event> {
+        self.retained
+            .range(from_seq..)
+            .map(|(_, e)| e)
+            .filter(|e| match &e.kind {
+                Some(event::Kind::CaseFinished(c)) => run_id.is_empty() || c.run_id == run_id,
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Releases retained events up to `up_to_seq`; returns how many.
+    fn ack(&mut self, run_id: &str, up_to_seq: u64) -> u32 {
+        let before = self.retained.len();
+        // Another run's results stay until that run acknowledges them:
+        // it may still need to fetch them after a reconnect.
+        self.retained.retain(|seq, e| {
+            *seq > up_to_seq
+                || matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if !run_id.is_empty() && c.run_id != run_id)
+        });
+        (before - self.retained.len()) as u32
     }
 
     /// Folds an event into the derived state.
@@ -510,5 +558,94 @@ mod tests {
         let left = j.fetch_retained("run-b".into(), 0).await.unwrap();
         assert_eq!(left.len(), 1, "run-b can still fetch its result after run-a's ack");
         assert!(matches!(&left[0].kind, Some(event::Kind::CaseFinished(c)) if c.run_id == "run-b"));
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// Drains the watcher, collecting the services whose lease was released.
+    fn drain_released(live: &mut mpsc::Receiver<WatchMessage>, into: &mut Vec<String>) {
+        while let Ok(m) = live.try_recv() {
+            if let Some(watch_message::Kind::Event(Event { kind: Some(event::Kind::LeaseChanged(c)), .. })) = m.kind
+                && c.released
+            {
+                into.push(c.lease.expect("lease").service);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_is_announced_as_released_to_watchers() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        let t0 = Instant::now();
+        let g = j.acquire("svc".into(), "run-a".into(), "ci".into(), secs(10)).await.unwrap().unwrap();
+        let mut sub = j.subscribe(u64::MAX).await.unwrap();
+        let message = tokio::time::timeout(secs(3600), sub.live.recv()).await.expect("no event within an hour");
+        let Some(watch_message::Kind::Event(Event { kind: Some(event::Kind::LeaseChanged(c)), .. })) =
+            message.and_then(|m| m.kind)
+        else {
+            panic!("expected a lease change");
+        };
+        assert!(c.released, "{c:?}");
+        assert_eq!(c.lease.map(|l| l.id), Some(g.id));
+        let elapsed = t0.elapsed();
+        assert!(elapsed >= secs(10) && elapsed < secs(11), "announced {elapsed:?} after a 10 s grant");
+        assert!(j.snapshot().await.unwrap().leases.is_empty());
+    }
+
+    enum Step {
+        Renew(&'static str),
+        /// Leases announced released so far, in order, and those still held.
+        Expect {
+            released: &'static [&'static str],
+            held: &'static [&'static str],
+        },
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewed_in_time_is_not_reported_expired() {
+        let services = ["a", "b", "c", "d"].map(|s| (s.to_owned(), vec!["m".to_owned()]));
+        let j = Journal::start("inc".into(), &services);
+        let t0 = Instant::now();
+        let mut grants = BTreeMap::new();
+        for (service, ttl) in [("a", 5), ("b", 20), ("c", 10), ("d", 10)] {
+            let g = j.acquire(service.into(), format!("run-{service}"), "ci".into(), secs(ttl)).await.unwrap();
+            grants.insert(service, g.unwrap());
+        }
+        let mut sub = j.subscribe(u64::MAX).await.unwrap();
+        let steps = [
+            (8, Step::Renew("c")),
+            (8, Step::Renew("d")),
+            (11, Step::Expect { released: &["a"], held: &["b", "c", "d"] }),
+            (16, Step::Renew("d")),
+            (19, Step::Expect { released: &["a", "c"], held: &["b", "d"] }),
+            (21, Step::Expect { released: &["a", "c", "b"], held: &["d"] }),
+            (27, Step::Expect { released: &["a", "c", "b", "d"], held: &[] }),
+        ];
+        let mut released = Vec::new();
+        for (at, step) in steps {
+            tokio::time::sleep_until(t0 + secs(at)).await;
+            match step {
+                Step::Renew(service) => {
+                    let g = &grants[service];
+                    let claim = LeaseClaim {
+                        service: g.service.clone(),
+                        run_id: g.run_id.clone(),
+                        lease_id: g.id.clone(),
+                        epoch: g.epoch,
+                    };
+                    j.renew(claim).await.unwrap().unwrap();
+                }
+                Step::Expect { released: expected, held } => {
+                    // The snapshot is answered after every event appended before it.
+                    let snapshot = j.snapshot().await.unwrap();
+                    drain_released(&mut sub.live, &mut released);
+                    assert_eq!(released, expected, "released by {at} s");
+                    let live: Vec<_> = snapshot.leases.iter().map(|l| l.service.as_str()).collect();
+                    assert_eq!(live, held, "held at {at} s");
+                }
+            }
+        }
     }
 }

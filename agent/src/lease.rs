@@ -1,5 +1,6 @@
 //! Exclusive, expiring leases on services (DESIGN §4). Pure: the journal actor
-//! owns the one `LeaseTable` and passes the time in.
+//! owns the one `LeaseTable`, passes the time in, and calls `expire` when
+//! `next_expiry` comes so that every lease's end is announced.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,6 +18,18 @@ pub struct Grant {
     pub granted_unix_ms: i64,
     pub expires_unix_ms: i64,
     expires: Instant,
+    /// What the lease was (last) granted for: a renewal extends by this, since
+    /// `RenewLease` carries no TTL of its own.
+    ttl: Duration,
+}
+
+impl Grant {
+    /// Pushes the expiry to `ttl` from now and remembers `ttl` for renewals.
+    fn extend(&mut self, ttl: Duration, now: Instant, now_ms: i64) {
+        self.ttl = ttl;
+        self.expires = now + ttl;
+        self.expires_unix_ms = now_ms + ttl.as_millis() as i64;
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,8 +82,7 @@ impl LeaseTable {
                 });
             }
             let g = self.held.get_mut(service).expect("live lease");
-            g.expires = now + ttl;
-            g.expires_unix_ms = now_ms + ttl.as_millis() as i64;
+            g.extend(ttl, now, now_ms);
             return Ok(g.clone());
         }
         let epoch = self.epochs.entry(service.to_owned()).or_default();
@@ -84,6 +96,7 @@ impl LeaseTable {
             granted_unix_ms: now_ms,
             expires_unix_ms: now_ms + ttl.as_millis() as i64,
             expires: now + ttl,
+            ttl,
         };
         self.held.insert(service.to_owned(), grant.clone());
         Ok(grant)
@@ -105,11 +118,11 @@ impl LeaseTable {
         }
     }
 
-    pub fn renew(&mut self, claim: &LeaseClaim, ttl: Duration, now: Instant, now_ms: i64) -> Result<Grant, LeaseError> {
+    /// Extends the claimed lease by the TTL it was granted with.
+    pub fn renew(&mut self, claim: &LeaseClaim, now: Instant, now_ms: i64) -> Result<Grant, LeaseError> {
         self.check(claim, now)?;
         let g = self.held.get_mut(&claim.service).expect("checked");
-        g.expires = now + ttl;
-        g.expires_unix_ms = now_ms + ttl.as_millis() as i64;
+        g.extend(g.ttl, now, now_ms);
         Ok(g.clone())
     }
 
@@ -120,6 +133,17 @@ impl LeaseTable {
 
     pub fn live_grants(&self, now: Instant) -> Vec<Grant> {
         self.held.values().filter(|g| g.expires > now).cloned().collect()
+    }
+
+    /// Removes and returns the leases that have expired by `now`, so the
+    /// caller can announce each one's end.
+    pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
+        self.held.extract_if(.., |_, g| g.expires <= now).map(|(_, g)| g).collect()
+    }
+
+    /// When the next held lease expires, if any is held.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.held.values().map(|g| g.expires).min()
     }
 }
 
@@ -144,6 +168,35 @@ mod tests {
         assert_eq!(t.acquire("svc", "run-a", "ci@host1", ttl, now, 0).unwrap().id, a.id);
     }
 
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_ttl_the_lease_was_granted_with() {
+        // (ttl granted by acquire, ttl of a later acquire by the same run, what a renewal extends by)
+        let cases = [
+            (secs(240), None, secs(240)),
+            (secs(10), None, secs(10)),
+            (secs(3600), None, secs(3600)),
+            (secs(60), Some(secs(240)), secs(240)),
+            (secs(240), Some(secs(30)), secs(30)),
+        ];
+        for (granted, reacquired, expected) in cases {
+            let mut t = LeaseTable::default();
+            let t0 = Instant::now();
+            let g = t.acquire("svc", "run", "x", granted, t0, 0).unwrap();
+            if let Some(ttl) = reacquired {
+                let again = t.acquire("svc", "run", "x", ttl, t0 + secs(1), 1_000).unwrap();
+                assert_eq!(again.expires, t0 + secs(1) + ttl, "acquiring again extends by the ttl it asks");
+            }
+            let renewed = t.renew(&claim(&g), t0 + secs(5), 5_000).unwrap();
+            let case = format!("granted {granted:?}, re-acquired {reacquired:?}");
+            assert_eq!(renewed.expires, t0 + secs(5) + expected, "{case}");
+            assert_eq!(renewed.expires_unix_ms, 5_000 + expected.as_millis() as i64, "{case}");
+        }
+    }
+
     #[test]
     fn expiry_and_release_bump_the_epoch_and_fence_old_claims() {
         let mut t = LeaseTable::default();
@@ -158,5 +211,23 @@ mod tests {
         t.release(&claim(&b), later).unwrap();
         assert!(t.check(&claim(&b), later).is_err());
         assert_eq!(t.acquire("svc", "run-c", "z", ttl, later, 0).unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn expire_removes_and_returns_only_the_leases_past_their_expiry() {
+        let mut t = LeaseTable::default();
+        let t0 = Instant::now();
+        for (service, ttl) in [("a", 5), ("b", 20), ("c", 10)] {
+            t.acquire(service, &format!("run-{service}"), "x", secs(ttl), t0, 0).unwrap();
+        }
+        // (seconds after the grants, leases expired by then, next expiry after that)
+        let cases: [(u64, &[&str], Option<u64>); 5] =
+            [(0, &[], Some(5)), (4, &[], Some(5)), (5, &["a"], Some(10)), (6, &[], Some(10)), (30, &["b", "c"], None)];
+        for (at, expected, next) in cases {
+            let expired: Vec<_> = t.expire(t0 + secs(at)).into_iter().map(|g| g.service).collect();
+            assert_eq!(expired, expected, "expired at {at} s");
+            assert_eq!(t.next_expiry(), next.map(|n| t0 + secs(n)), "next expiry after {at} s");
+            assert_eq!(t.live_grants(t0 + secs(at)).len(), t.held.len(), "nothing expired is left held");
+        }
     }
 }

@@ -171,7 +171,8 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         }),
         ..Default::default()
     };
-    let service = grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new() };
+    let service =
+        grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new(), cancel: cancel.clone() };
 
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
     let server_cancel = cancel.clone();

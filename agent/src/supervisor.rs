@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use proto::admission::ModelMem;
 use proto::{ExitKind, ExitStatus, Stage, event};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -62,7 +63,7 @@ pub struct EnsureRequest {
     pub models: Vec<String>,
     /// Load timeout override (CLI flag > suite), below which the agent decides.
     pub timeout: Option<Duration>,
-    /// Memory to keep free beyond each model's declared need.
+    /// Memory to keep free beyond the declared needs, once per request.
     pub headroom: u64,
     /// Restart the service for a cold load.
     pub fresh: bool,
@@ -158,6 +159,22 @@ impl Supervisor {
     /// Where cases reach the service, while it runs.
     pub async fn base_url(&self) -> Result<Option<String>, SupervisorError> {
         self.ask(|reply| Command::BaseUrl { reply }).await
+    }
+
+    /// A stand-in that answers only `base_url`, with what `url` holds when
+    /// asked: lets tests route cases (and move the service) without a process.
+    /// Other requests fail as if the supervisor had stopped.
+    #[cfg(test)]
+    pub(crate) fn serving(url: watch::Receiver<Option<String>>) -> Supervisor {
+        let (tx, mut rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(command) = rx.recv().await {
+                if let Command::BaseUrl { reply } = command {
+                    let _ = reply.send(url.borrow().clone());
+                }
+            }
+        });
+        Supervisor { tx }
     }
 }
 
@@ -379,40 +396,34 @@ impl Actor {
         self.cfg.models.iter().find(|m| m.name == model).map_or(LoadMode::AtStart, |m| m.load)
     }
 
-    /// Admits the loads this request starts, then starts them.
+    /// Every model as admission sees it (`proto::admission::load_need`): one
+    /// READY or already admitted brings nothing new; on a running service,
+    /// neither does one already loading (only STOPPED or FAILED ones load).
+    fn model_mems(&self, starting: bool) -> Vec<ModelMem<'_>> {
+        self.cfg
+            .models
+            .iter()
+            .filter_map(|m| {
+                let t = self.models.get(&m.name)?;
+                let idle = matches!(t.stage, Stage::Stopped | Stage::Failed);
+                let loaded = t.reserved || t.stage == Stage::Ready || (!starting && !idle);
+                Some(ModelMem { name: &m.name, ram: m.ram_bytes, at_start: m.load == LoadMode::AtStart, loaded })
+            })
+            .collect()
+    }
+
+    /// Admits the loads this request starts, as one reservation, then starts them.
     async fn ensure(&mut self, request: &EnsureRequest) -> Result<EnsureOutcome, SupervisorError> {
         self.restart_at = None;
         if request.traceparent.is_some() {
             self.traceparent = request.traceparent.clone();
         }
-        // Starting the service loads every at-start model, asked for or not.
         let starting = self.run.is_none();
-        let loads: Vec<String> = self
-            .models
-            .iter()
-            .filter(|(name, t)| {
-                let asked = request.models.contains(name);
-                let loads_now = if starting {
-                    asked || self.load_mode(name) == LoadMode::AtStart
-                } else {
-                    asked && matches!(t.stage, Stage::Stopped | Stage::Failed)
-                };
-                loads_now && t.stage != Stage::Ready && !t.reserved
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        let mut admitted: Vec<String> = Vec::new();
-        for name in &loads {
-            let need = self.cfg.models.iter().find(|m| m.name == *name).map_or(0, |m| m.ram_bytes);
-            if let Err(refused) = self.admission.reserve(&self.cfg.name, name, need, request.headroom).await {
-                for done in &admitted {
-                    self.admission.release(&self.cfg.name, done);
-                }
-                tracing::warn!(service = %self.cfg.name, model = %name, %refused, "load refused");
-                return Err(refused.into());
-            }
-            admitted.push(name.clone());
-        }
+        let admitted = self
+            .admission
+            .reserve_loads(&self.cfg.name, &self.model_mems(starting), &request.models, starting, request.headroom)
+            .await
+            .inspect_err(|refused| tracing::warn!(service = %self.cfg.name, %refused, "load refused"))?;
         for name in &admitted {
             if let Some(t) = self.models.get_mut(name) {
                 t.reserved = true;

@@ -1,7 +1,9 @@
-//! Memory admission: may a model load start now? One pure function, used by
-//! the agent before every load and by the controller's placement, so both
-//! judge a host the same way (DESIGN §4). It lives beside the wire contract
-//! because it is part of it: a controller must predict what an agent admits.
+//! Memory admission: may a model load start now? Pure functions shared by
+//! the agent, before every load, and the controller's placement, so both
+//! judge a host the same way (DESIGN §4): `load_need` says what a request
+//! brings into memory, `admit` whether that fits. They live beside the wire
+//! contract because they are part of it: a controller must predict what an
+//! agent admits.
 
 use std::fmt;
 
@@ -52,6 +54,43 @@ impl fmt::Display for Refusal {
         }
         write!(f, ", minus {} reserved by loads in progress)", mib(self.reserved))
     }
+}
+
+/// A model of a service, as either side sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelMem<'a> {
+    pub name: &'a str,
+    /// Declared RAM need, in bytes.
+    pub ram: u64,
+    /// Loads whenever the service starts, asked for or not.
+    pub at_start: bool,
+    /// READY, or already admitted and loading: a request brings in nothing more.
+    pub loaded: bool,
+}
+
+/// What one load request brings into memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadNeed<'a> {
+    /// The models that start loading, in the order given.
+    pub models: Vec<&'a str>,
+    /// Their declared needs, summed.
+    pub bytes: u64,
+    /// The request's headroom, once however many models load. Kept when
+    /// `models` is empty: a planner may still want it free for the run, but
+    /// the agent has no load to admit then and reserves nothing.
+    pub headroom: u64,
+}
+
+/// What a request for `asked` brings into memory. Starting the service
+/// (`starting`) loads every at-start model too, asked for or not; a running
+/// service loads only the asked models. Either way a `loaded` model costs
+/// nothing, and names not among `models` are ignored (callers validate them).
+pub fn load_need<'a>(models: &[ModelMem<'a>], asked: &[String], starting: bool, headroom: u64) -> LoadNeed<'a> {
+    let loads: Vec<&ModelMem<'a>> = models
+        .iter()
+        .filter(|m| !m.loaded && (asked.iter().any(|a| a == m.name) || (starting && m.at_start)))
+        .collect();
+    LoadNeed { models: loads.iter().map(|m| m.name).collect(), bytes: loads.iter().map(|m| m.ram).sum(), headroom }
 }
 
 /// Admits a load of `need + headroom` bytes if it fits in what is left after
@@ -109,5 +148,64 @@ mod tests {
             "not enough memory: needs 16024 MiB (15000 MiB declared + 1024 MiB headroom) but only 2500 MiB is \
              available (MemAvailable 8000 MiB, cgroup room 3000 MiB, minus 500 MiB reserved by loads in progress)"
         );
+    }
+
+    fn model(name: &'static str, ram_mib: u64, at_start: bool, loaded: bool) -> ModelMem<'static> {
+        ModelMem { name, ram: ram_mib * MIB, at_start, loaded }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// (models, asked, starting) -> (models loaded, MiB).
+    type Row<'a> = (&'a [ModelMem<'a>], &'a [&'a str], bool, &'a [&'a str], u64);
+
+    #[test]
+    fn a_request_brings_in_what_it_starts_and_headroom_once() {
+        let big = model("big", 1000, true, false);
+        let small = model("small", 300, true, false);
+        let lazy = model("lazy", 200, false, false);
+        let ready = |m: ModelMem<'static>| ModelMem { loaded: true, ..m };
+        // Headroom is always 100 MiB, once.
+        let table: [Row<'_>; 8] = [
+            (&[big, small, lazy], &["big"], true, &["big", "small"], 1300),
+            (&[big, small, lazy], &["lazy"], true, &["big", "small", "lazy"], 1500),
+            (&[big, small, lazy], &["big", "small", "lazy"], true, &["big", "small", "lazy"], 1500),
+            (&[big, small, lazy], &["big"], false, &["big"], 1000),
+            (&[ready(big), small, lazy], &["big"], false, &[], 0),
+            (&[ready(big), small, lazy], &["big", "lazy"], false, &["lazy"], 200),
+            // Already admitted and loading: counted by that request, not again.
+            (&[ready(big), ready(small), lazy], &["small"], true, &[], 0),
+            (&[big], &["unknown"], false, &[], 0),
+        ];
+        for (models, asked, starting, want, want_mib) in table {
+            let got = load_need(models, &names(asked), starting, 100 * MIB);
+            assert_eq!(got.models, want, "{asked:?} starting={starting} on {models:?}");
+            assert_eq!((got.bytes / MIB, got.headroom / MIB), (want_mib, 100), "{asked:?} starting={starting}");
+        }
+    }
+
+    /// (nllb ready, aya ready, asked, starting) -> (models loaded, MiB).
+    type DemoRow = (bool, bool, &'static [&'static str], bool, &'static [&'static str], u64);
+
+    #[test]
+    fn on_the_demo_config() {
+        // proctor/src/demo.rs `agent_toml`: translation serves nllb and aya, both at_start.
+        let demo = |nllb_ready: bool, aya_ready: bool| {
+            [model("nllb", 256, true, nllb_ready), model("aya", 384, true, aya_ready)]
+        };
+        let gib = 1024 * MIB;
+        let table: [DemoRow; 5] = [
+            (false, false, &["nllb"], true, &["nllb", "aya"], 640),
+            (false, false, &["aya"], true, &["nllb", "aya"], 640),
+            (true, true, &["nllb"], false, &[], 0),
+            (false, true, &["nllb"], false, &["nllb"], 256),
+            (true, false, &["nllb", "aya"], false, &["aya"], 384),
+        ];
+        for (nllb, aya, asked, starting, want, want_mib) in table {
+            let got = load_need(&demo(nllb, aya), &names(asked), starting, gib);
+            assert_eq!(got, LoadNeed { models: want.to_vec(), bytes: want_mib * MIB, headroom: gib }, "{asked:?}");
+        }
     }
 }

@@ -35,6 +35,10 @@ pub struct AgentInfo {
     /// The agent's configured memory budget for its services, if any.
     #[prost(uint64, optional, tag = "13")]
     pub memory_budget_bytes: ::core::option::Option<u64>,
+    /// The limit of the agent's own memory cgroup, if it has one: with the host
+    /// total and the budget, the most its services could ever hold.
+    #[prost(uint64, optional, tag = "14")]
+    pub cgroup_limit_bytes: ::core::option::Option<u64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServiceInfo {
@@ -130,7 +134,8 @@ pub struct ModelOverrides {
     /// Total load timeout for every requested model; 0 = agent's own choice.
     #[prost(uint64, tag = "1")]
     pub load_timeout_ms: u64,
-    /// Memory to keep free beyond each model's declared need when admitting it.
+    /// Memory to keep free beyond the declared needs of the models a request
+    /// loads, counted once per request (see proto::admission::load_need).
     #[prost(uint64, tag = "2")]
     pub ram_headroom_bytes: u64,
 }
