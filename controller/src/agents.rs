@@ -70,6 +70,8 @@ pub struct LeaseReport {
     pub holder: String,
     pub since: String,
     pub epoch: u64,
+    /// When it lapses unless renewed (agent clock, UTC).
+    pub expires: String,
 }
 
 async fn inspect(entry: inventory::Entry) -> HostReport {
@@ -107,37 +109,38 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
             models: s
                 .models
                 .iter()
-                .map(|m| ModelReport {
-                    name: m.name.clone(),
-                    stage: m.stage().label().to_owned(),
+                .map(|(name, m)| ModelReport {
+                    name: name.clone(),
+                    stage: m.stage.label().to_owned(),
                     progress: m.progress,
                     ram_need_bytes: info
                         .services
                         .iter()
                         .find(|x| x.name == s.name)
-                        .and_then(|x| x.models.iter().find(|y| y.name == m.name))
-                        .map_or(0, |y| y.ram_need_bytes),
+                        .and_then(|x| x.models.iter().find(|y| y.name == *name))
+                        .map_or(0, |y| y.ram_need),
                 })
                 .collect(),
-            lease: snapshot.leases.iter().find(|l| l.service == s.name).map(|l| LeaseReport {
+            lease: snapshot.leases.get(&s.name).map(|l| LeaseReport {
                 run_id: l.run_id.clone(),
                 holder: l.holder.clone(),
-                since: format_unix_ms(l.granted_unix_ms),
+                since: l.since.clone(),
                 epoch: l.epoch,
+                expires: format_unix_ms(l.expires_unix_ms),
             }),
         })
         .collect();
     host.reachable = true;
     host.agent = Some(AgentReport {
-        version: info.agent_version.clone(),
+        version: info.version.clone(),
         incarnation: info.incarnation.clone(),
         hostname: info.hostname.clone(),
-        ram_total_bytes: info.host_memory_total_bytes,
-        ram_available_bytes: info.host_memory_available_bytes,
-        ram_reserved_bytes: info.reserved_bytes,
-        memory_budget_bytes: info.memory_budget_bytes,
+        ram_total_bytes: info.ram_total,
+        ram_available_bytes: info.ram_available,
+        ram_reserved_bytes: info.reserved,
+        memory_budget_bytes: info.memory_budget,
         gpu_memory_bytes: None,
-        cgroups: info.capabilities.as_ref().is_some_and(|c| c.cgroup),
+        cgroups: info.cgroups,
         heartbeat_age_ms: (snapshot.heartbeat_unix_ms > 0).then(|| info.now_unix_ms - snapshot.heartbeat_unix_ms),
         services,
     });
@@ -185,7 +188,10 @@ pub fn render(hosts: &[HostReport]) -> String {
                 "stopped".to_owned()
             };
             let lease = s.lease.as_ref().map_or("free".to_owned(), |l| {
-                format!("held by run {} ({}) since {}, epoch {}", l.run_id, l.holder, l.since, l.epoch)
+                format!(
+                    "held by run {} ({}) since {}, epoch {}, expires {}",
+                    l.run_id, l.holder, l.since, l.epoch, l.expires
+                )
             });
             out.push_str(&format!("  service {}: {state}; lease {lease}\n", s.name));
             for m in &s.models {

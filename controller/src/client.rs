@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::report::{CaseReport, Failure, Outcome};
+use crate::report::{self, CaseReport, Outcome};
 use crate::suite::{Case, Check};
 
 pub use proto::{Stage, format_unix_ms};
@@ -39,6 +39,26 @@ impl Default for Keepalive {
     }
 }
 
+/// How long a unary call may take before the host counts as not answering.
+/// Every call the controller makes is bounded: a frozen agent must not hold
+/// up a run, its shutdown, or anyone's Ctrl-C.
+pub const RPC_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What kind of failure a call met, so callers decide without seeing gRPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Another run holds the service's lease.
+    Busy,
+    /// The agent refused a load for lack of memory.
+    NoRoom,
+    /// Our lease is no longer the current one (expired, taken, restarted agent).
+    Stale,
+    /// The call broke on the way or went unanswered: the host, not the request.
+    Lost,
+    /// The agent refused the request itself (bad input, unknown service, …).
+    Refused,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{addr:?} is not an agent address; write HOST:PORT, e.g. 127.0.0.1:7700")]
@@ -49,6 +69,8 @@ pub enum ClientError {
     Rpc { addr: String, code: tonic::Code, message: String },
     #[error("agent {addr} speaks protocol {theirs}, this controller speaks {ours}; upgrade the older one")]
     Protocol { addr: String, theirs: u32, ours: u32 },
+    #[error("agent {addr} did not answer {call} within {}s", deadline.as_secs())]
+    Deadline { addr: String, call: &'static str, deadline: Duration },
 }
 
 impl ClientError {
@@ -57,8 +79,23 @@ impl ClientError {
     /// refusals with specific codes (invalid argument, not found, busy,
     /// stale lease, not enough memory); anything else is infrastructure.
     pub fn is_infrastructure(&self) -> bool {
+        self.kind() == Failure::Lost
+    }
+
+    /// The failure's kind: the only place that reads gRPC status codes.
+    pub fn kind(&self) -> Failure {
         match self {
-            ClientError::Unreachable { .. } => true,
+            ClientError::Rpc { code: tonic::Code::FailedPrecondition, .. } => Failure::Busy,
+            ClientError::Rpc { code: tonic::Code::ResourceExhausted, .. } => Failure::NoRoom,
+            ClientError::Rpc { code: tonic::Code::PermissionDenied, .. } => Failure::Stale,
+            _ if self.lost_on_the_way() => Failure::Lost,
+            _ => Failure::Refused,
+        }
+    }
+
+    fn lost_on_the_way(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Deadline { .. } => true,
             ClientError::Rpc { code, .. } => matches!(
                 code,
                 tonic::Code::Unavailable
@@ -72,6 +109,18 @@ impl ClientError {
     }
 }
 
+/// Runs one unary call under `RPC_DEADLINE`.
+async fn bounded<T>(
+    addr: &str,
+    call: &'static str,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(RPC_DEADLINE, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Deadline { addr: addr.to_owned(), call, deadline: RPC_DEADLINE }),
+    }
+}
+
 /// One connected agent.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -79,10 +128,132 @@ pub struct Agent {
     pub name: String,
     pub addr: String,
     inner: AgentClient<Channel>,
-    pub info: proto::AgentInfo,
+    pub info: AgentInfo,
     /// Agent clock minus ours, measured at connect (half the round trip
     /// assumed each way): subtract it from agent times to get ours.
     pub clock_offset_ms: i64,
+}
+
+/// What an agent says about itself and its host (GetInfo), in our terms.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentInfo {
+    pub version: String,
+    pub incarnation: String,
+    pub hostname: String,
+    pub services: Vec<ServiceInfo>,
+    pub cgroups: bool,
+    pub ram_total: u64,
+    pub ram_available: u64,
+    /// Memory admission inputs: `None` = no such limit.
+    pub cgroup_room: Option<u64>,
+    pub budget_room: Option<u64>,
+    /// The agent's cgroup memory limit, when it has one (the most its
+    /// services could ever use together).
+    pub cgroup_limit: Option<u64>,
+    /// Memory promised to loads admitted and still loading.
+    pub reserved: u64,
+    pub memory_budget: Option<u64>,
+    /// The agent's clock when it answered.
+    pub now_unix_ms: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub ram_need: u64,
+    /// Loaded whenever the service starts (`load = "at_start"`).
+    pub at_start: bool,
+}
+
+impl From<proto::AgentInfo> for AgentInfo {
+    fn from(i: proto::AgentInfo) -> AgentInfo {
+        let services = i
+            .services
+            .into_iter()
+            .map(|s| ServiceInfo {
+                name: s.name,
+                models: s
+                    .models
+                    .into_iter()
+                    .map(|m| ModelInfo {
+                        name: m.name,
+                        ram_need: m.ram_need_bytes,
+                        at_start: m.load_mode == "at_start",
+                    })
+                    .collect(),
+            })
+            .collect();
+        AgentInfo {
+            version: i.agent_version,
+            incarnation: i.incarnation,
+            hostname: i.hostname,
+            services,
+            cgroups: i.capabilities.is_some_and(|c| c.cgroup),
+            ram_total: i.host_memory_total_bytes,
+            ram_available: i.host_memory_available_bytes,
+            cgroup_room: i.cgroup_room_bytes,
+            budget_room: i.budget_room_bytes,
+            cgroup_limit: i.cgroup_limit_bytes,
+            reserved: i.reserved_bytes,
+            memory_budget: i.memory_budget_bytes,
+            now_unix_ms: i.now_unix_ms,
+        }
+    }
+}
+
+/// What an agent holds right now (the snapshot every watch opens with).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub services: Vec<ServiceState>,
+    /// Live leases by service.
+    pub leases: BTreeMap<String, LeaseView>,
+    /// The agent's last heartbeat (agent clock; 0 = none yet).
+    pub heartbeat_unix_ms: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceState {
+    pub name: String,
+    pub running: bool,
+    pub pid: u32,
+    pub rss_bytes: u64,
+    pub models: Vec<(String, ModelView)>,
+}
+
+impl From<proto::Snapshot> for Snapshot {
+    fn from(s: proto::Snapshot) -> Snapshot {
+        let services = s
+            .services
+            .into_iter()
+            .map(|svc| ServiceState {
+                models: svc
+                    .models
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.name.clone(),
+                            ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
+                        )
+                    })
+                    .collect(),
+                name: svc.name,
+                running: svc.running,
+                pid: svc.pid,
+                rss_bytes: svc.rss_bytes,
+            })
+            .collect();
+        Snapshot {
+            services,
+            leases: s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect(),
+            heartbeat_unix_ms: s.heartbeat_unix_ms,
+        }
+    }
 }
 
 /// A lease this run holds on one service of one agent.
@@ -127,11 +298,14 @@ impl Agent {
             .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
         let mut inner = AgentClient::new(channel);
         let asked = now_unix_ms();
-        let info = inner
-            .get_info(proto::GetInfoRequest {})
-            .await
-            .map_err(|s| ClientError::Unreachable { addr: addr.to_owned(), reason: s.message().to_owned() })?
-            .into_inner();
+        let info = bounded(addr, "GetInfo", async {
+            inner
+                .get_info(proto::GetInfoRequest {})
+                .await
+                .map_err(|s| ClientError::Unreachable { addr: addr.to_owned(), reason: s.message().to_owned() })
+        })
+        .await?
+        .into_inner();
         let answered = now_unix_ms();
         let clock_offset_ms = info.now_unix_ms - (asked + answered) / 2;
         if info.protocol_version != proto::PROTOCOL_VERSION {
@@ -141,17 +315,26 @@ impl Agent {
                 ours: proto::PROTOCOL_VERSION,
             });
         }
-        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info, clock_offset_ms })
+        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info: info.into(), clock_offset_ms })
     }
 
     /// Asks again for the handshake: memory figures change as models load.
     pub async fn refresh_info(&mut self) -> Result<(), ClientError> {
-        self.info = self.inner.get_info(proto::GetInfoRequest {}).await.map_err(|s| self.rpc(s))?.into_inner();
+        let mut client = self.inner.clone();
+        let info = bounded(&self.addr, "GetInfo", async {
+            client.get_info(proto::GetInfoRequest {}).await.map_err(|s| self.rpc(s))
+        })
+        .await?;
+        self.info = info.into_inner().into();
         Ok(())
     }
 
     /// The agent's snapshot, as a one-off (for `proctor agents`).
-    pub async fn snapshot(&self) -> Result<proto::Snapshot, ClientError> {
+    pub async fn snapshot(&self) -> Result<Snapshot, ClientError> {
+        bounded(&self.addr, "Watch", self.first_snapshot()).await
+    }
+
+    async fn first_snapshot(&self) -> Result<Snapshot, ClientError> {
         let mut stream = self
             .inner
             .clone()
@@ -160,7 +343,7 @@ impl Agent {
             .map_err(|s| self.rpc(s))?
             .into_inner();
         match stream.message().await {
-            Ok(Some(proto::WatchMessage { kind: Some(watch_message::Kind::Snapshot(s)) })) => Ok(s),
+            Ok(Some(proto::WatchMessage { kind: Some(watch_message::Kind::Snapshot(s)) })) => Ok(s.into()),
             Ok(_) => Err(ClientError::Rpc {
                 addr: self.addr.clone(),
                 code: tonic::Code::Internal,
@@ -182,7 +365,7 @@ impl Agent {
             .any(|s| s.name == service && models.iter().all(|m| s.models.iter().any(|x| x.name == *m)))
     }
 
-    /// Tries once. A busy service is `Err(Rpc { code: FailedPrecondition })`.
+    /// Tries once. A busy service is a `Failure::Busy`.
     pub async fn acquire(
         &self,
         service: &str,
@@ -190,43 +373,37 @@ impl Agent {
         holder: &str,
         ttl: Duration,
     ) -> Result<Lease, ClientError> {
-        let lease = self
-            .inner
-            .clone()
-            .acquire_lease(proto::AcquireLeaseRequest {
-                service: service.to_owned(),
-                run_id: run_id.to_owned(),
-                holder: holder.to_owned(),
-                ttl_ms: ttl.as_millis() as u64,
-            })
-            .await
-            .map_err(|s| self.rpc(s))?
-            .into_inner();
+        let request = proto::AcquireLeaseRequest {
+            service: service.to_owned(),
+            run_id: run_id.to_owned(),
+            holder: holder.to_owned(),
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        let mut client = self.inner.clone();
+        let lease =
+            bounded(&self.addr, "AcquireLease", async { client.acquire_lease(request).await.map_err(|s| self.rpc(s)) })
+                .await?
+                .into_inner();
         Ok(Lease { service: lease.service, run_id: lease.run_id, id: lease.id, epoch: lease.epoch })
     }
 
-    /// Renews the lease every third of its TTL until cancelled.
-    pub fn keep_renewed(&self, lease: &Lease, ttl: Duration, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Renews the lease once, for the TTL it was granted with; returns the
+    /// new expiry (agent clock).
+    pub async fn renew(&self, lease: &Lease) -> Result<i64, ClientError> {
         let mut client = self.inner.clone();
-        let lease = lease.clone();
-        let addr = self.addr.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / 3);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                if let Err(status) = client.renew_lease(lease.to_proto()).await {
-                    tracing::warn!(%addr, service = %lease.service, error = %status.message(), "lease renewal failed");
-                }
-            }
+        let renewed = bounded(&self.addr, "RenewLease", async {
+            client.renew_lease(lease.to_proto()).await.map_err(|s| self.rpc(s))
         })
+        .await?;
+        Ok(renewed.into_inner().expires_unix_ms)
     }
 
     pub async fn release(&self, lease: &Lease) -> Result<(), ClientError> {
-        self.inner.clone().release_lease(lease.to_proto()).await.map_err(|s| self.rpc(s))?;
+        let mut client = self.inner.clone();
+        bounded(&self.addr, "ReleaseLease", async {
+            client.release_lease(lease.to_proto()).await.map_err(|s| self.rpc(s))
+        })
+        .await?;
         Ok(())
     }
 
@@ -236,54 +413,65 @@ impl Agent {
     }
 
     /// Asks for the models; returns the seq every resulting event is below.
-    pub async fn ensure(
-        &self,
-        lease: &Lease,
-        models: &[String],
-        timeout: Option<Duration>,
-        headroom: u64,
-        fresh: bool,
-        traceparent: &str,
-    ) -> Result<u64, ClientError> {
+    pub async fn ensure(&self, lease: &Lease, ask: &EnsureAsk<'_>, traceparent: &str) -> Result<u64, ClientError> {
         let request = with_trace(
             proto::EnsureModelsRequest {
                 lease: Some(lease.to_proto()),
-                models: models.to_vec(),
+                models: ask.models.to_vec(),
                 overrides: Some(proto::ModelOverrides {
-                    load_timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-                    ram_headroom_bytes: headroom,
+                    load_timeout_ms: ask.timeout.map_or(0, |t| t.as_millis() as u64),
+                    ram_headroom_bytes: ask.headroom,
                 }),
-                fresh,
+                fresh: ask.fresh,
             },
             traceparent,
         );
-        let response = self.inner.clone().ensure_models(request).await.map_err(|s| self.rpc(s))?.into_inner();
-        Ok(response.seq_after)
+        let mut client = self.inner.clone();
+        let response =
+            bounded(&self.addr, "EnsureModels", async { client.ensure_models(request).await.map_err(|s| self.rpc(s)) })
+                .await?;
+        Ok(response.into_inner().seq_after)
     }
 
     pub async fn run_cases(
         &self,
         lease: &Lease,
-        cases: Vec<proto::Case>,
+        cases: Vec<CaseToRun<'_>>,
         traceparent: &str,
     ) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .run_cases(with_trace(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases }, traceparent))
-            .await
-            .map_err(|s| self.rpc(s))?;
+        let cases = cases.into_iter().map(|c| case_to_proto(c.id, c.attempt, c.case, c.traceparent)).collect();
+        let request = with_trace(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases }, traceparent);
+        let mut client = self.inner.clone();
+        bounded(&self.addr, "RunCases", async { client.run_cases(request).await.map_err(|s| self.rpc(s)) }).await?;
         Ok(())
     }
 
     /// Releases this run's retained results (and stage changes) up to a seq.
     pub async fn ack(&self, incarnation: &str, run_id: &str, up_to_seq: u64) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .ack(proto::AckRequest { incarnation: incarnation.to_owned(), up_to_seq, run_id: run_id.to_owned() })
-            .await
-            .map_err(|s| self.rpc(s))?;
+        let request = proto::AckRequest { incarnation: incarnation.to_owned(), up_to_seq, run_id: run_id.to_owned() };
+        let mut client = self.inner.clone();
+        bounded(&self.addr, "Ack", async { client.ack(request).await.map_err(|s| self.rpc(s)) }).await?;
         Ok(())
     }
+}
+
+/// What `ensure` asks of an agent.
+#[derive(Clone, Debug)]
+pub struct EnsureAsk<'a> {
+    pub models: &'a [String],
+    /// The load timeout to send (`None`: the agent's own precedence decides).
+    pub timeout: Option<Duration>,
+    pub headroom: u64,
+    pub fresh: bool,
+}
+
+/// One case as sent: its id for this attempt and its `traceparent`.
+#[derive(Clone, Debug)]
+pub struct CaseToRun<'a> {
+    pub id: String,
+    pub attempt: u32,
+    pub case: &'a Case,
+    pub traceparent: String,
 }
 
 /// A request carrying the W3C trace context in its gRPC metadata.
@@ -300,7 +488,7 @@ pub fn now_unix_ms() -> i64 {
 }
 
 /// Turns a suite case into the message the agent runs.
-pub fn case_to_proto(case_id: String, attempt: u32, case: &Case, traceparent: String) -> proto::Case {
+fn case_to_proto(case_id: String, attempt: u32, case: &Case, traceparent: String) -> proto::Case {
     use proto::assertion::Kind;
     let assertions = case
         .checks
@@ -383,9 +571,12 @@ pub struct AgentView {
     pub rss_log: VecDeque<(String, i64, u64)>,
     /// The agent's last heartbeat (its 1 Hz sample), agent clock.
     pub heartbeat_unix_ms: i64,
-    /// Set when the agent is gone for longer than the reconnect grace, or
-    /// came back as a new incarnation; cleared when it is back.
+    /// Set when the agent is gone for longer than the reconnect grace;
+    /// cleared when it is back.
     pub lost: Option<String>,
+    /// Times the agent came back as a new incarnation (restarted): whatever
+    /// ran there under an older incarnation is gone, but the host is usable.
+    pub restarts: u32,
     /// Times the event stream broke.
     pub disconnects: u32,
     /// Ranges of logs/telemetry the agent reported as dropped.
@@ -416,8 +607,30 @@ const LOG_CAP: usize = 10_000;
 /// What the progress display is told.
 #[derive(Clone, Debug)]
 pub enum Update {
-    Stage { host: String, service: String, model: String, from: Stage, to: Stage, progress: f64 },
-    Memory { host: String, service: String, rss_bytes: u64 },
+    Stage {
+        host: String,
+        service: String,
+        model: String,
+        from: Stage,
+        to: Stage,
+        progress: f64,
+        message: String,
+    },
+    Memory {
+        host: String,
+        service: String,
+        rss_bytes: u64,
+    },
+    /// Unreachable for longer than the grace.
+    Lost {
+        host: String,
+        reason: String,
+    },
+    /// Reachable again; `restarted`: as a new incarnation.
+    Back {
+        host: String,
+        restarted: bool,
+    },
 }
 
 fn result_to_report(r: proto::CaseResult) -> CaseReport {
@@ -426,7 +639,12 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         proto::CaseOutcome::Failed => Outcome::Failed(
             r.failures
                 .into_iter()
-                .map(|f| Failure { check: f.assertion, pointer: f.pointer, expected: f.expected, actual: f.actual })
+                .map(|f| report::Failure {
+                    check: f.assertion,
+                    pointer: f.pointer,
+                    expected: f.expected,
+                    actual: f.actual,
+                })
                 .collect(),
         ),
         _ => Outcome::Error(r.message),
@@ -442,6 +660,7 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         host: String::new(),
         lease_epoch: r.lease_epoch,
         started_unix_ms: r.started_unix_ms,
+        method: String::new(),
         url: r.url,
         reruns: Vec::new(),
     }
@@ -474,11 +693,9 @@ pub async fn follow(
                         m = stream.message() => m,
                     };
                     let Ok(Some(message)) = message else { break };
-                    if down_since.take().is_some() {
-                        tracing::info!(addr = %agent.addr, "watch resumed");
-                    }
+                    down_since = None;
                     backoff = Duration::from_millis(100);
-                    apply(&agent.addr, &view, &updates, message);
+                    apply(&agent.name, &view, &updates, message);
                     from_seq = view.borrow().last_seq + 1;
                 }
             }
@@ -487,14 +704,13 @@ pub async fn follow(
             }
         }
         let since = *down_since.get_or_insert_with(|| {
-            tracing::warn!(addr = %agent.addr, "lost the agent's event stream; reconnecting");
             view.send_modify(|v| v.disconnects += 1);
             tokio::time::Instant::now()
         });
         if since.elapsed() > grace && view.borrow().lost.is_none() {
-            view.send_modify(|v| {
-                v.lost = Some(format!("agent {} unreachable for more than {}s", agent.addr, grace.as_secs()))
-            });
+            let reason = format!("agent {} unreachable for more than {}s", agent.addr, grace.as_secs_f64());
+            view.send_modify(|v| v.lost = Some(reason.clone()));
+            let _ = updates.send(Update::Lost { host: agent.name.clone(), reason });
         }
         // Capped exponential backoff, up to a fifth shorter at random so many
         // controllers do not reconnect in step.
@@ -537,18 +753,21 @@ fn apply(
     match message.kind {
         Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| {
             let first = v.incarnation.is_empty();
-            if !first && v.incarnation != s.incarnation {
+            let restarted = !first && v.incarnation != s.incarnation;
+            if restarted {
                 // A restarted agent: its sequence numbers started over and
-                // whatever this run had running there is gone. Never merged.
-                tracing::warn!(host, old = %v.incarnation, new = %s.incarnation, "agent restarted: new incarnation");
-                v.lost = Some(format!("agent {host} restarted (new incarnation {})", s.incarnation));
+                // whatever this run had running there is gone (tries notice
+                // the new incarnation). The host itself is usable again.
+                v.restarts += 1;
                 v.last_seq = s.next_seq.saturating_sub(1);
                 v.events_applied = 0;
+                v.results.clear();
             } else if first {
                 v.last_seq = s.next_seq.saturating_sub(1);
-            } else if v.lost.as_deref().is_some_and(|l| l.contains("unreachable")) {
-                // Back after a partition longer than the grace: reachable again.
+            }
+            if (restarted || v.lost.is_some()) && !first {
                 v.lost = None;
+                let _ = updates.send(Update::Back { host: host.to_owned(), restarted });
             }
             // On a reconnect to the same incarnation the replayed events follow;
             // last_seq stays where it was so none is applied twice.
@@ -581,6 +800,7 @@ fn apply(
                         from,
                         to,
                         progress: c.progress,
+                        message: c.message.clone(),
                     });
                     view.send_modify(|v| {
                         if from != to {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{
-    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
@@ -44,6 +44,8 @@ fn env(names: &[&str]) -> Option<String> {
 thread_local! {
     /// The span id the next span created on this thread must take.
     static NEXT_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+    /// The trace id the next root span created on this thread must take.
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
 }
 
 /// Random ids, except that a span id chosen beforehand can be imposed on the
@@ -52,8 +54,8 @@ thread_local! {
 struct ChosenIds(RandomIdGenerator);
 
 impl IdGenerator for ChosenIds {
-    fn new_trace_id(&self) -> opentelemetry::trace::TraceId {
-        self.0.new_trace_id()
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID.with(|n| n.take()).unwrap_or_else(|| self.0.new_trace_id())
     }
 
     fn new_span_id(&self) -> SpanId {
@@ -81,6 +83,8 @@ pub struct Telemetry {
     resource: Resource,
     /// Where OTLP goes, for messages ("" = nowhere).
     pub exporting_to: String,
+    /// Problems worth telling the user; the terminal reporter prints them.
+    warnings: Vec<String>,
 }
 
 impl Telemetry {
@@ -104,6 +108,7 @@ impl Telemetry {
             .clone()
             .or_else(|| env(&["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]));
         let mut exporting_to = String::new();
+        let mut warnings = Vec::new();
         if let Some(endpoint) = endpoint {
             let protocol = config
                 .protocol
@@ -125,9 +130,9 @@ impl Telemetry {
                     if explicit { b.with_endpoint(traces_url(&endpoint)).build() } else { b.build() }
                 }
                 other => {
-                    eprintln!(
-                        "warning: OTLP protocol {other:?} is not supported (use grpc or http/protobuf); not exporting"
-                    );
+                    warnings.push(format!(
+                        "OTLP protocol {other:?} is not supported (use grpc or http/protobuf); not exporting"
+                    ));
                     Err(opentelemetry_otlp::ExporterBuildError::InternalFailure("unsupported protocol".into()))
                 }
             };
@@ -137,13 +142,13 @@ impl Telemetry {
                     exporting_to = format!("{endpoint} ({protocol})");
                 }
                 Err(e) => {
-                    eprintln!("warning: cannot export traces to {endpoint}: {e}; the trace file is still written")
+                    warnings.push(format!("cannot export traces to {endpoint}: {e}; the trace file is still written"))
                 }
             }
         }
         let provider = builder.build();
         let tracer = provider.tracer("proctor");
-        Telemetry { provider, tracer, kept, resource, exporting_to }
+        Telemetry { provider, tracer, kept, resource, exporting_to, warnings }
     }
 
     pub fn tracer(&self) -> &SdkTracer {
@@ -152,8 +157,14 @@ impl Telemetry {
 
     /// Flushes and shuts the exporters down within `FLUSH_DEADLINE`, then
     /// writes every span to `file` as OTLP JSON. An unreachable collector is
-    /// one warning.
-    pub async fn finish(self, file: &Path) -> std::io::Result<()> {
+    /// one warning; warnings are returned for the terminal to print.
+    pub async fn finish(self, file: &Path) -> (std::io::Result<()>, Vec<String>) {
+        let mut warnings = self.warnings.clone();
+        let written = self.flush_and_write(file, &mut warnings).await;
+        (written, warnings)
+    }
+
+    async fn flush_and_write(self, file: &Path, warnings: &mut Vec<String>) -> std::io::Result<()> {
         let provider = self.provider.clone();
         let exporting = !self.exporting_to.is_empty();
         let flushed = tokio::time::timeout(
@@ -168,21 +179,19 @@ impl Telemetry {
         if exporting {
             match flushed {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) if e.to_string().contains("Timeout") => eprintln!(
-                    "warning: trace export to {} did not finish within {}s (is the collector reachable?); \
+                Ok(Ok(Err(e))) if e.to_string().contains("Timeout") => warnings.push(format!(
+                    "trace export to {} did not finish within {}s (is the collector reachable?); \
                      the trace file has every span",
                     self.exporting_to,
                     FLUSH_DEADLINE.as_secs()
-                ),
-                Ok(Ok(Err(e))) => eprintln!(
-                    "warning: trace export to {} failed: {e}; the trace file has every span",
-                    self.exporting_to
-                ),
-                _ => eprintln!(
-                    "warning: trace export to {} did not finish within {}s; gave up",
+                )),
+                Ok(Ok(Err(e))) => warnings
+                    .push(format!("trace export to {} failed: {e}; the trace file has every span", self.exporting_to)),
+                _ => warnings.push(format!(
+                    "trace export to {} did not finish within {}s; gave up",
                     self.exporting_to,
                     FLUSH_DEADLINE.as_secs()
-                ),
+                )),
             }
         }
         let spans = std::mem::take(&mut *self.kept.0.lock().expect("span store"));
@@ -306,6 +315,20 @@ pub fn start_with_id(
     scope
 }
 
+/// The root span of a trace whose id was chosen beforehand (the runner
+/// sends `traceparent`s before the trace reporter sees the spans).
+pub fn start_trace(tracer: &SdkTracer, trace_id: TraceId, name: impl Into<String>, attributes: Vec<KeyValue>) -> Scope {
+    NEXT_TRACE_ID.with(|n| n.set(Some(trace_id)));
+    let scope = start(tracer, name, None, None, attributes, vec![]);
+    NEXT_TRACE_ID.with(|n| n.set(None));
+    scope
+}
+
+/// A fresh trace id, to be used later with `start_trace`.
+pub fn new_trace_id() -> TraceId {
+    RandomIdGenerator::default().new_trace_id()
+}
+
 /// A fresh span id, to be used later with `start_with_id`.
 pub fn new_span_id() -> SpanId {
     RandomIdGenerator::default().new_span_id()
@@ -340,7 +363,7 @@ mod tests {
         case.end();
         root.end();
         let file = std::env::temp_dir().join(format!("proctor-otel-{}.json", std::process::id()));
-        telemetry.finish(&file).await.unwrap();
+        telemetry.finish(&file).await.0.unwrap();
         let text = std::fs::read_to_string(&file).unwrap();
         let back: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
             serde_json::from_str(&text).unwrap();

@@ -1,19 +1,18 @@
-//! Live progress of model loads. On a terminal: one redrawn line per loading
-//! model (stage, elapsed, progress, service memory). Off a terminal: one
-//! plain line per loading model on every stage change and at a fixed
-//! interval (30 s by default), so CI logs show what is happening without
-//! drowning in it.
+//! Live progress of model loads, drawn by the terminal reporter (its only
+//! user). On a terminal: one redrawn line per loading model (stage, elapsed,
+//! progress, service memory). Off a terminal: one plain line per loading
+//! model on every stage change and at a fixed interval (30 s by default), so
+//! CI logs show what is happening without drowning in it. Other lines go
+//! through `say`, above the live bars, so they never tear.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::client::{Stage, Update};
+use crate::client::Stage;
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -29,7 +28,7 @@ pub enum Mode {
 }
 
 /// (host, service, model)
-type Key = (String, String, String);
+pub type Key = (String, String, String);
 
 struct Model {
     stage: Stage,
@@ -39,7 +38,7 @@ struct Model {
     bar: Option<ProgressBar>,
 }
 
-struct Display<W: Write> {
+pub struct Display<W: Write> {
     mode: Mode,
     out: W,
     began: Instant,
@@ -65,61 +64,95 @@ impl<W: Write> Display<W> {
         )
     }
 
+    pub fn new(mode: Mode, out: W) -> Display<W> {
+        Display { mode, out, began: Instant::now(), models: BTreeMap::new(), rss: BTreeMap::new(), multi: None }
+    }
+
+    /// How often `tick` should be called.
+    pub fn period(&self) -> Duration {
+        match self.mode {
+            Mode::Lines { interval } => interval.max(Duration::from_millis(100)),
+            _ => Duration::from_millis(250),
+        }
+    }
+
+    /// A line of its own (waiting, lost hosts): above the live bars on a
+    /// terminal, in every mode (`none` quiets progress, not news). A closed
+    /// pipe is not an error worth a panic.
+    pub fn say(&mut self, text: &str) {
+        match &self.multi {
+            Some(multi) => {
+                let _ = multi.println(text);
+            }
+            None => {
+                let _ = writeln!(self.out, "{text}");
+                let _ = self.out.flush();
+            }
+        }
+    }
+
+    /// The summary: printed even in quiet mode.
+    pub fn print(&mut self, text: &str) {
+        self.abandon();
+        let _ = write!(self.out, "{text}");
+        let _ = self.out.flush();
+    }
+
     fn line(&mut self, key: &Key, text: &str) {
         let stamp = self.began.elapsed().as_secs_f64();
         let _ = writeln!(self.out, "[{stamp:>7.1}s] {}/{}/{}  {text}", key.0, key.1, key.2);
         let _ = self.out.flush();
     }
 
-    fn update(&mut self, update: Update) {
-        match update {
-            Update::Memory { host, service, rss_bytes } => {
-                self.rss.insert((host, service), rss_bytes);
-            }
-            Update::Stage { host, service, model, from, to, progress } => {
-                let key = (host, service, model);
-                let now = Instant::now();
-                let entry = self.models.entry(key.clone()).or_insert_with(|| Model {
-                    stage: from,
-                    progress: 0.0,
-                    started: now,
-                    stage_since: now,
-                    bar: None,
-                });
-                // A model becomes interesting when it starts loading.
-                if entry.stage.is_terminal() && !to.is_terminal() {
-                    entry.started = now;
-                }
-                let changed = entry.stage != to;
-                entry.stage = to;
-                entry.progress = progress;
-                if changed {
-                    entry.stage_since = now;
-                }
-                let m = self.models.remove(&key).expect("just inserted");
-                let text = self.describe(&key, &m);
-                let m = match self.mode {
-                    Mode::Quiet => m,
-                    Mode::Lines { .. } => {
-                        if changed {
-                            let text = match to {
-                                Stage::Ready => {
-                                    format!("READY after {:.1}s", m.started.elapsed().as_secs_f64())
-                                }
-                                _ => text,
-                            };
-                            self.line(&key, &text);
-                        }
-                        m
-                    }
-                    Mode::Live => self.draw(&key, m, text),
-                };
-                self.models.insert(key, m);
-            }
-        }
+    pub fn memory(&mut self, host: &str, service: &str, rss_bytes: u64) {
+        self.rss.insert((host.to_owned(), service.to_owned()), rss_bytes);
     }
 
-    fn draw(&mut self, key: &Key, mut m: Model, text: String) -> Model {
+    /// A stage change; `message` says why a model FAILED or STOPPED.
+    pub fn stage(&mut self, key: Key, from: Stage, to: Stage, progress: f64, message: &str) {
+        let now = Instant::now();
+        let entry = self.models.entry(key.clone()).or_insert_with(|| Model {
+            stage: from,
+            progress: 0.0,
+            started: now,
+            stage_since: now,
+            bar: None,
+        });
+        // A model becomes interesting when it starts loading.
+        if entry.stage.is_terminal() && !to.is_terminal() {
+            entry.started = now;
+        }
+        let changed = entry.stage != to;
+        entry.stage = to;
+        entry.progress = progress;
+        if changed {
+            entry.stage_since = now;
+        }
+        let m = self.models.remove(&key).expect("just inserted");
+        let text = self.describe(&key, &m);
+        let why = message.lines().next().filter(|l| !l.is_empty()).map(|l| format!(": {l}"));
+        let m = match self.mode {
+            Mode::Quiet => m,
+            Mode::Lines { .. } => {
+                if changed {
+                    let elapsed = m.started.elapsed().as_secs_f64();
+                    let text = match to {
+                        Stage::Ready => format!("READY after {elapsed:.1}s"),
+                        Stage::Failed | Stage::Stopped => {
+                            format!("{} after {elapsed:.1}s{}", to.label(), why.clone().unwrap_or_default())
+                        }
+                        _ => text,
+                    };
+                    self.line(&key, &text);
+                }
+                m
+            }
+            Mode::Live => self.draw(&key, m, text, why.as_deref().unwrap_or("")),
+        };
+        self.models.insert(key, m);
+    }
+
+    fn draw(&mut self, key: &Key, mut m: Model, text: String, why: &str) -> Model {
         let multi = self.multi.get_or_insert_with(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
         if m.bar.is_none() && !m.stage.is_terminal() {
             let bar = multi.add(ProgressBar::new_spinner());
@@ -139,7 +172,7 @@ impl<W: Write> Display<W> {
                 }
                 Stage::Failed | Stage::Stopped => {
                     bar.finish_with_message(format!(
-                        "{} after {:.1}s",
+                        "{} after {:.1}s{why}",
                         m.stage.label(),
                         m.started.elapsed().as_secs_f64()
                     ));
@@ -153,7 +186,7 @@ impl<W: Write> Display<W> {
 
     /// Periodic refresh: elapsed times on a terminal, a line per loading
     /// model off one.
-    fn tick(&mut self) {
+    pub fn tick(&mut self) {
         let keys: Vec<Key> =
             self.models.iter().filter(|(_, m)| !m.stage.is_terminal()).map(|(k, _)| k.clone()).collect();
         for key in keys {
@@ -171,35 +204,14 @@ impl<W: Write> Display<W> {
             self.models.insert(key, m);
         }
     }
-}
 
-/// Runs the display until `updates` closes or `cancel` fires.
-pub async fn run<W: Write + Send>(
-    mode: Mode,
-    out: W,
-    mut updates: mpsc::UnboundedReceiver<Update>,
-    cancel: CancellationToken,
-) {
-    let period = match mode {
-        Mode::Lines { interval } => interval,
-        _ => Duration::from_millis(250),
-    };
-    let mut display =
-        Display { mode, out, began: Instant::now(), models: BTreeMap::new(), rss: BTreeMap::new(), multi: None };
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            u = updates.recv() => match u {
-                Some(u) => display.update(u),
-                None => break,
-            },
-            _ = tick.tick() => display.tick(),
+    /// Leaves the bars where they are (the run is over).
+    pub fn abandon(&mut self) {
+        for m in self.models.values_mut() {
+            if let Some(bar) = m.bar.take() {
+                bar.abandon();
+            }
         }
-    }
-    for m in display.models.values() {
-        if let Some(bar) = &m.bar {
-            bar.abandon();
-        }
+        self.multi = None;
     }
 }

@@ -46,9 +46,10 @@ pub struct CaseReport {
     pub host: String,
     /// The lease epoch the agent ran it under.
     pub lease_epoch: u64,
-    /// When the agent started it (agent clock; 0 if it never ran).
+    /// When the agent started it (controller clock; 0 if it never ran).
     pub started_unix_ms: i64,
-    /// The URL requested.
+    /// The HTTP method and URL requested.
+    pub method: String,
     pub url: String,
     /// Earlier attempts lost to infrastructure (a host lost), with why.
     pub reruns: Vec<String>,
@@ -67,6 +68,7 @@ impl CaseReport {
             host: String::new(),
             lease_epoch: 0,
             started_unix_ms: 0,
+            method: String::new(),
             url: String::new(),
             reruns: Vec::new(),
         }
@@ -93,7 +95,10 @@ pub struct ModelLoad {
     pub model: String,
     /// `None` = ready; `Some(message)` = failed.
     pub failure: Option<String>,
+    /// From the ensure to READY or FAILED.
     pub waited: Duration,
+    /// Already loaded: nothing was waited for.
+    pub reused: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -153,20 +158,7 @@ impl RunReport {
                 fmt_duration(c.duration)
             );
         }
-        let problems: Vec<&CaseReport> = self.cases.iter().filter(|c| c.outcome != Outcome::Passed).collect();
-        if !problems.is_empty() {
-            let _ = writeln!(out, "\nProblems:");
-            for c in problems {
-                let _ = writeln!(out, "  {} / {}", c.suite, c.headline());
-                if let Outcome::Error(m) = &c.outcome {
-                    for line in m.lines().skip(1) {
-                        let _ = writeln!(out, "      {line}");
-                    }
-                } else if !c.excerpt.is_empty() {
-                    let _ = writeln!(out, "      response ({}): {}", c.http_status.unwrap_or(0), c.excerpt);
-                }
-            }
-        }
+        self.problems(&mut out);
         let rerun: Vec<&CaseReport> = self.cases.iter().filter(|c| !c.reruns.is_empty()).collect();
         if !rerun.is_empty() {
             let _ = writeln!(out, "\nRe-run after infrastructure loss:");
@@ -174,34 +166,7 @@ impl RunReport {
                 let _ = writeln!(out, "  {} / {} (attempt {}): {}", c.suite, c.name, c.attempt, c.reruns.join("; "));
             }
         }
-        if !self.loads.is_empty() {
-            let _ = writeln!(out, "\nModels:");
-            for l in &self.loads {
-                match &l.failure {
-                    None => {
-                        let _ = writeln!(
-                            out,
-                            "  {}/{}/{}: READY (waited {})",
-                            l.host,
-                            l.service,
-                            l.model,
-                            fmt_duration(l.waited)
-                        );
-                    }
-                    Some(m) => {
-                        let _ = writeln!(
-                            out,
-                            "  {}/{}/{}: FAILED after {}: {}",
-                            l.host,
-                            l.service,
-                            l.model,
-                            fmt_duration(l.waited),
-                            m.lines().next().unwrap_or("")
-                        );
-                    }
-                }
-            }
-        }
+        self.models(&mut out);
         let c = self.counts();
         let _ = writeln!(
             out,
@@ -214,6 +179,63 @@ impl RunReport {
             fmt_duration(self.duration)
         );
         out
+    }
+
+    /// Failed and errored cases. A case that failed because its model did
+    /// not load refers to the model's block under "Models" instead of
+    /// repeating it.
+    fn problems(&self, out: &mut String) {
+        let problems: Vec<&CaseReport> = self.cases.iter().filter(|c| c.outcome != Outcome::Passed).collect();
+        if problems.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\nProblems:");
+        for c in problems {
+            let _ = writeln!(out, "  {} / {}", c.suite, c.headline());
+            match &c.outcome {
+                Outcome::Error(m) if self.load_failure(m).is_some() => {
+                    let load = self.load_failure(m).expect("just found");
+                    let _ = writeln!(out, "      (the load of {}/{}: see Models below)", load.host, load.model);
+                }
+                Outcome::Error(m) => {
+                    for line in m.lines().skip(1) {
+                        let _ = writeln!(out, "      {line}");
+                    }
+                }
+                _ if !c.excerpt.is_empty() => {
+                    let _ = writeln!(out, "      response ({}): {}", c.http_status.unwrap_or(0), c.excerpt);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn load_failure(&self, message: &str) -> Option<&ModelLoad> {
+        self.loads.iter().find(|l| l.failure.as_deref() == Some(message))
+    }
+
+    /// Each model once, how long it took, and a failed load's whole message.
+    fn models(&self, out: &mut String) {
+        if self.loads.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\nModels:");
+        for l in &self.loads {
+            let name = format!("{}/{}/{}", l.host, l.service, l.model);
+            let _ = match &l.failure {
+                None if l.reused => writeln!(out, "  {name}: READY (already loaded)"),
+                None => writeln!(out, "  {name}: READY after {}", fmt_duration(l.waited)),
+                Some(m) => {
+                    let _ = writeln!(
+                        out,
+                        "  {name}: FAILED after {}: {}",
+                        fmt_duration(l.waited),
+                        m.lines().next().unwrap_or("")
+                    );
+                    m.lines().skip(1).try_for_each(|line| writeln!(out, "      {line}"))
+                }
+            };
+        }
     }
 
     /// JUnit XML: one testsuite per suite, one testcase per case.
@@ -296,6 +318,7 @@ mod tests {
             host: "gpu-01".into(),
             lease_epoch: 1,
             started_unix_ms: 0,
+            method: "POST".into(),
             url: String::new(),
             reruns: Vec::new(),
         };

@@ -7,57 +7,66 @@ use std::collections::BTreeMap;
 
 use proto::admission::Capacity;
 
-use crate::client::AgentView;
-pub use plan::{Assignment, Host, HostModel, HostService, Need, Plan, Shard};
+use crate::client::{AgentInfo, AgentView, Stage};
+pub use plan::{Assignment, Host, HostModel, HostService, Need, Plan, Reach, Shard};
 
 /// One host's planner view, from its handshake and its live journal view.
-pub fn host_view(name: &str, labels: &[String], info: &proto::AgentInfo, view: &AgentView) -> Host {
+/// A lease past its expiry (by the agent's clock) holds nothing, even before
+/// the agent's expiry event arrives.
+pub fn host_view(name: &str, labels: &[String], info: &AgentInfo, view: &AgentView) -> Host {
     let mut services = BTreeMap::new();
     for s in &info.services {
         let models = s
             .models
             .iter()
             .map(|m| {
-                let stage =
-                    view.models.get(&(s.name.clone(), m.name.clone())).map_or(proto::Stage::Stopped, |v| v.stage);
-                (m.name.clone(), HostModel { ram_need: m.ram_need_bytes, stage })
+                let stage = view.models.get(&(s.name.clone(), m.name.clone())).map_or(Stage::Stopped, |v| v.stage);
+                (m.name.clone(), HostModel { ram_need: m.ram_need, stage, at_start: m.at_start })
             })
             .collect();
-        let lease = view.leases.get(&s.name).map(|l| plan::Holder {
+        let lease = view.leases.get(&s.name).filter(|l| l.expires_unix_ms > info.now_unix_ms).map(|l| plan::Holder {
             run_id: l.run_id.clone(),
             holder: l.holder.clone(),
             since: l.since.clone(),
         });
         services.insert(s.name.clone(), HostService { models, lease });
     }
-    let budget_total = info.memory_budget_bytes.unwrap_or(u64::MAX);
+    let limits = [Some(info.ram_total), info.memory_budget, info.cgroup_limit];
     Host {
         name: name.to_owned(),
         labels: labels.to_vec(),
-        reachable: match &view.lost {
-            Some(reason) => Err(reason.clone()),
-            None => Ok(()),
-        },
+        reachable: Reach::Up,
         services,
         capacity: Capacity {
-            mem_available: info.host_memory_available_bytes,
-            cgroup_room: info.cgroup_room_bytes,
-            budget_room: info.budget_room_bytes,
+            mem_available: info.ram_available,
+            cgroup_room: info.cgroup_room,
+            budget_room: info.budget_room,
         },
-        reserved: info.reserved_bytes,
-        total: info.host_memory_total_bytes.min(budget_total),
+        reserved: info.reserved,
+        total: limits.into_iter().flatten().min().unwrap_or(0),
+        own_queue: 0,
     }
 }
 
-/// A host that could not be reached at all (no handshake).
-pub fn unreachable(name: &str, labels: &[String], reason: &str) -> Host {
+fn down(name: &str, labels: &[String], reach: Reach) -> Host {
     Host {
         name: name.to_owned(),
         labels: labels.to_vec(),
-        reachable: Err(reason.to_owned()),
+        reachable: reach,
         services: BTreeMap::new(),
         capacity: Capacity::default(),
         reserved: 0,
         total: 0,
+        own_queue: 0,
     }
+}
+
+/// A host that could not be reached at all (no handshake): it cannot run anything.
+pub fn unreachable(name: &str, labels: &[String], reason: &str) -> Host {
+    down(name, labels, Reach::Down(reason.to_owned()))
+}
+
+/// A host this run reached before and has lost: worth waiting for.
+pub fn lost(name: &str, labels: &[String], reason: &str) -> Host {
+    down(name, labels, Reach::Lost(reason.to_owned()))
 }

@@ -29,6 +29,9 @@ pub struct Suite {
     pub fresh: bool,
     /// Split the cases across hosts: `None` = one host.
     pub shard: Option<Shard>,
+    /// How long to wait for a free host before the cases become errors
+    /// (beats `--max-wait`; `None`: as long as it takes).
+    pub max_wait: Option<Duration>,
     pub cases: Vec<Case>,
 }
 
@@ -94,6 +97,8 @@ struct RawSuite {
     fresh: bool,
     #[serde(default)]
     shard: Option<Spanned<String>>,
+    #[serde(default)]
+    max_wait: Option<Spanned<String>>,
     cases: Spanned<Vec<Spanned<RawCase>>>,
 }
 
@@ -190,12 +195,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
     if raw.models.value.is_empty() {
         return Err(at(raw.models.referenced, "models is empty: list the models this suite needs".into()));
     }
-    let duration_at = |s: &Spanned<String>| {
-        parse_duration(&s.value).ok_or_else(|| {
-            at(s.referenced, format!("{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"", s.value))
-        })
+    let duration_at = |s: &Spanned<String>| match parse_duration(&s.value) {
+        Some(d) if d.is_zero() => Err(at(s.referenced, format!("{:?} must be greater than zero", s.value))),
+        Some(d) => Ok(d),
+        None => {
+            Err(at(s.referenced, format!("{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"", s.value)))
+        }
     };
     let load_timeout = raw.timeout.as_ref().map(duration_at).transpose()?;
+    let max_wait = raw.max_wait.as_ref().map(duration_at).transpose()?;
     if raw.cases.value.is_empty() {
         return Err(at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
     }
@@ -288,8 +296,39 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         headroom_bytes: raw.headroom_mb * 1024 * 1024,
         fresh: raw.fresh,
         shard,
+        max_wait,
         cases,
     })
+}
+
+/// Suites of one run must have distinct names: reports, the trace and the
+/// run store tell suites apart by name. One error per repeated name.
+pub fn duplicate_names(suites: &[Suite]) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, s) in suites.iter().enumerate() {
+        let earlier: Vec<&Suite> = suites[..i].iter().filter(|o| o.name == s.name).collect();
+        if let [first] = earlier.as_slice() {
+            errors.push(format!(
+                "{}: suite name {:?} is already used by {}; give each suite of a run its own name",
+                s.file.display(),
+                s.name,
+                first.file.display()
+            ));
+        }
+    }
+    errors
+}
+
+/// A duration as a suite or flag would write it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// saphyr says "error: line 3 column 5: reason"; we print the location once.

@@ -4,6 +4,7 @@
 //! 127.0.0.1, and runs the example suites through the controller over gRPC,
 //! exactly as against a remote agent.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -138,8 +139,13 @@ pub async fn run(
             return ExitCode::from(2);
         }
     };
-    println!("proctor demo: agent from {} listening on {}", config_path.display(), agent.addr);
-    println!("running {} suites against service `translation` (models nllb, aya)\n", suites.len());
+    let _ =
+        writeln!(std::io::stdout(), "proctor demo: agent from {} listening on {}", config_path.display(), agent.addr);
+    let _ = writeln!(
+        std::io::stdout(),
+        "running {} suites against service `translation` (models nllb, aya)\n",
+        suites.len()
+    );
     let opts = controller::RunOptions {
         progress,
         otel,
@@ -149,16 +155,16 @@ pub async fn run(
     if let Err(e) = agent.shutdown().await {
         eprintln!("warning: agent shutdown: {e}");
     }
-    println!("\nFiles:");
-    println!("  agent config   {}", config_path.display());
-    println!("  suites         {}", out.join("suites").display());
+    let _ = writeln!(std::io::stdout(), "\nFiles:");
+    let _ = writeln!(std::io::stdout(), "  agent config   {}", config_path.display());
+    let _ = writeln!(std::io::stdout(), "  suites         {}", out.join("suites").display());
     if let Some(j) = &result.junit {
-        println!("  JUnit report   {}", j.display());
+        let _ = writeln!(std::io::stdout(), "  JUnit report   {}", j.display());
     }
     if let Some(t) = &result.trace {
-        println!("  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
+        let _ = writeln!(std::io::stdout(), "  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
     }
-    println!("  service log    {}", data_dir.join("translation.log").display());
+    let _ = writeln!(std::io::stdout(), "  service log    {}", data_dir.join("translation.log").display());
     ExitCode::from(result.exit as u8)
 }
 

@@ -149,6 +149,10 @@ struct RunArgs {
     /// Restart the service for a cold load even if its models are loaded.
     #[arg(long)]
     fresh: bool,
+    /// Give up waiting for a free host after this long: the suite's waiting cases become errors naming who
+    /// held the host and what they waited for (default: wait as long as it takes; a suite's `max_wait` beats it).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    max_wait: Option<Duration>,
     #[command(flatten)]
     progress: ProgressArgs,
 }
@@ -197,9 +201,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only where a person reads them: never into a redirected file.
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+}
+
+/// `MODEL_LOADING_TIMEOUT` where `proctor run` runs (seconds, or a duration
+/// like `15m`), as the seed's teams export it next to `PYTEST_TIMEOUT`.
+fn env_load_timeout() -> Result<Option<Duration>, String> {
+    let Ok(value) = std::env::var("MODEL_LOADING_TIMEOUT") else { return Ok(None) };
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let parsed =
+        value.parse::<u64>().ok().map(Duration::from_secs).or_else(|| controller::suite::parse_duration(value));
+    match parsed {
+        Some(d) => Ok(Some(d)),
+        None => Err(format!("MODEL_LOADING_TIMEOUT={value:?} is not a duration; write seconds (e.g. 900) or e.g. 15m")),
+    }
 }
 
 /// First SIGINT/SIGTERM cancels gracefully; a second writes the partial
@@ -220,10 +243,10 @@ fn interrupt_token() -> controller::Interrupt {
             }
             count += 1;
             if count == 1 {
-                eprintln!("\ninterrupted: finishing up and writing reports (interrupt again to exit now)");
+                // The terminal reporter says so: it owns the terminal.
                 handle.token.cancel();
             } else {
-                match handle.write_partial() {
+                match handle.write_partial(Duration::from_secs(1)).await {
                     Some(path) => eprintln!("interrupted again: partial report written to {}", path.display()),
                     None => eprintln!("interrupted again: exiting"),
                 }
@@ -235,7 +258,14 @@ fn interrupt_token() -> controller::Interrupt {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Bad flags are bad input (exit 64), like a bad suite; help is not an error.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
     if let Command::SimWorker { mb, detach } = cli.command {
         sim::hold_memory(mb, detach);
         return ExitCode::SUCCESS;
@@ -259,6 +289,13 @@ async fn async_main(command: Command) -> ExitCode {
         }
         Command::Run(args) => {
             init_tracing("warn");
+            let env_model_timeout = match env_load_timeout() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(64);
+                }
+            };
             let opts = controller::RunOptions {
                 inventory: args.inventory,
                 agents: args.agents,
@@ -274,6 +311,8 @@ async fn async_main(command: Command) -> ExitCode {
                     timeout: args.keepalive_timeout,
                 },
                 reconnect_grace: args.reconnect_grace,
+                max_wait: args.max_wait,
+                env_model_timeout,
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)

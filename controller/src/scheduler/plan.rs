@@ -8,12 +8,15 @@
 //! service and memory admission (`proto::admission::admit`, the agent's own
 //! rule) passes for the models not yet loaded plus the headroom. Among free
 //! hosts, prefer the one with most of the suite's models already `READY`
-//! (unless `fresh`), then the one with most memory left afterwards.
+//! (unless `fresh`), then the one where fewer of this run's suites use or
+//! wait for the service (so equal hosts share the work), then the one with
+//! most memory left afterwards. A host this run lost is waited for; one it
+//! never reached cannot run anything.
 
 use std::collections::BTreeMap;
 
 use proto::Stage;
-use proto::admission::{self, Capacity};
+use proto::admission::{self, Capacity, ModelMem};
 
 /// What a suite needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +44,8 @@ pub enum Shard {
 pub struct HostModel {
     pub ram_need: u64,
     pub stage: Stage,
+    /// Loaded whenever the service starts, asked for or not.
+    pub at_start: bool,
 }
 
 /// Who holds a service's lease.
@@ -57,18 +62,29 @@ pub struct HostService {
     pub lease: Option<Holder>,
 }
 
+/// Whether a host answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    Up,
+    /// Reached before, unreachable now: it may come back.
+    Lost(String),
+    /// Never reached.
+    Down(String),
+}
+
 /// One host as the controller sees it now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Host {
     pub name: String,
     pub labels: Vec<String>,
-    /// `Err(reason)` when the agent cannot be reached.
-    pub reachable: Result<(), String>,
+    pub reachable: Reach,
     pub services: BTreeMap<String, HostService>,
     pub capacity: Capacity,
     pub reserved: u64,
-    /// The most this host could ever give its services: min(RAM, budget).
+    /// The most this host could ever give its services: min(RAM, budget, cgroup limit).
     pub total: u64,
+    /// This run's tries using or waiting for the service here.
+    pub own_queue: usize,
 }
 
 /// Cases (by index) to run on a host (by index into the host list).
@@ -81,8 +97,12 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     Place(Vec<Assignment>),
-    /// Some host could hold it, none can now: one reason per eligible host.
-    Wait(Vec<String>),
+    /// Some host could hold it, none can now: one reason per eligible host;
+    /// `only_lost` when every such host is one this run lost.
+    Wait {
+        reasons: Vec<String>,
+        only_lost: bool,
+    },
     /// No host could ever hold it: one shortfall per host.
     Unsatisfiable(Vec<String>),
 }
@@ -94,13 +114,22 @@ fn mib(bytes: u64) -> u64 {
 pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
     let mut shortfalls = Vec::new();
     let mut waits = Vec::new();
-    // (host index, affinity, memory left after admission)
-    let mut free: Vec<(usize, usize, u64)> = Vec::new();
+    let mut lost = 0;
+    // (host index, affinity, own queue, memory left after admission)
+    let mut free: Vec<(usize, usize, usize, u64)> = Vec::new();
     for (i, host) in hosts.iter().enumerate() {
         let name = &host.name;
-        if let Err(reason) = &host.reachable {
-            shortfalls.push(format!("{name}: unreachable ({reason})"));
-            continue;
+        match &host.reachable {
+            Reach::Up => {}
+            Reach::Lost(reason) => {
+                waits.push(format!("{name}: lost ({reason}); waiting for it to come back"));
+                lost += 1;
+                continue;
+            }
+            Reach::Down(reason) => {
+                shortfalls.push(format!("{name}: unreachable ({reason})"));
+                continue;
+            }
         }
         let missing: Vec<&String> = need.labels.iter().filter(|l| !host.labels.contains(l)).collect();
         if !missing.is_empty() {
@@ -116,13 +145,27 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
             shortfalls.push(format!("{name}: {} lacks models {absent:?}", need.service));
             continue;
         }
-        let models: Vec<&HostModel> = need.models.iter().map(|m| &service.models[m]).collect();
-        let ever = models.iter().map(|m| m.ram_need).sum::<u64>() + need.headroom;
+        // The agent's own rule for what a request brings into memory.
+        let ready = |m: &HostModel| m.stage == Stage::Ready && !need.fresh;
+        let mems = |cold: bool| -> Vec<ModelMem<'_>> {
+            service
+                .models
+                .iter()
+                .map(|(name, m)| ModelMem {
+                    name,
+                    ram: m.ram_need,
+                    at_start: m.at_start,
+                    loaded: !cold && (ready(m) || !m.stage.is_terminal()),
+                })
+                .collect()
+        };
+        let cold = admission::load_need(&mems(true), &need.models, true, need.headroom);
+        let ever = cold.bytes + cold.headroom;
         if ever > host.total {
             shortfalls.push(format!(
                 "{name}: needs {} MiB ({} MiB for the models + {} MiB headroom), can hold at most {} MiB",
                 mib(ever),
-                mib(ever - need.headroom),
+                mib(cold.bytes),
                 mib(need.headroom),
                 mib(host.total)
             ));
@@ -135,10 +178,11 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
             ));
             continue;
         }
-        let ready = |m: &HostModel| m.stage == Stage::Ready && !need.fresh;
-        let to_load: u64 = models.iter().filter(|m| !ready(m)).map(|m| m.ram_need).sum();
-        match admission::admit(to_load, need.headroom, host.capacity, host.reserved) {
-            Ok(left) => free.push((i, models.iter().filter(|m| ready(m)).count(), left)),
+        let starting = need.fresh || service.models.values().all(|m| matches!(m.stage, Stage::Stopped | Stage::Failed));
+        let load = admission::load_need(&mems(false), &need.models, starting, need.headroom);
+        let affinity = need.models.iter().filter(|m| ready(&service.models[*m])).count();
+        match admission::admit(load.bytes, load.headroom, host.capacity, host.reserved) {
+            Ok(left) => free.push((i, affinity, host.own_queue, left)),
             Err(refusal) => waits.push(format!("{name}: {refusal}")),
         }
     }
@@ -146,10 +190,10 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
         return Plan::Unsatisfiable(shortfalls);
     }
     if free.is_empty() {
-        return Plan::Wait(waits);
+        return Plan::Wait { only_lost: lost == waits.len(), reasons: waits };
     }
-    // Most models already loaded first, then most memory to spare.
-    free.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+    // Most models already loaded, then least used by this run, then most memory to spare.
+    free.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)).then(b.3.cmp(&a.3)).then(a.0.cmp(&b.0)));
     let hosts_used = match need.shard {
         Shard::One => 1,
         Shard::Count(n) => (n.max(1) as usize).min(free.len()),
@@ -157,7 +201,7 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
     }
     .min(cases.max(1));
     let mut assignments: Vec<Assignment> =
-        free[..hosts_used].iter().map(|(i, _, _)| Assignment { host: *i, cases: Vec::new() }).collect();
+        free[..hosts_used].iter().map(|(i, ..)| Assignment { host: *i, cases: Vec::new() }).collect();
     for case in 0..cases {
         assignments[case % hosts_used].cases.push(case);
     }
@@ -174,13 +218,15 @@ mod tests {
         Host {
             name: name.into(),
             labels: vec!["gpu".into()],
-            reachable: Ok(()),
+            reachable: Reach::Up,
             services: BTreeMap::from([(
                 "translation".to_owned(),
                 HostService {
                     models: models
                         .iter()
-                        .map(|(m, ram, stage)| (m.to_string(), HostModel { ram_need: ram * MIB, stage: *stage }))
+                        .map(|(m, ram, stage)| {
+                            (m.to_string(), HostModel { ram_need: ram * MIB, stage: *stage, at_start: false })
+                        })
                         .collect(),
                     lease: None,
                 },
@@ -188,6 +234,7 @@ mod tests {
             capacity: Capacity { mem_available: available_mib * MIB, cgroup_room: None, budget_room: None },
             reserved: 0,
             total: 24_000 * MIB,
+            own_queue: 0,
         }
     }
 
@@ -221,7 +268,7 @@ mod tests {
         let hosts = [host("a", 1_000, &[("aya", 15_000, Ready)])];
         assert!(matches!(plan(&need(&["aya"]), 1, &hosts, "r"), Plan::Place(_)));
         let headroom = Need { headroom: 2_000 * MIB, ..need(&["aya"]) };
-        let Plan::Wait(reasons) = plan(&headroom, 1, &hosts, "r") else { panic!() };
+        let Plan::Wait { reasons, .. } = plan(&headroom, 1, &hosts, "r") else { panic!() };
         assert!(
             reasons[0].starts_with("a: not enough memory: needs 2000 MiB (0 MiB declared + 2000 MiB headroom)"),
             "{reasons:?}"
@@ -263,7 +310,10 @@ mod tests {
         busy.services.get_mut("translation").unwrap().lease =
             Some(Holder { run_id: "other".into(), holder: "ci@b".into(), since: "2026-11-24T18:00:00Z".into() });
         let full = host("b", 1_000, &[("nllb", 4700, Stopped)]);
-        let Plan::Wait(reasons) = plan(&need(&["nllb"]), 1, &[busy.clone(), full], "mine") else { panic!() };
+        let Plan::Wait { reasons, only_lost } = plan(&need(&["nllb"]), 1, &[busy.clone(), full], "mine") else {
+            panic!()
+        };
+        assert!(!only_lost);
         assert_eq!(reasons[0], "a: busy: service translation is held by run other (ci@b) since 2026-11-24T18:00:00Z");
         assert!(reasons[1].starts_with("b: not enough memory: needs 4700 MiB"), "{reasons:?}");
         // Our own lease is no obstacle.
@@ -275,7 +325,7 @@ mod tests {
         let mut small = host("small", 8_000, &[("aya", 15_000, Stopped)]);
         small.total = 8_000 * MIB;
         let mut down = host("down", 0, &[]);
-        down.reachable = Err("connection refused".into());
+        down.reachable = Reach::Down("connection refused".into());
         let hosts = [small, host("no-aya", 20_000, &[("nllb", 4700, Stopped)]), down];
         let Plan::Unsatisfiable(why) = plan(&need(&["aya"]), 1, &hosts, "r") else { panic!() };
         assert_eq!(
@@ -286,5 +336,57 @@ mod tests {
                 "down: unreachable (connection refused)",
             ]
         );
+    }
+
+    #[test]
+    fn a_lost_host_is_waited_for_but_a_never_reached_one_is_a_shortfall() {
+        let mut gone = host("a", 20_000, &[("nllb", 4700, Stopped)]);
+        gone.reachable = Reach::Lost("unreachable for more than 20s".into());
+        let Plan::Wait { reasons, only_lost } = plan(&need(&["nllb"]), 1, &[gone.clone()], "r") else { panic!() };
+        assert!(only_lost);
+        assert_eq!(reasons, ["a: lost (unreachable for more than 20s); waiting for it to come back"]);
+        gone.reachable = Reach::Down("connection refused".into());
+        assert!(matches!(plan(&need(&["nllb"]), 1, &[gone], "r"), Plan::Unsatisfiable(_)));
+    }
+
+    #[test]
+    fn equally_good_hosts_share_this_runs_suites() {
+        let mut hosts = [
+            host("a", 10_000, &[("nllb", 1000, Stopped)]),
+            host("b", 10_000, &[("nllb", 1000, Stopped)]),
+            host("c", 10_000, &[("nllb", 1000, Stopped)]),
+        ];
+        // (own queue per host) → host chosen
+        let table = [([0, 0, 0], 0), ([1, 0, 0], 1), ([1, 1, 0], 2), ([1, 1, 1], 0), ([2, 1, 2], 1)];
+        for (queues, expected) in table {
+            for (h, q) in hosts.iter_mut().zip(queues) {
+                h.own_queue = q;
+            }
+            assert_eq!(
+                plan(&need(&["nllb"]), 3, &hosts, "r"),
+                Plan::Place(vec![Assignment { host: expected, cases: vec![0, 1, 2] }]),
+                "queues {queues:?}"
+            );
+        }
+        // Affinity still comes first: a loaded model beats an idle host.
+        hosts[2].services.get_mut("translation").unwrap().models.get_mut("nllb").unwrap().stage = Ready;
+        hosts[2].own_queue = 3;
+        assert_eq!(plan(&need(&["nllb"]), 1, &hosts, "r"), Plan::Place(vec![Assignment { host: 2, cases: vec![0] }]));
+    }
+
+    #[test]
+    fn starting_a_service_counts_its_at_start_models_as_the_agent_does() {
+        let mut h = host("a", 6_000, &[("nllb", 4700, Stopped), ("aya", 15_000, Stopped)]);
+        h.services.get_mut("translation").unwrap().models.get_mut("aya").unwrap().at_start = true;
+        // A stopped service starts with aya too: 19.7 GB do not fit in 6 GB free.
+        let Plan::Wait { reasons, .. } = plan(&need(&["nllb"]), 1, &[h.clone()], "r") else { panic!() };
+        assert!(reasons[0].starts_with("a: not enough memory: needs 19700 MiB"), "{reasons:?}");
+        // Once aya is loaded (the service runs), nllb alone fits.
+        h.services.get_mut("translation").unwrap().models.get_mut("aya").unwrap().stage = Ready;
+        assert!(matches!(plan(&need(&["nllb"]), 1, &[h.clone()], "r"), Plan::Place(_)));
+        // A host whose total could never hold the start is unsatisfiable at once.
+        h.services.get_mut("translation").unwrap().models.get_mut("aya").unwrap().stage = Stopped;
+        h.total = 16_000 * MIB;
+        assert!(matches!(plan(&need(&["nllb"]), 1, &[h], "r"), Plan::Unsatisfiable(_)));
     }
 }

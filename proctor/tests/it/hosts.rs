@@ -270,6 +270,7 @@ async fn proctor_agents_shows_each_host_and_who_holds_what() {
     assert_eq!(o.status.code(), Some(2), "an unreachable host is exit 2:\n{text}");
     assert!(text.contains(&format!("lab-1 ({}) [gpu]: agent", agent.addr)), "{text}");
     assert!(text.contains("lease held by run busy-run (test)"), "{text}");
+    assert!(text.contains(", expires 20"), "each lease shows when it lapses: {text}");
     assert!(text.contains("nllb") && text.contains("STOPPED") && text.contains("needs 64 MiB"), "{text}");
     assert!(text.contains("gone (127.0.0.1:9): UNREACHABLE: cannot reach agent"), "{text}");
 
@@ -283,6 +284,7 @@ async fn proctor_agents_shows_each_host_and_who_holds_what() {
     assert_eq!(hosts[0]["name"], "lab-1");
     assert_eq!(hosts[0]["reachable"], true);
     assert_eq!(hosts[0]["agent"]["services"][0]["lease"]["run_id"], "busy-run");
+    assert!(hosts[0]["agent"]["services"][0]["lease"]["expires"].as_str().unwrap().ends_with('Z'));
     assert_eq!(hosts[0]["agent"]["services"][0]["models"][0]["ram_need_bytes"], 64 * 1024 * 1024);
     assert!(hosts[0]["agent"]["ram_total_bytes"].as_u64().unwrap() > 0);
     assert!(hosts[0]["agent"]["heartbeat_age_ms"].as_i64().is_some_and(|ms| (0..5000).contains(&ms)));

@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod hosts;
 mod loading;
+mod promises;
 mod resilience;
 mod run;
 mod supervision;
@@ -70,22 +71,23 @@ pub fn reached(e: &Event, model: &str, stage: Stage) -> bool {
 }
 
 /// The whole load-timeout precedence (DESIGN §4), across the controller's
-/// part (CLI flag > suite) and the agent's (MODEL_LOADING_TIMEOUT > agent
-/// config > built-in default).
+/// part (CLI flag > suite > MODEL_LOADING_TIMEOUT where `proctor run` runs)
+/// and the agent's (its MODEL_LOADING_TIMEOUT > agent config > default).
 #[test]
 fn load_timeout_precedence_across_controller_and_agent() {
     let s = Duration::from_secs;
-    // (cli, suite, env, config, effective)
+    // (cli, suite, controller env, agent env, config, effective)
     let table = [
-        (Some(1), Some(2), Some("3"), Some(4), s(1)),
-        (None, Some(2), Some("3"), Some(4), s(2)),
-        (None, None, Some("3"), Some(4), s(3)),
-        (None, None, None, Some(4), s(4)),
-        (None, None, None, None, ::agent::config::DEFAULT_LOAD_TIMEOUT),
+        (Some(1), Some(2), Some(5), Some("3"), Some(4), s(1)),
+        (None, Some(2), Some(5), Some("3"), Some(4), s(2)),
+        (None, None, Some(5), Some("3"), Some(4), s(5)),
+        (None, None, None, Some("3"), Some(4), s(3)),
+        (None, None, None, None, Some(4), s(4)),
+        (None, None, None, None, None, ::agent::config::DEFAULT_LOAD_TIMEOUT),
     ];
-    for (cli, suite, env, config, want) in table {
-        let sent = controller::run::requested_timeout(cli.map(s), suite.map(s));
+    for (cli, suite, ours, env, config, want) in table {
+        let sent = controller::run::requested_timeout(cli.map(s), suite.map(s), ours.map(s)).map(|(t, _)| t);
         let effective = ::agent::config::load_timeout(sent, env, config.map(s));
-        assert_eq!(effective, want, "cli {cli:?} suite {suite:?} env {env:?} config {config:?}");
+        assert_eq!(effective, want, "cli {cli:?} suite {suite:?} ours {ours:?} env {env:?} config {config:?}");
     }
 }

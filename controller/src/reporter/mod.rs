@@ -1,0 +1,88 @@
+//! The reporters: listeners of the run's `RunEvent` stream, each owning its
+//! output — `terminal` (stdout and stderr, alone), `junit` (junit.xml, also
+//! partial on a second Ctrl-C), `trace` (the run's OpenTelemetry trace). One
+//! task feeds them in order; nothing else reaches them.
+
+mod collect;
+mod junit;
+mod terminal;
+mod trace;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use collect::Collected;
+
+use crate::otel::OtelConfig;
+use crate::progress::Mode;
+use crate::report::RunReport;
+use crate::run::events::RunEvent;
+
+/// What the reporters need to know before the first event.
+#[derive(Debug)]
+pub struct Config {
+    pub progress: Mode,
+    pub out_dir: PathBuf,
+    pub otel: OtelConfig,
+    /// The second interrupt: write the partial JUnit file now.
+    pub again: CancellationToken,
+    /// Where the partial file's path is announced.
+    pub partial: Arc<watch::Sender<Option<PathBuf>>>,
+}
+
+/// What the reporters made of the run.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub report: RunReport,
+    pub junit: Option<PathBuf>,
+    pub trace: Option<PathBuf>,
+}
+
+/// Feeds every event to every reporter until `Finished`, then lets each
+/// write its output; the terminal prints the summary last.
+pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) -> Outputs {
+    let mut terminal = terminal::Terminal::new(config.progress);
+    let mut junit = junit::Junit::new(&config.out_dir);
+    let mut trace = trace::Trace::new(&config.otel);
+    let mut tick = tokio::time::interval(terminal.period());
+    let mut refused = false;
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tick.tick() => { terminal.tick(); continue; }
+            _ = config.again.cancelled(), if config.partial.borrow().is_none() => {
+                let path = junit.write_partial();
+                config.partial.send_replace(Some(path.unwrap_or_default()));
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        refused |= matches!(event, RunEvent::Refused { .. });
+        terminal.on(&event);
+        junit.on(&event);
+        trace.on(&event);
+        if matches!(event, RunEvent::Finished { .. }) {
+            break;
+        }
+    }
+    if refused {
+        return Outputs::default();
+    }
+    let (trace_path, warnings) = trace.finish(&config.out_dir).await;
+    for w in warnings {
+        terminal.warn(&w);
+    }
+    let junit_path = match junit.finish() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            terminal.error(&e);
+            None
+        }
+    };
+    let report = junit.report();
+    terminal.summary(&report, junit_path.as_deref(), trace_path.as_deref());
+    Outputs { report, junit: junit_path, trace: trace_path }
+}

@@ -1,0 +1,111 @@
+//! The terminal reporter: the only code that writes to stdout or stderr
+//! during a run — live progress, waiting and lost-host lines, errors, and
+//! the summary. A closed pipe (`proctor run … | head`) ends output quietly.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::progress::{Display, Mode};
+use crate::report::RunReport;
+use crate::run::events::RunEvent;
+
+pub struct Terminal {
+    display: Display<std::io::Stdout>,
+    live: bool,
+    suites: Vec<String>,
+    /// (suite, reason) of re-runs already announced.
+    said_reruns: BTreeSet<(usize, String)>,
+}
+
+impl Terminal {
+    pub fn new(mode: Mode) -> Terminal {
+        Terminal {
+            display: Display::new(mode, std::io::stdout()),
+            live: mode == Mode::Live,
+            suites: Vec::new(),
+            said_reruns: BTreeSet::new(),
+        }
+    }
+
+    pub fn period(&self) -> Duration {
+        self.display.period()
+    }
+
+    pub fn tick(&mut self) {
+        self.display.tick();
+    }
+
+    fn suite(&self, index: usize) -> &str {
+        self.suites.get(index).map_or("?", String::as_str)
+    }
+
+    /// Errors go to stderr — above the bars when they are live.
+    pub fn error(&mut self, text: &str) {
+        self.stderr(&format!("error: {text}"));
+    }
+
+    pub fn warn(&mut self, text: &str) {
+        self.stderr(&format!("warning: {text}"));
+    }
+
+    fn stderr(&mut self, line: &str) {
+        if self.live {
+            self.display.say(line);
+        } else {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+    }
+
+    pub fn on(&mut self, event: &RunEvent) {
+        match event {
+            RunEvent::Started { suites, .. } => self.suites = suites.iter().map(|s| s.name.clone()).collect(),
+            RunEvent::Refused { errors } => errors.iter().for_each(|e| self.error(e)),
+            RunEvent::Unreachable { reason, .. } => self.error(reason),
+            RunEvent::Waiting { suite, reasons } => {
+                let text = format!("suite {} waiting for a host:\n  {}", self.suite(*suite), reasons.join("\n  "));
+                self.display.say(&text);
+            }
+            RunEvent::GaveUpWaiting { suite, reason } => {
+                let text = format!("suite {}: {reason}", self.suite(*suite));
+                self.error(&text);
+            }
+            RunEvent::LeaseLost { host, service, reason } => {
+                self.warn(&format!("lease on {host}/{service} lost: {reason}"));
+            }
+            RunEvent::HostLost { host, reason } => self.display.say(&format!("host {host} lost: {reason}")),
+            RunEvent::HostBack { host, restarted } => {
+                let how = if *restarted { " (its agent restarted)" } else { "" };
+                self.display.say(&format!("host {host} is back{how}"));
+            }
+            RunEvent::CaseLost { suite, reason, requeued: true, .. }
+                if self.said_reruns.insert((*suite, reason.clone())) =>
+            {
+                let text = format!("suite {}: {reason}; re-running its unfinished cases", self.suite(*suite));
+                self.display.say(&text);
+            }
+            RunEvent::StageChanged { host, service, model, from, to, progress, message } => {
+                let key = (host.clone(), service.clone(), model.clone());
+                self.display.stage(key, *from, *to, *progress, message);
+            }
+            RunEvent::Telemetry { host, service, rss_bytes } => self.display.memory(host, service, *rss_bytes),
+            RunEvent::Interrupted => {
+                self.stderr("interrupted: finishing up and writing reports (interrupt again to exit now)");
+            }
+            _ => {}
+        }
+    }
+
+    /// The summary, then where the reports are.
+    pub fn summary(&mut self, report: &RunReport, junit: Option<&Path>, trace: Option<&Path>) {
+        let mut text = format!("\n{}", report.summary());
+        if let Some(j) = junit {
+            text.push_str(&format!("JUnit report: {}\n", j.display()));
+        }
+        if let Some(t) = trace {
+            text.push_str(&format!("Trace (OTLP JSON): {}\n", t.display()));
+        }
+        self.display.print(&text);
+    }
+}

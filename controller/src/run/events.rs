@@ -1,0 +1,175 @@
+//! `RunEvent`: the one stream from the runner to its reporters (terminal,
+//! JUnit, trace, and whatever listens next). The runner never writes to the
+//! terminal or a report file; reporters never reach into the runner.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use opentelemetry::trace::{SpanId, TraceId};
+use tokio::sync::mpsc;
+
+use crate::client::Stage;
+use crate::report::{CaseReport, ModelLoad};
+
+/// One suite as the run starts: what reporters need to list every case, even
+/// those that never get a result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SuiteInfo {
+    pub name: String,
+    pub file: PathBuf,
+    pub service: String,
+    pub models: Vec<String>,
+    pub cases: Vec<String>,
+}
+
+/// A stage transition, stamped in the controller's clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageSpan {
+    pub stage: Stage,
+    pub cause: String,
+    pub start_unix_ms: i64,
+    pub end_unix_ms: i64,
+}
+
+/// Everything that happens in a run, in the order the runner saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    /// Inputs are valid; these suites will run on these hosts.
+    Started {
+        run_id: String,
+        trace_id: TraceId,
+        suites: Vec<SuiteInfo>,
+        hosts: Vec<String>,
+    },
+    /// The run could not start: bad suites, flags or inventory (exit 64).
+    Refused {
+        errors: Vec<String>,
+    },
+    /// A host could not be reached when the run connected.
+    Unreachable {
+        host: String,
+        reason: String,
+    },
+    /// A suite waits for a host, and why (one reason per eligible host).
+    Waiting {
+        suite: usize,
+        reasons: Vec<String>,
+    },
+    /// A suite gave up waiting.
+    GaveUpWaiting {
+        suite: usize,
+        reason: String,
+    },
+    /// Cases of a suite were sent to a host (one try).
+    Placed {
+        suite: usize,
+        try_id: SpanId,
+        host: String,
+        addr: String,
+        cases: Vec<usize>,
+    },
+    /// The try took (or reused) this run's lease on the host's service.
+    LeaseTaken {
+        suite: usize,
+        try_id: SpanId,
+        host: String,
+        service: String,
+        epoch: u64,
+    },
+    /// The agent no longer holds this run's lease (expired, taken, host restarted).
+    LeaseLost {
+        host: String,
+        service: String,
+        reason: String,
+    },
+    /// A model changed stage on some host (live progress).
+    StageChanged {
+        host: String,
+        service: String,
+        model: String,
+        from: Stage,
+        to: Stage,
+        progress: f64,
+        message: String,
+    },
+    /// A service's memory, as the agent sampled it.
+    Telemetry {
+        host: String,
+        service: String,
+        rss_bytes: u64,
+    },
+    /// A model a try waited for is READY or FAILED (or was reused).
+    ModelSettled {
+        suite: usize,
+        try_id: SpanId,
+        load: ModelLoad,
+        asked_unix_ms: i64,
+        stages: Vec<StageSpan>,
+        peak_rss_bytes: u64,
+    },
+    /// A case was sent to an agent; `span` is the id its traceparent carries.
+    CaseStarted {
+        suite: usize,
+        case: usize,
+        attempt: u32,
+        host: String,
+        span: SpanId,
+    },
+    /// A case has its final result for this attempt.
+    CaseFinished {
+        suite: usize,
+        case: usize,
+        try_id: Option<SpanId>,
+        report: CaseReport,
+    },
+    /// A case's attempt was lost with its host; `requeued` says whether it runs again.
+    CaseLost {
+        suite: usize,
+        case: usize,
+        try_id: SpanId,
+        attempt: u32,
+        reason: String,
+        requeued: bool,
+    },
+    /// A try on one host ended (`failure`: why it did not complete).
+    TryEnded {
+        try_id: SpanId,
+        failure: Option<String>,
+    },
+    /// A host stopped answering past the grace, or came back.
+    HostLost {
+        host: String,
+        reason: String,
+    },
+    HostBack {
+        host: String,
+        restarted: bool,
+    },
+    /// Every case of a suite has a result.
+    SuiteFinished {
+        suite: usize,
+    },
+    /// The first Ctrl-C: no new calls; leases are being released.
+    Interrupted,
+    /// The run is over; reporters write and summarise.
+    Finished {
+        duration: Duration,
+        interrupted: bool,
+    },
+}
+
+/// The runner's end of the stream. Sending never blocks and never fails the
+/// run: once reporters are gone, events are dropped.
+#[derive(Clone, Debug)]
+pub struct Events(mpsc::UnboundedSender<RunEvent>);
+
+impl Events {
+    pub fn channel() -> (Events, mpsc::UnboundedReceiver<RunEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Events(tx), rx)
+    }
+
+    pub fn send(&self, event: RunEvent) {
+        let _ = self.0.send(event);
+    }
+}

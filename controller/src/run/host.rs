@@ -1,0 +1,405 @@
+//! One try of one suite's cases on one host: take the turn and the lease,
+//! ensure the models and wait for them (`ensure_and_wait`), then send the
+//! cases whose models loaded and collect their results (`run_and_collect`).
+//! Everything the try learns goes out as `RunEvent`s; what it leaves
+//! undone comes back to the suite as a `TryOutcome`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use opentelemetry::trace::SpanId;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::Ctx;
+use super::events::{RunEvent, StageSpan};
+use super::leases::Held;
+use crate::client::{self, Agent, AgentView, CaseToRun, EnsureAsk, Failure, Stage};
+use crate::report::{CaseReport, ModelLoad};
+use crate::suite::Suite;
+
+/// Time allowed for a batch's results beyond its cases' own timeouts.
+const RESULT_SLACK: Duration = Duration::from_secs(10);
+const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a suite asks of one host.
+#[derive(Clone, Debug)]
+pub struct TryPlan {
+    pub suite: usize,
+    pub host: usize,
+    /// (case index, attempt number)
+    pub cases: Vec<(usize, u32)>,
+    pub try_id: SpanId,
+}
+
+/// How a try ended, for the suite's `CaseBook`.
+#[derive(Debug, Default)]
+pub struct TryOutcome {
+    pub results: Vec<(usize, CaseReport)>,
+    /// Cases the host was lost under (sent or not), and why.
+    pub lost: Option<Lost>,
+    /// Not this time (busy, no memory): these cases go back to the planner.
+    pub retry: Option<Retry>,
+    pub interrupted: bool,
+}
+
+#[derive(Debug)]
+pub struct Lost {
+    pub reason: String,
+    pub sent: Vec<usize>,
+    pub unsent: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Retry {
+    pub reason: String,
+    /// The agent refused the load for lack of memory (counts toward giving up).
+    pub refused: bool,
+    pub cases: Vec<usize>,
+}
+
+/// Runs one try to its end.
+pub async fn run_try(ctx: &Ctx, suite: &Suite, plan: TryPlan) -> TryOutcome {
+    let slot = &ctx.hosts[plan.host];
+    let (Some(agent), Some(view)) = (slot.agent.clone(), slot.view.clone()) else {
+        let reason = format!("host {} is not connected", slot.entry.name);
+        return TryOutcome { retry: Some(retry(&plan, reason, false)), ..Default::default() };
+    };
+    let turn = tokio::select! {
+        _ = ctx.cancel.cancelled() => return interrupted(),
+        t = ctx.leases.turn(plan.host, &suite.service) => t,
+    };
+    if ctx.cancel.is_cancelled() {
+        return interrupted();
+    }
+    let held = match ctx.leases.lease(&turn, &agent, &suite.service).await {
+        Ok(h) => h,
+        Err(e) if matches!(e.kind(), Failure::Busy | Failure::Lost) => {
+            return TryOutcome { retry: Some(retry(&plan, e.to_string(), false)), ..Default::default() };
+        }
+        Err(e) => return all_errors(&plan, &agent, &e.to_string()),
+    };
+    ctx.events.send(RunEvent::LeaseTaken {
+        suite: plan.suite,
+        try_id: plan.try_id,
+        host: agent.name.clone(),
+        service: suite.service.clone(),
+        epoch: held.lease.epoch,
+    });
+    let host =
+        Host { ctx, agent: &agent, held: &held, suite, plan: &plan, incarnation: view.borrow().incarnation.clone() };
+    let outcome = host.ensure_and_run(view).await;
+    if outcome.lost.is_some() {
+        ctx.leases.forget(&turn);
+    }
+    outcome
+}
+
+fn interrupted() -> TryOutcome {
+    TryOutcome { interrupted: true, ..Default::default() }
+}
+
+fn retry(plan: &TryPlan, reason: String, refused: bool) -> Retry {
+    Retry { reason, refused, cases: plan.cases.iter().map(|(i, _)| *i).collect() }
+}
+
+fn all_errors(plan: &TryPlan, agent: &Agent, message: &str) -> TryOutcome {
+    let results = plan.cases.iter().map(|(i, _)| (*i, error_on(agent, message))).collect();
+    TryOutcome { results, ..Default::default() }
+}
+
+fn error_on(agent: &Agent, message: &str) -> CaseReport {
+    let mut r = CaseReport::error("", "", message.to_owned());
+    r.host = agent.name.clone();
+    r
+}
+
+/// Why waiting on the agent stopped early.
+enum Stop {
+    Lost(String),
+    Interrupted,
+}
+
+struct Host<'a> {
+    ctx: &'a Ctx,
+    agent: &'a Agent,
+    held: &'a Held,
+    suite: &'a Suite,
+    plan: &'a TryPlan,
+    /// The agent's incarnation when the try began: another one means
+    /// whatever the try started there is gone.
+    incarnation: String,
+}
+
+impl Host<'_> {
+    fn case_ids(&self) -> Vec<usize> {
+        self.plan.cases.iter().map(|(i, _)| *i).collect()
+    }
+
+    fn gone(&self, v: &AgentView) -> Option<String> {
+        if let Some(reason) = &v.lost {
+            return Some(format!("host {} lost: {reason}", self.agent.name));
+        }
+        if v.incarnation != self.incarnation {
+            return Some(format!("host {} lost: its agent restarted", self.agent.name));
+        }
+        None
+    }
+
+    async fn ensure_and_run(&self, view: watch::Receiver<AgentView>) -> TryOutcome {
+        let (snapshot, asked_ms) = match self.ensure_and_wait(view.clone()).await {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        };
+        let failed = self.settle_models(&snapshot, asked_ms);
+        let mut outcome = TryOutcome::default();
+        let mut runnable = Vec::new();
+        for (i, attempt) in &self.plan.cases {
+            match self.suite.cases[*i].models.iter().find_map(|m| failed.get(m)) {
+                Some(message) => outcome.results.push((*i, error_on(self.agent, message))),
+                None => runnable.push((*i, *attempt)),
+            }
+        }
+        if !runnable.is_empty() {
+            self.run_and_collect(view, &runnable, &mut outcome).await;
+        }
+        outcome
+    }
+
+    /// Ensures the models and waits until each is READY or FAILED, as of
+    /// after the ensure; returns the view then and when it asked (our
+    /// clock). `Err` carries the whole try's outcome.
+    async fn ensure_and_wait(&self, mut view: watch::Receiver<AgentView>) -> Result<(AgentView, i64), TryOutcome> {
+        let ctx = self.ctx;
+        let fresh = self.suite.fresh || ctx.opts.fresh;
+        let ask = EnsureAsk {
+            models: &self.suite.models,
+            timeout: ctx.opts.load_timeout(self.suite.load_timeout).map(|(t, _)| t),
+            headroom: self.suite.headroom_bytes,
+            fresh,
+        };
+        let asked_ms = client::now_unix_ms();
+        let traceparent = ctx.traceparent(self.plan.try_id);
+        let barrier = match self.agent.ensure(&self.held.lease, &ask, &traceparent).await {
+            Ok(b) => b,
+            Err(e) => return Err(self.ensure_failed(&e)),
+        };
+        let suite = self.suite;
+        let settled = |v: &AgentView| {
+            self.gone(v).is_some()
+                || (v.last_seq + 1 >= barrier
+                    && suite.models.iter().all(|m| {
+                        v.models.get(&(suite.service.clone(), m.clone())).is_some_and(|x| x.stage.is_terminal())
+                    }))
+        };
+        let waited = tokio::select! {
+            _ = ctx.cancel.cancelled() => Err(Stop::Interrupted),
+            _ = self.held.ended.cancelled() => Err(Stop::Lost(format!("lease on {} ended", self.agent.name))),
+            r = view.wait_for(settled) => match r {
+                Ok(v) => match self.gone(&v) {
+                    Some(reason) => Err(Stop::Lost(reason)),
+                    None => Ok(v.clone()),
+                },
+                Err(_) => Err(Stop::Lost(format!("host {} lost: stopped following it", self.agent.name))),
+            },
+        };
+        match waited {
+            Ok(snapshot) => Ok((snapshot, asked_ms)),
+            Err(Stop::Interrupted) => Err(TryOutcome {
+                results: self
+                    .case_ids()
+                    .iter()
+                    .map(|i| (*i, error_on(self.agent, "interrupted while waiting for models to load")))
+                    .collect(),
+                interrupted: true,
+                ..Default::default()
+            }),
+            Err(Stop::Lost(reason)) => Err(TryOutcome {
+                lost: Some(Lost { reason, sent: vec![], unsent: self.case_ids() }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn ensure_failed(&self, e: &client::ClientError) -> TryOutcome {
+        match e.kind() {
+            Failure::NoRoom => TryOutcome {
+                retry: Some(retry(self.plan, format!("{}: {e}", self.agent.name), true)),
+                ..Default::default()
+            },
+            Failure::Lost | Failure::Stale => TryOutcome {
+                lost: Some(Lost {
+                    reason: format!("host {} lost: {e}", self.agent.name),
+                    sent: vec![],
+                    unsent: self.case_ids(),
+                }),
+                ..Default::default()
+            },
+            Failure::Busy | Failure::Refused => all_errors(self.plan, self.agent, &e.to_string()),
+        }
+    }
+
+    /// Emits one `ModelSettled` per model; returns the failed ones' messages.
+    fn settle_models(&self, snapshot: &AgentView, asked_ms: i64) -> BTreeMap<String, String> {
+        let mut failed = BTreeMap::new();
+        for m in &self.suite.models {
+            let failure = match snapshot.models.get(&(self.suite.service.clone(), m.clone())) {
+                Some(s) if s.stage == Stage::Ready => None,
+                Some(s) if !s.message.is_empty() => Some(s.message.clone()),
+                Some(s) => Some(format!("model {m} is {}", s.stage.label())),
+                None => Some(format!("model {m} is unknown to agent {}", self.agent.name)),
+            };
+            let (stages, peak) = self.stages_since(snapshot, m, asked_ms);
+            let settled_ms = stages.last().map_or(asked_ms, |s| s.end_unix_ms);
+            let load = ModelLoad {
+                host: self.agent.name.clone(),
+                service: self.suite.service.clone(),
+                model: m.clone(),
+                failure: failure.clone(),
+                waited: Duration::from_millis((settled_ms - asked_ms).max(0) as u64),
+                reused: stages.is_empty(),
+            };
+            self.ctx.events.send(RunEvent::ModelSettled {
+                suite: self.plan.suite,
+                try_id: self.plan.try_id,
+                load,
+                asked_unix_ms: asked_ms,
+                stages,
+                peak_rss_bytes: peak,
+            });
+            if let Some(f) = failure {
+                failed.insert(m.clone(), f);
+            }
+        }
+        failed
+    }
+
+    /// The model's stage spans since `asked_ms` (our clock) and the service's
+    /// peak memory meanwhile. Empty: it was already loaded.
+    fn stages_since(&self, v: &AgentView, model: &str, asked_ms: i64) -> (Vec<StageSpan>, u64) {
+        let asked_agent = asked_ms + self.agent.clock_offset_ms;
+        let service = &self.suite.service;
+        let marks: Vec<&client::StageMark> = v
+            .stage_log
+            .iter()
+            .filter(|m| &m.service == service && m.model == model && m.time_unix_ms >= asked_agent - 5)
+            .collect();
+        let stages: Vec<StageSpan> = marks
+            .windows(2)
+            .map(|w| StageSpan {
+                stage: w[0].stage,
+                cause: w[0].cause.clone(),
+                start_unix_ms: self.agent.local_ms(w[0].time_unix_ms),
+                end_unix_ms: self.agent.local_ms(w[1].time_unix_ms),
+            })
+            .collect();
+        let end_agent = marks.last().map_or(asked_agent, |m| m.time_unix_ms);
+        let peak = v
+            .rss_log
+            .iter()
+            .filter(|(svc, t, _)| svc == service && *t >= asked_agent && *t <= end_agent)
+            .map(|(_, _, rss)| *rss)
+            .max()
+            .unwrap_or(0);
+        (stages, peak)
+    }
+
+    /// Sends the cases and waits for their results, the run's interrupt,
+    /// the lease's end or the host's loss, whichever comes first.
+    async fn run_and_collect(
+        &self,
+        mut view: watch::Receiver<AgentView>,
+        cases: &[(usize, u32)],
+        out: &mut TryOutcome,
+    ) {
+        let ctx = self.ctx;
+        if ctx.cancel.is_cancelled() {
+            out.interrupted = true;
+            return;
+        }
+        let ids: Vec<(usize, String, SpanId)> = cases
+            .iter()
+            .map(|(i, attempt)| (*i, format!("{}/{}/{i}/{attempt}", ctx.run_id, self.plan.suite), ctx.new_span_id()))
+            .collect();
+        let attempt_of: BTreeMap<usize, u32> = cases.iter().copied().collect();
+        let to_run = ids
+            .iter()
+            .map(|(i, id, span)| CaseToRun {
+                id: id.clone(),
+                attempt: attempt_of[i],
+                case: &self.suite.cases[*i],
+                traceparent: ctx.traceparent(*span),
+            })
+            .collect();
+        let sent: Vec<usize> = ids.iter().map(|(i, _, _)| *i).collect();
+        if let Err(e) = self.agent.run_cases(&self.held.lease, to_run, &ctx.traceparent(self.plan.try_id)).await {
+            match e.kind() {
+                Failure::Lost | Failure::Stale => {
+                    // Whether or not the agent got them, these cases go elsewhere;
+                    // a late result under this attempt's ids is never taken.
+                    let reason = format!("host {} lost: {e}", self.agent.name);
+                    out.lost = Some(Lost { reason, sent, unsent: vec![] });
+                }
+                _ => out.results.extend(sent.iter().map(|i| (*i, error_on(self.agent, &e.to_string())))),
+            }
+            return;
+        }
+        for (i, _, span) in &ids {
+            ctx.events.send(RunEvent::CaseStarted {
+                suite: self.plan.suite,
+                case: *i,
+                attempt: attempt_of[i],
+                host: self.agent.name.clone(),
+                span: *span,
+            });
+        }
+        let budget =
+            cases.iter().map(|(i, _)| self.suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT)).sum::<Duration>()
+                + RESULT_SLACK;
+        let done = |v: &AgentView| self.gone(v).is_some() || ids.iter().all(|(_, id, _)| v.results.contains_key(id));
+        let deadline = Instant::now() + budget;
+        let ended = tokio::select! {
+            _ = ctx.cancel.cancelled() => Some(Stop::Interrupted),
+            _ = self.held.ended.cancelled() => Some(Stop::Lost(format!("lease on {} ended before every case finished", self.agent.name))),
+            _ = tokio::time::sleep_until(deadline) => None,
+            r = view.wait_for(done) => match r { Ok(v) => self.gone(&v).map(Stop::Lost), Err(_) => None },
+        };
+        let latest = view.borrow().clone();
+        let mut missing = Vec::new();
+        for (i, id, _) in &ids {
+            match latest.results.get(id) {
+                Some(r) => out.results.push((*i, self.fenced(*i, r))),
+                None => missing.push(*i),
+            }
+        }
+        match ended {
+            Some(Stop::Interrupted) => {
+                out.interrupted = true;
+                out.results
+                    .extend(missing.iter().map(|i| (*i, error_on(self.agent, "interrupted before the case finished"))));
+            }
+            Some(Stop::Lost(reason)) if !missing.is_empty() => {
+                out.lost = Some(Lost { reason, sent: missing, unsent: vec![] })
+            }
+            _ => {
+                let message = format!("no result from agent {} within {}s", self.agent.name, budget.as_secs());
+                out.results.extend(missing.iter().map(|i| (*i, error_on(self.agent, &message))));
+            }
+        }
+    }
+
+    /// Fencing: a result under another lease epoch is never merged. Times
+    /// become ours here, at the edge.
+    fn fenced(&self, i: usize, r: &CaseReport) -> CaseReport {
+        let epoch = self.held.lease.epoch;
+        if r.lease_epoch == epoch {
+            let started = if r.started_unix_ms > 0 { self.agent.local_ms(r.started_unix_ms) } else { 0 };
+            let method = self.suite.cases[i].request.method.clone();
+            return CaseReport { host: self.agent.name.clone(), started_unix_ms: started, method, ..r.clone() };
+        }
+        error_on(
+            self.agent,
+            &format!("result rejected: it came under lease epoch {}, this run holds epoch {epoch}", r.lease_epoch),
+        )
+    }
+}
