@@ -13,7 +13,7 @@ use opentelemetry::trace::{Link, SpanContext, SpanId};
 use crate::client::now_unix_ms;
 use crate::otel::{self, OtelConfig, Scope, Telemetry};
 use crate::report::{CaseReport, Outcome};
-use crate::run::events::{RunEvent, StageSpan};
+use crate::run::events::{RunEvent, StageSpan, SuiteInfo};
 
 type Model = (String, String, String);
 
@@ -55,31 +55,7 @@ impl Trace {
     pub fn on(&mut self, event: &RunEvent) {
         let tracer = self.telemetry.tracer().clone();
         match event {
-            RunEvent::Started { run_id, trace_id, suites, hosts } => {
-                let names: Vec<&str> = suites.iter().map(|s| s.name.as_str()).collect();
-                let root = otel::start_trace(
-                    &tracer,
-                    *trace_id,
-                    "run",
-                    vec![
-                        KeyValue::new("proctor.run.id", run_id.clone()),
-                        KeyValue::new("proctor.suites", names.join(",")),
-                        KeyValue::new("proctor.hosts", hosts.join(",")),
-                    ],
-                );
-                for (i, s) in suites.iter().enumerate() {
-                    let attributes = vec![
-                        KeyValue::new("proctor.suite.name", s.name.clone()),
-                        KeyValue::new("proctor.suite.file", s.file.display().to_string()),
-                        KeyValue::new("proctor.service", s.service.clone()),
-                        KeyValue::new("proctor.models", s.models.join(",")),
-                    ];
-                    let scope = otel::start(&tracer, "suite", Some(&root), None, attributes, vec![]);
-                    self.suites.insert(i, (scope, 0));
-                }
-                self.root = Some(root);
-                self.names = suites.iter().map(|s| s.cases.clone()).collect();
-            }
+            RunEvent::Started { run_id, trace_id, suites, hosts } => self.started(run_id, *trace_id, suites, hosts),
             RunEvent::Placed { suite, try_id, host, addr, .. } => {
                 let attributes =
                     vec![KeyValue::new("proctor.host", host.clone()), KeyValue::new("server.address", addr.clone())];
@@ -116,24 +92,7 @@ impl Trace {
                 self.started.insert((*suite, *case), *span);
             }
             RunEvent::CaseLost { suite, case, try_id, attempt, reason, .. } => {
-                let Some(parent) = self.parent(*suite, Some(*try_id)) else { return };
-                let name = self.names.get(*suite).and_then(|n| n.get(*case)).cloned().unwrap_or_default();
-                let span = otel::start(
-                    &tracer,
-                    format!("case {name}"),
-                    Some(parent),
-                    None,
-                    vec![
-                        KeyValue::new("proctor.case.name", name),
-                        KeyValue::new("proctor.case.attempt", i64::from(*attempt)),
-                        KeyValue::new("proctor.case.outcome", "lost"),
-                    ],
-                    vec![],
-                );
-                span.fail(&format!("host lost: {reason}"));
-                span.end();
-                self.started.remove(&(*suite, *case));
-                self.lost.entry((*suite, *case)).or_default().push(span.span_context());
+                self.lost_case(*suite, *case, *try_id, *attempt, reason)
             }
             RunEvent::CaseFinished { suite, case, try_id, report } => self.case_span(*suite, *case, *try_id, report),
             RunEvent::TryEnded { try_id, failure } => {
@@ -157,6 +116,64 @@ impl Trace {
             RunEvent::Finished { interrupted, .. } => self.end_root(*interrupted),
             _ => {}
         }
+    }
+
+    /// The root span (with the trace id the runner chose) and one span per suite.
+    fn started(
+        &mut self,
+        run_id: &str,
+        trace_id: opentelemetry::trace::TraceId,
+        suites: &[SuiteInfo],
+        hosts: &[String],
+    ) {
+        let tracer = self.telemetry.tracer().clone();
+        let names: Vec<&str> = suites.iter().map(|s| s.name.as_str()).collect();
+        let root = otel::start_trace(
+            &tracer,
+            trace_id,
+            "run",
+            vec![
+                KeyValue::new("proctor.run.id", run_id.to_owned()),
+                KeyValue::new("proctor.suites", names.join(",")),
+                KeyValue::new("proctor.hosts", hosts.join(",")),
+            ],
+        );
+        for (i, s) in suites.iter().enumerate() {
+            let attributes = vec![
+                KeyValue::new("proctor.suite.name", s.name.clone()),
+                KeyValue::new("proctor.suite.file", s.file.display().to_string()),
+                KeyValue::new("proctor.service", s.service.clone()),
+                KeyValue::new("proctor.models", s.models.join(",")),
+            ];
+            let scope = otel::start(&tracer, "suite", Some(&root), None, attributes, vec![]);
+            self.suites.insert(i, (scope, 0));
+        }
+        self.root = Some(root);
+        self.names = suites.iter().map(|s| s.cases.clone()).collect();
+    }
+
+    /// A span for an attempt lost with its host, for the re-run to link to.
+    fn lost_case(&mut self, suite: usize, case: usize, try_id: SpanId, attempt: u32, reason: &str) {
+        let tracer = self.telemetry.tracer().clone();
+
+        let Some(parent) = self.parent(suite, Some(try_id)) else { return };
+        let name = self.names.get(suite).and_then(|n| n.get(case)).cloned().unwrap_or_default();
+        let span = otel::start(
+            &tracer,
+            format!("case {name}"),
+            Some(parent),
+            None,
+            vec![
+                KeyValue::new("proctor.case.name", name),
+                KeyValue::new("proctor.case.attempt", i64::from(attempt)),
+                KeyValue::new("proctor.case.outcome", "lost"),
+            ],
+            vec![],
+        );
+        span.fail(&format!("host lost: {reason}"));
+        span.end();
+        self.started.remove(&(suite, case));
+        self.lost.entry((suite, case)).or_default().push(span.span_context());
     }
 
     /// The `model.load` span with a child per stage at the agent's times (in

@@ -111,6 +111,89 @@ fn mib(bytes: u64) -> u64 {
     bytes / (1024 * 1024)
 }
 
+/// How one host stands for a need.
+enum Verdict {
+    /// It could never run it.
+    Shortfall(String),
+    /// It could, not now; `lost`: because this run lost it.
+    Wait { reason: String, lost: bool },
+    /// It can now: (affinity, own queue, memory left after admission).
+    Free(usize, usize, u64),
+}
+
+/// Reachable, labelled, serving the service with every model.
+fn eligible<'h>(need: &Need, host: &'h Host) -> Result<&'h HostService, Verdict> {
+    let name = &host.name;
+    match &host.reachable {
+        Reach::Up => {}
+        Reach::Lost(reason) => {
+            let reason = format!("{name}: lost ({reason}); waiting for it to come back");
+            return Err(Verdict::Wait { reason, lost: true });
+        }
+        Reach::Down(reason) => return Err(Verdict::Shortfall(format!("{name}: unreachable ({reason})"))),
+    }
+    let missing: Vec<&String> = need.labels.iter().filter(|l| !host.labels.contains(l)).collect();
+    if !missing.is_empty() {
+        return Err(Verdict::Shortfall(format!("{name}: lacks labels {missing:?}")));
+    }
+    let Some(service) = host.services.get(&need.service) else {
+        return Err(Verdict::Shortfall(format!("{name}: does not serve {}", need.service)));
+    };
+    let absent: Vec<&String> = need.models.iter().filter(|m| !service.models.contains_key(*m)).collect();
+    if !absent.is_empty() {
+        return Err(Verdict::Shortfall(format!("{name}: {} lacks models {absent:?}", need.service)));
+    }
+    Ok(service)
+}
+
+/// Judges one host with the agent's own rules: what a request brings into
+/// memory (`load_need`) and whether it fits (`admit`).
+fn judge(need: &Need, host: &Host, run_id: &str) -> Verdict {
+    let service = match eligible(need, host) {
+        Ok(s) => s,
+        Err(verdict) => return verdict,
+    };
+    let name = &host.name;
+    let ready = |m: &HostModel| m.stage == Stage::Ready && !need.fresh;
+    let mems = |cold: bool| -> Vec<ModelMem<'_>> {
+        service
+            .models
+            .iter()
+            .map(|(name, m)| ModelMem {
+                name,
+                ram: m.ram_need,
+                at_start: m.at_start,
+                loaded: !cold && (ready(m) || !m.stage.is_terminal()),
+            })
+            .collect()
+    };
+    let cold = admission::load_need(&mems(true), &need.models, true, need.headroom);
+    let ever = cold.bytes + cold.headroom;
+    if ever > host.total {
+        return Verdict::Shortfall(format!(
+            "{name}: needs {} MiB ({} MiB for the models + {} MiB headroom), can hold at most {} MiB",
+            mib(ever),
+            mib(cold.bytes),
+            mib(need.headroom),
+            mib(host.total)
+        ));
+    }
+    if let Some(holder) = service.lease.as_ref().filter(|h| h.run_id != run_id) {
+        let reason = format!(
+            "{name}: busy: service {} is held by run {} ({}) since {}",
+            need.service, holder.run_id, holder.holder, holder.since
+        );
+        return Verdict::Wait { reason, lost: false };
+    }
+    let starting = need.fresh || service.models.values().all(|m| matches!(m.stage, Stage::Stopped | Stage::Failed));
+    let load = admission::load_need(&mems(false), &need.models, starting, need.headroom);
+    let affinity = need.models.iter().filter(|m| ready(&service.models[*m])).count();
+    match admission::admit(load.bytes, load.headroom, host.capacity, host.reserved) {
+        Ok(left) => Verdict::Free(affinity, host.own_queue, left),
+        Err(refusal) => Verdict::Wait { reason: format!("{name}: {refusal}"), lost: false },
+    }
+}
+
 pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
     let mut shortfalls = Vec::new();
     let mut waits = Vec::new();
@@ -118,72 +201,13 @@ pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
     // (host index, affinity, own queue, memory left after admission)
     let mut free: Vec<(usize, usize, usize, u64)> = Vec::new();
     for (i, host) in hosts.iter().enumerate() {
-        let name = &host.name;
-        match &host.reachable {
-            Reach::Up => {}
-            Reach::Lost(reason) => {
-                waits.push(format!("{name}: lost ({reason}); waiting for it to come back"));
-                lost += 1;
-                continue;
+        match judge(need, host, run_id) {
+            Verdict::Shortfall(why) => shortfalls.push(why),
+            Verdict::Wait { reason, lost: was_lost } => {
+                lost += usize::from(was_lost);
+                waits.push(reason);
             }
-            Reach::Down(reason) => {
-                shortfalls.push(format!("{name}: unreachable ({reason})"));
-                continue;
-            }
-        }
-        let missing: Vec<&String> = need.labels.iter().filter(|l| !host.labels.contains(l)).collect();
-        if !missing.is_empty() {
-            shortfalls.push(format!("{name}: lacks labels {missing:?}"));
-            continue;
-        }
-        let Some(service) = host.services.get(&need.service) else {
-            shortfalls.push(format!("{name}: does not serve {}", need.service));
-            continue;
-        };
-        let absent: Vec<&String> = need.models.iter().filter(|m| !service.models.contains_key(*m)).collect();
-        if !absent.is_empty() {
-            shortfalls.push(format!("{name}: {} lacks models {absent:?}", need.service));
-            continue;
-        }
-        // The agent's own rule for what a request brings into memory.
-        let ready = |m: &HostModel| m.stage == Stage::Ready && !need.fresh;
-        let mems = |cold: bool| -> Vec<ModelMem<'_>> {
-            service
-                .models
-                .iter()
-                .map(|(name, m)| ModelMem {
-                    name,
-                    ram: m.ram_need,
-                    at_start: m.at_start,
-                    loaded: !cold && (ready(m) || !m.stage.is_terminal()),
-                })
-                .collect()
-        };
-        let cold = admission::load_need(&mems(true), &need.models, true, need.headroom);
-        let ever = cold.bytes + cold.headroom;
-        if ever > host.total {
-            shortfalls.push(format!(
-                "{name}: needs {} MiB ({} MiB for the models + {} MiB headroom), can hold at most {} MiB",
-                mib(ever),
-                mib(cold.bytes),
-                mib(need.headroom),
-                mib(host.total)
-            ));
-            continue;
-        }
-        if let Some(holder) = service.lease.as_ref().filter(|h| h.run_id != run_id) {
-            waits.push(format!(
-                "{name}: busy: service {} is held by run {} ({}) since {}",
-                need.service, holder.run_id, holder.holder, holder.since
-            ));
-            continue;
-        }
-        let starting = need.fresh || service.models.values().all(|m| matches!(m.stage, Stage::Stopped | Stage::Failed));
-        let load = admission::load_need(&mems(false), &need.models, starting, need.headroom);
-        let affinity = need.models.iter().filter(|m| ready(&service.models[*m])).count();
-        match admission::admit(load.bytes, load.headroom, host.capacity, host.reserved) {
-            Ok(left) => free.push((i, affinity, host.own_queue, left)),
-            Err(refusal) => waits.push(format!("{name}: {refusal}")),
+            Verdict::Free(affinity, queue, left) => free.push((i, affinity, queue, left)),
         }
     }
     if free.is_empty() && waits.is_empty() {
