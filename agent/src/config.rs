@@ -578,9 +578,47 @@ pub fn load_timeout(override_: Option<Duration>, env: Option<&str>, configured: 
         .unwrap_or(DEFAULT_LOAD_TIMEOUT)
 }
 
+/// Where the limit `load_timeout` picked came from, for the timeout message:
+/// the controller's own words for an override (`requested_by`), else the
+/// agent's source.
+pub fn load_timeout_source(
+    override_: Option<Duration>,
+    requested_by: &str,
+    env: Option<&str>,
+    configured: Option<Duration>,
+) -> String {
+    let env_set = env.and_then(|v| v.trim().parse::<f64>().ok()).and_then(|s| Duration::try_from_secs_f64(s).ok());
+    if override_.is_some() {
+        return if requested_by.is_empty() { "the controller's request".into() } else { requested_by.to_owned() };
+    }
+    if env_set.is_some() {
+        return format!("{LOAD_TIMEOUT_ENV} on the agent");
+    }
+    if configured.is_some() {
+        return "the model's `timeout` in the agent config".into();
+    }
+    "the agent's built-in default".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_message_names_the_source_that_set_the_limit() {
+        let s = Some(Duration::from_secs(1));
+        // (override, requested by, env, config) → source
+        let table = [
+            (s, "--model-timeout", Some("2"), s, "--model-timeout"),
+            (s, "", None, None, "the controller's request"),
+            (None, "", Some("2"), s, "MODEL_LOADING_TIMEOUT on the agent"),
+            (None, "", Some("junk"), s, "the model's `timeout` in the agent config"),
+            (None, "", None, None, "the agent's built-in default"),
+        ];
+        for (o, by, env, config, want) in table {
+            assert_eq!(load_timeout_source(o, by, env, config), want, "{o:?} {by:?} {env:?} {config:?}");
+        }
+    }
 
     const GOOD: &str = r#"
 listen = "127.0.0.1:0"

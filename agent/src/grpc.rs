@@ -147,6 +147,7 @@ impl AgentApi for Service {
         let request = EnsureRequest {
             models: r.models,
             timeout: Some(overrides.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis),
+            timeout_source: overrides.load_timeout_source,
             headroom: overrides.ram_headroom_bytes,
             fresh: r.fresh,
             traceparent,

@@ -32,7 +32,7 @@ pub use process::classify;
 pub use stages::{log_stage, progress_signal};
 
 use crate::admission::{Admission, Refused};
-use crate::config::{LoadMode, ServiceConfig, load_timeout};
+use crate::config::{LoadMode, ServiceConfig, load_timeout, load_timeout_source};
 use crate::journal::Journal;
 use crate::probe::{self, Answer, Named};
 use crate::sampling::TreeMemory;
@@ -63,6 +63,8 @@ pub struct EnsureRequest {
     pub models: Vec<String>,
     /// Load timeout override (CLI flag > suite), below which the agent decides.
     pub timeout: Option<Duration>,
+    /// Who set `timeout`, in the controller's words (for messages).
+    pub timeout_source: String,
     /// Memory to keep free beyond the declared needs, once per request.
     pub headroom: u64,
     /// Restart the service for a cold load.
@@ -187,6 +189,8 @@ struct Track {
     /// When the current load began (service start, or load request).
     load_started: Instant,
     deadline: Option<(Instant, Duration)>,
+    /// Who set the deadline's limit, for the timeout message.
+    limit_source: String,
     /// Last sign of progress: a transition, or a resource signal.
     last_progress: Instant,
     /// Which resource signal it was (`None`: a stage or progress change).
@@ -209,6 +213,7 @@ impl Track {
             progress: 0.0,
             load_started: now,
             deadline: None,
+            limit_source: String::new(),
             last_progress: now,
             last_signal: None,
             load_requested: false,
@@ -437,6 +442,8 @@ impl Actor {
         for name in &request.models {
             let configured = self.cfg.models.iter().find(|m| m.name == *name).and_then(|m| m.timeout);
             let limit = load_timeout(request.timeout, env_timeout.as_deref(), configured);
+            let source =
+                load_timeout_source(request.timeout, &request.timeout_source, env_timeout.as_deref(), configured);
             let mode = self.load_mode(name);
             let running = self.run.is_some();
             let track = self.models.get_mut(name).expect("validated model");
@@ -453,6 +460,7 @@ impl Actor {
             }
             let track = self.models.get_mut(name).expect("validated model");
             track.deadline = Some((track.load_started + limit, limit));
+            track.limit_source = source;
             outcome.loading.push(name.clone());
         }
         Ok(outcome)

@@ -421,6 +421,7 @@ impl Agent {
                 overrides: Some(proto::ModelOverrides {
                     load_timeout_ms: ask.timeout.map_or(0, |t| t.as_millis() as u64),
                     ram_headroom_bytes: ask.headroom,
+                    load_timeout_source: ask.timeout_source.to_owned(),
                 }),
                 fresh: ask.fresh,
             },
@@ -461,6 +462,8 @@ pub struct EnsureAsk<'a> {
     pub models: &'a [String],
     /// The load timeout to send (`None`: the agent's own precedence decides).
     pub timeout: Option<Duration>,
+    /// Who set it, for the agent's timeout message (e.g. "--model-timeout").
+    pub timeout_source: &'a str,
     pub headroom: u64,
     pub fresh: bool,
 }

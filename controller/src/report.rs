@@ -364,4 +364,27 @@ mod tests {
         );
         assert!(text.contains("3 cases: 1 passed, 1 failed, 1 errors"), "{text}");
     }
+
+    #[test]
+    fn a_failed_load_is_told_once_and_each_model_says_how_long_it_took() {
+        let story = "model aya failed in stage AUTHENTICATING after 0.3s\n  last log lines:\n    401 from the hub";
+        let mut run = sample();
+        run.cases = (0..3).map(|i| CaseReport::error("translate", &format!("aya {i}"), story.into())).collect();
+        let load = |model: &str, failure: Option<&str>, ms: u64, reused: bool| ModelLoad {
+            host: "gpu-01".into(),
+            service: "translation".into(),
+            model: model.into(),
+            failure: failure.map(str::to_owned),
+            waited: Duration::from_millis(ms),
+            reused,
+        };
+        run.loads =
+            vec![load("aya", Some(story), 300, false), load("nllb", None, 22_000, false), load("m2", None, 0, true)];
+        let text = run.summary();
+        assert_eq!(text.matches("401 from the hub").count(), 1, "the story once, under Models:\n{text}");
+        assert_eq!(text.matches("(the load of gpu-01/aya: see Models below)").count(), 3, "{text}");
+        assert!(text.contains("gpu-01/translation/nllb: READY after 22.0s"), "{text}");
+        assert!(text.contains("gpu-01/translation/m2: READY (already loaded)"), "{text}");
+        assert!(!text.contains("waited 0ms"), "{text}");
+    }
 }

@@ -246,12 +246,12 @@ impl Actor {
             if !track.wanted || track.stage.is_terminal() || self.run.is_none() {
                 continue;
             }
-            if let Some((at, limit)) = track.deadline.filter(|(at, _)| *at <= now) {
-                let _ = at;
+            if let Some((_, limit)) = track.deadline.filter(|(at, _)| *at <= now) {
+                // Name where the limit came from: that is where to raise it.
                 let reason = format!(
-                    "load timed out after {}s (raise it with --model-timeout, the suite's `timeout`, \
-                     MODEL_LOADING_TIMEOUT or the agent config)",
-                    limit.as_secs_f64()
+                    "load timed out after {}s (the limit was set by {}; raise it there, or with --model-timeout)",
+                    limit.as_secs_f64(),
+                    track.limit_source
                 );
                 self.fail(&name, "load timeout", &reason);
                 continue;

@@ -172,9 +172,11 @@ impl Host<'_> {
     async fn ensure_and_wait(&self, mut view: watch::Receiver<AgentView>) -> Result<(AgentView, i64), TryOutcome> {
         let ctx = self.ctx;
         let fresh = self.suite.fresh || ctx.opts.fresh;
+        let timeout = ctx.opts.load_timeout(self.suite.load_timeout);
         let ask = EnsureAsk {
             models: &self.suite.models,
-            timeout: ctx.opts.load_timeout(self.suite.load_timeout).map(|(t, _)| t),
+            timeout: timeout.map(|(t, _)| t),
+            timeout_source: timeout.map_or("", |(_, source)| source.label()),
             headroom: self.suite.headroom_bytes,
             fresh,
         };
@@ -391,15 +393,38 @@ impl Host<'_> {
     /// Fencing: a result under another lease epoch is never merged. Times
     /// become ours here, at the edge.
     fn fenced(&self, i: usize, r: &CaseReport) -> CaseReport {
-        let epoch = self.held.lease.epoch;
-        if r.lease_epoch == epoch {
-            let started = if r.started_unix_ms > 0 { self.agent.local_ms(r.started_unix_ms) } else { 0 };
-            let method = self.suite.cases[i].request.method.clone();
-            return CaseReport { host: self.agent.name.clone(), started_unix_ms: started, method, ..r.clone() };
+        match fence(r.lease_epoch, self.held.lease.epoch) {
+            Ok(()) => {
+                let started = if r.started_unix_ms > 0 { self.agent.local_ms(r.started_unix_ms) } else { 0 };
+                let method = self.suite.cases[i].request.method.clone();
+                CaseReport { host: self.agent.name.clone(), started_unix_ms: started, method, ..r.clone() }
+            }
+            Err(why) => error_on(self.agent, &why),
         }
-        error_on(
-            self.agent,
-            &format!("result rejected: it came under lease epoch {}, this run holds epoch {epoch}", r.lease_epoch),
-        )
+    }
+}
+
+/// A result counts only under the epoch of the lease this try holds: the
+/// case id alone (run, suite, case, attempt) cannot tell a late answer from
+/// an earlier lease of the same run apart.
+fn fence(result_epoch: u64, held_epoch: u64) -> Result<(), String> {
+    if result_epoch == held_epoch {
+        Ok(())
+    } else {
+        Err(format!("result rejected: it came under lease epoch {result_epoch}, this run holds epoch {held_epoch}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fence;
+
+    #[test]
+    fn a_result_with_the_right_case_id_under_another_epoch_is_rejected() {
+        // (result epoch, held epoch) → accepted
+        for (result, held, ok) in [(3, 3, true), (2, 3, false), (4, 3, false), (0, 1, false)] {
+            assert_eq!(fence(result, held).is_ok(), ok, "result {result}, held {held}");
+        }
+        assert_eq!(fence(2, 3).unwrap_err(), "result rejected: it came under lease epoch 2, this run holds epoch 3");
     }
 }

@@ -259,5 +259,89 @@ async fn model_loading_timeout_where_proctor_run_runs_limits_the_load() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "the 2 s limit applied: {:?}", started.elapsed());
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
-    assert!(junit.contains("load timed out after 2s"), "{junit}");
+    assert!(
+        junit.contains("load timed out after 2s (the limit was set by MODEL_LOADING_TIMEOUT (where `proctor run` ran)"),
+        "the message names the source of the limit: {junit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_progress_line_says_why_a_model_failed_and_logs_carry_no_colour_codes() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["aya:mb=8,gated,auth=200ms"])).await;
+    let out = Scratch::new("failed-line");
+    let suite = out.write("aya.yaml", &TRANSLATE_SUITE.replace("nllb", "aya"));
+    let o = proctor(
+        &[
+            "run",
+            "--agent",
+            &agent.addr,
+            "--progress",
+            "lines",
+            "--out",
+            &out.path.display().to_string(),
+            &suite.display().to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout.lines().find(|l| l.contains("translation/aya") && l.contains("FAILED after")).unwrap_or_default();
+    assert!(line.contains(": model aya failed in stage AUTHENTICATING"), "the line says why: {line:?}\n{stdout}");
+    // Redirected output (the agent's log file, this run's stderr) has no ANSI escapes.
+    assert!(!agent.logs().contains('\u{1b}'), "agent log has colour codes");
+    assert!(!text(&o).contains('\u{1b}'), "run output has colour codes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suite_timeout_travels_to_the_agent_and_the_message_names_it() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,hang=loading"])).await;
+    let out = Scratch::new("suite-timeout");
+    let suite = out.write("t.yaml", &TRANSLATE_SUITE.replace("models: [nllb]\n", "models: [nllb]\ntimeout: 2s\n"));
+    let started = Instant::now();
+    let o = proctor(
+        &[
+            "run",
+            "--agent",
+            &agent.addr,
+            "--progress",
+            "none",
+            "--out",
+            &out.path.display().to_string(),
+            &suite.display().to_string(),
+        ],
+        &[("MODEL_LOADING_TIMEOUT", "300")],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(started.elapsed() < Duration::from_secs(15), "the suite's 2 s beat the environment's 300 s");
+    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    assert!(junit.contains("load timed out after 2s (the limit was set by the suite&apos;s `timeout`"), "{junit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suites_of_one_run_on_one_service_take_turns() {
+    let service = Service::sim(&["nllb:mb=8,download=50ms,load=100ms,warmup=50ms"]).flag("--slow-requests=300ms");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("turns");
+    let a = out.write("a.yaml", TRANSLATE_SUITE);
+    let b = out.write("b.yaml", &TRANSLATE_SUITE.replace("name: translate", "name: second"));
+    let opts = RunOptions::new(vec![agent.addr.clone()], vec![a, b], out.path.clone());
+    let result =
+        testkit::within(Duration::from_secs(40), "the run", controller::run(opts, CancellationToken::new())).await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    // (start, end) of each suite's cases: one suite's span ends before the other's begins.
+    let span = |suite: &str| {
+        let cases: Vec<_> = report.cases.iter().filter(|c| c.suite == suite).collect();
+        let start = cases.iter().map(|c| c.started_unix_ms).min().unwrap();
+        let end = cases.iter().map(|c| c.started_unix_ms + c.duration.as_millis() as i64).max().unwrap();
+        (start, end)
+    };
+    let (first, second) = (span("translate"), span("second"));
+    assert!(
+        first.1 <= second.0 || second.1 <= first.0,
+        "the suites overlapped: {first:?} {second:?}\n{}",
+        report.summary()
+    );
 }

@@ -82,7 +82,7 @@ async fn a_hung_load_times_out_naming_the_stage() {
     assert!(load.waited >= Duration::from_secs(2) && load.waited < Duration::from_secs(10), "{:?}", load.waited);
     let Outcome::Error(message) = &report.cases[0].outcome else { panic!("{:?}", report.cases[0]) };
     assert!(message.starts_with("model nllb failed in stage LOADING_WEIGHTS"), "{message}");
-    assert!(message.contains("load timed out after 2s"), "{message}");
+    assert!(message.contains("load timed out after 2s (the limit was set by --model-timeout;"), "{message}");
     assert!(message.contains("last health payload: {"), "{message}");
     assert!(message.contains("injected hang"), "{message}");
 }

@@ -129,7 +129,7 @@ pub struct EnsureModelsRequest {
     #[prost(bool, tag = "4")]
     pub fresh: bool,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ModelOverrides {
     /// Total load timeout for every requested model; 0 = agent's own choice.
     #[prost(uint64, tag = "1")]
@@ -138,6 +138,10 @@ pub struct ModelOverrides {
     /// loads, counted once per request (see proto::admission::load_need).
     #[prost(uint64, tag = "2")]
     pub ram_headroom_bytes: u64,
+    /// Who set load_timeout_ms, in the controller's words (e.g. "--model-timeout"),
+    /// so a timeout message names where to raise it; empty = not said.
+    #[prost(string, tag = "3")]
+    pub load_timeout_source: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnsureModelsResponse {
