@@ -117,3 +117,77 @@ async fn a_service_ignoring_sigterm_is_killed_after_grace_with_its_whole_group()
     assert!(!testkit::group_alive(pid), "no process of the service's group remains");
     assert!(agent.logs().contains("ignored the stop signal"), "the agent says why it escalated");
 }
+
+/// Reads a watch stream until it ends or `limit` passes; returns the event
+/// seqs seen and the gaps announced.
+async fn drain(stream: &mut tonic::Streaming<proto::WatchMessage>, limit: Duration) -> (Vec<u64>, Vec<(u64, u64)>) {
+    use proto::watch_message::Kind;
+    let (mut seqs, mut gaps) = (Vec::new(), Vec::new());
+    let _ = tokio::time::timeout(limit, async {
+        while let Ok(Some(m)) = stream.message().await {
+            match m.kind {
+                Some(Kind::Event(e)) => seqs.push(e.seq),
+                Some(Kind::Gap(g)) => gaps.push((g.from_seq, g.to_seq)),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    (seqs, gaps)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_watcher_is_cut_off_and_resumes_with_a_gap_and_no_duplicates() {
+    // A service that logs 40,000 lines at once: 40,000 events, far more than
+    // a watcher's buffer (4,096) and the replay ring (8,192).
+    let config = r#"listen = "127.0.0.1:0"
+data_dir = "data"
+
+[[service]]
+name = "translation"
+command = ["sh", "-c", "seq 1 40000 | sed 's/^/flood line /'; exec sleep 600"]
+
+[[service.model]]
+name = "nllb"
+"#;
+    let agent = Agent::spawn_config(BIN, config).await;
+    let mut slow = agent.client().await;
+    let mut stream = slow.watch(proto::WatchRequest { from_seq: 1 }).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(proto::watch_message::Kind::Snapshot(_))));
+
+    // The flood, while this watcher reads nothing.
+    let mut client = agent.client().await;
+    let held = lease(&mut client, "flood").await;
+    let ensure = proto::EnsureModelsRequest { lease: Some(held), models: vec!["nllb".into()], ..Default::default() };
+    client.ensure_models(ensure).await.unwrap();
+    testkit::within(Duration::from_secs(60), "the flood to be journaled", async {
+        loop {
+            let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+            if snapshot.next_seq > 40_000 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+
+    // The slow watcher was cut off: its stream ends well short of the flood.
+    let (seen, _) = drain(&mut stream, Duration::from_secs(20)).await;
+    let last = *seen.last().expect("some events before the cut");
+    assert!(last < 30_000, "cut off after falling behind, not fed everything: last seq {last}");
+    assert_eq!(seen, (1..=last).collect::<Vec<_>>(), "dense up to the cut");
+
+    // It resumes from where it stopped: a gap for what the ring dropped, then
+    // every later event once, in order.
+    // (Retained events — stage changes — inside the gap come before its marker.)
+    let mut resumed = slow.watch(proto::WatchRequest { from_seq: last + 1 }).await.unwrap().into_inner();
+    let (after, gaps) = drain(&mut resumed, Duration::from_secs(5)).await;
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    let (from, to) = gaps[0];
+    assert_eq!(from, last + 1, "the gap starts right after the last event seen");
+    let (kept, rest): (Vec<u64>, Vec<u64>) = after.iter().partition(|s| **s <= to);
+    assert!(kept.iter().all(|s| *s > last), "nothing already seen is sent again: {kept:?}");
+    assert_eq!(rest.first(), Some(&(to + 1)), "events resume right after the gap");
+    assert!(rest.windows(2).all(|w| w[1] == w[0] + 1), "no duplicate, no skip after the gap");
+}

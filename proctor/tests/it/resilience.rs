@@ -256,3 +256,56 @@ async fn a_long_partition_re_runs_cases_elsewhere_and_fences_the_late_result() {
         snapshot.leases
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_case_whose_host_is_lost_three_times_is_given_up_with_every_loss_listed() {
+    // Budgets order the planner's choice: most memory to spare first.
+    let spec = ["nllb:mb=8,download=100ms,load=60s"];
+    let budgets = [6000, 4000, 2000];
+    let mut agents = Vec::new();
+    for b in budgets {
+        agents.push(
+            Agent::spawn(BIN, &Service::sim(&spec).agent_lines(&format!("[admission]\nmemory_budget_mb = {b}"))).await,
+        );
+    }
+    let out = Scratch::new("gave-up");
+    let entries: String = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("[[agent]]\nname = \"h{i}\"\naddress = \"{}\"\n\n", a.addr))
+        .collect();
+    let inventory = out.write("inventory.toml", &entries);
+    let suite = TRANSLATE_SUITE.split("  - name: health").next().unwrap().to_owned();
+    let opts = quick(RunOptions {
+        inventory: Some(inventory),
+        ..RunOptions::new(vec![], vec![out.write("t.yaml", &suite)], out.path.clone())
+    });
+    let run = tokio::spawn(controller::run(opts, CancellationToken::new()));
+    // Each host in turn starts loading the model, and is killed mid-load.
+    let mut orphans = Vec::new();
+    for agent in agents.drain(..) {
+        let mut client = agent.client().await;
+        let (_, events) =
+            watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "nllb", Stage::LoadingWeights)).await;
+        orphans.extend(events.iter().filter_map(|e| match &e.kind {
+            Some(event::Kind::ServiceStarted(s)) => Some(s.pid),
+            _ => None,
+        }));
+        drop(agent.kill9());
+    }
+    let result = testkit::within(Duration::from_secs(60), "the run", run).await.unwrap();
+    // The killed agents' services outlive them by design: end them here.
+    for pid in orphans {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Infrastructure, "{}", report.summary());
+    assert_eq!(report.cases.len(), 1);
+    let case = &report.cases[0];
+    let Outcome::Error(message) = &case.outcome else { panic!("{case:?}") };
+    assert!(message.contains("gave up after 3 lost attempts"), "{message}");
+    assert_eq!(case.reruns.len(), 3, "every loss is listed: {:?}", case.reruns);
+    for (i, why) in case.reruns.iter().enumerate() {
+        assert!(why.contains(&format!("host h{i} lost")), "loss {i}: {why}");
+    }
+}
