@@ -308,32 +308,34 @@ impl Host<'_> {
 
     /// Sends the cases and waits for their results, the run's interrupt,
     /// the lease's end or the host's loss, whichever comes first.
-    async fn run_and_collect(
-        &self,
-        mut view: watch::Receiver<AgentView>,
-        cases: &[(usize, u32)],
-        out: &mut TryOutcome,
-    ) {
-        let ctx = self.ctx;
-        if ctx.cancel.is_cancelled() {
+    async fn run_and_collect(&self, view: watch::Receiver<AgentView>, cases: &[(usize, u32)], out: &mut TryOutcome) {
+        if self.ctx.cancel.is_cancelled() {
             out.interrupted = true;
             return;
         }
-        let ids: Vec<(usize, String, SpanId)> = cases
+        if let Some(ids) = self.send(cases, out).await {
+            self.collect(view, cases, &ids, out).await;
+        }
+    }
+
+    /// Sends the cases, each with its id for this attempt and its span id;
+    /// `None` when the call failed (`out` says how).
+    async fn send(&self, cases: &[(usize, u32)], out: &mut TryOutcome) -> Option<Vec<(usize, String)>> {
+        let ctx = self.ctx;
+        let ids: Vec<(usize, u32, String, SpanId)> = cases
             .iter()
-            .map(|(i, attempt)| (*i, format!("{}/{}/{i}/{attempt}", ctx.run_id, self.plan.suite), ctx.new_span_id()))
+            .map(|(i, a)| (*i, *a, format!("{}/{}/{i}/{a}", ctx.run_id, self.plan.suite), ctx.new_span_id()))
             .collect();
-        let attempt_of: BTreeMap<usize, u32> = cases.iter().copied().collect();
         let to_run = ids
             .iter()
-            .map(|(i, id, span)| CaseToRun {
+            .map(|(i, attempt, id, span)| CaseToRun {
                 id: id.clone(),
-                attempt: attempt_of[i],
+                attempt: *attempt,
                 case: &self.suite.cases[*i],
                 traceparent: ctx.traceparent(*span),
             })
             .collect();
-        let sent: Vec<usize> = ids.iter().map(|(i, _, _)| *i).collect();
+        let sent: Vec<usize> = cases.iter().map(|(i, _)| *i).collect();
         if let Err(e) = self.agent.run_cases(&self.held.lease, to_run, &ctx.traceparent(self.plan.try_id)).await {
             match e.kind() {
                 Failure::Lost | Failure::Stale => {
@@ -344,50 +346,63 @@ impl Host<'_> {
                 }
                 _ => out.results.extend(sent.iter().map(|i| (*i, error_on(self.agent, &e.to_string())))),
             }
-            return;
+            return None;
         }
-        for (i, _, span) in &ids {
+        for (i, attempt, _, span) in &ids {
+            let host = self.agent.name.clone();
             ctx.events.send(RunEvent::CaseStarted {
                 suite: self.plan.suite,
                 case: *i,
-                attempt: attempt_of[i],
-                host: self.agent.name.clone(),
+                attempt: *attempt,
+                host,
                 span: *span,
             });
         }
+        Some(ids.into_iter().map(|(i, _, id, _)| (i, id)).collect())
+    }
+
+    /// Waits for the sent cases' results; what is missing at the end is
+    /// lost (host or lease gone), interrupted, or overdue.
+    async fn collect(
+        &self,
+        mut view: watch::Receiver<AgentView>,
+        cases: &[(usize, u32)],
+        ids: &[(usize, String)],
+        out: &mut TryOutcome,
+    ) {
+        let ctx = self.ctx;
         let budget =
             cases.iter().map(|(i, _)| self.suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT)).sum::<Duration>()
                 + RESULT_SLACK;
-        let done = |v: &AgentView| self.gone(v).is_some() || ids.iter().all(|(_, id, _)| v.results.contains_key(id));
+        let done = |v: &AgentView| self.gone(v).is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id));
         let deadline = Instant::now() + budget;
+        let lease_ended = || Stop::Lost(format!("lease on {} ended before every case finished", self.agent.name));
         let ended = tokio::select! {
             _ = ctx.cancel.cancelled() => Some(Stop::Interrupted),
-            _ = self.held.ended.cancelled() => Some(Stop::Lost(format!("lease on {} ended before every case finished", self.agent.name))),
+            _ = self.held.ended.cancelled() => Some(lease_ended()),
             _ = tokio::time::sleep_until(deadline) => None,
             r = view.wait_for(done) => match r { Ok(v) => self.gone(&v).map(Stop::Lost), Err(_) => None },
         };
         let latest = view.borrow().clone();
         let mut missing = Vec::new();
-        for (i, id, _) in &ids {
+        for (i, id) in ids {
             match latest.results.get(id) {
                 Some(r) => out.results.push((*i, self.fenced(*i, r))),
                 None => missing.push(*i),
             }
         }
-        match ended {
+        let message = match ended {
+            Some(Stop::Lost(reason)) if !missing.is_empty() => {
+                out.lost = Some(Lost { reason, sent: missing, unsent: vec![] });
+                return;
+            }
             Some(Stop::Interrupted) => {
                 out.interrupted = true;
-                out.results
-                    .extend(missing.iter().map(|i| (*i, error_on(self.agent, "interrupted before the case finished"))));
+                "interrupted before the case finished".to_owned()
             }
-            Some(Stop::Lost(reason)) if !missing.is_empty() => {
-                out.lost = Some(Lost { reason, sent: missing, unsent: vec![] })
-            }
-            _ => {
-                let message = format!("no result from agent {} within {}s", self.agent.name, budget.as_secs());
-                out.results.extend(missing.iter().map(|i| (*i, error_on(self.agent, &message))));
-            }
-        }
+            _ => format!("no result from agent {} within {}s", self.agent.name, budget.as_secs()),
+        };
+        out.results.extend(missing.iter().map(|i| (*i, error_on(self.agent, &message))));
     }
 
     /// Fencing: a result under another lease epoch is never merged. Times
