@@ -23,72 +23,81 @@ pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Checks every assertion against a response; returns the failures.
 pub fn evaluate(assertions: &[proto::Assertion], status: u16, body: &[u8]) -> Vec<AssertionFailure> {
     let json: Result<Value, String> = serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"));
-    let mut failures = Vec::new();
-    for a in assertions {
-        let Some(kind) = &a.kind else { continue };
-        let fail = |name: &str, pointer: &str, expected: String, actual: String| AssertionFailure {
-            assertion: name.to_owned(),
-            pointer: pointer.to_owned(),
-            expected,
-            actual,
-        };
-        // Looks a pointer up; Err(actual) describes why there is no value.
-        let lookup = |pointer: &str| -> Result<&Value, String> {
-            match &json {
-                Err(e) => Err(e.clone()),
-                Ok(doc) => doc.pointer(pointer).ok_or_else(|| "(missing)".to_owned()),
-            }
-        };
-        match kind {
-            assertion::Kind::Status(want) => {
-                if u32::from(status) != *want {
-                    failures.push(fail("status", "", want.to_string(), status.to_string()));
-                }
-            }
-            assertion::Kind::JsonEquals(eq) => {
-                let expected: Value = serde_json::from_str(&eq.value_json).unwrap_or(Value::Null);
-                match lookup(&eq.pointer) {
-                    Ok(v) if *v == expected => {}
-                    Ok(v) => failures.push(fail("equals", &eq.pointer, expected.to_string(), v.to_string())),
-                    Err(actual) => failures.push(fail("equals", &eq.pointer, expected.to_string(), actual)),
-                }
-            }
-            assertion::Kind::JsonOneOf(one) => {
-                let options: Vec<Value> =
-                    one.values_json.iter().map(|v| serde_json::from_str(v).unwrap_or(Value::Null)).collect();
-                let expected = format!("one of {}", Value::Array(options.clone()));
-                match lookup(&one.pointer) {
-                    Ok(v) if options.contains(v) => {}
-                    Ok(v) => failures.push(fail("one_of", &one.pointer, expected, v.to_string())),
-                    Err(actual) => failures.push(fail("one_of", &one.pointer, expected, actual)),
-                }
-            }
-            assertion::Kind::JsonNotEmpty(pointer) => match lookup(pointer) {
-                Ok(v) if !is_empty(v) => {}
-                Ok(v) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), v.to_string())),
-                Err(actual) => failures.push(fail("not_empty", pointer, "a non-empty value".into(), actual)),
-            },
-            assertion::Kind::JsonMatches(m) => {
-                let expected = format!("a match for /{}/", m.regex);
-                match (regex::Regex::new(&m.regex), lookup(&m.pointer)) {
-                    (Err(e), _) => {
-                        failures.push(fail("matches", &m.pointer, expected, format!("(invalid regex: {e})")))
-                    }
-                    (Ok(re), Ok(v)) => {
-                        let text = match v {
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        if !re.is_match(&text) {
-                            failures.push(fail("matches", &m.pointer, expected, v.to_string()));
-                        }
-                    }
-                    (Ok(_), Err(actual)) => failures.push(fail("matches", &m.pointer, expected, actual)),
-                }
-            }
-        }
+    assertions.iter().filter_map(|a| judge(a.kind.as_ref(), status, &json)).collect()
+}
+
+fn fail(name: &str, pointer: &str, expected: String, actual: String) -> AssertionFailure {
+    AssertionFailure { assertion: name.to_owned(), pointer: pointer.to_owned(), expected, actual }
+}
+
+/// Looks a pointer up; `Err(actual)` describes why there is no value.
+fn lookup<'j>(json: &'j Result<Value, String>, pointer: &str) -> Result<&'j Value, String> {
+    match json {
+        Err(e) => Err(e.clone()),
+        Ok(doc) => doc.pointer(pointer).ok_or_else(|| "(missing)".to_owned()),
     }
-    failures
+}
+
+/// One assertion against the response; `None` when it holds.
+fn judge(kind: Option<&assertion::Kind>, status: u16, json: &Result<Value, String>) -> Option<AssertionFailure> {
+    // Fail closed: an assertion this agent cannot read (a newer
+    // controller's kind) is never a silent pass.
+    let Some(kind) = kind else {
+        let what = "(an assertion kind this agent does not know)".to_owned();
+        return Some(fail("unknown", "", what, "(not judged: upgrade the agent)".into()));
+    };
+    let actual = |pointer: &str| lookup(json, pointer).map_or_else(|e| e, |v| v.to_string());
+    match kind {
+        assertion::Kind::Status(want) => {
+            (u32::from(status) != *want).then(|| fail("status", "", want.to_string(), status.to_string()))
+        }
+        assertion::Kind::JsonEquals(eq) => {
+            let Ok(expected) = serde_json::from_str::<Value>(&eq.value_json) else {
+                return Some(fail("equals", &eq.pointer, invalid(&eq.value_json), actual(&eq.pointer)));
+            };
+            let holds = lookup(json, &eq.pointer).is_ok_and(|v| *v == expected);
+            (!holds).then(|| fail("equals", &eq.pointer, expected.to_string(), actual(&eq.pointer)))
+        }
+        assertion::Kind::JsonOneOf(one) => {
+            let parsed: Result<Vec<Value>, &String> =
+                one.values_json.iter().map(|v| serde_json::from_str(v).map_err(|_| v)).collect();
+            let options = match parsed {
+                Ok(o) => o,
+                Err(bad) => return Some(fail("one_of", &one.pointer, invalid(bad), actual(&one.pointer))),
+            };
+            let holds = lookup(json, &one.pointer).is_ok_and(|v| options.contains(v));
+            let expected = format!("one of {}", Value::Array(options));
+            (!holds).then(|| fail("one_of", &one.pointer, expected, actual(&one.pointer)))
+        }
+        assertion::Kind::JsonNotEmpty(pointer) => {
+            let holds = lookup(json, pointer).is_ok_and(|v| !is_empty(v));
+            (!holds).then(|| fail("not_empty", pointer, "a non-empty value".into(), actual(pointer)))
+        }
+        assertion::Kind::JsonMatches(m) => judge_matches(m, json),
+    }
+}
+
+fn judge_matches(m: &proto::JsonMatches, json: &Result<Value, String>) -> Option<AssertionFailure> {
+    let expected = format!("a match for /{}/", m.regex);
+    let re = match regex::Regex::new(&m.regex) {
+        Ok(re) => re,
+        Err(e) => return Some(fail("matches", &m.pointer, expected, format!("(invalid regex: {e})"))),
+    };
+    match lookup(json, &m.pointer) {
+        Ok(v) => {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (!re.is_match(&text)).then(|| fail("matches", &m.pointer, expected, v.to_string()))
+        }
+        Err(actual) => Some(fail("matches", &m.pointer, expected, actual)),
+    }
+}
+
+/// An expected value that is not JSON is a failure, never a comparison with null.
+fn invalid(value: &str) -> String {
+    format!("(invalid expected value {value})")
 }
 
 fn is_empty(v: &Value) -> bool {
@@ -294,5 +303,28 @@ mod tests {
     fn a_non_json_body_fails_json_assertions_with_the_reason() {
         let f = evaluate(&[a(assertion::Kind::JsonNotEmpty("/x".into()))], 200, b"<html>");
         assert!(f[0].actual.starts_with("response is not JSON"), "{:?}", f[0]);
+    }
+
+    #[test]
+    fn an_assertion_this_agent_cannot_judge_fails_closed() {
+        let eq = |v: &str| a(assertion::Kind::JsonEquals(JsonEquals { pointer: "/x".into(), value_json: v.into() }));
+        let one_of = |v: &str| {
+            a(assertion::Kind::JsonOneOf(JsonOneOf { pointer: "/x".into(), values_json: vec!["1".into(), v.into()] }))
+        };
+        let body = br#"{"x": null}"#;
+        // (assertion, expected failure "name expected actual")
+        let table = [
+            (
+                Assertion { kind: None },
+                "unknown (an assertion kind this agent does not know) (not judged: upgrade the agent)",
+            ),
+            (eq("{not json"), "equals (invalid expected value {not json) null"),
+            (one_of("nope"), "one_of (invalid expected value nope) null"),
+        ];
+        for (assertion, want) in table {
+            let f = evaluate(std::slice::from_ref(&assertion), 200, body);
+            let got: Vec<String> = f.iter().map(|f| format!("{} {} {}", f.assertion, f.expected, f.actual)).collect();
+            assert_eq!(got, [want], "{assertion:?}");
+        }
     }
 }
