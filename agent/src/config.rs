@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::Stage;
-use proto::parse_duration as duration;
 use serde::Deserialize;
 
 use crate::probe::{HealthJson, Protocol};
@@ -305,6 +304,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("agent config {path}: {key}: {message}")]
     Invalid { path: PathBuf, key: String, message: String },
+    #[error(
+        "{LOAD_TIMEOUT_ENV}={value:?} in the agent's environment is not a positive number of seconds; write e.g. 900, or unset it"
+    )]
+    Env { value: String },
 }
 
 impl Config {
@@ -565,8 +568,28 @@ fn bad_loading_stage(value: &str) -> String {
     )
 }
 
+/// A configured duration: parsed and never zero (a zero interval panics a
+/// timer or spins a loop).
+fn duration(value: &str) -> Option<Duration> {
+    proto::parse_duration(value).filter(|d| !d.is_zero())
+}
+
 fn bad_duration(value: &str) -> String {
+    if proto::parse_duration(value).is_some() {
+        return format!("{value:?} must be greater than zero");
+    }
     format!("{value:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"1h\"")
+}
+
+/// `MODEL_LOADING_TIMEOUT` as the agent reads it (seconds): checked once at
+/// start, so a typo is an error rather than a silently ignored setting, and
+/// zero never fails every load.
+pub fn check_load_timeout_env(value: Option<&str>) -> Result<(), ConfigError> {
+    let Some(v) = value else { return Ok(()) };
+    match v.trim().parse::<f64>() {
+        Ok(secs) if secs > 0.0 && Duration::try_from_secs_f64(secs).is_ok() => Ok(()),
+        _ => Err(ConfigError::Env { value: v.to_owned() }),
+    }
 }
 
 /// Load timeout precedence below the controller's override (which carries the
@@ -651,6 +674,39 @@ load = "endpoint"
         assert_eq!(s.models[0].ram_bytes, 300 * 1024 * 1024);
         assert_eq!(s.models[1].load, LoadMode::Endpoint);
         assert_eq!(s.readiness.poll_ceiling, DEFAULT_POLL_CEILING);
+    }
+
+    #[test]
+    fn zero_durations_that_would_spin_or_panic_are_refused() {
+        let cases = [
+            ("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\ntelemetry_interval = \"0s\"", "telemetry_interval"),
+            (
+                "stop_grace = \"2s\"",
+                "stop_grace = \"2s\"\nreadiness = { poll_ceiling = \"0s\" }",
+                "readiness.poll_ceiling",
+            ),
+            ("timeout = \"5m\"", "timeout = \"0s\"", "(nllb).timeout"),
+            (
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nkeepalive_interval = \"0ms\"",
+                "keepalive_interval",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let err = Config::parse(&GOOD.replace(from, to), Path::new("agent.toml")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("must be greater than zero"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_agents_model_loading_timeout_must_be_a_positive_number_of_seconds() {
+        // (value, accepted)
+        for (value, ok) in [("900", true), ("2.5", true), (" 60 ", true), ("abc", false), ("0", false), ("-5", false)] {
+            assert_eq!(check_load_timeout_env(Some(value)).is_ok(), ok, "{value:?}");
+        }
+        assert!(check_load_timeout_env(None).is_ok());
+        let err = check_load_timeout_env(Some("abc")).unwrap_err().to_string();
+        assert!(err.contains("MODEL_LOADING_TIMEOUT=\"abc\"") && err.contains("seconds"), "{err}");
     }
 
     #[test]

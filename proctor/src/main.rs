@@ -363,6 +363,11 @@ async fn async_main(command: Command) -> ExitCode {
 }
 
 async fn run_agent(config: &std::path::Path) -> ExitCode {
+    let env_timeout = std::env::var(agent::config::LOAD_TIMEOUT_ENV).ok();
+    if let Err(e) = agent::config::check_load_timeout_env(env_timeout.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(64);
+    }
     let config = match agent::Config::load(config) {
         Ok(c) => c,
         Err(e) => {

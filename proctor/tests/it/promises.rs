@@ -345,3 +345,15 @@ async fn suites_of_one_run_on_one_service_take_turns() {
         report.summary()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_a_junk_model_loading_timeout_refuses_to_start() {
+    let out = Scratch::new("agent-env");
+    let config = out.write("agent.toml", "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n");
+    for value in ["abc", "0"] {
+        let o =
+            proctor(&["agent", "--config", &config.display().to_string()], &[("MODEL_LOADING_TIMEOUT", value)]).await;
+        assert_eq!(o.status.code(), Some(64), "{value}: {}", text(&o));
+        assert!(text(&o).contains(&format!("MODEL_LOADING_TIMEOUT={value:?}")), "{}", text(&o));
+    }
+}
