@@ -231,23 +231,19 @@ fn tail(
         if file.seek(SeekFrom::Start(offset)).is_err() {
             return;
         }
-        let mut pending = Vec::new();
+        let mut lines = Lines::default();
         loop {
             // Asked to finish, or the asker is gone: read what is left and stop.
             let last = !matches!(finished.try_recv(), Err(oneshot::error::TryRecvError::Empty));
             let mut chunk = Vec::new();
             let _ = file.read_to_end(&mut chunk);
-            pending.extend_from_slice(&chunk);
-            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
-                let line = String::from_utf8_lossy(&pending[..i]).into_owned();
-                pending.drain(..=i);
+            for line in lines.push(&chunk) {
                 if tx.send(Internal::Log { generation, stream: "output", line }).is_err() {
                     return;
                 }
             }
             if last {
-                if !pending.is_empty() {
-                    let line = String::from_utf8_lossy(&pending).into_owned();
+                if let Some(line) = lines.finish() {
                     let _ = tx.send(Internal::Log { generation, stream: "output", line });
                 }
                 return;
@@ -256,6 +252,59 @@ fn tail(
         }
     });
     (finish, task)
+}
+
+/// The longest line passed on; the rest of a longer one is dropped (a
+/// progress bar without line ends must not grow one line to megabytes).
+pub(super) const MAX_LINE: usize = 4096;
+
+/// Splits service output into lines. `\n`, `\r\n` and a lone `\r` all end
+/// a line: tqdm-style bars (downloads, "Loading checkpoint shards") redraw
+/// with `\r`, and each redraw is a line for pattern matching. Empty
+/// redraws are skipped; over-long lines are cut at `MAX_LINE`.
+#[derive(Debug, Default)]
+pub(super) struct Lines {
+    pending: Vec<u8>,
+    /// The last byte seen was `\r`: a `\n` right after it ends nothing.
+    after_cr: bool,
+    /// The current line was already cut and sent: drop until its end.
+    cut: bool,
+}
+
+impl Lines {
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
+            match b {
+                b'\n' if after_cr => {}
+                b'\n' | b'\r' => {
+                    if !self.cut && (b == b'\n' || !self.pending.is_empty()) {
+                        out.push(String::from_utf8_lossy(&self.pending).into_owned());
+                    }
+                    self.pending.clear();
+                    self.cut = false;
+                }
+                _ if self.cut => {}
+                _ => {
+                    self.pending.push(b);
+                    if self.pending.len() == MAX_LINE {
+                        let head = String::from_utf8_lossy(&self.pending);
+                        out.push(format!("{head} … (line cut at {MAX_LINE} bytes)"));
+                        self.pending.clear();
+                        self.cut = true;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What is left without a line end, once the output is closed.
+    pub(super) fn finish(&mut self) -> Option<String> {
+        let rest = std::mem::take(&mut self.pending);
+        (!rest.is_empty() && !self.cut).then(|| String::from_utf8_lossy(&rest).into_owned())
+    }
 }
 
 async fn finish_tail(finish: oneshot::Sender<()>, tail: tokio::task::JoinHandle<()>) {

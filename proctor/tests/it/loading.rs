@@ -327,3 +327,29 @@ async fn each_protocol_follows_its_golden_responses_served_over_http() {
         assert!(last.cause.starts_with(&format!("{what}: status=")), "{what}: {last:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_progress_bar_redrawn_with_carriage_returns_moves_the_stage_while_it_runs() {
+    // tqdm-style output: one redrawn line, no `\n` until the bar ends (never, here).
+    let script = r"printf 'Fetching 3 files: 100%%\n'; for p in 10 20 30 40; do printf 'Loading checkpoint shards: %s%%|#   |\r' $p; sleep 0.3; done; exec sleep 600";
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\n\
+         [[service.model]]\nname = \"nllb\"\nlog_patterns = {{ DOWNLOADING = \"Fetching .* files\", LOADING_WEIGHTS = \"Loading checkpoint shards\" }}\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let started = Instant::now();
+    let redraw = |e: &Event, pct: &str| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line.contains(pct));
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(10), |e| redraw(e, "40%")).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "seen while the bar runs: {:?}", started.elapsed());
+    let cause = stage_event(first(&events, "nllb", Stage::LoadingWeights)).unwrap().cause.clone();
+    assert!(cause.contains("Loading checkpoint shards"), "{cause}");
+    let logs: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::Log(l)) => Some(l.line.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(logs.iter().any(|l| l == "Loading checkpoint shards: 10%|#   |"), "each redraw is a line: {logs:?}");
+}
