@@ -764,7 +764,8 @@ fn apply(
                 v.restarts += 1;
                 v.last_seq = s.next_seq.saturating_sub(1);
                 v.events_applied = 0;
-                v.results.clear();
+                // Results already received stay: they are real answers under
+                // their lease epoch; only what was still running is lost.
             } else if first {
                 v.last_seq = s.next_seq.saturating_sub(1);
             }

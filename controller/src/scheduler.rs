@@ -66,6 +66,11 @@ pub fn unreachable(name: &str, labels: &[String], reason: &str) -> Host {
     down(name, labels, Reach::Down(reason.to_owned()))
 }
 
+/// A host that answers but not now (slow handshake, no snapshot yet).
+pub fn slow(name: &str, labels: &[String], reason: &str) -> Host {
+    down(name, labels, Reach::Slow(reason.to_owned()))
+}
+
 /// A host this run reached before and has lost: worth waiting for.
 pub fn lost(name: &str, labels: &[String], reason: &str) -> Host {
     down(name, labels, Reach::Lost(reason.to_owned()))

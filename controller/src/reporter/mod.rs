@@ -49,13 +49,17 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     let mut trace = trace::Trace::new(&config.otel);
     let mut tick = tokio::time::interval(terminal.period());
     let mut refused = false;
+    let mut wrote_partial = false;
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = tick.tick() => { terminal.tick(); continue; }
-            _ = config.again.cancelled(), if config.partial.borrow().is_none() => {
-                let path = junit.write_partial();
-                config.partial.send_replace(Some(path.unwrap_or_default()));
+            _ = config.again.cancelled(), if !wrote_partial => {
+                // Announced only when written: `None` stays, and the caller says so.
+                if let Some(path) = junit.write_partial() {
+                    config.partial.send_replace(Some(path));
+                }
+                wrote_partial = true;
                 continue;
             }
         };
@@ -71,17 +75,24 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     if refused {
         return Outputs::default();
     }
-    let (trace_path, warnings) = trace.finish(&config.out_dir).await;
-    for w in warnings {
-        terminal.warn(&w);
-    }
+    // JUnit first: a second Ctrl-C during a slow trace export still finds
+    // the report written, and is told where.
     let junit_path = match junit.finish() {
-        Ok(p) => Some(p),
+        Ok(p) => {
+            if config.partial.borrow().is_none() {
+                config.partial.send_replace(Some(p.clone()));
+            }
+            Some(p)
+        }
         Err(e) => {
             terminal.error(&e);
             None
         }
     };
+    let (trace_path, warnings) = trace.finish(&config.out_dir).await;
+    for w in warnings {
+        terminal.warn(&w);
+    }
     let report = junit.report();
     terminal.summary(&report, junit_path.as_deref(), trace_path.as_deref());
     Outputs { report, junit: junit_path, trace: trace_path }

@@ -31,6 +31,8 @@ pub struct Trace {
     counts: [i64; 3],
     /// Case names by suite, for spans of lost attempts.
     names: Vec<Vec<String>>,
+    /// Cases whose final span exists: the first result is the one traced.
+    traced: std::collections::HashSet<(usize, usize)>,
 }
 
 impl Trace {
@@ -45,6 +47,7 @@ impl Trace {
             loads: BTreeMap::new(),
             counts: [0; 3],
             names: Vec::new(),
+            traced: Default::default(),
         }
     }
 
@@ -156,23 +159,22 @@ impl Trace {
     fn lost_case(&mut self, suite: usize, case: usize, try_id: SpanId, attempt: u32, reason: &str) {
         let tracer = self.telemetry.tracer().clone();
 
-        let Some(parent) = self.parent(suite, Some(try_id)) else { return };
+        let Some(parent) = self.parent(suite, Some(try_id)).cloned() else { return };
         let name = self.names.get(suite).and_then(|n| n.get(case)).cloned().unwrap_or_default();
-        let span = otel::start(
-            &tracer,
-            format!("case {name}"),
-            Some(parent),
-            None,
-            vec![
-                KeyValue::new("proctor.case.name", name),
-                KeyValue::new("proctor.case.attempt", i64::from(attempt)),
-                KeyValue::new("proctor.case.outcome", "lost"),
-            ],
-            vec![],
-        );
+        let attributes = vec![
+            KeyValue::new("proctor.case.name", name.clone()),
+            KeyValue::new("proctor.case.attempt", i64::from(attempt)),
+            KeyValue::new("proctor.case.outcome", "lost"),
+        ];
+        let name = format!("case {name}");
+        let now = std::time::SystemTime::now();
+        // A sent case keeps the id its traceparent carried.
+        let span = match self.started.remove(&(suite, case)) {
+            Some(id) => otel::start_with_id(&tracer, id, name, &parent, now, attributes, vec![]),
+            None => otel::start(&tracer, name, Some(&parent), Some(now), attributes, vec![]),
+        };
         span.fail(&format!("host lost: {reason}"));
         span.end();
-        self.started.remove(&(suite, case));
         self.lost.entry((suite, case)).or_default().push(span.span_context());
     }
 
@@ -224,6 +226,9 @@ impl Trace {
     /// A case's span, with the id its traceparent announced, at the times
     /// the agent ran it.
     fn case_span(&mut self, suite: usize, case: usize, try_id: Option<SpanId>, report: &CaseReport) {
+        if !self.traced.insert((suite, case)) {
+            return;
+        }
         let tracer = self.telemetry.tracer().clone();
         let bad = report.outcome != Outcome::Passed;
         self.counts[match report.outcome {
@@ -241,9 +246,11 @@ impl Trace {
         let links = self.lost.remove(&(suite, case)).unwrap_or_default().into_iter().map(Link::with_context).collect();
         let name = format!("case {}", report.name);
         let at = otel::unix_ms_to_time;
+        // The id its traceparent carried, whether or not it ran: the agent's
+        // and the service's spans point at it.
         let span = match self.started.remove(&(suite, case)) {
-            Some(id) if ran => otel::start_with_id(&tracer, id, name, &parent, at(start), attributes, links),
-            _ => otel::start(&tracer, name, Some(&parent), Some(at(start)), attributes, links),
+            Some(id) => otel::start_with_id(&tracer, id, name, &parent, at(start), attributes, links),
+            None => otel::start(&tracer, name, Some(&parent), Some(at(start)), attributes, links),
         };
         if bad {
             span.fail(&report.headline());

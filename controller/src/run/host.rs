@@ -41,6 +41,8 @@ pub struct TryOutcome {
     /// Not this time (busy, no memory): these cases go back to the planner.
     pub retry: Option<Retry>,
     pub interrupted: bool,
+    /// The agent no longer honours the lease this try used: take a new one.
+    pub drop_lease: bool,
 }
 
 #[derive(Debug)]
@@ -65,14 +67,18 @@ pub async fn run_try(ctx: &Ctx, suite: &Suite, plan: TryPlan) -> TryOutcome {
         let reason = format!("host {} is not connected", slot.entry.name);
         return TryOutcome { retry: Some(retry(&plan, reason, false)), ..Default::default() };
     };
-    let turn = tokio::select! {
-        _ = ctx.cancel.cancelled() => return interrupted(),
-        t = ctx.leases.turn(plan.host, &suite.service) => t,
+    let Some(turn) = ctx.leases.try_turn(plan.host, &suite.service) else {
+        let reason = format!("{}: service {} is in use by another suite of this run", agent.name, suite.service);
+        return TryOutcome { retry: Some(retry(&plan, reason, false)), ..Default::default() };
     };
+    let incarnation = view.borrow().incarnation.clone();
+    // Not raced against Ctrl-C: a grant we never heard of would linger for
+    // a TTL. The call is bounded, and nothing follows it once interrupted.
+    let held = ctx.leases.lease(&turn, &agent, &suite.service, &incarnation).await;
     if ctx.cancel.is_cancelled() {
         return interrupted();
     }
-    let held = match ctx.leases.lease(&turn, &agent, &suite.service).await {
+    let held = match held {
         Ok(h) => h,
         Err(e) if matches!(e.kind(), Failure::Busy | Failure::Lost) => {
             return TryOutcome { retry: Some(retry(&plan, e.to_string(), false)), ..Default::default() };
@@ -86,10 +92,9 @@ pub async fn run_try(ctx: &Ctx, suite: &Suite, plan: TryPlan) -> TryOutcome {
         service: suite.service.clone(),
         epoch: held.lease.epoch,
     });
-    let host =
-        Host { ctx, agent: &agent, held: &held, suite, plan: &plan, incarnation: view.borrow().incarnation.clone() };
+    let host = Host { ctx, agent: &agent, held: &held, suite, plan: &plan, incarnation };
     let outcome = host.ensure_and_run(view).await;
-    if outcome.lost.is_some() {
+    if outcome.lost.is_some() || outcome.drop_lease {
         ctx.leases.forget(&turn);
     }
     outcome
@@ -182,7 +187,11 @@ impl Host<'_> {
         };
         let asked_ms = client::now_unix_ms();
         let traceparent = ctx.traceparent(self.plan.try_id);
-        let barrier = match self.agent.ensure(&self.held.lease, &ask, &traceparent).await {
+        let ensured = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Err(self.interrupted_all("interrupted while asking for the models")),
+            r = self.agent.ensure(&self.held.lease, &ask, &traceparent) => r,
+        };
+        let barrier = match ensured {
             Ok(b) => b,
             Err(e) => return Err(self.ensure_failed(&e)),
         };
@@ -207,15 +216,7 @@ impl Host<'_> {
         };
         match waited {
             Ok(snapshot) => Ok((snapshot, asked_ms)),
-            Err(Stop::Interrupted) => Err(TryOutcome {
-                results: self
-                    .case_ids()
-                    .iter()
-                    .map(|i| (*i, error_on(self.agent, "interrupted while waiting for models to load")))
-                    .collect(),
-                interrupted: true,
-                ..Default::default()
-            }),
+            Err(Stop::Interrupted) => Err(self.interrupted_all("interrupted while waiting for models to load")),
             Err(Stop::Lost(reason)) => Err(TryOutcome {
                 lost: Some(Lost { reason, sent: vec![], unsent: self.case_ids() }),
                 ..Default::default()
@@ -223,13 +224,25 @@ impl Host<'_> {
         }
     }
 
+    fn interrupted_all(&self, message: &str) -> TryOutcome {
+        let results = self.case_ids().iter().map(|i| (*i, error_on(self.agent, message))).collect();
+        TryOutcome { results, interrupted: true, ..Default::default() }
+    }
+
     fn ensure_failed(&self, e: &client::ClientError) -> TryOutcome {
         match e.kind() {
+            // The agent forgot our lease (it expired, or the agent restarted
+            // between tries): not a lost host; plan again with a new lease.
+            Failure::Stale => TryOutcome {
+                retry: Some(retry(self.plan, format!("{}: {e}", self.agent.name), false)),
+                drop_lease: true,
+                ..Default::default()
+            },
             Failure::NoRoom => TryOutcome {
                 retry: Some(retry(self.plan, format!("{}: {e}", self.agent.name), true)),
                 ..Default::default()
             },
-            Failure::Lost | Failure::Stale => TryOutcome {
+            Failure::Lost => TryOutcome {
                 lost: Some(Lost {
                     reason: format!("host {} lost: {e}", self.agent.name),
                     sent: vec![],
@@ -336,7 +349,16 @@ impl Host<'_> {
             })
             .collect();
         let sent: Vec<usize> = cases.iter().map(|(i, _)| *i).collect();
-        if let Err(e) = self.agent.run_cases(&self.held.lease, to_run, &ctx.traceparent(self.plan.try_id)).await {
+        let traceparent = ctx.traceparent(self.plan.try_id);
+        let called = tokio::select! {
+            _ = ctx.cancel.cancelled() => {
+                out.interrupted = true;
+                out.results.extend(sent.iter().map(|i| (*i, error_on(self.agent, "interrupted before the case finished"))));
+                return None;
+            }
+            r = self.agent.run_cases(&self.held.lease, to_run, &traceparent) => r,
+        };
+        if let Err(e) = called {
             match e.kind() {
                 Failure::Lost | Failure::Stale => {
                     // Whether or not the agent got them, these cases go elsewhere;

@@ -3,6 +3,7 @@
 //! its renewal, and noticing when the agent no longer honours it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ type Key = (usize, String);
 #[derive(Clone, Debug)]
 pub struct Held {
     pub lease: Lease,
+    /// The agent incarnation that granted it: a restarted agent knows it not.
+    pub incarnation: String,
     /// Cancelled when the lease is released, lost or the run stops.
     pub ended: CancellationToken,
 }
@@ -26,6 +29,20 @@ pub struct Held {
 struct Slot {
     turn: Arc<Semaphore>,
     held: Mutex<Option<Held>>,
+    /// Tries of this run placed here and not finished.
+    claims: AtomicUsize,
+}
+
+/// One try placed on a (host, service), counted from the moment it is
+/// planned until the try ends (dropped), so suites planned at the same time
+/// spread over equally good hosts.
+#[derive(Debug)]
+pub struct Claim(Arc<Slot>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.claims.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The right to use one service of one host now. Dropping it passes the turn on.
@@ -38,6 +55,9 @@ pub struct Turn {
 #[derive(Debug)]
 pub struct LeaseBook {
     slots: Mutex<BTreeMap<Key, Arc<Slot>>>,
+    /// Held while a suite plans and claims, so two suites never plan on the
+    /// same counts.
+    placing: Mutex<()>,
     run_id: String,
     holder: String,
     ttl: Duration,
@@ -47,48 +67,80 @@ pub struct LeaseBook {
 
 impl LeaseBook {
     pub fn new(run_id: &str, holder: &str, ttl: Duration, events: Events, stop: CancellationToken) -> LeaseBook {
-        LeaseBook { slots: Mutex::default(), run_id: run_id.to_owned(), holder: holder.to_owned(), ttl, events, stop }
+        LeaseBook {
+            slots: Mutex::default(),
+            placing: Mutex::default(),
+            run_id: run_id.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            events,
+            stop,
+        }
     }
 
     fn slot(&self, host: usize, service: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("lease slots");
         slots
             .entry((host, service.to_owned()))
-            .or_insert_with(|| Arc::new(Slot { turn: Arc::new(Semaphore::new(1)), held: Mutex::default() }))
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    turn: Arc::new(Semaphore::new(1)),
+                    held: Mutex::default(),
+                    claims: AtomicUsize::new(0),
+                })
+            })
             .clone()
     }
 
-    /// How many of this run's tries use or wait for this (host, service):
-    /// the planner spreads suites over equally good hosts with it.
-    pub fn queued(&self, host: usize, service: &str) -> usize {
+    /// Planning and claiming happen under this guard (synchronous code only).
+    pub fn placing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.placing.lock().expect("placing")
+    }
+
+    /// How many of this run's tries are placed on this (host, service).
+    pub fn claims(&self, host: usize, service: &str) -> usize {
         let slot = self.slots.lock().expect("lease slots").get(&(host, service.to_owned())).cloned();
-        slot.map_or(0, |s| Arc::strong_count(&s.turn) - 1)
+        slot.map_or(0, |s| s.claims.load(Ordering::SeqCst))
     }
 
-    /// Waits for this run's turn on the service (cancel-safe: the caller
-    /// selects it against the run's interrupt).
-    pub async fn turn(&self, host: usize, service: &str) -> Turn {
+    pub fn claim(&self, host: usize, service: &str) -> Claim {
         let slot = self.slot(host, service);
-        let semaphore = slot.turn.clone();
-        let permit = semaphore.acquire_owned().await.expect("never closed");
-        Turn { _permit: permit, slot }
+        slot.claims.fetch_add(1, Ordering::SeqCst);
+        Claim(slot)
     }
 
-    /// The lease for this turn: the one held, or a new one from the agent,
-    /// kept renewed until it ends.
-    pub async fn lease(&self, turn: &Turn, agent: &Agent, service: &str) -> Result<Held, ClientError> {
-        if let Some(held) = turn.slot.held.lock().expect("held").clone().filter(|h| !h.ended.is_cancelled()) {
+    /// This run's turn on the service, if no other try of the run has it.
+    /// A try never queues here: it goes back to the planner, which may find
+    /// another host and bounds the wait (`--max-wait`).
+    pub fn try_turn(&self, host: usize, service: &str) -> Option<Turn> {
+        let slot = self.slot(host, service);
+        let permit = slot.turn.clone().try_acquire_owned().ok()?;
+        Some(Turn { _permit: permit, slot })
+    }
+
+    /// The lease for this turn: the one held (if the agent that granted it
+    /// is still the one answering), or a new one, kept renewed until it ends.
+    pub async fn lease(
+        &self,
+        turn: &Turn,
+        agent: &Agent,
+        service: &str,
+        incarnation: &str,
+    ) -> Result<Held, ClientError> {
+        let current = turn.slot.held.lock().expect("held").clone();
+        if let Some(held) = current.filter(|h| !h.ended.is_cancelled() && h.incarnation == incarnation) {
             return Ok(held);
         }
+        self.forget(turn);
         let lease = agent.acquire(service, &self.run_id, &self.holder, self.ttl).await?;
-        let held = Held { lease, ended: self.stop.child_token() };
+        let held = Held { lease, incarnation: incarnation.to_owned(), ended: self.stop.child_token() };
         *turn.slot.held.lock().expect("held") = Some(held.clone());
         tokio::spawn(renew(agent.clone(), held.clone(), self.ttl, self.events.clone()));
         Ok(held)
     }
 
-    /// The host under this turn is lost: stop renewing there, and take a
-    /// new lease if it comes back.
+    /// The lease under this turn is gone (host lost, agent restarted, lease
+    /// refused): stop renewing it, and take a new one next time.
     pub fn forget(&self, turn: &Turn) {
         if let Some(h) = turn.slot.held.lock().expect("held").take() {
             h.ended.cancel();

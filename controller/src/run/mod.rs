@@ -112,10 +112,11 @@ impl Ctx {
         format!("00-{}-{span}-01", self.trace_id)
     }
 
-    /// Every host as the planner should see it now, for one service.
-    async fn host_views(&self, service: &str) -> Vec<scheduler::Host> {
+    /// Every host as the planner should see it now (its `own_queue` is the
+    /// caller's to fill, right before planning).
+    async fn host_views(&self) -> Vec<scheduler::Host> {
         let mut hosts = Vec::new();
-        for (i, slot) in self.hosts.iter().enumerate() {
+        for slot in &self.hosts {
             let (name, labels) = (&slot.entry.name, &slot.entry.labels);
             let (Some(agent), Some(view)) = (&slot.agent, &slot.view) else {
                 let reason = slot.unreachable.clone().unwrap_or_else(|| "not connected".into());
@@ -127,14 +128,16 @@ impl Ctx {
                 hosts.push(scheduler::lost(name, labels, lost));
                 continue;
             }
+            if view.incarnation.is_empty() || self.cancel.is_cancelled() {
+                hosts.push(scheduler::slow(name, labels, "no snapshot from its agent yet"));
+                continue;
+            }
             let mut agent = agent.clone();
-            let mut host = match tokio::time::timeout(INFO_TIMEOUT, agent.refresh_info()).await {
+            hosts.push(match tokio::time::timeout(INFO_TIMEOUT, agent.refresh_info()).await {
                 Ok(Ok(())) => scheduler::host_view(name, labels, &agent.info, &view),
-                Ok(Err(e)) => scheduler::lost(name, labels, &e.to_string()),
-                Err(_) => scheduler::lost(name, labels, "no answer within 2s"),
-            };
-            host.own_queue = self.leases.queued(i, service);
-            hosts.push(host);
+                Ok(Err(e)) => scheduler::slow(name, labels, &e.to_string()),
+                Err(_) => scheduler::slow(name, labels, "no answer within 2s"),
+            });
         }
         hosts
     }

@@ -14,12 +14,15 @@ use super::Ctx;
 use super::casebook::{CaseBook, OnLost};
 use super::events::RunEvent;
 use super::host::{self, TryOutcome, TryPlan};
+use super::leases::Claim;
 use crate::report::CaseReport;
 use crate::scheduler::{self, Need, Plan};
 use crate::suite::{self, Suite};
 
 /// How often a waiting suite looks again.
 const REPLAN_EVERY: Duration = Duration::from_secs(1);
+/// A suite still waiting for the same reasons says so again this often.
+const SAY_WAITING_EVERY: Duration = Duration::from_secs(10);
 /// An agent refusing a load the planner thought would fit, this many times
 /// in a row, ends the suite with the agent's message.
 const MAX_REFUSALS: u32 = 3;
@@ -49,6 +52,9 @@ struct SuiteRun<'a> {
     in_flight: BTreeMap<Id, Vec<usize>>,
     waiting_since: Option<Instant>,
     last_reasons: Vec<String>,
+    last_said: Option<Instant>,
+    /// After a try came back (busy, refused), when to plan again.
+    retry_at: Option<Instant>,
     refusals: u32,
 }
 
@@ -64,6 +70,8 @@ pub async fn run_suite(ctx: Arc<Ctx>, index: usize, suite: Suite) {
         in_flight: BTreeMap::new(),
         waiting_since: None,
         last_reasons: Vec::new(),
+        last_said: None,
+        retry_at: None,
         refusals: 0,
     };
     run.drive().await;
@@ -83,13 +91,15 @@ impl SuiteRun<'_> {
                 self.fill("no result: the run ended before this case ran");
                 return;
             }
-            let must_wait = !pending.is_empty() && !self.place(&pending).await;
+            let pause = self.retry_at.filter(|at| *at > Instant::now());
+            let must_wait = !pending.is_empty() && (pause.is_some() || !self.place(&pending).await);
             if !must_wait && self.tries.is_empty() {
                 continue; // settled without a try (unsatisfiable, gave up): look again
             }
+            let wake = pause.unwrap_or_else(|| Instant::now() + REPLAN_EVERY);
             tokio::select! {
                 Some(joined) = self.tries.join_next_with_id(), if !self.tries.is_empty() => self.joined(joined),
-                _ = tokio::time::sleep(REPLAN_EVERY), if must_wait => {}
+                _ = tokio::time::sleep_until(wake), if must_wait => {}
                 _ = self.ctx.cancel.cancelled() => {}
             }
         }
@@ -97,25 +107,49 @@ impl SuiteRun<'_> {
 
     /// Plans the pending cases; true if they were placed (or settled).
     async fn place(&mut self, pending: &[usize]) -> bool {
-        let hosts = self.ctx.host_views(&self.suite.service).await;
+        let mut hosts = self.ctx.host_views().await;
         let need = need(self.ctx, self.suite);
-        match scheduler::plan::plan(&need, pending.len(), &hosts, &self.ctx.run_id) {
-            Plan::Place(assignments) => {
-                self.waiting_since = None;
-                for a in assignments {
-                    let cases: Vec<usize> = a.cases.iter().map(|i| pending[*i]).collect();
-                    self.spawn_try(a.host, cases);
-                }
-                true
+        let service = &self.suite.service;
+        // Plan on this run's current placements and claim at once, so suites
+        // planning at the same moment spread instead of piling up.
+        let placing = self.ctx.leases.placing();
+        for (i, host) in hosts.iter_mut().enumerate() {
+            host.own_queue = self.ctx.leases.claims(i, service);
+        }
+        let plan = scheduler::plan::plan(&need, pending.len(), &hosts, &self.ctx.run_id);
+        if let Plan::Place(assignments) = &plan {
+            self.waiting_since = None;
+            for a in assignments {
+                let cases: Vec<usize> = a.cases.iter().map(|i| pending[*i]).collect();
+                let claim = self.ctx.leases.claim(a.host, service);
+                self.spawn_try(a.host, cases, claim);
             }
+        }
+        drop(placing);
+        match plan {
+            Plan::Place(_) => true,
             Plan::Wait { reasons, only_lost } => self.wait(reasons, only_lost),
             Plan::Unsatisfiable(why) => {
                 let text =
                     format!("unsatisfiable: no host could ever run suite {}:\n  {}", self.suite.name, why.join("\n  "));
                 self.ctx.events.send(RunEvent::GaveUpWaiting { suite: self.index, reason: text.clone() });
-                self.fill(&text);
+                // Only what waits: cases a try is running keep their try.
+                for i in self.book.pending() {
+                    self.finish(i, CaseReport::error("", "", text.clone()), None);
+                }
                 true
             }
+        }
+    }
+
+    /// Announces why the suite waits: when the reasons change, and again
+    /// every `SAY_WAITING_EVERY` while they do not.
+    fn say_waiting(&mut self, reasons: Vec<String>) {
+        let due = self.last_said.is_none_or(|at| at.elapsed() >= SAY_WAITING_EVERY);
+        if reasons != self.last_reasons || due {
+            self.ctx.events.send(RunEvent::Waiting { suite: self.index, reasons: reasons.clone() });
+            self.last_reasons = reasons;
+            self.last_said = Some(Instant::now());
         }
     }
 
@@ -124,10 +158,7 @@ impl SuiteRun<'_> {
     /// reconnect grace when the only hosts that could run it are lost.
     fn wait(&mut self, reasons: Vec<String>, only_lost: bool) -> bool {
         let since = *self.waiting_since.get_or_insert_with(Instant::now);
-        if reasons != self.last_reasons {
-            self.ctx.events.send(RunEvent::Waiting { suite: self.index, reasons: reasons.clone() });
-            self.last_reasons = reasons.clone();
-        }
+        self.say_waiting(reasons.clone());
         let waited = since.elapsed();
         let limit = self.suite.max_wait.or(self.ctx.opts.max_wait);
         let why = if only_lost && waited > self.ctx.opts.reconnect_grace {
@@ -149,7 +180,7 @@ impl SuiteRun<'_> {
         true
     }
 
-    fn spawn_try(&mut self, host: usize, cases: Vec<usize>) {
+    fn spawn_try(&mut self, host: usize, cases: Vec<usize>, claim: Claim) {
         let plan = TryPlan {
             suite: self.index,
             host,
@@ -167,6 +198,7 @@ impl SuiteRun<'_> {
         });
         let (ctx, suite) = (self.ctx.clone(), self.suite.clone());
         let handle = self.tries.spawn(async move {
+            let _claim = claim; // counted until the try ends
             let try_id = plan.try_id;
             let outcome = host::run_try(&ctx, &suite, plan).await;
             let failure =
@@ -199,22 +231,27 @@ impl SuiteRun<'_> {
             self.finish(i, report, Some(try_id));
         }
         if let Some(lost) = outcome.lost {
-            self.refusals = 0;
             let sent = lost.sent.iter().map(|i| (*i, true));
             for (i, was_sent) in sent.chain(lost.unsent.iter().map(|i| (*i, false))) {
                 self.lose(try_id, i, was_sent, &lost.reason);
             }
         }
-        if let Some(retry) = outcome.retry {
-            self.refusals = if retry.refused { self.refusals + 1 } else { 0 };
-            if self.refusals >= MAX_REFUSALS {
-                for i in &retry.cases {
-                    self.finish(*i, CaseReport::error("", "", retry.reason.clone()), None);
+        match outcome.retry {
+            Some(retry) => {
+                self.refusals = if retry.refused { self.refusals + 1 } else { 0 };
+                if self.refusals >= MAX_REFUSALS {
+                    for i in &retry.cases {
+                        self.finish(*i, CaseReport::error("", "", retry.reason.clone()), None);
+                    }
+                } else {
+                    // Back to waiting: plan again after a pause, counted in the wait.
+                    self.book.returned(&retry.cases);
+                    self.retry_at = Some(Instant::now() + REPLAN_EVERY);
+                    self.waiting_since.get_or_insert_with(Instant::now);
+                    self.say_waiting(vec![retry.reason]);
                 }
-            } else {
-                self.book.returned(&retry.cases);
-                self.ctx.events.send(RunEvent::Waiting { suite: self.index, reasons: vec![retry.reason] });
             }
+            None => self.refusals = 0,
         }
         // Whatever the try did not account for goes back to the planner.
         self.book.returned(&cases);
@@ -223,7 +260,12 @@ impl SuiteRun<'_> {
     fn lose(&mut self, try_id: SpanId, case: usize, sent: bool, reason: &str) {
         let attempt = self.book.attempt(case);
         // Interrupted runs start nothing new: a lost case is then just unfinished.
-        let decision = if self.ctx.cancel.is_cancelled() { OnLost::GiveUp } else { self.book.lose(case, sent, reason) };
+        if self.ctx.cancel.is_cancelled() {
+            let message = if sent { "interrupted before the case finished" } else { "interrupted before the case ran" };
+            self.finish(case, CaseReport::error("", "", message.into()), None);
+            return;
+        }
+        let decision = self.book.lose(case, sent, reason);
         if let OnLost::GiveUp = decision
             && let Some(report) = self.book.result(case).cloned()
         {

@@ -68,6 +68,8 @@ pub enum Reach {
     Up,
     /// Reached before, unreachable now: it may come back.
     Lost(String),
+    /// Connected, but its state cannot be read right now.
+    Slow(String),
     /// Never reached.
     Down(String),
 }
@@ -126,10 +128,8 @@ fn eligible<'h>(need: &Need, host: &'h Host) -> Result<&'h HostService, Verdict>
     let name = &host.name;
     match &host.reachable {
         Reach::Up => {}
-        Reach::Lost(reason) => {
-            let reason = format!("{name}: lost ({reason}); waiting for it to come back");
-            return Err(Verdict::Wait { reason, lost: true });
-        }
+        Reach::Lost(reason) => return Err(Verdict::Wait { reason: format!("{name}: lost ({reason})"), lost: true }),
+        Reach::Slow(reason) => return Err(Verdict::Wait { reason: format!("{name}: {reason}"), lost: false }),
         Reach::Down(reason) => return Err(Verdict::Shortfall(format!("{name}: unreachable ({reason})"))),
     }
     let missing: Vec<&String> = need.labels.iter().filter(|l| !host.labels.contains(l)).collect();
@@ -368,7 +368,7 @@ mod tests {
         gone.reachable = Reach::Lost("unreachable for more than 20s".into());
         let Plan::Wait { reasons, only_lost } = plan(&need(&["nllb"]), 1, &[gone.clone()], "r") else { panic!() };
         assert!(only_lost);
-        assert_eq!(reasons, ["a: lost (unreachable for more than 20s); waiting for it to come back"]);
+        assert_eq!(reasons, ["a: lost (unreachable for more than 20s)"]);
         gone.reachable = Reach::Down("connection refused".into());
         assert!(matches!(plan(&need(&["nllb"]), 1, &[gone], "r"), Plan::Unsatisfiable(_)));
     }

@@ -357,3 +357,25 @@ async fn an_agent_with_a_junk_model_loading_timeout_refuses_to_start() {
         assert!(text(&o).contains(&format!("MODEL_LOADING_TIMEOUT={value:?}")), "{}", text(&o));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suites_planned_at_once_spread_over_equally_good_hosts() {
+    let spec = ["nllb:mb=8,download=50ms,load=300ms,warmup=50ms"];
+    let mut agents = Vec::new();
+    for _ in 0..3 {
+        agents.push(Agent::spawn(BIN, &Service::sim(&spec)).await);
+    }
+    let out = Scratch::new("spread");
+    let suites: Vec<_> = ["one", "two", "three"]
+        .iter()
+        .map(|n| out.write(&format!("{n}.yaml"), &TRANSLATE_SUITE.replace("name: translate", &format!("name: {n}"))))
+        .collect();
+    let addrs = agents.iter().map(|a| a.addr.clone()).collect();
+    let opts = RunOptions::new(addrs, suites, out.path.clone());
+    let result =
+        testkit::within(Duration::from_secs(40), "the run", controller::run(opts, CancellationToken::new())).await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    let hosts: std::collections::BTreeSet<&str> = report.cases.iter().map(|c| c.host.as_str()).collect();
+    assert_eq!(hosts.len(), 3, "one suite per host, not piled on one:\n{}", report.summary());
+}
