@@ -754,119 +754,124 @@ fn apply(
     message: proto::WatchMessage,
 ) {
     match message.kind {
-        Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| {
-            let first = v.incarnation.is_empty();
-            let restarted = !first && v.incarnation != s.incarnation;
-            if restarted {
-                // A restarted agent: its sequence numbers started over and
-                // whatever this run had running there is gone (tries notice
-                // the new incarnation). The host itself is usable again.
-                v.restarts += 1;
-                v.last_seq = s.next_seq.saturating_sub(1);
-                v.events_applied = 0;
-                // Results already received stay: they are real answers under
-                // their lease epoch; only what was still running is lost.
-            } else if first {
-                v.last_seq = s.next_seq.saturating_sub(1);
-            }
-            if (restarted || v.lost.is_some()) && !first {
-                v.lost = None;
-                let _ = updates.send(Update::Back { host: host.to_owned(), restarted });
-            }
-            // On a reconnect to the same incarnation the replayed events follow;
-            // last_seq stays where it was so none is applied twice.
-            v.incarnation = s.incarnation.clone();
-            v.heartbeat_unix_ms = s.heartbeat_unix_ms;
-            v.leases = s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect();
-            for svc in &s.services {
-                v.rss.insert(svc.name.clone(), svc.rss_bytes);
-                for m in &svc.models {
-                    v.models.insert(
-                        (svc.name.clone(), m.name.clone()),
-                        ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
-                    );
-                }
-            }
-        }),
+        Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| apply_snapshot(host, v, updates, &s)),
         Some(watch_message::Kind::Gap(g)) => view.send_modify(|v| v.gaps.push((g.from_seq, g.to_seq))),
-        Some(watch_message::Kind::Event(e)) => {
-            let seq = e.seq;
-            if seq <= view.borrow().last_seq {
-                return; // already applied before a reconnect
-            }
-            match e.kind {
-                Some(event::Kind::StageChanged(c)) => {
-                    let (from, to) = (c.from(), c.to());
-                    let _ = updates.send(Update::Stage {
-                        host: host.to_owned(),
+        Some(watch_message::Kind::Event(e)) => apply_event(host, view, updates, e),
+        None => {}
+    }
+}
+
+/// The snapshot a watch opens with: a first one, a reconnect to the same
+/// agent, or a restarted agent (new incarnation).
+fn apply_snapshot(host: &str, v: &mut AgentView, updates: &mpsc::UnboundedSender<Update>, s: &proto::Snapshot) {
+    let first = v.incarnation.is_empty();
+    let restarted = !first && v.incarnation != s.incarnation;
+    if restarted {
+        // A restarted agent: its sequence numbers started over and
+        // whatever this run had running there is gone (tries notice
+        // the new incarnation). The host itself is usable again.
+        v.restarts += 1;
+        v.last_seq = s.next_seq.saturating_sub(1);
+        v.events_applied = 0;
+        // Results already received stay: they are real answers under
+        // their lease epoch; only what was still running is lost.
+    } else if first {
+        v.last_seq = s.next_seq.saturating_sub(1);
+    }
+    if (restarted || v.lost.is_some()) && !first {
+        v.lost = None;
+        let _ = updates.send(Update::Back { host: host.to_owned(), restarted });
+    }
+    // On a reconnect to the same incarnation the replayed events follow;
+    // last_seq stays where it was so none is applied twice.
+    v.incarnation = s.incarnation.clone();
+    v.heartbeat_unix_ms = s.heartbeat_unix_ms;
+    v.leases = s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect();
+    for svc in &s.services {
+        v.rss.insert(svc.name.clone(), svc.rss_bytes);
+        for m in &svc.models {
+            v.models.insert(
+                (svc.name.clone(), m.name.clone()),
+                ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
+            );
+        }
+    }
+}
+
+/// One journal event, applied once (a replay after a reconnect is skipped).
+fn apply_event(host: &str, view: &watch::Sender<AgentView>, updates: &mpsc::UnboundedSender<Update>, e: proto::Event) {
+    let seq = e.seq;
+    if seq <= view.borrow().last_seq {
+        return; // already applied before a reconnect
+    }
+    match e.kind {
+        Some(event::Kind::StageChanged(c)) => {
+            let (from, to) = (c.from(), c.to());
+            let _ = updates.send(Update::Stage {
+                host: host.to_owned(),
+                service: c.service.clone(),
+                model: c.model.clone(),
+                from,
+                to,
+                progress: c.progress,
+                message: c.message.clone(),
+            });
+            view.send_modify(|v| {
+                if from != to {
+                    if v.stage_log.len() == LOG_CAP {
+                        v.stage_log.pop_front();
+                    }
+                    v.stage_log.push_back(StageMark {
                         service: c.service.clone(),
                         model: c.model.clone(),
-                        from,
-                        to,
-                        progress: c.progress,
-                        message: c.message.clone(),
-                    });
-                    view.send_modify(|v| {
-                        if from != to {
-                            if v.stage_log.len() == LOG_CAP {
-                                v.stage_log.pop_front();
-                            }
-                            v.stage_log.push_back(StageMark {
-                                service: c.service.clone(),
-                                model: c.model.clone(),
-                                stage: to,
-                                cause: c.cause.clone(),
-                                time_unix_ms: e.time_unix_ms,
-                            });
-                        }
-                        v.models.insert(
-                            (c.service, c.model),
-                            ModelView { stage: to, progress: c.progress, message: c.message },
-                        );
-                        advance(v, seq);
+                        stage: to,
+                        cause: c.cause.clone(),
+                        time_unix_ms: e.time_unix_ms,
                     });
                 }
-                Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
-                    if let Some(l) = &c.lease {
-                        if c.released {
-                            v.leases.remove(&l.service);
-                        } else {
-                            v.leases.insert(l.service.clone(), lease_view(l));
-                        }
-                    }
-                    advance(v, seq);
-                }),
-                Some(event::Kind::Telemetry(t)) => {
-                    let at = e.time_unix_ms;
-                    for s in &t.services {
-                        let _ = updates.send(Update::Memory {
-                            host: host.to_owned(),
-                            service: s.service.clone(),
-                            rss_bytes: s.rss_bytes,
-                        });
-                    }
-                    view.send_modify(|v| {
-                        for s in t.services {
-                            if v.rss_log.len() == LOG_CAP {
-                                v.rss_log.pop_front();
-                            }
-                            v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
-                            v.rss.insert(s.service, s.rss_bytes);
-                        }
-                        v.heartbeat_unix_ms = at;
-                        advance(v, seq);
-                    });
-                }
-                Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
-                    if let Some(r) = c.result {
-                        v.results.insert(r.case_id.clone(), result_to_report(r));
-                    }
-                    advance(v, seq);
-                }),
-                _ => view.send_modify(|v| advance(v, seq)),
-            }
+                v.models
+                    .insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
+                advance(v, seq);
+            });
         }
-        None => {}
+        Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
+            if let Some(l) = &c.lease {
+                if c.released {
+                    v.leases.remove(&l.service);
+                } else {
+                    v.leases.insert(l.service.clone(), lease_view(l));
+                }
+            }
+            advance(v, seq);
+        }),
+        Some(event::Kind::Telemetry(t)) => {
+            let at = e.time_unix_ms;
+            for s in &t.services {
+                let _ = updates.send(Update::Memory {
+                    host: host.to_owned(),
+                    service: s.service.clone(),
+                    rss_bytes: s.rss_bytes,
+                });
+            }
+            view.send_modify(|v| {
+                for s in t.services {
+                    if v.rss_log.len() == LOG_CAP {
+                        v.rss_log.pop_front();
+                    }
+                    v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
+                    v.rss.insert(s.service, s.rss_bytes);
+                }
+                v.heartbeat_unix_ms = at;
+                advance(v, seq);
+            });
+        }
+        Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
+            if let Some(r) = c.result {
+                v.results.insert(r.case_id.clone(), result_to_report(r));
+            }
+            advance(v, seq);
+        }),
+        _ => view.send_modify(|v| advance(v, seq)),
     }
 }
 
