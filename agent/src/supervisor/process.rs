@@ -100,6 +100,23 @@ fn precheck(cfg: &ServiceConfig, argv: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A fixed port must be free before launch: whatever answers there now is
+/// not the service this agent starts, and its "ready" must never become ours.
+fn port_is_free(cfg: &ServiceConfig, port: u16, argv: &[String]) -> Result<(), String> {
+    let host = cfg.base_url.split("://").nth(1).and_then(|r| r.split([':', '/']).next()).unwrap_or("127.0.0.1");
+    let targets: Vec<std::net::SocketAddr> =
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(|a| a.collect()).unwrap_or_default();
+    let taken = targets.iter().any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok());
+    if taken {
+        return Err(format!(
+            "cannot start service {}: command {argv:?}: port {port} is already in use by another process \
+             (an older server?): stop it, or set `port = 0` to pick a free port",
+            cfg.name
+        ));
+    }
+    Ok(())
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -121,6 +138,9 @@ pub(super) fn spawn(
     let subst = |s: &str| s.replace("{port}", &port.to_string());
     let argv: Vec<String> = service.command.iter().map(|a| subst(a)).collect();
     precheck(service, &argv)?;
+    if service.port != 0 {
+        port_is_free(service, port, &argv)?;
+    }
 
     let mut prologue = String::from("set -e; ");
     if let Some(cg) = cfg.cgroup {

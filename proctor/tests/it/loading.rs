@@ -353,3 +353,22 @@ async fn a_progress_bar_redrawn_with_carriage_returns_moves_the_stage_while_it_r
         .collect();
     assert!(logs.iter().any(|l| l == "Loading checkpoint shards: 10%|#   |"), "each redraw is a line: {logs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_port_held_by_another_server_is_a_failed_launch_not_ready() {
+    // An older server still holds the port and says the model is loaded.
+    let old = Fixture::start().await;
+    old.set("/health", 200, r#"{"status":"healthy","models":{"nllb":{"status":"loaded"}}}"#);
+    let port: u16 = old.url.rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap();
+    let service = Service::sim(&["nllb:mb=8,download=100ms,load=200ms"]).service_lines(&format!("port = {port}"));
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+        reached(e, "nllb", Stage::Failed) || reached(e, "nllb", Stage::Ready)
+    })
+    .await;
+    let last = stage_event(events.last().unwrap()).unwrap();
+    assert_eq!(last.to(), Stage::Failed, "READY must be about the service this agent started: {last:?}");
+    assert!(last.message.contains(&format!("port {port} is already in use")), "{}", last.message);
+    assert_eq!(old.hits("/health"), 0, "the other server is never taken for ours");
+}
