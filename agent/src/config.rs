@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::Stage;
 use serde::Deserialize;
 
-use crate::probe::{HealthJson, Protocol};
+use crate::probe::{HealthJson, ProgressScale, Protocol};
 
 /// Built-in model load timeout when nothing else sets one (DESIGN §4 precedence).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -104,6 +104,7 @@ struct RawReadiness {
     poll_ceiling: Option<String>,
     status_pointer: Option<String>,
     progress_pointer: Option<String>,
+    progress_scale: Option<String>,
     error_pointer: Option<String>,
     #[serde(default)]
     status_map: BTreeMap<String, String>,
@@ -370,6 +371,17 @@ impl Config {
                             .unwrap_or_else(|| "/models/{model}/progress".into()),
                         error_pointer: r.error_pointer.clone().unwrap_or_else(|| "/models/{model}/error".into()),
                         map,
+                        progress_scale: match r.progress_scale.as_deref() {
+                            None | Some("auto") => ProgressScale::Auto,
+                            Some("fraction") => ProgressScale::Fraction,
+                            Some("percent") => ProgressScale::Percent,
+                            Some(other) => {
+                                return Err(invalid(
+                                    key("readiness.progress_scale"),
+                                    format!("{other:?}: expected \"auto\", \"fraction\" (0–1) or \"percent\" (0–100)"),
+                                ));
+                            }
+                        },
                     })
                 }
                 "kserve-v2" => Protocol::KserveV2,
@@ -389,12 +401,15 @@ impl Config {
                 }
             };
             if !matches!(protocol, Protocol::HealthJson(_))
-                && (r.status_pointer.is_some() || r.progress_pointer.is_some() || !r.status_map.is_empty())
+                && (r.status_pointer.is_some()
+                    || r.progress_pointer.is_some()
+                    || r.progress_scale.is_some()
+                    || !r.status_map.is_empty())
             {
                 return Err(invalid(
                     key("readiness"),
                     format!(
-                        "status_pointer, progress_pointer and status_map only apply to health-json, not {protocol_name}"
+                        "status_pointer, progress_pointer, progress_scale and status_map only apply to health-json, not {protocol_name}"
                     ),
                 ));
             }

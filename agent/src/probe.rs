@@ -49,6 +49,31 @@ pub struct HealthJson {
     pub error_pointer: String,
     /// Service status word → stage. Words not in the map leave the stage as is.
     pub map: BTreeMap<String, Stage>,
+    pub progress_scale: ProgressScale,
+}
+
+/// How a service writes progress (`progress_scale` in the config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProgressScale {
+    /// 0–1, and any value above 1 means the service counts 0–100.
+    #[default]
+    Auto,
+    /// 0–1.
+    Fraction,
+    /// 0–100 (a service reporting "1" means 1 %).
+    Percent,
+}
+
+impl ProgressScale {
+    /// The progress as a fraction in [0, 1].
+    pub fn read(self, value: f64) -> f64 {
+        let fraction = match self {
+            ProgressScale::Percent => value / 100.0,
+            ProgressScale::Auto if value > 1.0 => value / 100.0,
+            _ => value,
+        };
+        fraction.clamp(0.0, 1.0)
+    }
 }
 
 impl HealthJson {
@@ -148,7 +173,8 @@ impl Protocol {
                     let at = |template: &str| doc.pointer(&template.replace("{model}", &pointer_token(&m.served_as)));
                     let Some(status) = at(&h.status_pointer).and_then(Value::as_str) else { continue };
                     let mut health = ModelHealth::new(status, h.map.get(status).copied());
-                    health.progress = at(&h.progress_pointer).and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 1.0);
+                    let progress = at(&h.progress_pointer).and_then(Value::as_f64).unwrap_or(0.0);
+                    health.progress = h.progress_scale.read(progress);
                     health.error = at(&h.error_pointer).and_then(Value::as_str).map(str::to_owned);
                     reading.models.insert(m.name.clone(), health);
                 }

@@ -36,6 +36,7 @@ fn health_json() -> Protocol {
         path: "/health".into(),
         status_pointer: "/models/{model}/status".into(),
         progress_pointer: "/models/{model}/progress".into(),
+        progress_scale: ProgressScale::Auto,
         error_pointer: "/models/{model}/error".into(),
         map: HealthJson::default_map(),
     })
@@ -74,6 +75,7 @@ fn health_json_with_custom_pointers_and_map() {
         progress_pointer: "/engines/{model}/pct".into(),
         error_pointer: "/engines/{model}/err".into(),
         map,
+        progress_scale: ProgressScale::Auto,
     });
     // A served name with a slash is escaped as a pointer token (RFC 6901).
     let models = named(&[("llama", "meta/llama")]);
@@ -152,4 +154,36 @@ fn the_payload_names_each_path_when_there_are_several() {
     let p = Protocol::Tgi;
     let r = p.read(&named(&[("m", "m")]), &[ok(503, b"{}".to_vec()), refused()]);
     assert_eq!(r.payload, "/health 503 {} | /info: connection refused");
+}
+
+#[test]
+fn progress_reads_as_a_fraction_or_a_percentage() {
+    let p = |scale: ProgressScale| {
+        Protocol::HealthJson(HealthJson {
+            path: "/health".into(),
+            status_pointer: "/models/{model}/status".into(),
+            progress_pointer: "/models/{model}/pct".into(),
+            error_pointer: "/models/{model}/error".into(),
+            map: HealthJson::default_map(),
+            progress_scale: scale,
+        })
+    };
+    let models = named(&[("nllb", "nllb")]);
+    // (scale, value reported, progress read)
+    let table = [
+        (ProgressScale::Auto, "0.4", 0.4),
+        (ProgressScale::Auto, "40", 0.4),
+        (ProgressScale::Auto, "100", 1.0),
+        (ProgressScale::Auto, "1", 1.0),
+        (ProgressScale::Percent, "1", 0.01),
+        (ProgressScale::Percent, "40", 0.4),
+        (ProgressScale::Fraction, "0.4", 0.4),
+        (ProgressScale::Fraction, "40", 1.0),
+        (ProgressScale::Auto, "-3", 0.0),
+    ];
+    for (scale, value, want) in table {
+        let body = format!(r#"{{"models": {{"nllb": {{"status": "loading", "pct": {value}}}}}}}"#).into_bytes();
+        let r = p(scale).read(&models, &[ok(200, body)]);
+        assert!((r.models["nllb"].progress - want).abs() < 1e-9, "{scale:?} {value}: {}", r.models["nllb"].progress);
+    }
 }
