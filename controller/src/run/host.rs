@@ -92,7 +92,9 @@ pub async fn run_try(ctx: &Ctx, suite: &Suite, plan: TryPlan) -> TryOutcome {
         service: suite.service.clone(),
         epoch: held.lease.epoch,
     });
-    let host = Host { ctx, agent: &agent, held: &held, suite, plan: &plan, incarnation };
+    let known_failed = ctx.failed_loads(plan.host, &suite.service, &suite.models);
+    let to_ask: Vec<String> = suite.models.iter().filter(|m| !known_failed.contains_key(*m)).cloned().collect();
+    let host = Host { ctx, agent: &agent, held: &held, suite, plan: &plan, incarnation, known_failed, to_ask };
     let outcome = host.ensure_and_run(view).await;
     if outcome.lost.is_some() || outcome.drop_lease {
         ctx.leases.forget(&turn);
@@ -134,6 +136,12 @@ struct Host<'a> {
     /// The agent's incarnation when the try began: another one means
     /// whatever the try started there is gone.
     incarnation: String,
+    /// Models whose load already failed on this host in this run: final for
+    /// the run, never asked for again (a retry would restart the service and
+    /// wait out the same stall).
+    known_failed: BTreeMap<String, String>,
+    /// The suite's models still worth asking for.
+    to_ask: Vec<String>,
 }
 
 impl Host<'_> {
@@ -152,11 +160,14 @@ impl Host<'_> {
     }
 
     async fn ensure_and_run(&self, view: watch::Receiver<AgentView>) -> TryOutcome {
-        let (snapshot, asked_ms) = match self.ensure_and_wait(view.clone()).await {
-            Ok(s) => s,
-            Err(outcome) => return outcome,
-        };
-        let failed = self.settle_models(&snapshot, asked_ms);
+        let mut failed = self.known_failed.clone();
+        if !self.to_ask.is_empty() {
+            let (snapshot, asked_ms) = match self.ensure_and_wait(view.clone()).await {
+                Ok(s) => s,
+                Err(outcome) => return outcome,
+            };
+            failed.extend(self.settle_models(&snapshot, asked_ms));
+        }
         let mut outcome = TryOutcome::default();
         let mut runnable = Vec::new();
         for (i, attempt) in &self.plan.cases {
@@ -179,7 +190,7 @@ impl Host<'_> {
         let fresh = self.suite.fresh || ctx.opts.fresh;
         let timeout = ctx.opts.load_timeout(self.suite.load_timeout);
         let ask = EnsureAsk {
-            models: &self.suite.models,
+            models: &self.to_ask,
             timeout: timeout.map(|(t, _)| t),
             timeout_source: timeout.map_or("", |(_, source)| source.label()),
             headroom: self.suite.headroom_bytes,
@@ -195,13 +206,14 @@ impl Host<'_> {
             Ok(b) => b,
             Err(e) => return Err(self.ensure_failed(&e)),
         };
-        let suite = self.suite;
+        let service = &self.suite.service;
         let settled = |v: &AgentView| {
             self.gone(v).is_some()
                 || (v.last_seq + 1 >= barrier
-                    && suite.models.iter().all(|m| {
-                        v.models.get(&(suite.service.clone(), m.clone())).is_some_and(|x| x.stage.is_terminal())
-                    }))
+                    && self
+                        .to_ask
+                        .iter()
+                        .all(|m| v.models.get(&(service.clone(), m.clone())).is_some_and(|x| x.stage.is_terminal())))
         };
         let waited = tokio::select! {
             _ = ctx.cancel.cancelled() => Err(Stop::Interrupted),
@@ -254,10 +266,11 @@ impl Host<'_> {
         }
     }
 
-    /// Emits one `ModelSettled` per model; returns the failed ones' messages.
+    /// Emits one `ModelSettled` per model asked for; returns the failed
+    /// ones' messages, and records them as final for the run.
     fn settle_models(&self, snapshot: &AgentView, asked_ms: i64) -> BTreeMap<String, String> {
         let mut failed = BTreeMap::new();
-        for m in &self.suite.models {
+        for m in &self.to_ask {
             let failure = match snapshot.models.get(&(self.suite.service.clone(), m.clone())) {
                 Some(s) if s.stage == Stage::Ready => None,
                 Some(s) if !s.message.is_empty() => Some(s.message.clone()),
@@ -283,6 +296,7 @@ impl Host<'_> {
                 peak_rss_bytes: peak,
             });
             if let Some(f) = failure {
+                self.ctx.load_failed(self.plan.host, &self.suite.service, m, &f);
                 failed.insert(m.clone(), f);
             }
         }

@@ -100,9 +100,26 @@ struct Ctx {
     leases: LeaseBook,
     events: Events,
     trace_id: TraceId,
+    /// (host, service, model) → why its load failed in this run. Written by
+    /// the try that saw it fail; a failed load is final for the run.
+    failed_loads: std::sync::Mutex<BTreeMap<(usize, String, String), String>>,
 }
 
 impl Ctx {
+    fn load_failed(&self, host: usize, service: &str, model: &str, message: &str) {
+        let key = (host, service.to_owned(), model.to_owned());
+        self.failed_loads.lock().expect("failed loads").entry(key).or_insert_with(|| message.to_owned());
+    }
+
+    /// Which of `models` already failed to load on this host in this run.
+    fn failed_loads(&self, host: usize, service: &str, models: &[String]) -> BTreeMap<String, String> {
+        let failed = self.failed_loads.lock().expect("failed loads");
+        models
+            .iter()
+            .filter_map(|m| failed.get(&(host, service.to_owned(), m.clone())).map(|f| (m.clone(), f.clone())))
+            .collect()
+    }
+
     fn new_span_id(&self) -> SpanId {
         crate::otel::new_span_id()
     }
@@ -230,6 +247,7 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
         hosts,
         events: events.clone(),
         trace_id,
+        failed_loads: Default::default(),
     });
     tokio::spawn(announce_interrupt(ctx.cancel.clone(), stop.clone(), events.clone()));
     run_suites(&ctx, suites).await;

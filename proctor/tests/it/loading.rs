@@ -372,3 +372,33 @@ async fn a_fixed_port_held_by_another_server_is_a_failed_launch_not_ready() {
     assert!(last.message.contains(&format!("port {port} is already in use")), "{}", last.message);
     assert_eq!(old.hits("/health"), 0, "the other server is never taken for ours");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_that_failed_in_this_run_is_final_for_the_run() {
+    let service = Service::sim(&["nllb:mb=8,download=100ms,hang=loading"]).model_lines(r#"stall = { default = "2s" }"#);
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("final-failure");
+    let suites: Vec<_> = ["first", "second", "third"]
+        .iter()
+        .map(|n| out.write(&format!("{n}.yaml"), &TRANSLATE_SUITE.replace("name: translate", &format!("name: {n}"))))
+        .collect();
+    let started = Instant::now();
+    let opts = RunOptions::new(vec![agent.addr.clone()], suites, out.path.clone());
+    let result = controller::run(opts, CancellationToken::new()).await;
+    let took = started.elapsed();
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Infrastructure);
+    assert_eq!(report.cases.len(), 6);
+    for c in &report.cases {
+        let Outcome::Error(m) = &c.outcome else { panic!("{c:?}") };
+        assert!(m.contains("stalled"), "every suite's cases carry the one failure: {m}");
+    }
+    // One stall, not three: the hung model was loaded once.
+    assert!(took < Duration::from_secs(5), "{took:?}\n{}", report.summary());
+    let mut client = agent.client().await;
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let last = snapshot.next_seq - 1;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(5), |e| e.seq == last).await;
+    let loads = events.iter().filter(|e| reached(e, "nllb", Stage::LoadingWeights)).count();
+    assert_eq!(loads, 1, "loaded once for the whole run");
+}
