@@ -11,11 +11,12 @@
 //! service the previous one left running (`process::reattach`).
 
 pub mod cgroup;
+mod logtail;
 mod process;
 pub mod restart;
 mod stages;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +126,8 @@ impl Supervisor {
             probe_tx,
             generation: 0,
             run: None,
-            logs: VecDeque::new(),
+            logs: logtail::LogTail::default(),
+            pending_failed: Vec::new(),
             last_payload: None,
             last_exit: None,
             last_sample: None,
@@ -280,7 +282,11 @@ struct Actor {
     generation: u64,
     run: Option<Running>,
     models: BTreeMap<String, Track>,
-    logs: VecDeque<String>,
+    /// The service's own words, for failure messages.
+    logs: logtail::LogTail,
+    /// FAILED log-pattern matches on a traceback's first line, held until its
+    /// exception line arrives: (model, matched line, when).
+    pending_failed: Vec<(String, String, Instant)>,
     last_payload: Option<String>,
     last_exit: Option<ExitStatus>,
     last_sample: Option<(Instant, TreeMemory)>,
@@ -397,6 +403,11 @@ impl Actor {
         }
     }
 
+    /// The paths the agent probes: their access-log lines are its own noise.
+    fn probe_paths(&self) -> Vec<String> {
+        self.cfg.readiness.protocol.paths(&self.named)
+    }
+
     fn load_mode(&self, model: &str) -> LoadMode {
         self.cfg.models.iter().find(|m| m.name == model).map_or(LoadMode::AtStart, |m| m.load)
     }
@@ -470,7 +481,8 @@ impl Actor {
     /// message naming the command.
     fn start(&mut self, requested: &[String]) {
         self.generation += 1;
-        self.logs.clear();
+        self.logs = logtail::LogTail::new(self.probe_paths());
+        self.pending_failed.clear();
         self.last_payload = None;
         self.last_sample = None;
         let now = Instant::now();
@@ -582,11 +594,11 @@ impl Actor {
                 if generation != self.generation {
                     return;
                 }
-                if self.logs.len() == LOG_TAIL {
-                    self.logs.pop_front();
-                }
-                self.logs.push_back(line.clone());
+                let closed = self.logs.push(&line);
                 self.on_log(&line);
+                if let Some(exception) = closed {
+                    self.on_traceback_closed(&exception);
+                }
                 self.wiring.journal.append(event::Kind::Log(proto::LogLine {
                     service: self.cfg.name.clone(),
                     stream: stream.into(),
@@ -764,7 +776,10 @@ impl Actor {
         self.generation += 1;
         tracing::info!(service = %self.cfg.name, pid = state.pid, from = %state.incarnation, "re-attaching to a running service");
         process::reattach(&state, &self.wiring.data_dir, &self.cfg.name, self.generation, &self.internal_tx);
-        self.logs = process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL).into();
+        self.logs = logtail::LogTail::new(self.probe_paths());
+        for line in process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL) {
+            self.logs.push(&line);
+        }
         self.cgroup = state.cgroup.clone();
         self.oom_baseline = self.cgroup.as_ref().map_or(0, |cg| cg.oom_kills());
         self.wiring.roots.send_modify(|r| {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use proto::{Stage, event};
 use tokio::time::Instant;
 
-use super::{Actor, Internal};
+use super::{Actor, Internal, process};
 use crate::config::{LoadMode, Warmup};
 use crate::probe::{Answer, Reading};
 use crate::sampling::TreeMemory;
@@ -20,6 +20,8 @@ pub const CPU_PROGRESS_SHARE: f64 = 0.05;
 pub const IO_PROGRESS_BYTES: u64 = 64 * 1024;
 /// Pause between failed warm-up attempts.
 const WARMUP_RETRY: Duration = Duration::from_millis(250);
+/// How long a FAILED match on a traceback waits for its exception line.
+const TRACEBACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Says which progress signal, if any, moved between two samples of a tree.
 pub fn progress_signal(before: &TreeMemory, after: &TreeMemory, elapsed: Duration) -> Option<String> {
@@ -208,6 +210,11 @@ impl Actor {
             }
             let Some(cfg) = self.cfg.models.iter().find(|m| m.name == name) else { continue };
             match log_stage(&cfg.log_patterns, track.stage, line) {
+                // A traceback's first line: wait for its exception line, the
+                // part that says what went wrong.
+                Some(Stage::Failed) if self.logs.in_traceback() => {
+                    self.pending_failed.push((name.clone(), line.to_owned(), Instant::now()));
+                }
                 Some(Stage::Failed) => {
                     let reason = format!("the service logged: {}", cut(line));
                     self.fail(&name, "log pattern FAILED", &reason);
@@ -215,6 +222,24 @@ impl Actor {
                 Some(stage) => self.transition(&name, stage, &format!("log: {}", cut(line)), None),
                 None => {}
             }
+        }
+    }
+
+    /// A traceback closed with `exception`: the FAILED matches held for it fail now.
+    pub(super) fn on_traceback_closed(&mut self, exception: &str) {
+        for (name, first, _) in std::mem::take(&mut self.pending_failed) {
+            let reason = format!("the service logged: {} … {}", cut(&first), cut(exception));
+            self.fail(&name, "log pattern FAILED", &reason);
+        }
+    }
+
+    /// Held FAILED matches whose traceback never closed fail after a moment.
+    fn flush_pending_failed(&mut self) {
+        let (due, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending_failed).into_iter().partition(|(_, _, at)| at.elapsed() >= TRACEBACK_WAIT);
+        self.pending_failed = kept;
+        for (name, first, _) in due {
+            self.fail(&name, "log pattern FAILED", &format!("the service logged: {}", cut(&first)));
         }
     }
 
@@ -239,6 +264,7 @@ impl Actor {
 
     /// Load timeouts and stalls, checked on a short tick.
     pub(super) fn check_timeouts(&mut self) {
+        self.flush_pending_failed();
         let now = Instant::now();
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in names {
@@ -306,15 +332,8 @@ impl Actor {
             "\n  last health payload: {}",
             self.last_payload.as_deref().unwrap_or("(none: the service never answered)")
         ));
-        if self.logs.is_empty() {
-            out.push_str("\n  last log lines: (none)");
-        } else {
-            out.push_str(&format!("\n  last {} log lines:", self.logs.len()));
-            for line in &self.logs {
-                out.push_str("\n    ");
-                out.push_str(line);
-            }
-        }
+        out.push_str(&self.logs.render());
+        out.push_str(&format!("\n  log file: {}", process::log_path(&self.wiring.data_dir, &self.cfg.name).display()));
         out
     }
 

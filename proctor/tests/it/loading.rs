@@ -402,3 +402,45 @@ async fn a_load_that_failed_in_this_run_is_final_for_the_run() {
     let loads = events.iter().filter(|e| reached(e, "nllb", Stage::LoadingWeights)).count();
     assert_eq!(loads, 1, "loaded once for the whole run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_message_keeps_the_services_own_words_not_the_agents_probes() {
+    // A service that logs every request it gets (as uvicorn or MLServer do),
+    // said what is wrong once at start, then only answers the agent's probes.
+    let script = "echo 'loading weights from /models/nllb'; echo 'RuntimeError: weights corrupt' >&2; \
+                  exec python3 -u -m http.server {port} --bind 127.0.0.1";
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+         readiness = {{ protocol = \"http\", path = \"/health\" }}\n\n[[service.model]]\nname = \"nllb\"\nstall = {{ default = \"8s\" }}\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "nllb", Stage::Failed)).await;
+    let probes = events
+        .iter()
+        .filter(|e| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line.contains("GET /health")))
+        .count();
+    assert!(probes > 20, "enough probe lines to push the cause out of a 20-line tail: {probes}");
+    let message = stage_event(events.last().unwrap()).unwrap().message.clone();
+    assert!(message.contains("RuntimeError: weights corrupt"), "the service's own words: {message}");
+    assert!(!message.contains("GET /health"), "not the agent's own probes: {message}");
+    assert!(message.contains("translation.log"), "names the log file: {message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_pattern_on_a_traceback_waits_for_its_exception_line() {
+    let script = r#"printf 'Traceback (most recent call last):\n  File "server.py", line 9, in load\n    model = torch.load(path)\nRuntimeError: weights corrupt\n'; exec sleep 600"#;
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\n\
+         [[service.model]]\nname = \"nllb\"\nlog_patterns = {{ FAILED = \"^Traceback\" }}\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Failed)).await;
+    let message = stage_event(events.last().unwrap()).unwrap().message.clone();
+    let first_line = message.lines().next().unwrap();
+    assert!(
+        first_line.ends_with("the service logged: Traceback (most recent call last): … RuntimeError: weights corrupt"),
+        "the reason carries the exception: {first_line}"
+    );
+}
