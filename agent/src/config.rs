@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::probe::{HealthJson, ProgressScale, Protocol};
 
+/// How often a service whose models are all settled (READY or FAILED) is probed.
+pub const DEFAULT_LIVE_POLL: Duration = Duration::from_secs(5);
+
 /// Built-in model load timeout when nothing else sets one (DESIGN §4 precedence).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Readiness polls never wait longer than this between two probes by default.
@@ -102,6 +105,7 @@ struct RawReadiness {
     protocol: Option<String>,
     path: Option<String>,
     poll_ceiling: Option<String>,
+    live_poll: Option<String>,
     status_pointer: Option<String>,
     progress_pointer: Option<String>,
     progress_scale: Option<String>,
@@ -221,6 +225,9 @@ pub enum OnAgentRestart {
 pub struct Readiness {
     pub protocol: Protocol,
     pub poll_ceiling: Duration,
+    /// Once no model is loading: probe this often (a crash is still seen at
+    /// once through the process wait).
+    pub live_poll: Duration,
     /// Endpoint-mode loads: `POST <load_path>` with `load_body`; `{model}` replaced.
     pub load_path: String,
     pub load_body: Option<String>,
@@ -417,9 +424,14 @@ impl Config {
                 Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
                 None => DEFAULT_POLL_CEILING,
             };
+            let live_poll = match &r.live_poll {
+                Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.live_poll"), bad_duration(p)))?,
+                None => DEFAULT_LIVE_POLL,
+            };
             let readiness = Readiness {
                 protocol,
                 poll_ceiling,
+                live_poll,
                 load_path: r.load_path.clone().unwrap_or_else(|| "/models/{model}/load".into()),
                 load_body: r.load_body.clone(),
             };

@@ -317,15 +317,28 @@ fn payload(paths: &[String], answers: &[Answer]) -> String {
     out
 }
 
+/// The wait before the next poll. While a model loads (`live` is `None`):
+/// fast after a change, doubling while nothing changes, never slower than
+/// `ceiling`. Once every model is settled: the liveness cadence, whatever
+/// changes (uptime fields must not pin it fast).
+pub fn next_interval(previous: Duration, changed: bool, ceiling: Duration, live: Option<Duration>) -> Duration {
+    match live {
+        Some(cadence) => cadence,
+        None if changed => FAST_POLL,
+        None => (previous * 2).min(ceiling).max(FAST_POLL),
+    }
+}
+
 /// Polls `paths` under `base_url` until cancelled, sending each round's
-/// answers to `tx`. Fast after a change, slower while nothing changes, never
-/// slower than `ceiling`.
+/// answers to `tx`, at the pace `next_interval` gives. `live` says whether
+/// the supervisor's models are settled; a change wakes the loop at once.
 pub async fn poll(
     base_url: String,
     paths: Vec<String>,
     ceiling: Duration,
     generation: u64,
     tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
+    mut live: tokio::sync::watch::Receiver<Option<Duration>>,
     cancel: CancellationToken,
 ) {
     let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().unwrap_or_default();
@@ -337,7 +350,8 @@ pub async fn poll(
         for path in &paths {
             answers.push(get(&client, &format!("{base}{path}")).await);
         }
-        interval = if last.as_ref() != Some(&answers) { FAST_POLL } else { (interval * 2).min(ceiling) };
+        let changed = last.as_ref() != Some(&answers);
+        interval = next_interval(interval, changed, ceiling, *live.borrow_and_update());
         last = Some(answers.clone());
         if tx.send((generation, answers)).is_err() {
             return;
@@ -345,6 +359,7 @@ pub async fn poll(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+            Ok(()) = live.changed() => {}
         }
     }
 }

@@ -124,6 +124,7 @@ impl Supervisor {
             wiring,
             internal_tx,
             probe_tx,
+            live: watch::channel(None).0,
             generation: 0,
             run: None,
             logs: logtail::LogTail::default(),
@@ -279,6 +280,9 @@ struct Actor {
     admission: Admission,
     internal_tx: mpsc::UnboundedSender<Internal>,
     probe_tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
+    /// The probe's pace: `None` while a model loads (adaptive), else the
+    /// liveness cadence.
+    live: watch::Sender<Option<Duration>>,
     generation: u64,
     run: Option<Running>,
     models: BTreeMap<String, Track>,
@@ -401,6 +405,14 @@ impl Actor {
                 let _ = reply.send(self.run.as_ref().map(|r| r.base_url.clone()));
             }
         }
+    }
+
+    /// Probes fast while a model loads; at the liveness cadence otherwise
+    /// (hours of READY must not mean four requests a second).
+    fn update_cadence(&self) {
+        let loading = self.models.values().any(|t| t.wanted && !t.stage.is_terminal());
+        let want = (!loading).then_some(self.cfg.readiness.live_poll);
+        self.live.send_if_modified(|v| std::mem::replace(v, want) != want);
     }
 
     /// The paths the agent probes: their access-log lines are its own noise.
@@ -712,6 +724,7 @@ impl Actor {
             self.cfg.readiness.poll_ceiling,
             self.generation,
             self.probe_tx.clone(),
+            self.live.subscribe(),
             cancel.clone(),
         ));
         cancel

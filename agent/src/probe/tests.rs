@@ -187,3 +187,21 @@ fn progress_reads_as_a_fraction_or_a_percentage() {
         assert!((r.models["nllb"].progress - want).abs() < 1e-9, "{scale:?} {value}: {}", r.models["nllb"].progress);
     }
 }
+
+#[test]
+fn polls_adapt_while_loading_and_keep_a_liveness_cadence_once_settled() {
+    let ms = Duration::from_millis;
+    let ceiling = ms(250);
+    // (previous, answers changed, liveness cadence, next)
+    let table = [
+        (ms(160), true, None, FAST_POLL),
+        (ms(20), false, None, ms(40)),
+        (ms(160), false, None, ms(250)),
+        (ms(250), false, None, ms(250)),
+        (ms(20), true, Some(ms(5000)), ms(5000)),
+        (ms(250), false, Some(ms(5000)), ms(5000)),
+    ];
+    for (previous, changed, live, next) in table {
+        assert_eq!(next_interval(previous, changed, ceiling, live), next, "{previous:?} {changed} {live:?}");
+    }
+}

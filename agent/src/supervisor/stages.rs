@@ -374,6 +374,7 @@ impl Actor {
             progress: track.progress,
             message: message.unwrap_or_default(),
         }));
+        self.update_cadence();
     }
 }
 

@@ -444,3 +444,33 @@ async fn a_failed_pattern_on_a_traceback_waits_for_its_exception_line() {
         "the reason carries the exception: {first_line}"
     );
 }
+
+/// Requests a service that logs each one received in `window`, after its model is READY.
+async fn probes_after_ready(live_poll: Option<&str>, window: Duration) -> usize {
+    let script = "exec python3 -u -m http.server {port} --bind 127.0.0.1";
+    let live = live_poll.map(|l| format!(", live_poll = \"{l}\"")).unwrap_or_default();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+         readiness = {{ protocol = \"http\", path = \"/\"{live} }}\n\n[[service.model]]\nname = \"nllb\"\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    let from = events.last().unwrap().seq + 1;
+    // A measuring window, not a synchronisation: how often is it probed once READY?
+    tokio::time::sleep(window).await;
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let last = snapshot.next_seq - 1;
+    let (_, after) = watch_until(&mut client, from, Duration::from_secs(5), |e| e.seq >= last).await;
+    after.iter().filter(|e| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line.contains("\"GET / HTTP"))).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_ready_the_service_is_probed_at_a_liveness_cadence() {
+    let (default, configured) = tokio::join!(
+        probes_after_ready(None, Duration::from_secs(4)),
+        probes_after_ready(Some("1s"), Duration::from_secs(4))
+    );
+    assert!(default <= 1, "at most one probe in 4 s at the 5 s default: {default}");
+    assert!((2..=5).contains(&configured), "about one a second with live_poll = 1s: {configured}");
+}
