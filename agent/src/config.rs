@@ -85,6 +85,12 @@ struct RawService {
     stable_after: Option<String>,
     #[serde(default = "default_on_agent_restart")]
     on_agent_restart: String,
+    #[serde(default = "default_true")]
+    stop_after_failed_load: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_restart() -> String {
@@ -193,6 +199,9 @@ pub struct ServiceConfig {
     pub restart: RestartPolicy,
     /// What a restarted agent does with a service the previous one left running.
     pub on_agent_restart: OnAgentRestart,
+    /// Stop the service when a load fails by stall or timeout and no other
+    /// model of it is READY or loading, so a hung load gives its memory back.
+    pub stop_after_failed_load: bool,
 }
 
 /// When a service that exited on its own is started again.
@@ -561,6 +570,7 @@ impl Config {
                 memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
                 restart,
                 on_agent_restart,
+                stop_after_failed_load: s.stop_after_failed_load,
             });
         }
         let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);

@@ -243,6 +243,17 @@ impl Actor {
         }
     }
 
+    /// After a load failed by stall or timeout: a hung service holds its
+    /// memory, so stop it — unless another model of it is READY or still
+    /// loading, or the config says to keep it for inspection.
+    fn stop_if_nothing_else_lives(&mut self) {
+        let alive = self.models.values().any(|t| t.wanted && (t.stage == Stage::Ready || !t.stage.is_terminal()));
+        if self.cfg.stop_after_failed_load && !alive && self.run.is_some() {
+            tracing::info!(service = %self.cfg.name, "a load failed and nothing else of the service lives: stopping it");
+            self.begin_stop(None);
+        }
+    }
+
     /// A new resource sample: any progress signal keeps loads from stalling.
     pub(super) fn on_sample(&mut self) {
         let now = self.wiring.samples.borrow().get(&self.cfg.name).copied();
@@ -280,6 +291,7 @@ impl Actor {
                     track.limit_source
                 );
                 self.fail(&name, "load timeout", &reason);
+                self.stop_if_nothing_else_lives();
                 continue;
             }
             let stall = self.cfg.models.iter().find(|m| m.name == name).map(|m| m.stall.for_stage(track.stage));
@@ -292,6 +304,7 @@ impl Actor {
                     track.stage.label()
                 );
                 self.fail(&name, "stall timeout", &reason);
+                self.stop_if_nothing_else_lives();
             }
         }
     }

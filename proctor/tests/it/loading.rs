@@ -474,3 +474,38 @@ async fn once_ready_the_service_is_probed_at_a_liveness_cadence() {
     assert!(default <= 1, "at most one probe in 4 s at the 5 s default: {default}");
     assert!((2..=5).contains(&configured), "about one a second with live_poll = 1s: {configured}");
 }
+
+/// Ensures a model that hangs while holding memory and waits for its stall.
+async fn stall_holding_memory(service_lines: &str) -> (Agent, proto::Snapshot) {
+    let service = Service::sim(&["nllb:mb=64,download=100ms,hang=loading"])
+        .model_lines(r#"stall = { default = "2s" }"#)
+        .service_lines(service_lines);
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Failed)).await;
+    // The stop (if any) follows the failure: wait for the service to be gone, or not.
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut snapshot = snapshot;
+    while snapshot.services[0].running && Instant::now() < until {
+        // Bounded re-read of the state (the exit event has no stage of its own here).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        snapshot = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await.0;
+    }
+    (agent, snapshot)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_load_gives_its_memory_back_unless_told_to_keep_it() {
+    let (stopped, kept) =
+        tokio::join!(stall_holding_memory(""), stall_holding_memory("stop_after_failed_load = false"));
+    let (agent, snapshot) = stopped;
+    assert!(!snapshot.services[0].running, "the hung service is stopped");
+    assert_eq!(snapshot.services[0].rss_bytes, 0, "its memory came back");
+    let model = &snapshot.services[0].models[0];
+    assert_eq!(model.stage(), Stage::Failed, "the model still says why: {}", model.message);
+    assert!(agent.logs().contains("stopping service"), "{}", agent.logs());
+    let (_, snapshot) = kept;
+    assert!(snapshot.services[0].running, "kept for inspection when configured");
+    assert!(snapshot.services[0].rss_bytes > 0, "still holding its memory");
+}
