@@ -356,10 +356,29 @@ pub async fn poll(
         if tx.send((generation, answers)).is_err() {
             return;
         }
+        if !wait(interval, &mut live, &cancel).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps until the next poll; false when cancelled. A load starting (the
+/// cadence cleared) cuts the wait short; everything settling stretches it to
+/// the liveness cadence from now.
+async fn wait(
+    interval: Duration,
+    live: &mut tokio::sync::watch::Receiver<Option<Duration>>,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut wake = tokio::time::Instant::now() + interval;
+    loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-            Ok(()) = live.changed() => {}
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep_until(wake) => return true,
+            Ok(()) = live.changed() => match *live.borrow_and_update() {
+                None => return true,
+                Some(cadence) => wake = tokio::time::Instant::now() + cadence,
+            },
         }
     }
 }
