@@ -329,30 +329,43 @@ pub fn next_interval(previous: Duration, changed: bool, ceiling: Duration, live:
     }
 }
 
-/// Polls `paths` under `base_url` until cancelled, sending each round's
-/// answers to `tx`, at the pace `next_interval` gives. `live` says whether
-/// the supervisor's models are settled; a change wakes the loop at once.
+/// What is being polled: the service's base URL and how to read it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub base_url: String,
+    pub protocol: Protocol,
+    pub models: Vec<Named>,
+    pub ceiling: Duration,
+}
+
+/// Polls the target until cancelled, sending each round's answers to `tx`,
+/// at the pace `next_interval` gives. A change is judged on what the
+/// protocol reads (up, and each model's status, progress and error), not on
+/// the raw answers: a timestamp or uptime field must not pin polling fast.
+/// `live` says whether the supervisor's models are settled; a change wakes
+/// the loop at once.
 pub async fn poll(
-    base_url: String,
-    paths: Vec<String>,
-    ceiling: Duration,
+    target: Target,
     generation: u64,
     tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
     mut live: tokio::sync::watch::Receiver<Option<Duration>>,
     cancel: CancellationToken,
 ) {
     let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().unwrap_or_default();
-    let base = base_url.trim_end_matches('/').to_owned();
+    let base = target.base_url.trim_end_matches('/').to_owned();
+    let paths = target.protocol.paths(&target.models);
     let mut interval = FAST_POLL;
-    let mut last: Option<Vec<Answer>> = None;
+    let mut last: Option<(bool, BTreeMap<String, ModelHealth>)> = None;
     loop {
         let mut answers = Vec::with_capacity(paths.len());
         for path in &paths {
             answers.push(get(&client, &format!("{base}{path}")).await);
         }
-        let changed = last.as_ref() != Some(&answers);
-        interval = next_interval(interval, changed, ceiling, *live.borrow_and_update());
-        last = Some(answers.clone());
+        let reading = target.protocol.read(&target.models, &answers);
+        let gist = (reading.up, reading.models);
+        let changed = last.as_ref() != Some(&gist);
+        interval = next_interval(interval, changed, target.ceiling, *live.borrow_and_update());
+        last = Some(gist);
         if tx.send((generation, answers)).is_err() {
             return;
         }

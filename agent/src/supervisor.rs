@@ -718,10 +718,14 @@ impl Actor {
     /// the token to stop.
     fn start_probe(&self, base_url: &str) -> CancellationToken {
         let cancel = CancellationToken::new();
+        let target = probe::Target {
+            base_url: base_url.to_owned(),
+            protocol: self.cfg.readiness.protocol.clone(),
+            models: self.named.clone(),
+            ceiling: self.cfg.readiness.poll_ceiling,
+        };
         tokio::spawn(probe::poll(
-            base_url.to_owned(),
-            self.cfg.readiness.protocol.paths(&self.named),
-            self.cfg.readiness.poll_ceiling,
+            target,
             self.generation,
             self.probe_tx.clone(),
             self.live.subscribe(),

@@ -509,3 +509,40 @@ async fn a_stalled_load_gives_its_memory_back_unless_told_to_keep_it() {
     assert!(snapshot.services[0].running, "kept for inspection when configured");
     assert!(snapshot.services[0].rss_bytes > 0, "still holding its memory");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_field_that_changes_every_poll_does_not_pin_probing_fast() {
+    // A hung load whose /health carries the time: every answer differs, the
+    // model's status and progress never do. Each request is logged.
+    let server = r#"
+import http.server, json, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"uptime": time.time(), "models": {"nllb": {"status": "loading", "progress": 0.1}}}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *args):
+        print("probe", self.path, flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let out = Scratch::new("uptime");
+    let script = out.write("server.py", server);
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"python3\", \"-u\", {:?}, \"{{port}}\"]\n\n\
+         [[service.model]]\nname = \"nllb\"\n",
+        script.display().to_string()
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) =
+        watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::LoadingWeights)).await;
+    let from = events.last().unwrap().seq + 1;
+    // A measuring window: how often is a loading-but-unchanged model probed?
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let last = snapshot.next_seq - 1;
+    let (_, after) = watch_until(&mut client, from, Duration::from_secs(5), |e| e.seq >= last).await;
+    let probes =
+        after.iter().filter(|e| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line.starts_with("probe "))).count();
+    // Backed off to the 250 ms ceiling: about 12 in 3 s, not 150 at 20 ms.
+    assert!(probes <= 20, "probed {probes} times in 3 s");
+}
