@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use prost::Message;
 use proto::{Event, ExitStatus, HostMemory, ModelState, ServiceState, Snapshot, WatchMessage, event, watch_message};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -25,6 +26,15 @@ use crate::lease::{Grant, LeaseClaim, LeaseError, LeaseTable};
 pub const RING_CAPACITY: usize = 8192;
 /// A watcher this far behind is disconnected and must resume.
 pub const WATCHER_BUFFER: usize = 4096;
+/// Retained events (stage changes, exits, case results) kept for controllers
+/// that have not acknowledged them — bounded, so controllers that die without
+/// acking cannot grow the agent without end. The oldest go first, and a
+/// replay over them shows a `Gap`.
+pub const RETAINED_MAX_EVENTS: usize = 50_000;
+pub const RETAINED_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// No event is larger than this: its long text fields are cut to fit, so one
+/// event can never exceed a watcher's decode limit.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -199,6 +209,8 @@ struct State {
     /// Highest seq evicted from the ring, if any.
     evicted_up_to: Option<u64>,
     retained: BTreeMap<u64, Event>,
+    /// Encoded size of `retained`.
+    retained_bytes: usize,
     watchers: Vec<mpsc::Sender<WatchMessage>>,
     services: BTreeMap<String, ServiceState>,
     host: HostMemory,
@@ -319,9 +331,10 @@ fn is_retained(kind: &event::Kind) -> bool {
 }
 
 impl State {
-    fn append(&mut self, kind: event::Kind) {
+    fn append(&mut self, mut kind: event::Kind) {
         self.apply(&kind);
         let retained = is_retained(&kind);
+        fit(&mut kind, MAX_EVENT_BYTES);
         let event = Event {
             incarnation: self.incarnation.clone(),
             seq: self.next_seq,
@@ -330,7 +343,7 @@ impl State {
         };
         self.next_seq += 1;
         if retained {
-            self.retained.insert(event.seq, event.clone());
+            self.retain(event.clone());
         }
         let message = WatchMessage { kind: Some(watch_message::Kind::Event(event.clone())) };
         // A watcher that is full or gone is dropped; it resumes from its last seq.
@@ -378,7 +391,23 @@ impl State {
             *seq > up_to_seq
                 || matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if !run_id.is_empty() && c.run_id != run_id)
         });
+        self.retained_bytes = self.retained.values().map(Message::encoded_len).sum();
         (before - self.retained.len()) as u32
+    }
+
+    /// Keeps an event until acknowledged, dropping the oldest past the caps.
+    fn retain(&mut self, event: Event) {
+        self.retained_bytes += event.encoded_len();
+        self.retained.insert(event.seq, event);
+        let mut dropped = 0;
+        while self.retained.len() > RETAINED_MAX_EVENTS || self.retained_bytes > RETAINED_MAX_BYTES {
+            let Some((_, old)) = self.retained.pop_first() else { break };
+            self.retained_bytes -= old.encoded_len();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tracing::warn!(dropped, "retained events over their cap: the oldest unacknowledged ones are dropped");
+        }
     }
 
     /// Folds an event into the derived state.
@@ -459,6 +488,46 @@ impl State {
         out.extend(self.ring.iter().filter(|e| e.seq >= from_seq).map(wrap));
         out
     }
+}
+
+/// Cuts an event's long text fields until it encodes within `max` bytes
+/// (each cut text says so).
+fn fit(kind: &mut event::Kind, max: usize) {
+    let size = |k: &event::Kind| Event { kind: Some(k.clone()), ..Default::default() }.encoded_len();
+    if size(kind) <= max {
+        return;
+    }
+    let keep = max / 4;
+    match kind {
+        event::Kind::StageChanged(c) => cut_text(&mut c.message, keep),
+        event::Kind::Log(l) => cut_text(&mut l.line, keep),
+        event::Kind::CaseFinished(c) => {
+            if let Some(r) = c.result.as_mut() {
+                cut_text(&mut r.message, keep);
+                cut_text(&mut r.response_excerpt, keep);
+                let each = keep / r.failures.len().max(1);
+                for f in &mut r.failures {
+                    cut_text(&mut f.expected, each / 2);
+                    cut_text(&mut f.actual, each / 2);
+                }
+                r.failures.truncate(64);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn cut_text(text: &mut String, keep: usize) {
+    if text.len() <= keep {
+        return;
+    }
+    let mut at = keep;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let total = text.len();
+    text.truncate(at);
+    text.push_str(&format!(" … (cut: {total} bytes in all)"));
 }
 
 #[cfg(test)]
@@ -646,6 +715,43 @@ mod tests {
                     assert_eq!(live, held, "held at {at} s");
                 }
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_retained_events_are_capped_and_replay_shows_the_gap() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        let total = RETAINED_MAX_EVENTS + 10;
+        for i in 0..total {
+            j.append(finished("dead-run", &i.to_string()));
+        }
+        let kept = j.fetch_retained(String::new(), 0).await.unwrap();
+        assert_eq!(kept.len(), RETAINED_MAX_EVENTS, "the oldest beyond the cap are dropped");
+        assert_eq!(kept[0].seq, 11, "oldest first");
+        let sub = j.subscribe(1).await.unwrap();
+        let gap = sub.backlog.iter().find_map(|m| match &m.kind {
+            Some(watch_message::Kind::Gap(g)) => Some((g.from_seq, g.to_seq)),
+            _ => None,
+        });
+        assert!(gap.is_some_and(|(from, _)| from == 1), "a replay from 1 shows what is gone: {gap:?}");
+    }
+
+    #[test]
+    fn an_oversized_event_is_cut_to_fit_and_says_so() {
+        let huge = "x".repeat(10 * 1024 * 1024);
+        // (event, field that must say it was cut)
+        let mut stage = event::Kind::StageChanged(proto::StageChanged { message: huge.clone(), ..Default::default() });
+        let mut line = log(&huge);
+        let failure = proto::AssertionFailure { actual: huge.clone(), expected: huge.clone(), ..Default::default() };
+        let mut case = event::Kind::CaseFinished(proto::CaseFinished {
+            result: Some(proto::CaseResult { failures: vec![failure], message: huge.clone(), ..Default::default() }),
+            ..Default::default()
+        });
+        for kind in [&mut stage, &mut line, &mut case] {
+            fit(kind, MAX_EVENT_BYTES);
+            let size = Event { kind: Some(kind.clone()), ..Default::default() }.encoded_len();
+            assert!(size <= MAX_EVENT_BYTES, "{size} bytes");
+            assert!(format!("{kind:?}").contains("(cut: 10485760 bytes in all)"));
         }
     }
 }

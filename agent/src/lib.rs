@@ -182,7 +182,11 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(keepalive.0))
             .http2_keepalive_timeout(Some(keepalive.1))
-            .add_service(proto::agent_server::AgentServer::new(service))
+            .add_service(
+                proto::agent_server::AgentServer::new(service)
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 server_cancel.cancelled().await;
                 // Services first, so their last events are still served.

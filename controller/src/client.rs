@@ -296,7 +296,9 @@ impl Agent {
             .connect()
             .await
             .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
-        let mut inner = AgentClient::new(channel);
+        let mut inner = AgentClient::new(channel)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
         let asked = now_unix_ms();
         let info = bounded(addr, "GetInfo", async {
             inner

@@ -11,6 +11,12 @@ pub mod admission;
 /// Version of this contract, sent in `GetInfo`. Bumped on incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The largest gRPC message either side decodes or sends, set deliberately on
+/// both (tonic's default is 4 MiB): agents cap each event at 256 KiB and a
+/// `RunCases` call at its case limit, so this leaves ample room while still
+/// refusing a runaway message.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 #[expect(clippy::all, clippy::pedantic, reason = "generated code")]
 #[rustfmt::skip]
 pub mod agent {
