@@ -200,6 +200,11 @@ struct Track {
     last_signal: Option<String>,
     /// Endpoint-mode models: the load request was sent for this run.
     load_requested: bool,
+    /// Endpoint-mode models: the last refusal of a load request, when to
+    /// ask again, and the pause after the next refusal.
+    load_refusal: Option<String>,
+    load_retry_at: Option<Instant>,
+    load_backoff: Duration,
     /// Endpoint-mode models only take part once asked for.
     wanted: bool,
     /// Holds an admission reservation until its load ends.
@@ -220,6 +225,9 @@ impl Track {
             last_progress: now,
             last_signal: None,
             load_requested: false,
+            load_refusal: None,
+            load_retry_at: None,
+            load_backoff: stages::LOAD_RETRY_FIRST,
             wanted: false,
             reserved: false,
             warm: stages::Warm::default(),
@@ -270,6 +278,12 @@ enum Internal {
         generation: u64,
         model: String,
         outcome: Result<String, String>,
+    },
+    /// An endpoint-mode load request came back; `refusal` says why not.
+    LoadAnswered {
+        generation: u64,
+        model: String,
+        refusal: Option<String>,
     },
 }
 
@@ -478,6 +492,9 @@ impl Actor {
             if mode == LoadMode::Endpoint && running && matches!(track.stage, Stage::Stopped | Stage::Failed) {
                 // Asked for now: it starts its load from here.
                 track.load_requested = false;
+                track.load_refusal = None;
+                track.load_retry_at = None;
+                track.load_backoff = stages::LOAD_RETRY_FIRST;
                 track.load_started = Instant::now();
                 self.transition(name, Stage::WaitingForHttp, "load requested", None);
             }
@@ -620,6 +637,11 @@ impl Actor {
             Internal::Exited { generation, status } => {
                 if generation == self.generation {
                     self.exited(status).await;
+                }
+            }
+            Internal::LoadAnswered { generation, model, refusal } => {
+                if generation == self.generation {
+                    self.load_answered(&model, refusal);
                 }
             }
             Internal::Warmup { generation, model, outcome } => {

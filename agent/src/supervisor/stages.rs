@@ -20,6 +20,10 @@ pub const CPU_PROGRESS_SHARE: f64 = 0.05;
 pub const IO_PROGRESS_BYTES: u64 = 64 * 1024;
 /// Pause between failed warm-up attempts.
 const WARMUP_RETRY: Duration = Duration::from_millis(250);
+/// Pause before asking again after a refused endpoint-mode load request;
+/// it doubles up to `LOAD_RETRY_MAX`.
+pub(super) const LOAD_RETRY_FIRST: Duration = Duration::from_millis(250);
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// How long a FAILED match on a traceback waits for its exception line.
 const TRACEBACK_WAIT: Duration = Duration::from_secs(2);
 
@@ -85,8 +89,9 @@ impl Actor {
                 continue;
             }
             let endpoint = self.load_mode(&name) == LoadMode::Endpoint;
+            let ask = endpoint && !track.load_requested && track.load_retry_at.is_none_or(|at| at <= Instant::now());
             let Some(health) = reading.models.get(&name) else {
-                if endpoint && !track.load_requested {
+                if ask {
                     self.request_load(&name);
                 }
                 continue;
@@ -96,10 +101,13 @@ impl Actor {
                 None => {
                     if track.stage == Stage::Ready {
                         self.transition(&name, Stage::Stopped, &cause, None);
-                    } else if endpoint && !track.load_requested {
+                    } else if ask {
                         self.request_load(&name);
                     }
                 }
+                // A failure the service still reports from before this load
+                // was asked for: ask (again) rather than fail on stale news.
+                Some(Stage::Failed) if ask => self.request_load(&name),
                 Some(Stage::Failed) => {
                     let reason = health.error.clone().unwrap_or_else(|| format!("the service reported {cause}"));
                     self.fail(&name, &cause, &reason);
@@ -184,6 +192,7 @@ impl Actor {
         let body = self.cfg.readiness.load_body.as_ref().map(|b| b.replace("{model}", &served_as));
         let service = self.cfg.name.clone();
         let traceparent = self.traceparent.clone();
+        let (tx, generation, model) = (self.internal_tx.clone(), self.generation, model.to_owned());
         tokio::spawn(async move {
             let mut request = reqwest::Client::new().post(&url);
             if let Some(tp) = &traceparent {
@@ -192,12 +201,32 @@ impl Actor {
             if let Some(body) = body {
                 request = request.header("content-type", "application/json").body(body);
             }
-            match request.send().await {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => tracing::warn!(%service, %url, status = %r.status(), "load request refused"),
-                Err(error) => tracing::warn!(%service, %url, %error, "load request failed"),
-            }
+            let refusal = match request.send().await {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::warn!(%service, %url, %status, "load request refused");
+                    Some(format!("{status}: {}", text.trim()))
+                }
+                Err(error) => {
+                    tracing::warn!(%service, %url, %error, "load request failed");
+                    Some(format!("not answered: {error}"))
+                }
+            };
+            let _ = tx.send(Internal::LoadAnswered { generation, model, refusal });
         });
+    }
+
+    /// A load request's answer: a refusal is remembered for the failure
+    /// message and asked again after a doubling pause.
+    pub(super) fn load_answered(&mut self, model: &str, refusal: Option<String>) {
+        let Some(track) = self.models.get_mut(model) else { return };
+        let Some(refusal) = refusal else { return };
+        track.load_refusal = Some(cut(&refusal));
+        track.load_requested = false;
+        track.load_retry_at = Some(Instant::now() + track.load_backoff);
+        track.load_backoff = (track.load_backoff * 2).min(LOAD_RETRY_MAX);
     }
 
     /// A line the service printed: may mark a stage or a failure.
@@ -337,6 +366,9 @@ impl Actor {
                 "\n  last progress: {:.1}s ago (a stage change)",
                 track.last_progress.elapsed().as_secs_f64()
             )),
+        }
+        if let Some(r) = &track.load_refusal {
+            out.push_str(&format!("\n  last load request: {r}"));
         }
         if let Some(e) = &track.warm.last_error {
             out.push_str(&format!("\n  last warm-up attempt ({} in all): {e}", track.warm.attempts));

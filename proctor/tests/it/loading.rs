@@ -546,3 +546,27 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     // Backed off to the 250 ms ceiling: about 12 in 3 s, not 150 at 20 ms.
     assert!(probes <= 20, "probed {probes} times in 3 s");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_load_request_is_retried_and_its_refusal_explains_the_failure() {
+    // An endpoint-mode service (here a fixture the agent reaches through
+    // `base_url`) that refuses to load: busy.
+    let service = Fixture::start().await;
+    service.set("GET /health", 200, r#"{"status":"healthy","models":{}}"#);
+    service.set("POST /models/nllb/load", 503, "busy: another load holds the GPU");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sleep\", \"600\"]\n\
+         base_url = {:?}\n\n[[service.model]]\nname = \"nllb\"\nload = \"endpoint\"\ntimeout = \"3s\"\n",
+        service.url
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Failed)).await;
+    let tries = service.hits("POST /models/nllb/load");
+    assert!((2..=12).contains(&tries), "retried with backoff, not once and not in a tight loop: {tries}");
+    let message = stage_event(events.last().unwrap()).unwrap().message.clone();
+    assert!(
+        message.contains("last load request: 503 Service Unavailable: busy: another load holds the GPU"),
+        "{message}"
+    );
+}
