@@ -44,6 +44,18 @@ pub fn progress_signal(before: &TreeMemory, after: &TreeMemory, elapsed: Duratio
     None
 }
 
+/// Which loading model a service-wide resource signal (RSS, CPU, I/O)
+/// counts for: the only one loading. With several loading it cannot be told
+/// whose it is, so it counts for none — each must show progress of its own
+/// (a stage or progress change), or one model's growth would hide another's
+/// hang.
+pub fn attribute_signal(loading: &[String]) -> Option<&String> {
+    match loading {
+        [only] => Some(only),
+        _ => None,
+    }
+}
+
 /// The stage a log line marks, if it moves the model forward (or fails it).
 pub fn log_stage(patterns: &[(Stage, regex::Regex)], current: Stage, line: &str) -> Option<Stage> {
     let (stage, _) = patterns.iter().find(|(_, re)| re.is_match(line))?;
@@ -292,13 +304,12 @@ impl Actor {
         };
         let signal = self.last_sample.as_ref().and_then(|(at, before)| progress_signal(before, &now, at.elapsed()));
         self.last_sample = Some((Instant::now(), now));
-        if let Some(signal) = signal {
-            for track in self.models.values_mut() {
-                if track.wanted && !track.stage.is_terminal() {
-                    track.last_progress = Instant::now();
-                    track.last_signal = Some(signal.clone());
-                }
-            }
+        let Some(signal) = signal else { return };
+        let loading: Vec<String> =
+            self.models.iter().filter(|(_, t)| t.wanted && !t.stage.is_terminal()).map(|(n, _)| n.clone()).collect();
+        if let Some(track) = attribute_signal(&loading).and_then(|name| self.models.get_mut(name)) {
+            track.last_progress = Instant::now();
+            track.last_signal = Some(format!("{signal} in the service, the only model loading"));
         }
     }
 
@@ -467,6 +478,17 @@ mod tests {
 
     fn sample(rss_mib: u64, cpu_ms: u64, io_kib: u64) -> TreeMemory {
         TreeMemory { rss_bytes: rss_mib * 1024 * 1024, cpu_ms, io_bytes: io_kib * 1024, ..Default::default() }
+    }
+
+    #[test]
+    fn a_service_wide_signal_counts_only_for_the_only_model_loading() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (models loading, credited)
+        let table: [(&[&str], Option<&str>); 3] = [(&[], None), (&["nllb"], Some("nllb")), (&["nllb", "aya"], None)];
+        for (loading, credited) in table {
+            let loading = names(loading);
+            assert_eq!(attribute_signal(&loading).map(String::as_str), credited, "{loading:?}");
+        }
     }
 
     #[test]

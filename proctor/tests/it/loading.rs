@@ -570,3 +570,20 @@ async fn a_refused_load_request_is_retried_and_its_refusal_explains_the_failure(
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_models_memory_growth_does_not_hide_another_models_hang() {
+    // nllb loads for 10 s, its memory growing all the while; aya hangs at once.
+    let service = Service::sim(&["nllb:mb=256,download=100ms,load=10s", "aya:mb=8,download=100ms,hang=loading"])
+        .model_lines(r#"stall = { default = "3s" }"#);
+    let agent = Agent::spawn(BIN, &service).await;
+    let started = Instant::now();
+    let mut client = ensure(&agent, &["nllb", "aya"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "aya", Stage::Failed)).await;
+    let took = started.elapsed();
+    let message = stage_event(events.last().unwrap()).unwrap().message.clone();
+    assert!(took < Duration::from_secs(7), "aya's own stall, not nllb's load time: {took:?}\n{message}");
+    let last_progress = message.lines().find(|l| l.contains("last progress:")).unwrap_or_default();
+    assert!(last_progress.ends_with("(a stage change)"), "no foreign growth quoted as aya's progress: {message}");
+    assert!(message.contains("stalled: no progress for 3s"), "{message}");
+}
