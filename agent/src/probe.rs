@@ -232,9 +232,14 @@ impl Protocol {
                 for m in models {
                     let h = if *health == 200 {
                         match &model_id {
-                            Some(id) if m.served_as != m.name && *id != m.served_as => {
+                            // Checked whether served_as was set or defaulted to
+                            // the name: READY for another model is a lie.
+                            Some(id) if *id != m.served_as => {
                                 let mut h = ModelHealth::new(format!("serving {id}"), Some(Stage::Failed));
-                                h.error = Some(format!("TGI serves {id}, not {}", m.served_as));
+                                h.error = Some(format!(
+                                    "TGI serves {id}, not {} (set `served_as` to the model id TGI serves)",
+                                    m.served_as
+                                ));
                                 h
                             }
                             _ => ModelHealth::new("healthy", Some(Stage::Ready)),

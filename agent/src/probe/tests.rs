@@ -129,6 +129,11 @@ fn tgi_health_and_info() {
     let r = p.read(&wrong, &[ok(200, vec![]), ok(200, fixture!("tgi-info.json"))]);
     assert_eq!(r.models["llama"].stage, Some(Stage::Failed));
     assert!(r.models["llama"].error.as_deref().unwrap().contains("bigscience/blomm-560m"));
+    // Also when served_as was left to default to the name.
+    let defaulted = named(&[("llama", "llama")]);
+    let r = p.read(&defaulted, &[ok(200, vec![]), ok(200, fixture!("tgi-info.json"))]);
+    assert_eq!(r.models["llama"].stage, Some(Stage::Failed), "a defaulted name is checked too");
+    assert!(r.models["llama"].error.as_deref().unwrap().contains("set `served_as`"), "{:?}", r.models["llama"].error);
 }
 
 #[test]

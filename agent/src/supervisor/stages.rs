@@ -56,6 +56,13 @@ pub fn attribute_signal(loading: &[String]) -> Option<&String> {
     }
 }
 
+/// The loading stage after a probe reports `reported`: forward only, like log
+/// patterns, so a probe that lags behind a log line never moves a model back.
+pub fn loading_stage(current: Stage, reported: Stage) -> Stage {
+    let back = Stage::LOADING.contains(&current) && Stage::LOADING.contains(&reported) && reported < current;
+    if back { current } else { reported }
+}
+
 /// The stage a log line marks, if it moves the model forward (or fails it).
 pub fn log_stage(patterns: &[(Stage, regex::Regex)], current: Stage, line: &str) -> Option<Stage> {
     let (stage, _) = patterns.iter().find(|(_, re)| re.is_match(line))?;
@@ -125,8 +132,9 @@ impl Actor {
                     self.fail(&name, &cause, &reason);
                 }
                 Some(Stage::Ready) => self.served(&name, &cause),
-                Some(stage) => {
+                Some(reported) => {
                     let track = self.models.get_mut(&name).expect("model");
+                    let stage = loading_stage(track.stage, reported);
                     let moved = (health.progress - track.progress).abs() >= 0.05
                         || (health.progress == 1.0 && track.progress != 1.0);
                     if stage != track.stage || moved {
@@ -478,6 +486,22 @@ mod tests {
 
     fn sample(rss_mib: u64, cpu_ms: u64, io_kib: u64) -> TreeMemory {
         TreeMemory { rss_bytes: rss_mib * 1024 * 1024, cpu_ms, io_bytes: io_kib * 1024, ..Default::default() }
+    }
+
+    #[test]
+    fn probe_and_log_stages_move_forward_only_together() {
+        use Stage::*;
+        // (current, reported by the probe, result)
+        let table = [
+            (Downloading, LoadingWeights, LoadingWeights),
+            (LoadingWeights, Downloading, LoadingWeights),
+            (LoadingWeights, WaitingForHttp, LoadingWeights),
+            (WaitingForHttp, WaitingForHttp, WaitingForHttp),
+            (ProcessStarting, Downloading, Downloading),
+        ];
+        for (current, reported, want) in table {
+            assert_eq!(loading_stage(current, reported), want, "{current:?} then {reported:?}");
+        }
     }
 
     #[test]
