@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::probe::{HealthJson, ProgressScale, Protocol};
 
+/// Methods a warm-up request may use.
+const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
 /// How often a service whose models are all settled (READY or FAILED) is probed.
 pub const DEFAULT_LIVE_POLL: Duration = Duration::from_secs(5);
 
@@ -400,6 +403,12 @@ impl Config {
                         },
                     })
                 }
+                name @ ("kserve-v2" | "openai" | "tgi" | "ollama") if r.path.is_some() => {
+                    return Err(invalid(
+                        key("readiness.path"),
+                        format!("only applies to health-json and http, not {name} (its paths are fixed)"),
+                    ));
+                }
                 "kserve-v2" => Protocol::KserveV2,
                 "openai" => Protocol::OpenAi,
                 "tgi" => Protocol::Tgi,
@@ -497,6 +506,12 @@ impl Config {
                 log_patterns.sort_by_key(|(st, _)| std::cmp::Reverse(*st as i32));
                 let warmup = match &m.warmup {
                     None => None,
+                    Some(w) if !HTTP_METHODS.contains(&w.method.to_uppercase().as_str()) => {
+                        return Err(invalid(
+                            mkey("warmup.method"),
+                            format!("{:?} is not an HTTP method; use one of {HTTP_METHODS:?}", w.method),
+                        ));
+                    }
                     Some(w) => Some(Warmup {
                         method: w.method.to_uppercase(),
                         path: w.path.clone(),
@@ -765,6 +780,17 @@ load = "endpoint"
             (
                 GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"2s\"\nreadiness = { protocol = \"grpc\" }"),
                 "\"grpc\" is not a readiness protocol",
+            ),
+            (
+                GOOD.replace(
+                    "stop_grace = \"2s\"",
+                    "stop_grace = \"2s\"\nreadiness = { protocol = \"tgi\", path = \"/ready\" }",
+                ),
+                "readiness.path: only applies to health-json and http, not tgi",
+            ),
+            (
+                GOOD.replace("ram_mb = 300", "warmup = { method = \"FETCH\", path = \"/x\" }"),
+                "(nllb).warmup.method: \"FETCH\" is not an HTTP method",
             ),
         ];
         for (text, want) in cases {
