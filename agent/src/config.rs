@@ -90,6 +90,12 @@ struct RawService {
     on_agent_restart: String,
     #[serde(default = "default_true")]
     stop_after_failed_load: bool,
+    #[serde(default = "default_max_log_mb")]
+    max_log_mb: u64,
+}
+
+fn default_max_log_mb() -> u64 {
+    64
 }
 
 fn default_true() -> bool {
@@ -205,6 +211,9 @@ pub struct ServiceConfig {
     /// Stop the service when a load fails by stall or timeout and no other
     /// model of it is READY or loading, so a hung load gives its memory back.
     pub stop_after_failed_load: bool,
+    /// The service's output file is rotated past this size (copy to
+    /// `<service>.log.1`, then truncate).
+    pub max_log_bytes: u64,
 }
 
 /// When a service that exited on its own is started again.
@@ -586,6 +595,7 @@ impl Config {
                 restart,
                 on_agent_restart,
                 stop_after_failed_load: s.stop_after_failed_load,
+                max_log_bytes: s.max_log_mb.max(1) * 1024 * 1024,
             });
         }
         let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);

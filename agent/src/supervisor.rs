@@ -814,7 +814,7 @@ impl Actor {
         }
         self.generation += 1;
         tracing::info!(service = %self.cfg.name, pid = state.pid, from = %state.incarnation, "re-attaching to a running service");
-        process::reattach(&state, &self.wiring.data_dir, &self.cfg.name, self.generation, &self.internal_tx);
+        process::reattach(&state, &self.wiring.data_dir, &self.cfg, self.generation, &self.internal_tx);
         self.logs = logtail::LogTail::new(self.probe_paths());
         for line in process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL) {
             self.logs.push(&line);

@@ -180,7 +180,7 @@ pub(super) fn spawn(
     let pid = child.id().ok_or("the service exited before its PID could be read")?;
     let ticks = start_ticks(pid).unwrap_or(0);
 
-    let (finish, tail) = tail(log.clone(), offset, generation, tx.clone());
+    let (finish, tail) = tail(log.clone(), offset, service.max_log_bytes, generation, tx.clone());
     let tx = tx.clone();
     tokio::spawn(async move {
         let status = child.wait().await.ok();
@@ -212,13 +212,13 @@ pub(super) struct SpawnArgs<'a> {
 pub(super) fn reattach(
     state: &Persisted,
     data_dir: &Path,
-    service: &str,
+    service: &ServiceConfig,
     generation: u64,
     tx: &mpsc::UnboundedSender<Internal>,
 ) {
-    let log = log_path(data_dir, service);
+    let log = log_path(data_dir, &service.name);
     let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let (finish, tail) = tail(log, offset, generation, tx.clone());
+    let (finish, tail) = tail(log, offset, service.max_log_bytes, generation, tx.clone());
     let (pid, ticks) = (state.pid, state.start_ticks);
     let tx = tx.clone();
     tokio::spawn(async move {
@@ -238,10 +238,11 @@ pub(super) fn last_lines(data_dir: &Path, service: &str, n: usize) -> Vec<String
 }
 
 /// Follows a file from `offset`, sending each complete line; on `finish`,
-/// reads what is left and stops.
+/// reads what is left and stops. Past `max_bytes` the file is rotated.
 fn tail(
     path: PathBuf,
     offset: u64,
+    max_bytes: u64,
     generation: u64,
     tx: mpsc::UnboundedSender<Internal>,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -268,10 +269,33 @@ fn tail(
                 }
                 return;
             }
+            rotate_if_big(&path, &mut file, max_bytes);
             tokio::time::sleep(TAIL_EVERY).await;
         }
     });
     (finish, task)
+}
+
+/// Copy-and-truncate rotation once the log passes `max_bytes` (everything
+/// read so far): the service keeps its file open in append mode, so after the
+/// truncation its writes land at the new start. The older part is kept once
+/// as `<service>.log.1`. A file truncated by anyone is followed from its start.
+fn rotate_if_big(path: &Path, file: &mut std::fs::File, max_bytes: u64) {
+    let (Ok(read_to), Ok(len)) = (file.stream_position(), file.metadata().map(|m| m.len())) else { return };
+    if len < read_to {
+        let _ = file.seek(SeekFrom::Start(0));
+        return;
+    }
+    if read_to < max_bytes || read_to != len {
+        return;
+    }
+    let mut older = path.as_os_str().to_owned();
+    older.push(".1");
+    if std::fs::copy(path, &older).is_ok()
+        && std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0)).is_ok()
+    {
+        let _ = file.seek(SeekFrom::Start(0));
+    }
 }
 
 /// The longest line passed on; the rest of a longer one is dropped (a

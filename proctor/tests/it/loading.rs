@@ -587,3 +587,22 @@ async fn one_models_memory_growth_does_not_hide_another_models_hang() {
     assert!(last_progress.ends_with("(a stage change)"), "no foreign growth quoted as aya's progress: {message}");
     assert!(message.contains("stalled: no progress for 3s"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_log_is_rotated_by_size_and_still_followed() {
+    let script = "i=0; while [ $i -lt 40000 ]; do echo \"filler line $i with some padding to make it longer\"; i=$((i+1)); done; \
+                  echo 'after the flood'; exec sleep 600";
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+         max_log_mb = 1\n\n[[service.model]]\nname = \"nllb\"\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let seen = |e: &Event| matches!(&e.kind, Some(event::Kind::Log(l)) if l.line == "after the flood");
+    watch_until(&mut client, 0, Duration::from_secs(30), seen).await;
+    let log = agent.scratch.path.join("data/translation.log");
+    let size = std::fs::metadata(&log).unwrap().len();
+    let rotated = std::fs::metadata(agent.scratch.path.join("data/translation.log.1")).map(|m| m.len()).unwrap_or(0);
+    assert!(size < 2 * 1024 * 1024, "the live log stays near its cap: {size} bytes");
+    assert!(rotated > 0, "the older part is kept once, as translation.log.1");
+}
