@@ -606,3 +606,48 @@ async fn the_service_log_is_rotated_by_size_and_still_followed() {
     assert!(size < 2 * 1024 * 1024, "the live log stays near its cap: {size} bytes");
     assert!(rotated > 0, "the older part is kept once, as translation.log.1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_service_with_its_own_health_schema_two_models_one_hanging() {
+    // Its own /health: {"engines": {NAME: {"state": ..., "pct": 0-100}}}; one
+    // engine loads in about 2 s, the other stops at 40 % for good.
+    let server = r#"
+import http.server, json, sys, time
+start = time.time()
+def engines():
+    t = time.time() - start
+    fast = min(100, int(t * 50))
+    return {"fast": {"state": "READY" if fast >= 100 else "LOADING", "pct": fast},
+            "stuck": {"state": "LOADING", "pct": min(40, int(t * 50))}}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"engines": engines(), "uptime_s": time.time() - start}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+print("engines starting", flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let out = Scratch::new("own-schema");
+    let script = out.write("engines.py", server);
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"python3\", \"-u\", {:?}, \"{{port}}\"]\n\
+         [service.readiness]\nprotocol = \"health-json\"\npath = \"/health\"\nstatus_pointer = \"/engines/{{model}}/state\"\n\
+         progress_pointer = \"/engines/{{model}}/pct\"\nstatus_map = {{ LOADING = \"LOADING_WEIGHTS\", READY = \"READY\" }}\n\n\
+         [[service.model]]\nname = \"fast\"\nstall = {{ default = \"3s\" }}\n\n[[service.model]]\nname = \"stuck\"\nstall = {{ default = \"3s\" }}\n",
+        script.display().to_string()
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let started = Instant::now();
+    let mut client = ensure(&agent, &["fast", "stuck"]).await;
+    let (_, events) =
+        watch_until(&mut client, 0, Duration::from_secs(30), |e| reached(e, "stuck", Stage::Failed)).await;
+    let took = started.elapsed();
+    assert!(events.iter().any(|e| reached(e, "fast", Stage::Ready)), "the healthy engine is READY");
+    let half = events.iter().filter_map(stage_event).any(|c| c.model == "fast" && (0.3..0.9).contains(&c.progress));
+    assert!(half, "its 0–100 pct is read as progress along the way, not 100 % at once");
+    let stuck = stage_event(events.last().unwrap()).unwrap();
+    assert!(stuck.message.contains("stalled: no progress for 3s in LOADING_WEIGHTS"), "{}", stuck.message);
+    assert!(stuck.message.contains(r#""stuck": {"state": "LOADING", "pct": 40}"#), "its payload: {}", stuck.message);
+    assert!(took < Duration::from_secs(9), "stalled on its own limit, not hidden by the other's progress: {took:?}");
+}
