@@ -651,3 +651,24 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     assert!(stuck.message.contains(r#""stuck": {"state": "LOADING", "pct": 40}"#), "its payload: {}", stuck.message);
     assert!(took < Duration::from_secs(9), "stalled on its own limit, not hidden by the other's progress: {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suites_headroom_counts_in_placement_and_says_so() {
+    let service =
+        Service::sim(&["nllb:mb=8"]).model_lines("ram_mb = 100").agent_lines("[admission]\nmemory_budget_mb = 300");
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("headroom");
+    let suite = out.write("t.yaml", &TRANSLATE_SUITE.replace("models: [nllb]\n", "models: [nllb]\nheadroom_mb: 500\n"));
+    let result = controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(result.exit, Exit::Infrastructure);
+    let report = result.report.unwrap();
+    let Outcome::Error(message) = &report.cases[0].outcome else { panic!("{:?}", report.cases[0]) };
+    assert!(
+        message.contains("needs 600 MiB (100 MiB for the models + 500 MiB headroom), can hold at most 300 MiB"),
+        "{message}"
+    );
+}

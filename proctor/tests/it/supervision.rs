@@ -296,3 +296,55 @@ async fn the_service_gets_neither_the_agents_environment_nor_its_oom_protection(
     assert!(!environ.contains(testkit::CANARY_ENV), "filtered environment: {environ}");
     assert!(environ.contains("PATH="), "the basics are kept");
 }
+
+/// Gaps from each exit to the next start, in ms.
+fn restart_gaps(events: &[Event]) -> Vec<i64> {
+    let mut gaps = Vec::new();
+    let mut exited_at = None;
+    for e in events {
+        match &e.kind {
+            Some(event::Kind::ServiceExited(_)) => exited_at = Some(e.time_unix_ms),
+            Some(event::Kind::ServiceStarted(_)) => gaps.extend(exited_at.take().map(|t| e.time_unix_ms - t)),
+            _ => {}
+        }
+    }
+    gaps
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_always_with_runs_past_stable_after_keeps_the_first_backoff() {
+    // Each run lasts 700 ms, longer than stable_after: the count starts over
+    // every time, so the backoff never doubles.
+    let config = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\n\
+                  command = [\"sh\", \"-c\", \"sleep 0.7; exit 0\"]\nrestart = \"always\"\nrestart_backoff = \"300ms\"\n\
+                  restart_backoff_max = \"5s\"\nstable_after = \"500ms\"\n\n[[service.model]]\nname = \"nllb\"\n";
+    let agent = Agent::spawn_config(BIN, config).await;
+    let (mut client, lease) = leased(&agent).await;
+    ensure(&mut client, &lease, &["nllb"]).await;
+    let mut starts = 0;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(30), |e| {
+        starts += usize::from(matches!(e.kind, Some(event::Kind::ServiceStarted(_))));
+        starts == 4
+    })
+    .await;
+    let gaps = restart_gaps(&events);
+    assert_eq!(gaps.len(), 3, "{gaps:?}");
+    assert!(gaps.iter().all(|g| (200..=600).contains(g)), "always the first 300 ms backoff: {gaps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_set_to_reap_ends_the_service_it_finds() {
+    let service = Service::sim(&["nllb:mb=8,download=100ms,load=30s"]).service_lines("on_agent_restart = \"reap\"");
+    let agent = Agent::spawn(BIN, &service).await;
+    let (mut client, lease) = leased(&agent).await;
+    ensure(&mut client, &lease, &["nllb"]).await;
+    let (_, events) =
+        watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::LoadingWeights)).await;
+    let pid = started_pid(&events);
+    let agent = Agent::restart_from(BIN, agent.kill9()).await;
+    testkit::until(Duration::from_secs(10), "the orphaned service to be reaped", || !testkit::process_alive(pid)).await;
+    let mut client = agent.client().await;
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    assert!(!snapshot.services[0].running, "not re-attached: reaped");
+    assert!(agent.logs().contains("reap"), "{}", agent.logs());
+}
