@@ -129,6 +129,7 @@ impl Supervisor {
             run: None,
             logs: logtail::LogTail::default(),
             pending_failed: Vec::new(),
+            stop_reason: None,
             last_payload: None,
             last_exit: None,
             last_sample: None,
@@ -305,6 +306,9 @@ struct Actor {
     /// FAILED log-pattern matches on a traceback's first line, held until its
     /// exception line arrives: (model, matched line, when).
     pending_failed: Vec<(String, String, Instant)>,
+    /// Why the service is being stopped, when it is not a plain stop: told
+    /// with every model the stop takes down.
+    stop_reason: Option<String>,
     last_payload: Option<String>,
     last_exit: Option<ExitStatus>,
     last_sample: Option<(Instant, TreeMemory)>,
@@ -397,6 +401,9 @@ impl Actor {
                         }));
                 if needs_restart || self.stop.is_some() {
                     // Finish (or begin) the stop; the start happens on exit.
+                    if needs_restart && self.stop.is_none() {
+                        self.stop_reason = Some(self.restart_reason(&request));
+                    }
                     self.pending.push(Pending { request, reply });
                     if self.stop.is_none() {
                         self.begin_stop(None);
@@ -427,6 +434,20 @@ impl Actor {
         let loading = self.models.values().any(|t| t.wanted && !t.stage.is_terminal());
         let want = (!loading).then_some(self.cfg.readiness.live_poll);
         self.live.send_if_modified(|v| std::mem::replace(v, want) != want);
+    }
+
+    /// Why a reload needs a restart: an at-start model loads only when its
+    /// service starts, so the models still READY go down with it.
+    fn restart_reason(&self, request: &EnsureRequest) -> String {
+        if request.fresh {
+            return format!("service {} restarted for a cold load (fresh)", self.cfg.name);
+        }
+        let reload: Vec<&String> =
+            request.models.iter().filter(|m| matches!(self.models[*m].stage, Stage::Failed | Stage::Stopped)).collect();
+        format!(
+            "service {} restarted to load {reload:?} again: at-start models load only when the service starts",
+            self.cfg.name
+        )
     }
 
     /// The paths the agent probes: their access-log lines are its own noise.
@@ -656,6 +677,7 @@ impl Actor {
         let Some(run) = self.run.take() else { return };
         run.probe_cancel.cancel();
         let stop = self.stop.take();
+        let stop_reason = self.stop_reason.take();
         let cgroup = self.cgroup.take();
         let oom = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > self.oom_baseline);
         let exit = classify(status, stop.as_ref().map(|s| s.escalated), oom);
@@ -688,7 +710,7 @@ impl Actor {
                 continue;
             }
             if stop.is_some() {
-                self.transition(name, Stage::Stopped, "service stopped", None);
+                self.transition(name, Stage::Stopped, "service stopped", stop_reason.clone());
             } else {
                 let what = if stage == Stage::Ready { "serving" } else { "loading" };
                 let reason = if at_launch {

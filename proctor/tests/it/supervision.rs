@@ -348,3 +348,26 @@ async fn a_restarted_agent_set_to_reap_ends_the_service_it_finds() {
     assert!(!snapshot.services[0].running, "not re-attached: reaped");
     assert!(agent.logs().contains("reap"), "{}", agent.logs());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_to_reload_a_failed_model_says_so_to_the_models_it_takes_down() {
+    // Both load at start; aya hangs and fails, nllb is READY. Asking for aya
+    // again means a restart, which takes nllb down: it is told why.
+    let service = Service::sim(&["nllb:mb=8,download=100ms,load=200ms", "aya:mb=8,download=100ms,hang=loading"])
+        .model_lines(r#"stall = { default = "2s" }"#);
+    let agent = Agent::spawn(BIN, &service).await;
+    let (mut client, lease) = leased(&agent).await;
+    ensure(&mut client, &lease, &["nllb", "aya"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "aya", Stage::Failed)).await;
+    assert!(events.iter().any(|e| reached(e, "nllb", Stage::Ready)));
+    let from = events.last().unwrap().seq + 1;
+    ensure(&mut client, &lease, &["aya"]).await;
+    let (_, after) =
+        watch_until(&mut client, from, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Stopped)).await;
+    let Some(event::Kind::StageChanged(c)) = &after.last().unwrap().kind else { unreachable!() };
+    assert!(
+        c.message.contains("restarted to load [\"aya\"] again: at-start models load only when the service starts"),
+        "{}",
+        c.message
+    );
+}
