@@ -162,130 +162,146 @@ impl Protocol {
     /// Interprets one round of answers (one per path of `paths`).
     pub fn read(&self, models: &[Named], answers: &[Answer]) -> Reading {
         let mut reading = Reading { payload: payload(&self.paths(models), answers), ..Reading::default() };
-        let ok = |i: usize| answers.get(i).and_then(|a| a.as_ref().ok());
-        let json = |i: usize| ok(i).and_then(|(_, body)| serde_json::from_slice::<Value>(body).ok());
+        let r = &mut reading;
         match self {
-            Protocol::HealthJson(h) => {
-                let Some((_, body)) = ok(0) else { return reading };
-                reading.up = true;
-                let Ok(doc) = serde_json::from_slice::<Value>(body) else { return reading };
-                for m in models {
-                    let at = |template: &str| doc.pointer(&template.replace("{model}", &pointer_token(&m.served_as)));
-                    let Some(status) = at(&h.status_pointer).and_then(Value::as_str) else { continue };
-                    let mut health = ModelHealth::new(status, h.map.get(status).copied());
-                    let progress = at(&h.progress_pointer).and_then(Value::as_f64).unwrap_or(0.0);
-                    health.progress = h.progress_scale.read(progress);
-                    health.error = at(&h.error_pointer).and_then(Value::as_str).map(str::to_owned);
-                    reading.models.insert(m.name.clone(), health);
-                }
-            }
-            Protocol::KserveV2 => {
-                let Some((live, _)) = ok(0) else { return reading };
-                reading.up = true;
-                if *live != 200 {
-                    return reading;
-                }
-                for (i, m) in models.iter().enumerate() {
-                    let health = match ok(i + 1) {
-                        Some((200, _)) => ModelHealth::new("ready", Some(Stage::Ready)),
-                        Some((code, _)) => {
-                            ModelHealth::new(format!("not ready (HTTP {code})"), Some(Stage::LoadingWeights))
-                        }
-                        None => continue,
-                    };
-                    reading.models.insert(m.name.clone(), health);
-                }
-            }
-            Protocol::OpenAi => {
-                let Some((health, body)) = ok(0) else { return reading };
-                reading.up = true;
-                if *health != 200 {
-                    // Servers that answer before the model loads say so with a non-200.
-                    let message = error_text(body);
-                    for m in models {
-                        let mut h = ModelHealth::new(format!("loading (HTTP {health})"), Some(Stage::LoadingWeights));
-                        h.error = message.clone();
-                        reading.models.insert(m.name.clone(), h);
-                    }
-                    return reading;
-                }
-                let listed: Vec<String> = json(1)
-                    .and_then(|d| d.get("data").and_then(Value::as_array).cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .flat_map(|e| ["id", "root"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
-                    .flatten()
-                    .collect();
-                for m in models {
-                    let health = if listed.contains(&m.served_as) {
-                        ModelHealth::new("listed", Some(Stage::Ready))
-                    } else {
-                        ModelHealth::new("not listed in /v1/models", Some(Stage::LoadingWeights))
-                    };
-                    reading.models.insert(m.name.clone(), health);
-                }
-            }
-            Protocol::Tgi => {
-                let Some((health, body)) = ok(0) else { return reading };
-                reading.up = true;
-                let model_id = json(1).and_then(|d| d.get("model_id").and_then(Value::as_str).map(str::to_owned));
-                for m in models {
-                    let h = if *health == 200 {
-                        match &model_id {
-                            // Checked whether served_as was set or defaulted to
-                            // the name: READY for another model is a lie.
-                            Some(id) if *id != m.served_as => {
-                                let mut h = ModelHealth::new(format!("serving {id}"), Some(Stage::Failed));
-                                h.error = Some(format!(
-                                    "TGI serves {id}, not {} (set `served_as` to the model id TGI serves)",
-                                    m.served_as
-                                ));
-                                h
-                            }
-                            _ => ModelHealth::new("healthy", Some(Stage::Ready)),
-                        }
-                    } else {
-                        let mut h = ModelHealth::new(format!("unhealthy (HTTP {health})"), Some(Stage::LoadingWeights));
-                        h.error = error_text(body);
-                        h
-                    };
-                    reading.models.insert(m.name.clone(), h);
-                }
-            }
-            Protocol::Ollama => {
-                let Some((200, _)) = ok(0) else {
-                    reading.up = ok(0).is_some();
-                    return reading;
-                };
-                reading.up = true;
-                let running: Vec<String> = json(0)
-                    .and_then(|d| d.get("models").and_then(Value::as_array).cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .flat_map(|e| ["name", "model"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
-                    .flatten()
-                    .collect();
-                for m in models {
-                    let tagged =
-                        if m.served_as.contains(':') { m.served_as.clone() } else { format!("{}:latest", m.served_as) };
-                    if running.contains(&m.served_as) || running.contains(&tagged) {
-                        reading.models.insert(m.name.clone(), ModelHealth::new("running", Some(Stage::Ready)));
-                    }
-                }
-            }
-            Protocol::Http { .. } => {
-                let Some((code, _)) = ok(0) else { return reading };
-                reading.up = true;
-                if (200..300).contains(code) {
-                    for m in models {
-                        reading
-                            .models
-                            .insert(m.name.clone(), ModelHealth::new(format!("HTTP {code}"), Some(Stage::Ready)));
-                    }
-                }
-            }
+            Protocol::HealthJson(h) => read_health_json(h, models, answers, r),
+            Protocol::KserveV2 => read_kserve_v2(models, answers, r),
+            Protocol::OpenAi => read_openai(models, answers, r),
+            Protocol::Tgi => read_tgi(models, answers, r),
+            Protocol::Ollama => read_ollama(models, answers, r),
+            Protocol::Http { .. } => read_http(models, answers, r),
         }
         reading
+    }
+}
+
+/// The answer to the `i`th path, if it came.
+fn ok(answers: &[Answer], i: usize) -> Option<&(u16, Vec<u8>)> {
+    answers.get(i).and_then(|a| a.as_ref().ok())
+}
+
+/// The answer to the `i`th path as JSON, if it came and parses.
+fn json(answers: &[Answer], i: usize) -> Option<Value> {
+    ok(answers, i).and_then(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+}
+
+fn read_health_json(h: &HealthJson, models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((_, body)) = ok(answers, 0) else { return };
+    reading.up = true;
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else { return };
+    for m in models {
+        let at = |template: &str| doc.pointer(&template.replace("{model}", &pointer_token(&m.served_as)));
+        let Some(status) = at(&h.status_pointer).and_then(Value::as_str) else { continue };
+        let mut health = ModelHealth::new(status, h.map.get(status).copied());
+        let progress = at(&h.progress_pointer).and_then(Value::as_f64).unwrap_or(0.0);
+        health.progress = h.progress_scale.read(progress);
+        health.error = at(&h.error_pointer).and_then(Value::as_str).map(str::to_owned);
+        reading.models.insert(m.name.clone(), health);
+    }
+}
+
+fn read_kserve_v2(models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((live, _)) = ok(answers, 0) else { return };
+    reading.up = true;
+    if *live != 200 {
+        return;
+    }
+    for (i, m) in models.iter().enumerate() {
+        let health = match ok(answers, i + 1) {
+            Some((200, _)) => ModelHealth::new("ready", Some(Stage::Ready)),
+            Some((code, _)) => ModelHealth::new(format!("not ready (HTTP {code})"), Some(Stage::LoadingWeights)),
+            None => continue,
+        };
+        reading.models.insert(m.name.clone(), health);
+    }
+}
+
+fn read_openai(models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((health, body)) = ok(answers, 0) else { return };
+    reading.up = true;
+    if *health != 200 {
+        // Servers that answer before the model loads say so with a non-200.
+        let message = error_text(body);
+        for m in models {
+            let mut h = ModelHealth::new(format!("loading (HTTP {health})"), Some(Stage::LoadingWeights));
+            h.error = message.clone();
+            reading.models.insert(m.name.clone(), h);
+        }
+        return;
+    }
+    let listed: Vec<String> = json(answers, 1)
+        .and_then(|d| d.get("data").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|e| ["id", "root"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
+        .flatten()
+        .collect();
+    for m in models {
+        let health = if listed.contains(&m.served_as) {
+            ModelHealth::new("listed", Some(Stage::Ready))
+        } else {
+            ModelHealth::new("not listed in /v1/models", Some(Stage::LoadingWeights))
+        };
+        reading.models.insert(m.name.clone(), health);
+    }
+}
+
+fn read_tgi(models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((health, body)) = ok(answers, 0) else { return };
+    reading.up = true;
+    let model_id = json(answers, 1).and_then(|d| d.get("model_id").and_then(Value::as_str).map(str::to_owned));
+    for m in models {
+        let h = if *health == 200 {
+            match &model_id {
+                // Checked whether served_as was set or defaulted to
+                // the name: READY for another model is a lie.
+                Some(id) if *id != m.served_as => {
+                    let mut h = ModelHealth::new(format!("serving {id}"), Some(Stage::Failed));
+                    h.error = Some(format!(
+                        "TGI serves {id}, not {} (set `served_as` to the model id TGI serves)",
+                        m.served_as
+                    ));
+                    h
+                }
+                _ => ModelHealth::new("healthy", Some(Stage::Ready)),
+            }
+        } else {
+            let mut h = ModelHealth::new(format!("unhealthy (HTTP {health})"), Some(Stage::LoadingWeights));
+            h.error = error_text(body);
+            h
+        };
+        reading.models.insert(m.name.clone(), h);
+    }
+}
+
+fn read_ollama(models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((200, _)) = ok(answers, 0) else {
+        reading.up = ok(answers, 0).is_some();
+        return;
+    };
+    reading.up = true;
+    let running: Vec<String> = json(answers, 0)
+        .and_then(|d| d.get("models").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|e| ["name", "model"].map(|k| e.get(k).and_then(Value::as_str).map(str::to_owned)))
+        .flatten()
+        .collect();
+    for m in models {
+        let tagged = if m.served_as.contains(':') { m.served_as.clone() } else { format!("{}:latest", m.served_as) };
+        if running.contains(&m.served_as) || running.contains(&tagged) {
+            reading.models.insert(m.name.clone(), ModelHealth::new("running", Some(Stage::Ready)));
+        }
+    }
+}
+
+fn read_http(models: &[Named], answers: &[Answer], reading: &mut Reading) {
+    let Some((code, _)) = ok(answers, 0) else { return };
+    reading.up = true;
+    if (200..300).contains(code) {
+        for m in models {
+            reading.models.insert(m.name.clone(), ModelHealth::new(format!("HTTP {code}"), Some(Stage::Ready)));
+        }
     }
 }
 
