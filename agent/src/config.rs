@@ -351,269 +351,284 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let cx = Check { path };
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
-        let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
-
         let listen = raw.listen.parse().map_err(|_| {
-            invalid("listen".into(), format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", raw.listen))
+            cx.invalid("listen", format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", raw.listen))
         })?;
-        let telemetry_interval = duration(&raw.telemetry_interval)
-            .ok_or_else(|| invalid("telemetry_interval".into(), bad_duration(&raw.telemetry_interval)))?;
-        let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("proctor-agent-data")));
-
-        let mut services = Vec::new();
+        let telemetry_interval = cx.duration("telemetry_interval", &Some(raw.telemetry_interval), Duration::ZERO)?;
+        let mut services: Vec<ServiceConfig> = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
-            let key = |k: &str| format!("service[{i}] ({}).{k}", s.name);
-            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(invalid(key("name"), "must be non-empty letters, digits, '-' or '_'".into()));
-            }
-            if services.iter().any(|o: &ServiceConfig| o.name == s.name) {
-                return Err(invalid(key("name"), "is used by two services; names must be unique".into()));
-            }
-            if s.command.is_empty() {
-                return Err(invalid(key("command"), "is empty; give the program and its arguments".into()));
-            }
-            let stop_signal = s.stop_signal.parse().map_err(|_| {
-                invalid(key("stop_signal"), format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", s.stop_signal))
-            })?;
-            let stop_grace = match &s.stop_grace {
-                Some(g) => duration(g).ok_or_else(|| invalid(key("stop_grace"), bad_duration(g)))?,
-                None => DEFAULT_STOP_GRACE,
-            };
-            let r = &s.readiness;
-            let protocol_name = r.protocol.clone().unwrap_or_else(|| "health-json".into());
-            let protocol = match protocol_name.as_str() {
-                "health-json" => {
-                    let mut map = HealthJson::default_map();
-                    for (status, stage) in &r.status_map {
-                        let stage = Stage::from_str_name(stage)
-                            .ok_or_else(|| invalid(key(&format!("readiness.status_map.{status}")), bad_stage(stage)))?;
-                        map.insert(status.clone(), stage);
-                    }
-                    Protocol::HealthJson(HealthJson {
-                        path: r.path.clone().unwrap_or_else(|| "/health".into()),
-                        status_pointer: r.status_pointer.clone().unwrap_or_else(|| "/models/{model}/status".into()),
-                        progress_pointer: r
-                            .progress_pointer
-                            .clone()
-                            .unwrap_or_else(|| "/models/{model}/progress".into()),
-                        error_pointer: r.error_pointer.clone().unwrap_or_else(|| "/models/{model}/error".into()),
-                        map,
-                        progress_scale: match r.progress_scale.as_deref() {
-                            None | Some("auto") => ProgressScale::Auto,
-                            Some("fraction") => ProgressScale::Fraction,
-                            Some("percent") => ProgressScale::Percent,
-                            Some(other) => {
-                                return Err(invalid(
-                                    key("readiness.progress_scale"),
-                                    format!("{other:?}: expected \"auto\", \"fraction\" (0–1) or \"percent\" (0–100)"),
-                                ));
-                            }
-                        },
-                    })
-                }
-                name @ ("kserve-v2" | "openai" | "tgi" | "ollama") if r.path.is_some() => {
-                    return Err(invalid(
-                        key("readiness.path"),
-                        format!("only applies to health-json and http, not {name} (its paths are fixed)"),
-                    ));
-                }
-                "kserve-v2" => Protocol::KserveV2,
-                "openai" => Protocol::OpenAi,
-                "tgi" => Protocol::Tgi,
-                "ollama" => Protocol::Ollama,
-                "http" => Protocol::Http {
-                    path: r.path.clone().ok_or_else(|| {
-                        invalid(key("readiness.path"), "the http protocol needs a path, e.g. \"/ready\"".into())
-                    })?,
-                },
-                other => {
-                    return Err(invalid(
-                        key("readiness.protocol"),
-                        format!("{other:?} is not a readiness protocol; use one of {:?}", Protocol::NAMES),
-                    ));
-                }
-            };
-            if !matches!(protocol, Protocol::HealthJson(_))
-                && (r.status_pointer.is_some()
-                    || r.progress_pointer.is_some()
-                    || r.progress_scale.is_some()
-                    || !r.status_map.is_empty())
-            {
-                return Err(invalid(
-                    key("readiness"),
-                    format!(
-                        "status_pointer, progress_pointer, progress_scale and status_map only apply to health-json, not {protocol_name}"
-                    ),
-                ));
-            }
-            let poll_ceiling = match &r.poll_ceiling {
-                Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.poll_ceiling"), bad_duration(p)))?,
-                None => DEFAULT_POLL_CEILING,
-            };
-            let live_poll = match &r.live_poll {
-                Some(p) => duration(p).ok_or_else(|| invalid(key("readiness.live_poll"), bad_duration(p)))?,
-                None => DEFAULT_LIVE_POLL,
-            };
-            let readiness = Readiness {
-                protocol,
-                poll_ceiling,
-                live_poll,
-                load_path: r.load_path.clone().unwrap_or_else(|| "/models/{model}/load".into()),
-                load_body: r.load_body.clone(),
-            };
-            let mut models = Vec::new();
-            for m in &s.models {
-                let mkey = |k: &str| format!("service[{i}] ({}).model ({}).{k}", s.name, m.name);
-                if models.iter().any(|o: &ModelConfig| o.name == m.name) {
-                    return Err(invalid(mkey("name"), "is listed twice".into()));
-                }
-                let load = match m.load.as_str() {
-                    "at_start" => LoadMode::AtStart,
-                    "endpoint" => LoadMode::Endpoint,
-                    other => {
-                        return Err(invalid(mkey("load"), format!("{other:?}: expected \"at_start\" or \"endpoint\"")));
-                    }
-                };
-                let timeout = match &m.timeout {
-                    Some(t) => Some(duration(t).ok_or_else(|| invalid(mkey("timeout"), bad_duration(t)))?),
-                    None => None,
-                };
-                let served_as = m.served_as.clone().unwrap_or_else(|| m.name.clone());
-                let mut stall = StallLimits::default();
-                // A configured `default` replaces every built-in limit; named
-                // stages then override it.
-                let ordered = m
-                    .stall
-                    .iter()
-                    .filter(|(k, _)| *k == "default")
-                    .chain(m.stall.iter().filter(|(k, _)| *k != "default"));
-                for (stage, value) in ordered {
-                    let limit =
-                        duration(value).ok_or_else(|| invalid(mkey(&format!("stall.{stage}")), bad_duration(value)))?;
-                    if stage == "default" {
-                        stall = StallLimits { default: limit, per_stage: BTreeMap::new() };
-                    } else {
-                        let st = Stage::from_str_name(stage)
-                            .filter(|s| Stage::LOADING.contains(s))
-                            .ok_or_else(|| invalid(mkey(&format!("stall.{stage}")), bad_loading_stage(stage)))?;
-                        stall.per_stage.insert(st as i32, limit);
-                    }
-                }
-                let mut log_patterns = Vec::new();
-                for (stage, pattern) in &m.log_patterns {
-                    let st = Stage::from_str_name(stage)
-                        .filter(|s| Stage::LOADING.contains(s) || *s == Stage::Failed)
-                        .ok_or_else(|| invalid(mkey(&format!("log_patterns.{stage}")), bad_loading_stage(stage)))?;
-                    let text = pattern.replace("{model}", &regex::escape(&served_as));
-                    let re = regex::Regex::new(&text).map_err(|e| {
-                        invalid(mkey(&format!("log_patterns.{stage}")), format!("not a valid regex: {e}"))
-                    })?;
-                    log_patterns.push((st, re));
-                }
-                // Later stages first, so a line naming two stages counts as the later one.
-                log_patterns.sort_by_key(|(st, _)| std::cmp::Reverse(*st as i32));
-                let warmup = match &m.warmup {
-                    None => None,
-                    Some(w) if !HTTP_METHODS.contains(&w.method.to_uppercase().as_str()) => {
-                        return Err(invalid(
-                            mkey("warmup.method"),
-                            format!("{:?} is not an HTTP method; use one of {HTTP_METHODS:?}", w.method),
-                        ));
-                    }
-                    Some(w) => Some(Warmup {
-                        method: w.method.to_uppercase(),
-                        path: w.path.clone(),
-                        body: w.body.clone(),
-                        expect_status: w.expect_status,
-                        timeout: match &w.timeout {
-                            Some(t) => duration(t).ok_or_else(|| invalid(mkey("warmup.timeout"), bad_duration(t)))?,
-                            None => DEFAULT_WARMUP_TIMEOUT,
-                        },
-                    }),
-                };
-                models.push(ModelConfig {
-                    name: m.name.clone(),
-                    served_as,
-                    load,
-                    timeout,
-                    ram_bytes: m.ram_mb * 1024 * 1024,
-                    gpu_bytes: m.gpu_mb * 1024 * 1024,
-                    stall,
-                    log_patterns,
-                    warmup,
-                });
-            }
-            let secrets = s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect();
-            let mode = match s.restart.as_str() {
-                "never" => RestartMode::Never,
-                "on-failure" => RestartMode::OnFailure,
-                "always" => RestartMode::Always,
-                other => {
-                    return Err(invalid(
-                        key("restart"),
-                        format!("{other:?}: expected \"never\", \"on-failure\" or \"always\""),
-                    ));
-                }
-            };
-            let dur = |k: &str, v: &Option<String>, default: Duration| match v {
-                Some(v) => duration(v).ok_or_else(|| invalid(key(k), bad_duration(v))),
-                None => Ok(default),
-            };
-            let restart = RestartPolicy {
-                mode,
-                backoff: dur("restart_backoff", &s.restart_backoff, Duration::from_secs(1))?,
-                backoff_max: dur("restart_backoff_max", &s.restart_backoff_max, Duration::from_secs(60))?,
-                stable_after: dur("stable_after", &s.stable_after, Duration::from_secs(60))?,
-            };
-            if restart.backoff > restart.backoff_max {
-                return Err(invalid(key("restart_backoff"), "is longer than restart_backoff_max".into()));
-            }
-            let on_agent_restart = match s.on_agent_restart.as_str() {
+            let service = cx.service(i, s, &base, &services)?;
+            services.push(service);
+        }
+        Ok(Config {
+            listen,
+            memory_budget_bytes: raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024),
+            data_dir: base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("proctor-agent-data"))),
+            telemetry_interval,
+            services,
+            keepalive_interval: cx.duration("keepalive_interval", &raw.keepalive_interval, Duration::from_secs(5))?,
+            keepalive_timeout: cx.duration("keepalive_timeout", &raw.keepalive_timeout, Duration::from_secs(5))?,
+        })
+    }
+}
+
+/// Validation of one config file, a section at a time: each error names the
+/// file, the key and the fix.
+struct Check<'a> {
+    path: &'a Path,
+}
+
+impl Check<'_> {
+    fn invalid(&self, key: impl Into<String>, message: String) -> ConfigError {
+        ConfigError::Invalid { path: self.path.to_owned(), key: key.into(), message }
+    }
+
+    /// An optional duration with a default (never zero).
+    fn duration(
+        &self,
+        key: impl Into<String>,
+        value: &Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            Some(v) => duration(v).ok_or_else(|| self.invalid(key, bad_duration(v))),
+            None => Ok(default),
+        }
+    }
+
+    fn service(
+        &self,
+        i: usize,
+        s: RawService,
+        base: &Path,
+        earlier: &[ServiceConfig],
+    ) -> Result<ServiceConfig, ConfigError> {
+        let at = format!("service[{i}] ({})", s.name);
+        let key = |k: &str| format!("{at}.{k}");
+        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(self.invalid(key("name"), "must be non-empty letters, digits, '-' or '_'".into()));
+        }
+        if earlier.iter().any(|o| o.name == s.name) {
+            return Err(self.invalid(key("name"), "is used by two services; names must be unique".into()));
+        }
+        if s.command.is_empty() {
+            return Err(self.invalid(key("command"), "is empty; give the program and its arguments".into()));
+        }
+        let stop_signal = s.stop_signal.parse().map_err(|_| {
+            self.invalid(
+                key("stop_signal"),
+                format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", s.stop_signal),
+            )
+        })?;
+        let mut models: Vec<ModelConfig> = Vec::new();
+        for m in &s.models {
+            let model = self.model(&format!("{at}.model ({})", m.name), m, &models)?;
+            models.push(model);
+        }
+        Ok(ServiceConfig {
+            base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
+            stop_grace: self.duration(key("stop_grace"), &s.stop_grace, DEFAULT_STOP_GRACE)?,
+            readiness: self.readiness(&at, &s.readiness)?,
+            restart: self.restart(&at, &s)?,
+            on_agent_restart: match s.on_agent_restart.as_str() {
                 "reattach" => OnAgentRestart::Reattach,
                 "reap" => OnAgentRestart::Reap,
                 other => {
-                    return Err(invalid(
-                        key("on_agent_restart"),
-                        format!("{other:?}: expected \"reattach\" or \"reap\""),
-                    ));
+                    let message = format!("{other:?}: expected \"reattach\" or \"reap\"");
+                    return Err(self.invalid(key("on_agent_restart"), message));
                 }
-            };
-            services.push(ServiceConfig {
-                base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
-                name: s.name,
-                command: s.command,
-                workdir: s.workdir.map(|w| base.join(w)),
-                port: s.port,
-                env: s.env,
-                secrets,
-                stop_signal,
-                stop_grace,
-                readiness,
-                models,
-                memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
-                restart,
-                on_agent_restart,
-                stop_after_failed_load: s.stop_after_failed_load,
-                max_log_bytes: s.max_log_mb.max(1) * 1024 * 1024,
-            });
-        }
-        let memory_budget_bytes = raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024);
-        let keep = |k: &str, v: &Option<String>| match v {
-            Some(v) => duration(v).ok_or_else(|| invalid(k.into(), bad_duration(v))),
-            None => Ok(Duration::from_secs(5)),
-        };
-        let keepalive_interval = keep("keepalive_interval", &raw.keepalive_interval)?;
-        let keepalive_timeout = keep("keepalive_timeout", &raw.keepalive_timeout)?;
-        Ok(Config {
-            listen,
-            memory_budget_bytes,
-            data_dir,
-            telemetry_interval,
-            services,
-            keepalive_interval,
-            keepalive_timeout,
+            },
+            secrets: s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect(),
+            workdir: s.workdir.map(|w| base.join(w)),
+            memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
+            stop_after_failed_load: s.stop_after_failed_load,
+            max_log_bytes: s.max_log_mb.max(1) * 1024 * 1024,
+            name: s.name,
+            command: s.command,
+            port: s.port,
+            env: s.env,
+            stop_signal,
+            models,
         })
+    }
+
+    fn restart(&self, at: &str, s: &RawService) -> Result<RestartPolicy, ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        let mode = match s.restart.as_str() {
+            "never" => RestartMode::Never,
+            "on-failure" => RestartMode::OnFailure,
+            "always" => RestartMode::Always,
+            other => {
+                let message = format!("{other:?}: expected \"never\", \"on-failure\" or \"always\"");
+                return Err(self.invalid(key("restart"), message));
+            }
+        };
+        let restart = RestartPolicy {
+            mode,
+            backoff: self.duration(key("restart_backoff"), &s.restart_backoff, Duration::from_secs(1))?,
+            backoff_max: self.duration(key("restart_backoff_max"), &s.restart_backoff_max, Duration::from_secs(60))?,
+            stable_after: self.duration(key("stable_after"), &s.stable_after, Duration::from_secs(60))?,
+        };
+        if restart.backoff > restart.backoff_max {
+            return Err(self.invalid(key("restart_backoff"), "is longer than restart_backoff_max".into()));
+        }
+        Ok(restart)
+    }
+
+    fn readiness(&self, at: &str, r: &RawReadiness) -> Result<Readiness, ConfigError> {
+        let key = |k: &str| format!("{at}.readiness.{k}");
+        let protocol_name = r.protocol.clone().unwrap_or_else(|| "health-json".into());
+        let protocol = self.protocol(at, &protocol_name, r)?;
+        let health_json_only = r.status_pointer.is_some()
+            || r.progress_pointer.is_some()
+            || r.progress_scale.is_some()
+            || !r.status_map.is_empty();
+        if !matches!(protocol, Protocol::HealthJson(_)) && health_json_only {
+            let message = format!(
+                "status_pointer, progress_pointer, progress_scale and status_map only apply to health-json, not {protocol_name}"
+            );
+            return Err(self.invalid(format!("{at}.readiness"), message));
+        }
+        Ok(Readiness {
+            protocol,
+            poll_ceiling: self.duration(key("poll_ceiling"), &r.poll_ceiling, DEFAULT_POLL_CEILING)?,
+            live_poll: self.duration(key("live_poll"), &r.live_poll, DEFAULT_LIVE_POLL)?,
+            load_path: r.load_path.clone().unwrap_or_else(|| "/models/{model}/load".into()),
+            load_body: r.load_body.clone(),
+        })
+    }
+
+    fn protocol(&self, at: &str, name: &str, r: &RawReadiness) -> Result<Protocol, ConfigError> {
+        let key = |k: &str| format!("{at}.readiness.{k}");
+        Ok(match name {
+            "health-json" => Protocol::HealthJson(self.health_json(at, r)?),
+            "kserve-v2" | "openai" | "tgi" | "ollama" if r.path.is_some() => {
+                let message = format!("only applies to health-json and http, not {name} (its paths are fixed)");
+                return Err(self.invalid(key("path"), message));
+            }
+            "kserve-v2" => Protocol::KserveV2,
+            "openai" => Protocol::OpenAi,
+            "tgi" => Protocol::Tgi,
+            "ollama" => Protocol::Ollama,
+            "http" => Protocol::Http {
+                path: r.path.clone().ok_or_else(|| {
+                    self.invalid(key("path"), "the http protocol needs a path, e.g. \"/ready\"".into())
+                })?,
+            },
+            other => {
+                let message = format!("{other:?} is not a readiness protocol; use one of {:?}", Protocol::NAMES);
+                return Err(self.invalid(key("protocol"), message));
+            }
+        })
+    }
+
+    fn health_json(&self, at: &str, r: &RawReadiness) -> Result<HealthJson, ConfigError> {
+        let key = |k: &str| format!("{at}.readiness.{k}");
+        let mut map = HealthJson::default_map();
+        for (status, stage) in &r.status_map {
+            let stage = Stage::from_str_name(stage)
+                .ok_or_else(|| self.invalid(key(&format!("status_map.{status}")), bad_stage(stage)))?;
+            map.insert(status.clone(), stage);
+        }
+        let progress_scale = match r.progress_scale.as_deref() {
+            None | Some("auto") => ProgressScale::Auto,
+            Some("fraction") => ProgressScale::Fraction,
+            Some("percent") => ProgressScale::Percent,
+            Some(other) => {
+                let message = format!("{other:?}: expected \"auto\", \"fraction\" (0–1) or \"percent\" (0–100)");
+                return Err(self.invalid(key("progress_scale"), message));
+            }
+        };
+        Ok(HealthJson {
+            path: r.path.clone().unwrap_or_else(|| "/health".into()),
+            status_pointer: r.status_pointer.clone().unwrap_or_else(|| "/models/{model}/status".into()),
+            progress_pointer: r.progress_pointer.clone().unwrap_or_else(|| "/models/{model}/progress".into()),
+            error_pointer: r.error_pointer.clone().unwrap_or_else(|| "/models/{model}/error".into()),
+            map,
+            progress_scale,
+        })
+    }
+
+    fn model(&self, at: &str, m: &RawModel, earlier: &[ModelConfig]) -> Result<ModelConfig, ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        if earlier.iter().any(|o| o.name == m.name) {
+            return Err(self.invalid(key("name"), "is listed twice".into()));
+        }
+        let load = match m.load.as_str() {
+            "at_start" => LoadMode::AtStart,
+            "endpoint" => LoadMode::Endpoint,
+            other => return Err(self.invalid(key("load"), format!("{other:?}: expected \"at_start\" or \"endpoint\""))),
+        };
+        let timeout = match &m.timeout {
+            Some(t) => Some(duration(t).ok_or_else(|| self.invalid(key("timeout"), bad_duration(t)))?),
+            None => None,
+        };
+        let served_as = m.served_as.clone().unwrap_or_else(|| m.name.clone());
+        Ok(ModelConfig {
+            name: m.name.clone(),
+            load,
+            timeout,
+            ram_bytes: m.ram_mb * 1024 * 1024,
+            gpu_bytes: m.gpu_mb * 1024 * 1024,
+            stall: self.stall(at, m)?,
+            log_patterns: self.log_patterns(at, m, &served_as)?,
+            warmup: self.warmup(at, m.warmup.as_ref())?,
+            served_as,
+        })
+    }
+
+    /// A configured `default` replaces every built-in limit; named stages then override it.
+    fn stall(&self, at: &str, m: &RawModel) -> Result<StallLimits, ConfigError> {
+        let mut stall = StallLimits::default();
+        let ordered =
+            m.stall.iter().filter(|(k, _)| *k == "default").chain(m.stall.iter().filter(|(k, _)| *k != "default"));
+        for (stage, value) in ordered {
+            let key = format!("{at}.stall.{stage}");
+            let limit = duration(value).ok_or_else(|| self.invalid(key.clone(), bad_duration(value)))?;
+            if stage == "default" {
+                stall = StallLimits { default: limit, per_stage: BTreeMap::new() };
+            } else {
+                let st = Stage::from_str_name(stage)
+                    .filter(|s| Stage::LOADING.contains(s))
+                    .ok_or_else(|| self.invalid(key, bad_loading_stage(stage)))?;
+                stall.per_stage.insert(st as i32, limit);
+            }
+        }
+        Ok(stall)
+    }
+
+    /// Later stages first, so a line naming two stages counts as the later one.
+    fn log_patterns(&self, at: &str, m: &RawModel, served_as: &str) -> Result<Vec<(Stage, regex::Regex)>, ConfigError> {
+        let mut patterns = Vec::new();
+        for (stage, pattern) in &m.log_patterns {
+            let key = format!("{at}.log_patterns.{stage}");
+            let st = Stage::from_str_name(stage)
+                .filter(|s| Stage::LOADING.contains(s) || *s == Stage::Failed)
+                .ok_or_else(|| self.invalid(key.clone(), bad_loading_stage(stage)))?;
+            let text = pattern.replace("{model}", &regex::escape(served_as));
+            let re = regex::Regex::new(&text).map_err(|e| self.invalid(key, format!("not a valid regex: {e}")))?;
+            patterns.push((st, re));
+        }
+        patterns.sort_by_key(|(st, _)| std::cmp::Reverse(*st as i32));
+        Ok(patterns)
+    }
+
+    fn warmup(&self, at: &str, w: Option<&RawWarmup>) -> Result<Option<Warmup>, ConfigError> {
+        let Some(w) = w else { return Ok(None) };
+        let method = w.method.to_uppercase();
+        if !HTTP_METHODS.contains(&method.as_str()) {
+            let message = format!("{:?} is not an HTTP method; use one of {HTTP_METHODS:?}", w.method);
+            return Err(self.invalid(format!("{at}.warmup.method"), message));
+        }
+        Ok(Some(Warmup {
+            method,
+            path: w.path.clone(),
+            body: w.body.clone(),
+            expect_status: w.expect_status,
+            timeout: self.duration(format!("{at}.warmup.timeout"), &w.timeout, DEFAULT_WARMUP_TIMEOUT)?,
+        }))
     }
 }
 
