@@ -81,13 +81,13 @@ struct RawService {
     #[serde(default, rename = "model")]
     models: Vec<RawModel>,
     memory_limit_mb: Option<u64>,
-    #[serde(default = "default_restart")]
-    restart: String,
+    #[serde(default)]
+    restart: RestartMode,
     restart_backoff: Option<String>,
     restart_backoff_max: Option<String>,
     stable_after: Option<String>,
-    #[serde(default = "default_on_agent_restart")]
-    on_agent_restart: String,
+    #[serde(default)]
+    on_agent_restart: OnAgentRestart,
     #[serde(default = "default_true")]
     stop_after_failed_load: bool,
     #[serde(default = "default_max_log_mb")]
@@ -100,14 +100,6 @@ fn default_max_log_mb() -> u64 {
 
 fn default_true() -> bool {
     true
-}
-
-fn default_restart() -> String {
-    "never".to_owned()
-}
-
-fn default_on_agent_restart() -> String {
-    "reattach".to_owned()
 }
 
 fn default_stop_signal() -> String {
@@ -135,8 +127,8 @@ struct RawReadiness {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     name: String,
-    #[serde(default = "default_load_mode")]
-    load: String,
+    #[serde(default)]
+    load: LoadMode,
     timeout: Option<String>,
     #[serde(default)]
     ram_mb: u64,
@@ -163,10 +155,6 @@ struct RawWarmup {
 
 fn default_warmup_method() -> String {
     "POST".to_owned()
-}
-
-fn default_load_mode() -> String {
-    "at_start".to_owned()
 }
 
 /// The validated configuration.
@@ -227,16 +215,22 @@ pub struct RestartPolicy {
     pub stable_after: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Enum-like config values are serde enums: a wrong one is an error with
+/// its line and column and the accepted values (toml says so).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RestartMode {
+    #[default]
     Never,
     OnFailure,
     Always,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnAgentRestart {
     /// Keep it running and monitor it again (the default).
+    #[default]
     Reattach,
     /// Kill it; the next ensure starts it afresh.
     Reap,
@@ -254,9 +248,11 @@ pub struct Readiness {
     pub load_body: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LoadMode {
     /// The service loads the model by itself when it starts.
+    #[default]
     AtStart,
     /// The agent asks for it with `POST /models/{name}/load`.
     Endpoint,
@@ -432,14 +428,7 @@ impl Check<'_> {
             stop_grace: self.duration(key("stop_grace"), &s.stop_grace, DEFAULT_STOP_GRACE)?,
             readiness: self.readiness(&at, &s.readiness)?,
             restart: self.restart(&at, &s)?,
-            on_agent_restart: match s.on_agent_restart.as_str() {
-                "reattach" => OnAgentRestart::Reattach,
-                "reap" => OnAgentRestart::Reap,
-                other => {
-                    let message = format!("{other:?}: expected \"reattach\" or \"reap\"");
-                    return Err(self.invalid(key("on_agent_restart"), message));
-                }
-            },
+            on_agent_restart: s.on_agent_restart,
             secrets: s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect(),
             workdir: s.workdir.map(|w| base.join(w)),
             memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
@@ -456,17 +445,8 @@ impl Check<'_> {
 
     fn restart(&self, at: &str, s: &RawService) -> Result<RestartPolicy, ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
-        let mode = match s.restart.as_str() {
-            "never" => RestartMode::Never,
-            "on-failure" => RestartMode::OnFailure,
-            "always" => RestartMode::Always,
-            other => {
-                let message = format!("{other:?}: expected \"never\", \"on-failure\" or \"always\"");
-                return Err(self.invalid(key("restart"), message));
-            }
-        };
         let restart = RestartPolicy {
-            mode,
+            mode: s.restart,
             backoff: self.duration(key("restart_backoff"), &s.restart_backoff, Duration::from_secs(1))?,
             backoff_max: self.duration(key("restart_backoff_max"), &s.restart_backoff_max, Duration::from_secs(60))?,
             stable_after: self.duration(key("stable_after"), &s.stable_after, Duration::from_secs(60))?,
@@ -556,11 +536,7 @@ impl Check<'_> {
         if earlier.iter().any(|o| o.name == m.name) {
             return Err(self.invalid(key("name"), "is listed twice".into()));
         }
-        let load = match m.load.as_str() {
-            "at_start" => LoadMode::AtStart,
-            "endpoint" => LoadMode::Endpoint,
-            other => return Err(self.invalid(key("load"), format!("{other:?}: expected \"at_start\" or \"endpoint\""))),
-        };
+        let load = m.load;
         let timeout = match &m.timeout {
             Some(t) => Some(duration(t).ok_or_else(|| self.invalid(key("timeout"), bad_duration(t)))?),
             None => None,
@@ -787,11 +763,24 @@ load = "endpoint"
     }
 
     #[test]
+    fn enum_like_values_are_errors_with_line_and_column() {
+        // (replace, with, expected in the message)
+        let cases = [
+            ("load = \"endpoint\"", "load = \"lazy\"", "line 18, column 8"),
+            ("stop_grace = \"2s\"", "stop_grace = \"2s\"\nrestart = \"sometimes\"", "line 10, column 11"),
+            ("stop_grace = \"2s\"", "stop_grace = \"2s\"\non_agent_restart = \"adopt\"", "line 10, column 20"),
+        ];
+        for (from, to, at) in cases {
+            let err = Config::parse(&GOOD.replace(from, to), Path::new("agent.toml")).unwrap_err().to_string();
+            assert!(err.contains(at) && err.contains("unknown variant"), "{err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_fix() {
         let cases = [
             (GOOD.replace("stop_grace = \"2s\"", "stop_grace = \"soon\""), "stop_grace: \"soon\" is not a duration"),
             (GOOD.replace("ram_mb = 300", "ram = 300"), "unknown field `ram`"),
-            (GOOD.replace("load = \"endpoint\"", "load = \"lazy\""), "(aya).load: \"lazy\": expected"),
             (GOOD.replace("command = [\"sim\", \"--port\", \"{port}\"]", "command = []"), "command: is empty"),
             (GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen: \"nowhere\" is not an address"),
             (
