@@ -13,6 +13,7 @@
 pub mod cgroup;
 mod logtail;
 mod process;
+mod redact;
 pub mod restart;
 mod stages;
 
@@ -130,6 +131,7 @@ impl Supervisor {
             logs: logtail::LogTail::default(),
             pending_failed: Vec::new(),
             stop_reason: None,
+            secrets: redact::Secrets::default(),
             last_payload: None,
             last_exit: None,
             last_sample: None,
@@ -309,6 +311,8 @@ struct Actor {
     /// Why the service is being stopped, when it is not a plain stop: told
     /// with every model the stop takes down.
     stop_reason: Option<String>,
+    /// The service's secret values, replaced in everything it says.
+    secrets: redact::Secrets,
     last_payload: Option<String>,
     last_exit: Option<ExitStatus>,
     last_sample: Option<(Instant, TreeMemory)>,
@@ -560,6 +564,7 @@ impl Actor {
                 Err(error) => tracing::warn!(service = %self.cfg.name, %error, "starting without a cgroup"),
             }
         }
+        self.secrets = redact::Secrets::read(&self.cfg);
         let args = process::SpawnArgs {
             service: &self.cfg,
             data_dir: &self.wiring.data_dir,
@@ -644,6 +649,7 @@ impl Actor {
                 if generation != self.generation {
                     return;
                 }
+                let line = self.secrets.redact(&line).into_owned();
                 let closed = self.logs.push(&line);
                 self.on_log(&line);
                 if let Some(exception) = closed {
@@ -838,8 +844,9 @@ impl Actor {
         tracing::info!(service = %self.cfg.name, pid = state.pid, from = %state.incarnation, "re-attaching to a running service");
         process::reattach(&state, &self.wiring.data_dir, &self.cfg, self.generation, &self.internal_tx);
         self.logs = logtail::LogTail::new(self.probe_paths());
+        self.secrets = redact::Secrets::read(&self.cfg);
         for line in process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL) {
-            self.logs.push(&line);
+            self.logs.push(&self.secrets.redact(&line));
         }
         self.cgroup = state.cgroup.clone();
         self.oom_baseline = self.cgroup.as_ref().map_or(0, |cg| cg.oom_kills());

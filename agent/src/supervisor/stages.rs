@@ -97,7 +97,7 @@ impl Actor {
             }
             return;
         }
-        self.last_payload = Some(reading.payload.clone());
+        self.last_payload = Some(self.secrets.redact(&reading.payload).into_owned());
         if let Some(run) = &mut self.run {
             run.answered = true;
         }
@@ -193,7 +193,7 @@ impl Actor {
             }
             Err(error) => {
                 tracing::debug!(service = %self.cfg.name, model, %error, "warm-up failed; retrying");
-                track.warm.last_error = Some(error);
+                track.warm.last_error = Some(self.secrets.redact(&error).into_owned());
             }
         }
     }

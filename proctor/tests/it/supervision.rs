@@ -371,3 +371,27 @@ async fn a_restart_to_reload_a_failed_model_says_so_to_the_models_it_takes_down(
         c.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_logs_its_token_never_leaks_it() {
+    let token = "hf_canary_6f1d9a2b";
+    let script =
+        "echo \"logging in to the hub with $HF_TOKEN\"; echo \"RuntimeError: token $HF_TOKEN was refused\" >&2; exit 1";
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+         secrets = {{ HF_TOKEN = \"hf.token\" }}\n\n[[service.model]]\nname = \"nllb\"\n"
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    agent.scratch.write("hf.token", &format!("{token}\n"));
+    let (mut client, lease) = leased(&agent).await;
+    ensure(&mut client, &lease, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Failed)).await;
+    let everything = format!("{events:?}");
+    assert!(!everything.contains(token), "the token reached a watcher: {everything}");
+    let Some(event::Kind::StageChanged(c)) = &events.last().unwrap().kind else { unreachable!() };
+    assert!(
+        c.message.contains("token [REDACTED: HF_TOKEN] was refused"),
+        "the line is kept, the value is not: {}",
+        c.message
+    );
+}
