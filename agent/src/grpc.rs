@@ -228,6 +228,11 @@ impl AgentApi for Service {
 
     async fn ack(&self, request: Request<proto::AckRequest>) -> Result<Response<proto::AckResponse>, Status> {
         let r = request.into_inner();
+        // An empty run_id would release every run's retained results: a run
+        // acknowledges only its own.
+        if r.run_id.is_empty() {
+            return Err(Status::invalid_argument("ack without a run_id: name the run whose events you acknowledge"));
+        }
         if r.incarnation != self.journal.incarnation() {
             return Err(Status::failed_precondition(format!(
                 "ack for incarnation {} but this agent is incarnation {}: it restarted; re-sync from a snapshot",
@@ -278,6 +283,23 @@ mod tests {
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
             cancel: CancellationToken::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn an_ack_without_a_run_id_releases_nothing_of_anyones() {
+        let api = service();
+        for run in ["run-a", "run-b"] {
+            api.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
+                run_id: run.into(),
+                service: "svc".into(),
+                result: Some(proto::CaseResult { case_id: format!("{run}/1"), ..Default::default() }),
+            }));
+        }
+        let ack = proto::AckRequest { incarnation: "inc".into(), up_to_seq: u64::MAX - 1, run_id: String::new() };
+        let refused = api.ack(Request::new(ack)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("run_id"), "{}", refused.message());
+        assert_eq!(api.journal.fetch_retained(String::new(), 0).await.unwrap().len(), 2, "both runs' results stay");
     }
 
     #[tokio::test]
