@@ -191,3 +191,15 @@ name = "nllb"
     assert_eq!(rest.first(), Some(&(to + 1)), "events resume right after the gap");
     assert!(rest.windows(2).all(|w| w[1] == w[0] + 1), "no duplicate, no skip after the gap");
 }
+
+#[test]
+fn the_shipped_systemd_unit_lets_services_outlive_an_agent_crash() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let unit = std::fs::read_to_string(root.join("deploy/proctor-agent.service")).unwrap();
+    let setting = |key: &str| {
+        unit.lines().find_map(|l| l.trim().strip_prefix(&format!("{key}="))).map(str::to_owned).unwrap_or_default()
+    };
+    // Re-attach after a crash only works if systemd leaves the services alone.
+    assert_eq!(setting("KillMode"), "process", "{unit}");
+    assert_eq!(setting("Restart"), "on-failure", "{unit}");
+}
