@@ -95,6 +95,27 @@ fn judge_matches(m: &proto::JsonMatches, json: &Result<Value, String>) -> Option
     }
 }
 
+/// The URL a case requests: its path under the service's base URL, and
+/// nothing else. A path that would move the request to another host (`@host`,
+/// `//host`, a scheme) is refused: the agent must never be a proxy into the
+/// lab network.
+pub fn case_url(base_url: &str, path: &str) -> Result<String, String> {
+    let refuse = || format!("case path {path:?} would leave the service; write a path under it, e.g. \"/translate\"");
+    if !path.starts_with('/') || path.starts_with("//") {
+        return Err(refuse());
+    }
+    let url = format!("{}{path}", base_url.trim_end_matches('/'));
+    let (Ok(base), Ok(target)) = (reqwest::Url::parse(base_url), reqwest::Url::parse(&url)) else {
+        return Err(refuse());
+    };
+    let same = base.scheme() == target.scheme()
+        && base.host_str() == target.host_str()
+        && base.port_or_known_default() == target.port_or_known_default()
+        && target.username().is_empty()
+        && target.password().is_none();
+    if same { Ok(url) } else { Err(refuse()) }
+}
+
 /// An expected value that is not JSON is a failure, never a comparison with null.
 fn invalid(value: &str) -> String {
     format!("(invalid expected value {value})")
@@ -126,7 +147,14 @@ pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Ca
         result.message = "case has no kind this agent can run (expected http)".into();
         return result;
     };
-    let url = format!("{}{}", base_url.trim_end_matches('/'), http.path);
+    let url = match case_url(base_url, &http.path) {
+        Ok(url) => url,
+        Err(why) => {
+            result.set_outcome(CaseOutcome::Error);
+            result.message = why;
+            return result;
+        }
+    };
     result.url = url.clone();
     let method = match reqwest::Method::from_bytes(http.method.to_uppercase().as_bytes()) {
         Ok(m) => m,
@@ -326,5 +354,29 @@ mod tests {
             let got: Vec<String> = f.iter().map(|f| format!("{} {} {}", f.assertion, f.expected, f.actual)).collect();
             assert_eq!(got, [want], "{assertion:?}");
         }
+    }
+
+    #[test]
+    fn a_case_path_never_leaves_the_service() {
+        let base = "http://127.0.0.1:8000";
+        // (path, allowed)
+        let table = [
+            ("/translate", true),
+            ("/models/nllb/load?x=1", true),
+            ("/a/../health", true),
+            ("@127.0.0.1:18999/latest/meta-data", false),
+            ("//169.254.169.254/latest/meta-data", false),
+            ("/@evil", true),
+            ("http://evil/x", false),
+            ("", false),
+        ];
+        for (path, ok) in table {
+            let got = case_url(base, path);
+            assert_eq!(got.is_ok(), ok, "{path:?}: {got:?}");
+            if let Ok(url) = got {
+                assert!(url.starts_with("http://127.0.0.1:8000/"), "{url}");
+            }
+        }
+        assert!(case_url(base, "@127.0.0.1:18999/x").unwrap_err().contains("would leave the service"));
     }
 }

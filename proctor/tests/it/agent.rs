@@ -203,3 +203,39 @@ fn the_shipped_systemd_unit_lets_services_outlive_an_agent_crash() {
     assert_eq!(setting("KillMode"), "process", "{unit}");
     assert_eq!(setting("Restart"), "on-failure", "{unit}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_case_path_cannot_turn_the_agent_into_a_proxy() {
+    // Another server on the lab network the agent must never be made to call.
+    let elsewhere = testkit::Fixture::start().await;
+    elsewhere.set("GET /latest/meta-data", 200, "secret-instance-role");
+    let authority = elsewhere.url.trim_start_matches("http://").to_owned();
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=50ms,load=50ms"])).await;
+    let mut client = agent.client().await;
+    let held = lease(&mut client, "proxy").await;
+    let ensure =
+        proto::EnsureModelsRequest { lease: Some(held.clone()), models: vec!["nllb".into()], ..Default::default() };
+    client.ensure_models(ensure).await.unwrap();
+    watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    let case = proto::Case {
+        case_id: "proxy/1".into(),
+        name: "sneaky".into(),
+        kind: Some(proto::case::Kind::Http(proto::HttpCase {
+            method: "GET".into(),
+            path: format!("@{authority}/latest/meta-data"),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    client.run_cases(proto::RunCasesRequest { lease: Some(held), cases: vec![case] }).await.unwrap();
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(10), |e| {
+        matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if c.result.as_ref().is_some_and(|r| r.case_id == "proxy/1"))
+    })
+    .await;
+    let Some(event::Kind::CaseFinished(c)) = &events.last().unwrap().kind else { unreachable!() };
+    let result = c.result.as_ref().unwrap();
+    assert_eq!(result.outcome(), proto::CaseOutcome::Error);
+    assert!(result.message.contains("would leave the service"), "{}", result.message);
+    assert!(!result.response_excerpt.contains("secret-instance-role"));
+    assert_eq!(elsewhere.hits("GET /latest/meta-data"), 0, "the other server was never called");
+}
