@@ -319,6 +319,13 @@ pub fn grant_to_proto(g: &Grant) -> proto::Lease {
     }
 }
 
+/// A lease as watchers see it: everything but its id. The id is the
+/// holder's proof (every state-changing call carries it), so it goes only to
+/// the caller that was granted it, never to observers.
+fn public_lease(g: &Grant) -> proto::Lease {
+    proto::Lease { id: String::new(), ..grant_to_proto(g) }
+}
+
 /// Stage transitions, exits and case results outlive the ring until
 /// acknowledged. Progress-only updates (same stage, new percentage) are like
 /// telemetry: the ring and the snapshot carry them.
@@ -358,7 +365,7 @@ impl State {
     /// Tells watchers a lease was granted or renewed (`released: false`), or
     /// that it ended: released by its holder or expired.
     fn lease_changed(&mut self, g: &Grant, released: bool) {
-        self.append(event::Kind::LeaseChanged(proto::LeaseChanged { lease: Some(grant_to_proto(g)), released }));
+        self.append(event::Kind::LeaseChanged(proto::LeaseChanged { lease: Some(public_lease(g)), released }));
     }
 
     /// Drops the leases expired by `now` and announces each one's end, so
@@ -465,7 +472,7 @@ impl State {
             incarnation: self.incarnation.clone(),
             next_seq: self.next_seq,
             services: self.services.values().cloned().collect(),
-            leases: self.leases.live_grants(now).iter().map(grant_to_proto).collect(),
+            leases: self.leases.live_grants(now).iter().map(public_lease).collect(),
             host: Some(self.host),
             heartbeat_unix_ms: self.heartbeat_unix_ms,
         }
@@ -657,7 +664,11 @@ mod tests {
             panic!("expected a lease change");
         };
         assert!(c.released, "{c:?}");
-        assert_eq!(c.lease.map(|l| l.id), Some(g.id));
+        assert_eq!(
+            c.lease.map(|l| (l.run_id, l.epoch)),
+            Some((g.run_id.clone(), g.epoch)),
+            "the expired lease, by run and epoch"
+        );
         let elapsed = t0.elapsed();
         assert!(elapsed >= secs(10) && elapsed < secs(11), "announced {elapsed:?} after a 10 s grant");
         assert!(j.snapshot().await.unwrap().leases.is_empty());
@@ -753,5 +764,28 @@ mod tests {
             assert!(size <= MAX_EVENT_BYTES, "{size} bytes");
             assert!(format!("{kind:?}").contains("(cut: 10485760 bytes in all)"));
         }
+    }
+
+    #[tokio::test]
+    async fn watchers_never_see_a_lease_id() {
+        let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
+        let grant = j.acquire("svc".into(), "run".into(), "ci".into(), Duration::from_secs(60)).await.unwrap().unwrap();
+        assert!(!grant.id.is_empty(), "the holder gets its id");
+        let snapshot = j.snapshot().await.unwrap();
+        assert_eq!(snapshot.leases.len(), 1);
+        assert_eq!(snapshot.leases[0].id, "", "not in the snapshot");
+        assert_eq!(snapshot.leases[0].run_id, "run", "who holds it is still shown");
+        let sub = j.subscribe(1).await.unwrap();
+        let ids: Vec<String> = sub
+            .backlog
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(watch_message::Kind::Event(Event { kind: Some(event::Kind::LeaseChanged(c)), .. })) => {
+                    c.lease.as_ref().map(|l| l.id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [""], "nor in the events");
     }
 }
