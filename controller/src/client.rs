@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use proto::agent_client::AgentClient;
 use proto::{event, watch_message};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::report::{self, CaseReport, Outcome};
+use crate::run::events::{Events, RunEvent};
 use crate::suite::{Case, Check};
 
 pub use proto::{Stage, format_unix_ms};
@@ -609,35 +610,6 @@ pub struct StageMark {
 /// How many stage marks and memory samples a view keeps.
 const LOG_CAP: usize = 10_000;
 
-/// What the progress display is told.
-#[derive(Clone, Debug)]
-pub enum Update {
-    Stage {
-        host: String,
-        service: String,
-        model: String,
-        from: Stage,
-        to: Stage,
-        progress: f64,
-        message: String,
-    },
-    Memory {
-        host: String,
-        service: String,
-        rss_bytes: u64,
-    },
-    /// Unreachable for longer than the grace.
-    Lost {
-        host: String,
-        reason: String,
-    },
-    /// Reachable again; `restarted`: as a new incarnation.
-    Back {
-        host: String,
-        restarted: bool,
-    },
-}
-
 fn result_to_report(r: proto::CaseResult) -> CaseReport {
     let outcome = match r.outcome() {
         proto::CaseOutcome::Passed => Outcome::Passed,
@@ -672,11 +644,12 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
 }
 
 /// Follows the agent's journal into `view` until cancelled, reconnecting from
-/// the last seq seen. Stage and memory updates also go to `updates`.
+/// the last seq seen. Stage changes, memory samples and the host lost or back
+/// also go out as run events.
 pub async fn follow(
     agent: Agent,
     view: watch::Sender<AgentView>,
-    updates: mpsc::UnboundedSender<Update>,
+    events: Events,
     cancel: CancellationToken,
     grace: Duration,
 ) {
@@ -700,7 +673,7 @@ pub async fn follow(
                     let Ok(Some(message)) = message else { break };
                     down_since = None;
                     backoff = Duration::from_millis(100);
-                    apply(&agent.name, &view, &updates, message);
+                    apply(&agent.name, &view, &events, message);
                     from_seq = view.borrow().last_seq + 1;
                 }
             }
@@ -715,7 +688,7 @@ pub async fn follow(
         if since.elapsed() > grace && view.borrow().lost.is_none() {
             let reason = format!("agent {} unreachable for more than {}s", agent.addr, grace.as_secs_f64());
             view.send_modify(|v| v.lost = Some(reason.clone()));
-            let _ = updates.send(Update::Lost { host: agent.name.clone(), reason });
+            events.send(RunEvent::HostLost { host: agent.name.clone(), reason });
         }
         // Capped exponential backoff, up to a fifth shorter at random so many
         // controllers do not reconnect in step.
@@ -749,23 +722,18 @@ fn advance(v: &mut AgentView, seq: u64) {
     v.last_seq = seq;
 }
 
-fn apply(
-    host: &str,
-    view: &watch::Sender<AgentView>,
-    updates: &mpsc::UnboundedSender<Update>,
-    message: proto::WatchMessage,
-) {
+fn apply(host: &str, view: &watch::Sender<AgentView>, events: &Events, message: proto::WatchMessage) {
     match message.kind {
-        Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| apply_snapshot(host, v, updates, &s)),
+        Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| apply_snapshot(host, v, events, &s)),
         Some(watch_message::Kind::Gap(g)) => view.send_modify(|v| v.gaps.push((g.from_seq, g.to_seq))),
-        Some(watch_message::Kind::Event(e)) => apply_event(host, view, updates, e),
+        Some(watch_message::Kind::Event(e)) => apply_event(host, view, events, e),
         None => {}
     }
 }
 
 /// The snapshot a watch opens with: a first one, a reconnect to the same
 /// agent, or a restarted agent (new incarnation).
-fn apply_snapshot(host: &str, v: &mut AgentView, updates: &mpsc::UnboundedSender<Update>, s: &proto::Snapshot) {
+fn apply_snapshot(host: &str, v: &mut AgentView, events: &Events, s: &proto::Snapshot) {
     let first = v.incarnation.is_empty();
     let restarted = !first && v.incarnation != s.incarnation;
     if restarted {
@@ -782,7 +750,7 @@ fn apply_snapshot(host: &str, v: &mut AgentView, updates: &mpsc::UnboundedSender
     }
     if (restarted || v.lost.is_some()) && !first {
         v.lost = None;
-        let _ = updates.send(Update::Back { host: host.to_owned(), restarted });
+        events.send(RunEvent::HostBack { host: host.to_owned(), restarted });
     }
     // On a reconnect to the same incarnation the replayed events follow;
     // last_seq stays where it was so none is applied twice.
@@ -801,7 +769,7 @@ fn apply_snapshot(host: &str, v: &mut AgentView, updates: &mpsc::UnboundedSender
 }
 
 /// One journal event, applied once (a replay after a reconnect is skipped).
-fn apply_event(host: &str, view: &watch::Sender<AgentView>, updates: &mpsc::UnboundedSender<Update>, e: proto::Event) {
+fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: proto::Event) {
     let seq = e.seq;
     if seq <= view.borrow().last_seq {
         return; // already applied before a reconnect
@@ -809,7 +777,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, updates: &mpsc::Unbo
     match e.kind {
         Some(event::Kind::StageChanged(c)) => {
             let (from, to) = (c.from(), c.to());
-            let _ = updates.send(Update::Stage {
+            events.send(RunEvent::StageChanged {
                 host: host.to_owned(),
                 service: c.service.clone(),
                 model: c.model.clone(),
@@ -849,7 +817,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, updates: &mpsc::Unbo
         Some(event::Kind::Telemetry(t)) => {
             let at = e.time_unix_ms;
             for s in &t.services {
-                let _ = updates.send(Update::Memory {
+                events.send(RunEvent::Telemetry {
                     host: host.to_owned(),
                     service: s.service.clone(),
                     rss_bytes: s.rss_bytes,

@@ -88,7 +88,7 @@ fn controller(n: usize) -> (f64, f64, f64) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let result = runtime.block_on(async {
         let stop = tokio_util::sync::CancellationToken::new();
-        let (updates, _drain) = tokio::sync::mpsc::unbounded_channel();
+        let (updates, _drain) = controller::run::events::Events::channel();
         let mut views = Vec::new();
         for addr in &addrs {
             let agent = controller::client::Agent::connect(addr).await.expect("connect");

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, TraceId};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{self, Agent, AgentView, Update};
+use crate::client::{self, Agent, AgentView};
 use crate::inventory::{self, Entry};
 use crate::report::{CaseReport, RunReport};
 use crate::reporter::{self, Outputs};
@@ -307,8 +307,6 @@ async fn join_suites(mut tasks: JoinSet<()>, mut cases_of: BTreeMap<Id, (usize, 
 }
 
 async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, stop: &CancellationToken) -> Vec<Slot> {
-    let (updates_tx, updates_rx) = mpsc::unbounded_channel();
-    tokio::spawn(forward(updates_rx, events.clone()));
     let mut connecting = JoinSet::new();
     for (i, entry) in entries.iter().enumerate() {
         let (name, addr, keepalive) = (entry.name.clone(), entry.address.clone(), opts.keepalive);
@@ -321,7 +319,7 @@ async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, st
             Ok(agent) => {
                 let (tx, mut rx) = watch::channel(AgentView::default());
                 let grace = opts.reconnect_grace;
-                tokio::spawn(client::follow(agent.clone(), tx, updates_tx.clone(), stop.clone(), grace));
+                tokio::spawn(client::follow(agent.clone(), tx, events.clone(), stop.clone(), grace));
                 // Plan on what the agent says, not on an empty view: wait for its snapshot.
                 let _ = tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(|v| !v.incarnation.is_empty())).await;
                 slots[i].agent = Some(agent);
@@ -334,20 +332,6 @@ async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, st
         }
     }
     slots
-}
-
-/// What the agents' journals say, as run events.
-async fn forward(mut updates: mpsc::UnboundedReceiver<Update>, events: Events) {
-    while let Some(u) = updates.recv().await {
-        events.send(match u {
-            Update::Stage { host, service, model, from, to, progress, message } => {
-                RunEvent::StageChanged { host, service, model, from, to, progress, message }
-            }
-            Update::Memory { host, service, rss_bytes } => RunEvent::Telemetry { host, service, rss_bytes },
-            Update::Lost { host, reason } => RunEvent::HostLost { host, reason },
-            Update::Back { host, restarted } => RunEvent::HostBack { host, restarted },
-        });
-    }
 }
 
 /// Acknowledges what was received and frees the services — every agent at

@@ -116,7 +116,7 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     let keepalive = Keepalive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2) };
     let remote = controller::client::Agent::connect_with("host", &agent.addr, keepalive).await.unwrap();
     let (tx, mut view) = tokio::sync::watch::channel(controller::client::AgentView::default());
-    let (updates, _updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (updates, _updates_rx) = controller::run::events::Events::channel();
     let stop = CancellationToken::new();
     tokio::spawn(controller::client::follow(remote.clone(), tx, updates, stop.clone(), Duration::from_secs(40)));
     view.wait_for(|v| !v.incarnation.is_empty()).await.unwrap();
