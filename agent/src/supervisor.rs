@@ -679,6 +679,24 @@ impl Actor {
         }
     }
 
+    /// Why a model failed when its service exited unasked.
+    fn exit_reason(&self, exit: ExitStatus, stage: Stage, at_launch: bool, ran: Duration) -> String {
+        let what = if stage == Stage::Ready { "serving" } else { "loading" };
+        if at_launch {
+            return format!(
+                "the service exited {exit} {:.1}s after launch, before answering: command {:?}",
+                ran.as_secs_f64(),
+                self.cfg.command
+            );
+        }
+        if exit.kind() == ExitKind::OomKilled {
+            let limit =
+                self.cfg.memory_limit_bytes.map_or("the host's".to_owned(), |b| format!("{} MiB", b / (1024 * 1024)));
+            return format!("the service was OOM-killed while {what} (its cgroup's memory limit is {limit})");
+        }
+        format!("the service exited {exit} while {what}")
+    }
+
     async fn exited(&mut self, status: Option<std::process::ExitStatus>) {
         let Some(run) = self.run.take() else { return };
         run.probe_cancel.cancel();
@@ -718,22 +736,7 @@ impl Actor {
             if stop.is_some() {
                 self.transition(name, Stage::Stopped, "service stopped", stop_reason.clone());
             } else {
-                let what = if stage == Stage::Ready { "serving" } else { "loading" };
-                let reason = if at_launch {
-                    format!(
-                        "the service exited {exit} {:.1}s after launch, before answering: command {:?}",
-                        ran.as_secs_f64(),
-                        self.cfg.command
-                    )
-                } else if exit.kind() == ExitKind::OomKilled {
-                    let limit = self
-                        .cfg
-                        .memory_limit_bytes
-                        .map_or("the host's".to_owned(), |b| format!("{} MiB", b / (1024 * 1024)));
-                    format!("the service was OOM-killed while {what} (its cgroup's memory limit is {limit})")
-                } else {
-                    format!("the service exited {exit} while {what}")
-                };
+                let reason = self.exit_reason(exit, stage, at_launch, ran);
                 self.fail(name, &format!("process exited {exit}"), &reason);
             }
         }
