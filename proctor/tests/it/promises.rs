@@ -23,6 +23,22 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// `proctor run --agent A --out DIR [flags] SUITE` against one agent.
+async fn run_suite(
+    agent: &Agent,
+    out: &Scratch,
+    suite: &std::path::Path,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let dir = out.path.display().to_string();
+    let suite = suite.display().to_string();
+    let mut args = vec!["run", "--agent", agent.addr.as_str(), "--out", dir.as_str()];
+    args.extend_from_slice(flags);
+    args.push(suite.as_str());
+    proctor(&args, env).await
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -132,22 +148,7 @@ async fn max_wait_turns_waiting_cases_into_errors_naming_the_holder() {
     let out = Scratch::new("max-wait");
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
     let started = Instant::now();
-    let o = proctor(
-        &[
-            "run",
-            "--agent",
-            &agent.addr,
-            "--max-wait",
-            "2s",
-            "--progress",
-            "none",
-            "--out",
-            &out.path.display().to_string(),
-            &suite.display().to_string(),
-        ],
-        &[],
-    )
-    .await;
+    let o = run_suite(&agent, &out, &suite, &["--max-wait", "2s", "--progress", "none"], &[]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(10), "gave up promptly: {:?}", started.elapsed());
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
@@ -242,20 +243,7 @@ async fn model_loading_timeout_where_proctor_run_runs_limits_the_load() {
     let out = Scratch::new("env-timeout");
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
     let started = Instant::now();
-    let o = proctor(
-        &[
-            "run",
-            "--agent",
-            &agent.addr,
-            "--progress",
-            "none",
-            "--out",
-            &out.path.display().to_string(),
-            &suite.display().to_string(),
-        ],
-        &[("MODEL_LOADING_TIMEOUT", "2")],
-    )
-    .await;
+    let o = run_suite(&agent, &out, &suite, &["--progress", "none"], &[("MODEL_LOADING_TIMEOUT", "2")]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "the 2 s limit applied: {:?}", started.elapsed());
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
@@ -270,20 +258,7 @@ async fn a_progress_line_says_why_a_model_failed_and_logs_carry_no_colour_codes(
     let agent = Agent::spawn(BIN, &Service::sim(&["aya:mb=8,gated,auth=200ms"])).await;
     let out = Scratch::new("failed-line");
     let suite = out.write("aya.yaml", &TRANSLATE_SUITE.replace("nllb", "aya"));
-    let o = proctor(
-        &[
-            "run",
-            "--agent",
-            &agent.addr,
-            "--progress",
-            "lines",
-            "--out",
-            &out.path.display().to_string(),
-            &suite.display().to_string(),
-        ],
-        &[],
-    )
-    .await;
+    let o = run_suite(&agent, &out, &suite, &["--progress", "lines"], &[]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let line = stdout.lines().find(|l| l.contains("translation/aya") && l.contains("FAILED after")).unwrap_or_default();
@@ -299,20 +274,7 @@ async fn a_suite_timeout_travels_to_the_agent_and_the_message_names_it() {
     let out = Scratch::new("suite-timeout");
     let suite = out.write("t.yaml", &TRANSLATE_SUITE.replace("models: [nllb]\n", "models: [nllb]\ntimeout: 2s\n"));
     let started = Instant::now();
-    let o = proctor(
-        &[
-            "run",
-            "--agent",
-            &agent.addr,
-            "--progress",
-            "none",
-            "--out",
-            &out.path.display().to_string(),
-            &suite.display().to_string(),
-        ],
-        &[("MODEL_LOADING_TIMEOUT", "300")],
-    )
-    .await;
+    let o = run_suite(&agent, &out, &suite, &["--progress", "none"], &[("MODEL_LOADING_TIMEOUT", "300")]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "the suite's 2 s beat the environment's 300 s");
     let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();

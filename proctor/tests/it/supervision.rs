@@ -178,23 +178,8 @@ async fn restarts_back_off_doubling_up_to_the_cap() {
         starts == 6
     })
     .await;
-    // Gaps from each exit to the next start.
-    let mut gaps = Vec::new();
-    let mut exited_at = None;
-    for e in &events {
-        match &e.kind {
-            Some(event::Kind::ServiceExited(x)) => {
-                assert_eq!(x.exit.unwrap().kind(), ExitKind::Crashed);
-                exited_at = Some(e.time_unix_ms);
-            }
-            Some(event::Kind::ServiceStarted(_)) => {
-                if let Some(t) = exited_at.take() {
-                    gaps.push(e.time_unix_ms - t);
-                }
-            }
-            _ => {}
-        }
-    }
+    assert!(exited(&events).iter().all(|x| x.kind() == ExitKind::Crashed), "{:?}", exited(&events));
+    let gaps = restart_gaps(&events);
     assert_eq!(gaps.len(), 5, "{gaps:?}");
     for (gap, base) in gaps.iter().zip([200, 400, 800, 800, 800]) {
         let low = base * 8 / 10 - 20;
