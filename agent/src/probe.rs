@@ -14,17 +14,25 @@
 //! "Ready" from a protocol means "the server says so"; a configured warm-up
 //! request (see the supervisor) decides whether the model can really serve.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::Stage;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// First poll interval after a change; doubles up to the ceiling while
 /// nothing changes, and snaps back on every change.
-pub const FAST_POLL: Duration = Duration::from_millis(20);
+pub const FAST_POLL: Duration = Duration::from_millis(250);
+/// Never more than this many probe rounds in any one second, however often
+/// the service writes output.
+pub const MAX_ROUNDS_PER_SECOND: usize = 4;
+/// Bytes a probe costs the service beyond the body it sends back: the
+/// request it reads and the response headers it writes.
+const PROBE_OVERHEAD_BYTES: u64 = 256;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes of a health payload kept for failure messages.
 pub const PAYLOAD_EXCERPT: usize = 1024;
@@ -359,60 +367,129 @@ pub struct Target {
     pub ceiling: Duration,
 }
 
-/// Polls the target until cancelled, sending each round's answers to `tx`,
-/// at the pace `next_interval` gives. A change is judged on what the
-/// protocol reads (up, and each model's status, progress and error), not on
-/// the raw answers: a timestamp or uptime field must not pin polling fast.
-/// `live` says whether the supervisor's models are settled; a change wakes
-/// the loop at once.
+/// What the agent's own probing cost the service: wall time its answers
+/// took (an upper bound of the CPU a single-threaded handler spent) and the
+/// bytes it read and wrote for them. Subtracted from the service's resource
+/// use before that counts as load progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCost {
+    pub wall: Duration,
+    pub bytes: u64,
+}
+
+impl ProbeCost {
+    pub fn add(&mut self, other: ProbeCost) {
+        self.wall += other.wall;
+        self.bytes += other.bytes;
+    }
+
+    fn of(answers: &[Answer], wall: Duration) -> ProbeCost {
+        let bytes = answers
+            .iter()
+            .map(|a| PROBE_OVERHEAD_BYTES + a.as_ref().map_or(0, |(_, body)| body.len() as u64))
+            .sum();
+        ProbeCost { wall, bytes }
+    }
+}
+
+/// One round of probing, for the supervisor.
+#[derive(Debug)]
+pub struct Round {
+    pub generation: u64,
+    pub answers: Vec<Answer>,
+    pub cost: ProbeCost,
+}
+
+/// The start times of the last rounds: no round starts while
+/// `MAX_ROUNDS_PER_SECOND` began within the last second. Pure.
+#[derive(Debug, Default)]
+pub struct Pace {
+    recent: VecDeque<Instant>,
+}
+
+impl Pace {
+    pub fn record(&mut self, at: Instant) {
+        if self.recent.len() == MAX_ROUNDS_PER_SECOND {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(at);
+    }
+
+    /// The earliest moment at or after `wanted` a round may start.
+    pub fn not_before(&self, wanted: Instant) -> Instant {
+        match self.recent.front() {
+            Some(oldest) if self.recent.len() == MAX_ROUNDS_PER_SECOND => wanted.max(*oldest + Duration::from_secs(1)),
+            _ => wanted,
+        }
+    }
+}
+
+/// Polls the target until cancelled, sending each round to `tx`, at the
+/// pace `next_interval` gives — and, while a model loads, at once whenever
+/// the service writes output (`nudge`: most services log the moment a model
+/// is ready), never more than `MAX_ROUNDS_PER_SECOND`. A change is judged on
+/// what the protocol reads (up, and each model's status, progress and
+/// error), not on the raw answers: a timestamp or uptime field must not pin
+/// polling fast. `live` says whether the supervisor's models are settled; a
+/// change wakes the loop at once.
 pub async fn poll(
     target: Target,
     generation: u64,
-    tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
+    tx: mpsc::UnboundedSender<Round>,
     mut live: tokio::sync::watch::Receiver<Option<Duration>>,
+    nudge: Arc<Notify>,
     cancel: CancellationToken,
 ) {
     let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().unwrap_or_default();
     let base = target.base_url.trim_end_matches('/').to_owned();
     let paths = target.protocol.paths(&target.models);
     let mut interval = FAST_POLL;
+    let mut pace = Pace::default();
     let mut last: Option<(bool, BTreeMap<String, ModelHealth>)> = None;
     loop {
+        let started = Instant::now();
+        pace.record(started);
         let mut answers = Vec::with_capacity(paths.len());
         for path in &paths {
             answers.push(get(&client, &format!("{base}{path}")).await);
         }
+        let cost = ProbeCost::of(&answers, started.elapsed());
         let reading = target.protocol.read(&target.models, &answers);
         let gist = (reading.up, reading.models);
         let changed = last.as_ref() != Some(&gist);
         interval = next_interval(interval, changed, target.ceiling, *live.borrow_and_update());
         last = Some(gist);
-        if tx.send((generation, answers)).is_err() {
+        if tx.send(Round { generation, answers, cost }).is_err() {
             return;
         }
-        if !wait(interval, &mut live, &cancel).await {
+        if !wait(interval, &pace, &mut live, &nudge, &cancel).await {
             return;
         }
     }
 }
 
 /// Sleeps until the next poll; false when cancelled. A load starting (the
-/// cadence cleared) cuts the wait short; everything settling stretches it to
-/// the liveness cadence from now.
+/// cadence cleared) or, while loading, output from the service cuts the
+/// wait short (within the pace); everything settling stretches it to the
+/// liveness cadence from now.
 async fn wait(
     interval: Duration,
+    pace: &Pace,
     live: &mut tokio::sync::watch::Receiver<Option<Duration>>,
+    nudge: &Notify,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut wake = tokio::time::Instant::now() + interval;
+    let mut wake = pace.not_before(Instant::now() + interval);
     loop {
+        let loading = live.borrow().is_none();
         tokio::select! {
             _ = cancel.cancelled() => return false,
             _ = tokio::time::sleep_until(wake) => return true,
             Ok(()) = live.changed() => match *live.borrow_and_update() {
-                None => return true,
-                Some(cadence) => wake = tokio::time::Instant::now() + cadence,
+                None => wake = pace.not_before(Instant::now()),
+                Some(cadence) => wake = Instant::now() + cadence,
             },
+            _ = nudge.notified(), if loading => wake = wake.min(pace.not_before(Instant::now())),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Supervision of one model service: the only code that spawns or signals it.
 //!
 //! One actor per configured service owns the child process, its output, the
-//! readiness probe and the per-model stage machine (`stages`). Everything it
+//! readiness probe and the per-model stage machine (`machine`, pure; the
+//! actor carries out what it decides, `requests` sends its HTTP requests). Everything it
 //! learns goes to the journal as events. The process runs in its own process
 //! group (`process`), so a stop (signal, grace, SIGKILL) reaches the whole
 //! group and its own cgroup (`cgroup`), so a stop reaches the whole tree;
@@ -13,9 +14,10 @@
 pub mod cgroup;
 mod logtail;
 mod process;
+mod machine;
 mod redact;
+mod requests;
 pub mod restart;
-mod stages;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,18 +27,19 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use proto::admission::ModelMem;
 use proto::{ExitKind, ExitStatus, Stage, event};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use process::Persisted;
 pub use process::classify;
-pub use stages::{log_stage, progress_signal};
+pub use machine::{log_stage, progress_signal};
+use machine::{Ended, Machine, Want};
 
 use crate::admission::{Admission, Refused};
 use crate::config::{LoadMode, ServiceConfig, load_timeout, load_timeout_source};
 use crate::journal::Journal;
-use crate::probe::{self, Answer, Named};
+use crate::probe::{self, Named, ProbeCost, Round};
 use crate::sampling::TreeMemory;
 
 /// Log lines kept for failure messages.
@@ -118,7 +121,12 @@ impl Supervisor {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let actor = Actor {
-            models: cfg.models.iter().map(|m| (m.name.clone(), Track::new(Stage::Stopped))).collect(),
+            machine: Machine::new(
+                &cfg.models,
+                cfg.readiness.protocol.name(),
+                cfg.stop_after_failed_load,
+                Instant::now(),
+            ),
             named: cfg.models.iter().map(|m| Named { name: m.name.clone(), served_as: m.served_as.clone() }).collect(),
             admission: wiring.admission.clone(),
             cfg,
@@ -129,7 +137,8 @@ impl Supervisor {
             generation: 0,
             run: None,
             logs: logtail::LogTail::default(),
-            pending_failed: Vec::new(),
+            nudge: Arc::new(Notify::new()),
+            probe_cost: ProbeCost::default(),
             stop_reason: None,
             secrets: redact::Secrets::default(),
             last_payload: None,
@@ -183,58 +192,6 @@ impl Supervisor {
             }
         });
         Supervisor { tx }
-    }
-}
-
-/// Per-model stage tracking.
-#[derive(Debug)]
-struct Track {
-    stage: Stage,
-    since: Instant,
-    progress: f64,
-    /// When the current load began (service start, or load request).
-    load_started: Instant,
-    deadline: Option<(Instant, Duration)>,
-    /// Who set the deadline's limit, for the timeout message.
-    limit_source: String,
-    /// Last sign of progress: a transition, or a resource signal.
-    last_progress: Instant,
-    /// Which resource signal it was (`None`: a stage or progress change).
-    last_signal: Option<String>,
-    /// Endpoint-mode models: the load request was sent for this run.
-    load_requested: bool,
-    /// Endpoint-mode models: the last refusal of a load request, when to
-    /// ask again, and the pause after the next refusal.
-    load_refusal: Option<String>,
-    load_retry_at: Option<Instant>,
-    load_backoff: Duration,
-    /// Endpoint-mode models only take part once asked for.
-    wanted: bool,
-    /// Holds an admission reservation until its load ends.
-    reserved: bool,
-    warm: stages::Warm,
-}
-
-impl Track {
-    fn new(stage: Stage) -> Track {
-        let now = Instant::now();
-        Track {
-            stage,
-            since: now,
-            progress: 0.0,
-            load_started: now,
-            deadline: None,
-            limit_source: String::new(),
-            last_progress: now,
-            last_signal: None,
-            load_requested: false,
-            load_refusal: None,
-            load_retry_at: None,
-            load_backoff: stages::LOAD_RETRY_FIRST,
-            wanted: false,
-            reserved: false,
-            warm: stages::Warm::default(),
-        }
     }
 }
 
@@ -296,18 +253,21 @@ struct Actor {
     wiring: Wiring,
     admission: Admission,
     internal_tx: mpsc::UnboundedSender<Internal>,
-    probe_tx: mpsc::UnboundedSender<(u64, Vec<Answer>)>,
+    probe_tx: mpsc::UnboundedSender<Round>,
     /// The probe's pace: `None` while a model loads (adaptive), else the
     /// liveness cadence.
     live: watch::Sender<Option<Duration>>,
     generation: u64,
     run: Option<Running>,
-    models: BTreeMap<String, Track>,
+    /// Every model's truth.
+    machine: Machine,
     /// The service's own words, for failure messages.
     logs: logtail::LogTail,
-    /// FAILED log-pattern matches on a traceback's first line, held until its
-    /// exception line arrives: (model, matched line, when).
-    pending_failed: Vec<(String, String, Instant)>,
+    /// Told of every line the service writes that is not the agent's own
+    /// probe: while a model loads, the probe asks at once.
+    nudge: Arc<Notify>,
+    /// What the agent's probes cost the service since the last sample.
+    probe_cost: ProbeCost,
     /// Why the service is being stopped, when it is not a plain stop: told
     /// with every model the stop takes down.
     stop_reason: Option<String>,
@@ -336,7 +296,7 @@ impl Actor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
-        mut probes: mpsc::UnboundedReceiver<(u64, Vec<Answer>)>,
+        mut probes: mpsc::UnboundedReceiver<Round>,
         cancel: CancellationToken,
     ) {
         let mut timeouts = tokio::time::interval(Duration::from_millis(100));
@@ -364,9 +324,10 @@ impl Actor {
                         return;
                     }
                 }
-                Some((generation, answers)) = probes.recv() => {
-                    if generation == self.generation && self.run.is_some() {
-                        self.observe(answers);
+                Some(round) = probes.recv() => {
+                    if round.generation == self.generation && self.run.is_some() {
+                        self.probe_cost.add(round.cost);
+                        self.observe(round.answers);
                     }
                 }
                 Ok(()) = samples.changed() => self.on_sample(),
@@ -376,12 +337,15 @@ impl Actor {
                 _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now)), if restart_at.is_some() && !shutting_down => {
                     self.restart_at = None;
                     if self.run.is_none() {
-                        let wanted: Vec<String> = self.models.iter().filter(|(_, t)| t.wanted).map(|(n, _)| n.clone()).collect();
+                        let wanted = self.machine.wanted();
                         tracing::info!(service = %self.cfg.name, attempt = self.failures, "restarting service");
                         self.start(&wanted);
                     }
                 }
-                _ = timeouts.tick() => self.check_timeouts(),
+                _ = timeouts.tick(), if self.run.is_some() => {
+                    let actions = self.machine.tick(Instant::now());
+                    self.apply(actions);
+                }
             }
         }
     }
@@ -389,20 +353,16 @@ impl Actor {
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Ensure { request, reply } => {
-                if let Some(unknown) = request.models.iter().find(|m| !self.models.contains_key(*m)) {
+                if let Some(unknown) = request.models.iter().find(|m| self.machine.stage(m).is_none()) {
                     let _ = reply.send(Err(SupervisorError::UnknownModel {
                         service: self.cfg.name.clone(),
                         model: unknown.clone(),
-                        known: self.models.keys().cloned().collect(),
+                        known: self.machine.names(),
                     }));
                     return;
                 }
-                let needs_restart = self.run.is_some()
-                    && (request.fresh
-                        || request.models.iter().any(|m| {
-                            let t = &self.models[m];
-                            matches!(t.stage, Stage::Failed | Stage::Stopped) && self.load_mode(m) == LoadMode::AtStart
-                        }));
+                let needs_restart =
+                    self.run.is_some() && (request.fresh || self.machine.reload_needs_restart(&request.models));
                 if needs_restart || self.stop.is_some() {
                     // Finish (or begin) the stop; the start happens on exit.
                     if needs_restart && self.stop.is_none() {
@@ -435,7 +395,7 @@ impl Actor {
     /// Probes fast while a model loads; at the liveness cadence otherwise
     /// (hours of READY must not mean four requests a second).
     fn update_cadence(&self) {
-        let loading = self.models.values().any(|t| t.wanted && !t.stage.is_terminal());
+        let loading = self.machine.loading();
         let want = (!loading).then_some(self.cfg.readiness.live_poll);
         self.live.send_if_modified(|v| std::mem::replace(v, want) != want);
     }
@@ -446,8 +406,11 @@ impl Actor {
         if request.fresh {
             return format!("service {} restarted for a cold load (fresh)", self.cfg.name);
         }
-        let reload: Vec<&String> =
-            request.models.iter().filter(|m| matches!(self.models[*m].stage, Stage::Failed | Stage::Stopped)).collect();
+        let reload: Vec<&String> = request
+            .models
+            .iter()
+            .filter(|m| matches!(self.machine.stage(m), Some(Stage::Failed | Stage::Stopped)))
+            .collect();
         format!(
             "service {} restarted to load {reload:?} again: at-start models load only when the service starts",
             self.cfg.name
@@ -459,10 +422,6 @@ impl Actor {
         self.cfg.readiness.protocol.paths(&self.named)
     }
 
-    fn load_mode(&self, model: &str) -> LoadMode {
-        self.cfg.models.iter().find(|m| m.name == model).map_or(LoadMode::AtStart, |m| m.load)
-    }
-
     /// Every model as admission sees it (`proto::admission::load_need`): one
     /// READY or already admitted brings nothing new; on a running service,
     /// neither does one already loading (only STOPPED or FAILED ones load).
@@ -471,9 +430,9 @@ impl Actor {
             .models
             .iter()
             .filter_map(|m| {
-                let t = self.models.get(&m.name)?;
-                let idle = matches!(t.stage, Stage::Stopped | Stage::Failed);
-                let loaded = t.reserved || t.stage == Stage::Ready || (!starting && !idle);
+                let stage = self.machine.stage(&m.name)?;
+                let idle = matches!(stage, Stage::Stopped | Stage::Failed);
+                let loaded = self.machine.reserved(&m.name) || stage == Stage::Ready || (!starting && !idle);
                 Some(ModelMem { name: &m.name, ram: m.ram_bytes, at_start: m.load == LoadMode::AtStart, loaded })
             })
             .collect()
@@ -492,9 +451,7 @@ impl Actor {
             .await
             .inspect_err(|refused| tracing::warn!(service = %self.cfg.name, %refused, "load refused"))?;
         for name in &admitted {
-            if let Some(t) = self.models.get_mut(name) {
-                t.reserved = true;
-            }
+            self.machine.reserve(name);
         }
         if starting {
             self.start(&request.models);
@@ -506,27 +463,12 @@ impl Actor {
             let limit = load_timeout(request.timeout, env_timeout.as_deref(), configured);
             let source =
                 load_timeout_source(request.timeout, &request.timeout_source, env_timeout.as_deref(), configured);
-            let mode = self.load_mode(name);
-            let running = self.run.is_some();
-            let track = self.models.get_mut(name).expect("validated model");
-            track.wanted = true;
-            if track.stage == Stage::Ready {
-                outcome.already_ready.push(name.clone());
-                continue;
+            let (want, actions) = self.machine.want(name, self.run.is_some(), (limit, source), Instant::now());
+            self.apply(actions);
+            match want {
+                Want::AlreadyReady => outcome.already_ready.push(name.clone()),
+                Want::Loading => outcome.loading.push(name.clone()),
             }
-            if mode == LoadMode::Endpoint && running && matches!(track.stage, Stage::Stopped | Stage::Failed) {
-                // Asked for now: it starts its load from here.
-                track.load_requested = false;
-                track.load_refusal = None;
-                track.load_retry_at = None;
-                track.load_backoff = stages::LOAD_RETRY_FIRST;
-                track.load_started = Instant::now();
-                self.transition(name, Stage::WaitingForHttp, "load requested", None);
-            }
-            let track = self.models.get_mut(name).expect("validated model");
-            track.deadline = Some((track.load_started + limit, limit));
-            track.limit_source = source;
-            outcome.loading.push(name.clone());
         }
         Ok(outcome)
     }
@@ -536,22 +478,11 @@ impl Actor {
     fn start(&mut self, requested: &[String]) {
         self.generation += 1;
         self.logs = logtail::LogTail::new(self.probe_paths());
-        self.pending_failed.clear();
         self.last_payload = None;
         self.last_sample = None;
-        let now = Instant::now();
-        let names: Vec<String> = self.models.keys().cloned().collect();
-        for name in &names {
-            let at_start = self.load_mode(name) == LoadMode::AtStart;
-            let track = self.models.get_mut(name).expect("model");
-            track.load_requested = false;
-            track.deadline = None;
-            track.load_started = now;
-            if at_start || requested.contains(name) {
-                track.wanted = true;
-                self.transition(name, Stage::ProcessStarting, "service starting", None);
-            }
-        }
+        self.probe_cost = ProbeCost::default();
+        let actions = self.machine.starting(requested, Instant::now());
+        self.apply(actions);
         self.cgroup = None;
         if self.wiring.cgroups {
             match cgroup::ServiceCgroup::locate(&self.wiring.agent_id, &self.cfg.name)
@@ -592,11 +523,8 @@ impl Actor {
                     answered: false,
                     reattached: false,
                 });
-                for name in &names {
-                    if self.models[name].stage == Stage::ProcessStarting {
-                        self.transition(name, Stage::WaitingForHttp, "process spawned", None);
-                    }
-                }
+                let actions = self.machine.spawned(Instant::now());
+                self.apply(actions);
             }
             Err(message) => {
                 tracing::warn!(service = %self.cfg.name, %message, "service failed to start");
@@ -604,12 +532,8 @@ impl Actor {
                     cg.remove();
                 }
                 self.last_exit = Some(ExitStatus { kind: ExitKind::Unknown.into(), ..Default::default() });
-                for name in &names {
-                    if self.models[name].stage == Stage::ProcessStarting {
-                        let text = format!("model {name} failed in stage PROCESS_STARTING: {message}");
-                        self.transition(name, Stage::Failed, "launch failed", Some(text));
-                    }
-                }
+                let actions = self.machine.launch_failed(&message, Instant::now());
+                self.apply(actions);
             }
         }
     }
@@ -650,11 +574,18 @@ impl Actor {
                     return;
                 }
                 let line = self.secrets.redact(&line).into_owned();
-                let closed = self.logs.push(&line);
-                self.on_log(&line);
-                if let Some(exception) = closed {
-                    self.on_traceback_closed(&exception);
+                if self.logs.is_probe(&line) {
+                    self.probe_cost.bytes += line.len() as u64 + 1;
+                } else {
+                    self.nudge.notify_one();
                 }
+                let closed = self.logs.push(&line);
+                let now = Instant::now();
+                let mut actions = self.machine.on_log(&line, self.logs.in_traceback(), now);
+                if let Some(exception) = closed {
+                    actions.extend(self.machine.traceback_closed(&exception, now));
+                }
+                self.apply(actions);
                 self.wiring.journal.append(event::Kind::Log(proto::LogLine {
                     service: self.cfg.name.clone(),
                     stream: stream.into(),
@@ -668,20 +599,25 @@ impl Actor {
             }
             Internal::LoadAnswered { generation, model, refusal } => {
                 if generation == self.generation {
-                    self.load_answered(&model, refusal);
+                    self.machine.load_answered(&model, refusal, Instant::now());
                 }
             }
             Internal::Warmup { generation, model, outcome } => {
                 if generation == self.generation {
-                    self.on_warmup(&model, outcome);
+                    let outcome = outcome.map_err(|error| {
+                        tracing::debug!(service = %self.cfg.name, model, %error, "warm-up failed; retrying");
+                        self.secrets.redact(&error).into_owned()
+                    });
+                    let actions = self.machine.warmed(&model, outcome, Instant::now());
+                    self.apply(actions);
                 }
             }
         }
     }
 
     /// Why a model failed when its service exited unasked.
-    fn exit_reason(&self, exit: ExitStatus, stage: Stage, at_launch: bool, ran: Duration) -> String {
-        let what = if stage == Stage::Ready { "serving" } else { "loading" };
+    fn exit_reason(&self, exit: ExitStatus, serving: bool, at_launch: bool, ran: Duration) -> String {
+        let what = if serving { "serving" } else { "loading" };
         if at_launch {
             return format!(
                 "the service exited {exit} {:.1}s after launch, before answering: command {:?}",
@@ -725,21 +661,17 @@ impl Actor {
         }));
         self.last_exit = Some(exit);
         let at_launch = stop.is_none() && !run.answered && !run.reattached && ran < LAUNCH_WINDOW;
-        let mut reached_ready = false;
-        let names: Vec<String> = self.models.keys().cloned().collect();
-        for name in &names {
-            let stage = self.models[name].stage;
-            reached_ready |= stage == Stage::Ready;
-            if stage == Stage::Stopped || stage == Stage::Failed {
-                continue;
-            }
-            if stop.is_some() {
-                self.transition(name, Stage::Stopped, "service stopped", stop_reason.clone());
-            } else {
-                let reason = self.exit_reason(exit, stage, at_launch, ran);
-                self.fail(name, &format!("process exited {exit}"), &reason);
-            }
-        }
+        let reached_ready = self.machine.any_ready();
+        let end = match stop {
+            Some(_) => Ended::Stopped(stop_reason),
+            None => Ended::Died {
+                cause: format!("process exited {exit}"),
+                loading: self.exit_reason(exit, false, at_launch, ran),
+                serving: self.exit_reason(exit, true, at_launch, ran),
+            },
+        };
+        let actions = self.machine.ended(&end, Instant::now());
+        self.apply(actions);
         // Restart policy, for exits nobody asked for.
         if stop.is_none()
             && self.pending.is_empty()
@@ -782,6 +714,7 @@ impl Actor {
             self.generation,
             self.probe_tx.clone(),
             self.live.subscribe(),
+            self.nudge.clone(),
             cancel.clone(),
         ));
         cancel
@@ -872,13 +805,8 @@ impl Actor {
         });
         // Its at-start models carry on loading; the probe tells where they are.
         let cause = format!("re-attached to pid {} after an agent restart", state.pid);
-        let names: Vec<String> = self.models.keys().cloned().collect();
-        for name in names {
-            if self.load_mode(&name) == LoadMode::AtStart {
-                self.models.get_mut(&name).expect("model").wanted = true;
-                self.transition(&name, Stage::WaitingForHttp, &cause, None);
-            }
-        }
+        let actions = self.machine.reattached(&cause, Instant::now());
+        self.apply(actions);
         self.persist(Some(&Persisted { incarnation: self.wiring.journal.incarnation().to_owned(), ..state }));
     }
 }

@@ -194,6 +194,9 @@ struct SimArgs {
     /// Fault: delay every /translate answer this long.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     slow_requests: Option<Duration>,
+    /// Fault: every health answer (/health, /v2/...) burns this much CPU and writes an access-log line.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    costly_health: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -349,6 +352,7 @@ async fn async_main(command: Command) -> ExitCode {
                 worker,
                 exit_with_worker: args.exit_with_worker,
                 slow_requests: args.slow_requests,
+                costly_health: args.costly_health,
             };
             match sim::serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,

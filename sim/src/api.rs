@@ -18,6 +18,9 @@ pub struct AppState {
     pub models: std::sync::Arc<BTreeMap<String, Shared>>,
     /// Fault: delay every /translate answer.
     pub slow: Option<std::time::Duration>,
+    /// Fault: every health answer (either protocol) burns this much CPU and
+    /// writes an access-log line, as a heavy health handler behind uvicorn would.
+    pub costly_health: Option<std::time::Duration>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -28,6 +31,8 @@ pub fn router(state: AppState) -> Router {
         .route("/models", get(models))
         .route("/models/{name}/load", post(load))
         .route("/models/{name}/unload", post(unload))
+        .route("/v2/health/live", get(v2_live))
+        .route("/v2/models/{name}/ready", get(v2_ready))
         .with_state(state)
 }
 
@@ -39,7 +44,19 @@ fn views(state: &AppState) -> BTreeMap<String, ModelView> {
     state.models.iter().map(|(name, m)| (name.clone(), m.lock().expect("model lock").view.clone())).collect()
 }
 
+/// The `costly_health` fault: spin (a handler doing real work), then log
+/// the request like an access log.
+fn health_cost(state: &AppState, path: &str) {
+    let Some(cost) = state.costly_health else { return };
+    let started = Instant::now();
+    while started.elapsed() < cost {
+        std::hint::spin_loop();
+    }
+    eprintln!("sim: \"GET {path} HTTP/1.1\" 200");
+}
+
 async fn health(State(state): State<AppState>) -> Json<Value> {
+    health_cost(&state, "/health");
     let models = views(&state);
     let loaded = models.values().filter(|m| m.status == Status::Loaded).count();
     let status = if models.values().any(|m| m.status == Status::Failed) {
@@ -50,6 +67,22 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
         "healthy"
     };
     Json(json!({ "status": status, "models_loaded": loaded, "models": models }))
+}
+
+/// KServe v2 liveness: the server answers.
+async fn v2_live(State(state): State<AppState>) -> StatusCode {
+    health_cost(&state, "/v2/health/live");
+    StatusCode::OK
+}
+
+/// KServe v2 model readiness: 200 once loaded, 400 before (as MLServer does).
+async fn v2_ready(State(state): State<AppState>, Path(name): Path<String>) -> StatusCode {
+    health_cost(&state, &format!("/v2/models/{name}/ready"));
+    match state.models.get(&name).map(|m| m.lock().expect("model lock").view.status) {
+        Some(Status::Loaded) => StatusCode::OK,
+        Some(_) => StatusCode::BAD_REQUEST,
+        None => StatusCode::NOT_FOUND,
+    }
 }
 
 #[derive(Deserialize)]

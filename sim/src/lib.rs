@@ -31,6 +31,8 @@ pub struct SimConfig {
     pub exit_with_worker: bool,
     /// Fault: every /translate answer is delayed this long.
     pub slow_requests: Option<std::time::Duration>,
+    /// Fault: every health answer burns this much CPU and logs a line.
+    pub costly_health: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +74,7 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
             std::process::exit(0);
         });
     }
-    let state = api::AppState { models: Arc::new(models), slow: config.slow_requests };
+    let state = api::AppState { models: Arc::new(models), slow: config.slow_requests, costly_health: config.costly_health };
     if !config.lazy {
         for m in state.models.values() {
             model::start_loading(m);

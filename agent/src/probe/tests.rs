@@ -196,17 +196,46 @@ fn progress_reads_as_a_fraction_or_a_percentage() {
 #[test]
 fn polls_adapt_while_loading_and_keep_a_liveness_cadence_once_settled() {
     let ms = Duration::from_millis;
-    let ceiling = ms(250);
+    let ceiling = ms(500);
     // (previous, answers changed, liveness cadence, next)
     let table = [
-        (ms(160), true, None, FAST_POLL),
-        (ms(20), false, None, ms(40)),
-        (ms(160), false, None, ms(250)),
-        (ms(250), false, None, ms(250)),
+        (ms(500), true, None, FAST_POLL),
+        (ms(250), false, None, ms(500)),
+        (ms(400), false, None, ms(500)),
+        (ms(500), false, None, ms(500)),
+        (ms(20), false, None, FAST_POLL),
         (ms(20), true, Some(ms(5000)), ms(5000)),
         (ms(250), false, Some(ms(5000)), ms(5000)),
     ];
     for (previous, changed, live, next) in table {
         assert_eq!(next_interval(previous, changed, ceiling, live), next, "{previous:?} {changed} {live:?}");
     }
+}
+
+#[test]
+fn no_more_than_four_rounds_start_in_any_one_second() {
+    let t0 = tokio::time::Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    // (rounds already started at, wanted, earliest allowed)
+    let table: [(&[u64], u64, u64); 5] = [
+        (&[], 0, 0),
+        (&[0, 10, 20], 30, 30),
+        (&[0, 10, 20, 30], 40, 1000),
+        (&[0, 10, 20, 30], 1200, 1200),
+        (&[0, 400, 800, 900, 950], 960, 1400),
+    ];
+    for (started, wanted, earliest) in table {
+        let mut pace = Pace::default();
+        for &at in started {
+            pace.record(ms(at));
+        }
+        assert_eq!(pace.not_before(ms(wanted)), ms(earliest), "{started:?} wanting {wanted}");
+    }
+}
+
+#[test]
+fn a_probe_costs_its_wall_time_and_the_bytes_it_moved() {
+    let answers: Vec<Answer> = vec![ok(200, vec![b'x'; 1000]), Err("connection refused".into())];
+    let cost = ProbeCost::of(&answers, Duration::from_millis(60));
+    assert_eq!(cost, ProbeCost { wall: Duration::from_millis(60), bytes: 1000 + 2 * 256 });
 }

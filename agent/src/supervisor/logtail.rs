@@ -37,6 +37,11 @@ impl LogTail {
         self.in_traceback
     }
 
+    /// Whether the line is the access-log line of one of the agent's probes.
+    pub(super) fn is_probe(&self, line: &str) -> bool {
+        is_probe(line, &self.probe_paths)
+    }
+
     /// Takes one line. Returns the exception line when it closes a traceback.
     pub(super) fn push(&mut self, line: &str) -> Option<String> {
         if is_probe(line, &self.probe_paths) {

@@ -672,3 +672,24 @@ async fn a_suites_headroom_counts_in_placement_and_says_so() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_own_probes_never_count_as_progress() {
+    // A hung load whose health handler is heavy (60 ms of CPU per answer,
+    // and an access-log line): the CPU the agent's own probes cost the
+    // service must not keep the hang from being called a stall.
+    let service = Service::sim(&["nllb:mb=8,download=100ms,hang=loading,progress=off"])
+        .flag("--costly-health").flag("60ms")
+        .model_lines(r#"stall = { default = "3s" }"#);
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+        reached(e, "nllb", Stage::Failed) || reached(e, "nllb", Stage::Ready)
+    })
+    .await;
+    let failed = stage_event(events.last().unwrap()).unwrap();
+    assert_eq!(failed.to(), Stage::Failed, "the hang is a stall: {failed:?}");
+    let took = events.last().unwrap().time_unix_ms - first(&events, "nllb", Stage::LoadingWeights).time_unix_ms;
+    assert!(took < 7000, "stalled on its 3 s limit, not kept alive by probe CPU: {took} ms");
+    assert!(failed.message.contains("stalled: no progress for 3s in LOADING_WEIGHTS"), "{}", failed.message);
+}
