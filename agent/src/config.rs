@@ -9,8 +9,12 @@ use std::time::Duration;
 
 use proto::Stage;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::probe::{HealthJson, ProgressScale, Protocol};
+
+/// A string from the file with where it is, for errors that say so.
+type Text = Spanned<String>;
 
 /// Methods a warm-up request may use.
 const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
@@ -20,8 +24,9 @@ pub const DEFAULT_LIVE_POLL: Duration = Duration::from_secs(5);
 
 /// Built-in model load timeout when nothing else sets one (DESIGN §4 precedence).
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
-/// Readiness polls never wait longer than this between two probes by default.
-pub const DEFAULT_POLL_CEILING: Duration = Duration::from_millis(250);
+/// Readiness polls never wait longer than this between two probes by default
+/// (while a model loads); output of the service triggers a probe sooner.
+pub const DEFAULT_POLL_CEILING: Duration = Duration::from_millis(500);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// A stage with no progress signal for this long has stalled (by default).
 pub const DEFAULT_STALL: Duration = Duration::from_secs(10 * 60);
@@ -32,17 +37,15 @@ pub const LOAD_TIMEOUT_ENV: &str = "MODEL_LOADING_TIMEOUT";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default = "default_listen")]
-    listen: String,
+    listen: Option<Text>,
     data_dir: Option<PathBuf>,
-    #[serde(default = "default_telemetry_interval")]
-    telemetry_interval: String,
+    telemetry_interval: Option<Text>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(default)]
     admission: RawAdmission,
-    keepalive_interval: Option<String>,
-    keepalive_timeout: Option<String>,
+    keepalive_interval: Option<Text>,
+    keepalive_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,19 +55,11 @@ struct RawAdmission {
     memory_budget_mb: Option<u64>,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:7700".to_owned()
-}
-
-fn default_telemetry_interval() -> String {
-    "1s".to_owned()
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
-    name: String,
-    command: Vec<String>,
+    name: Text,
+    command: Spanned<Vec<String>>,
     workdir: Option<PathBuf>,
     #[serde(default)]
     port: u16,
@@ -73,9 +68,8 @@ struct RawService {
     env: BTreeMap<String, String>,
     #[serde(default)]
     secrets: BTreeMap<String, PathBuf>,
-    #[serde(default = "default_stop_signal")]
-    stop_signal: String,
-    stop_grace: Option<String>,
+    stop_signal: Option<Text>,
+    stop_grace: Option<Text>,
     #[serde(default)]
     readiness: RawReadiness,
     #[serde(default, rename = "model")]
@@ -83,9 +77,9 @@ struct RawService {
     memory_limit_mb: Option<u64>,
     #[serde(default)]
     restart: RestartMode,
-    restart_backoff: Option<String>,
-    restart_backoff_max: Option<String>,
-    stable_after: Option<String>,
+    restart_backoff: Option<Text>,
+    restart_backoff_max: Option<Text>,
+    stable_after: Option<Text>,
     #[serde(default)]
     on_agent_restart: OnAgentRestart,
     #[serde(default = "default_true")]
@@ -102,23 +96,18 @@ fn default_true() -> bool {
     true
 }
 
-fn default_stop_signal() -> String {
-    "SIGTERM".to_owned()
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawReadiness {
-    protocol: Option<String>,
-    path: Option<String>,
-    poll_ceiling: Option<String>,
-    live_poll: Option<String>,
-    status_pointer: Option<String>,
-    progress_pointer: Option<String>,
-    progress_scale: Option<String>,
+    protocol: Option<Text>,
+    path: Option<Text>,
+    poll_ceiling: Option<Text>,
+    live_poll: Option<Text>,
+    status_pointer: Option<Text>,
+    progress_pointer: Option<Text>,
+    progress_scale: Option<Text>,
     error_pointer: Option<String>,
-    #[serde(default)]
-    status_map: BTreeMap<String, String>,
+    status_map: Option<Spanned<BTreeMap<String, Text>>>,
     load_path: Option<String>,
     load_body: Option<String>,
 }
@@ -126,35 +115,30 @@ struct RawReadiness {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
-    name: String,
+    name: Text,
     #[serde(default)]
     load: LoadMode,
-    timeout: Option<String>,
+    timeout: Option<Text>,
     #[serde(default)]
     ram_mb: u64,
     #[serde(default)]
     gpu_mb: u64,
     served_as: Option<String>,
     #[serde(default)]
-    stall: BTreeMap<String, String>,
+    stall: BTreeMap<Text, Text>,
     #[serde(default)]
-    log_patterns: BTreeMap<String, String>,
+    log_patterns: BTreeMap<Text, Text>,
     warmup: Option<RawWarmup>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWarmup {
-    #[serde(default = "default_warmup_method")]
-    method: String,
+    method: Option<Text>,
     path: String,
     body: Option<String>,
     expect_status: Option<u16>,
-    timeout: Option<String>,
-}
-
-fn default_warmup_method() -> String {
-    "POST".to_owned()
+    timeout: Option<Text>,
 }
 
 /// The validated configuration.
@@ -327,8 +311,9 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("agent config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("agent config {path}: {key}: {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    /// A value the file gives, with where it is (1-based, as toml says it).
+    #[error("agent config {path}, line {line}, column {column}: {key}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, key: String, message: String },
     #[error(
         "{LOAD_TIMEOUT_ENV}={value:?} in the agent's environment is not a positive number of seconds; write e.g. 900, or unset it"
     )]
@@ -347,50 +332,75 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        let cx = Check { path };
+        let cx = Check { path, text };
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
-        let listen = raw.listen.parse().map_err(|_| {
-            cx.invalid("listen", format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", raw.listen))
-        })?;
-        let telemetry_interval = cx.duration("telemetry_interval", &Some(raw.telemetry_interval), Duration::ZERO)?;
+        let listen = match &raw.listen {
+            Some(l) => l.get_ref().parse().map_err(|_| {
+                let message = format!("{:?} is not an address; write e.g. \"127.0.0.1:7700\"", l.get_ref());
+                cx.invalid("listen", l, message)
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 7700)),
+        };
+        let telemetry_interval =
+            cx.duration("telemetry_interval", raw.telemetry_interval.as_ref(), Duration::from_secs(1))?;
         let mut services: Vec<ServiceConfig> = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
             let service = cx.service(i, s, &base, &services)?;
             services.push(service);
         }
+        let keepalive = |key, value: &Option<Text>| cx.duration(key, value.as_ref(), Duration::from_secs(5));
         Ok(Config {
             listen,
             memory_budget_bytes: raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024),
             data_dir: base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("proctor-agent-data"))),
             telemetry_interval,
             services,
-            keepalive_interval: cx.duration("keepalive_interval", &raw.keepalive_interval, Duration::from_secs(5))?,
-            keepalive_timeout: cx.duration("keepalive_timeout", &raw.keepalive_timeout, Duration::from_secs(5))?,
+            keepalive_interval: keepalive("keepalive_interval", &raw.keepalive_interval)?,
+            keepalive_timeout: keepalive("keepalive_timeout", &raw.keepalive_timeout)?,
         })
     }
 }
 
 /// Validation of one config file, a section at a time: each error names the
-/// file, the key and the fix.
+/// file, where the value is in it, the key and the fix.
 struct Check<'a> {
     path: &'a Path,
+    text: &'a str,
 }
 
 impl Check<'_> {
-    fn invalid(&self, key: impl Into<String>, message: String) -> ConfigError {
-        ConfigError::Invalid { path: self.path.to_owned(), key: key.into(), message }
+    /// `value` is the one the error is about: the message says where it is.
+    fn invalid<T>(&self, key: impl Into<String>, value: &Spanned<T>, message: String) -> ConfigError {
+        self.invalid_at(key, value.span().start, message)
     }
 
-    /// An optional duration with a default (never zero).
+    /// As `invalid`, for a value known by its byte offset in the file.
+    fn invalid_at(&self, key: impl Into<String>, offset: usize, message: String) -> ConfigError {
+        let (line, column) = line_column(self.text, offset);
+        ConfigError::Invalid { path: self.path.to_owned(), line, column, key: key.into(), message }
+    }
+
+    /// An optional duration with a default.
     fn duration(
         &self,
         key: impl Into<String>,
-        value: &Option<String>,
+        value: Option<&Text>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        match value {
-            Some(v) => duration(v).ok_or_else(|| self.invalid(key, bad_duration(v))),
-            None => Ok(default),
+        value.map_or(Ok(default), |v| self.positive_duration(key, v))
+    }
+
+    /// A configured duration: parsed and never zero (a zero interval panics
+    /// a timer or spins a loop).
+    fn positive_duration(&self, key: impl Into<String>, value: &Text) -> Result<Duration, ConfigError> {
+        let v = value.get_ref();
+        match proto::parse_duration(v) {
+            Some(d) if !d.is_zero() => Ok(d),
+            Some(_) => Err(self.invalid(key, value, format!("{v:?} must be greater than zero"))),
+            None => {
+                let message = format!("{v:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"1h\"");
+                Err(self.invalid(key, value, message))
+            }
         }
     }
 
@@ -401,31 +411,37 @@ impl Check<'_> {
         base: &Path,
         earlier: &[ServiceConfig],
     ) -> Result<ServiceConfig, ConfigError> {
-        let at = format!("service[{i}] ({})", s.name);
+        let name = s.name.get_ref();
+        let at = format!("service[{i}] ({name})");
         let key = |k: &str| format!("{at}.{k}");
-        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(self.invalid(key("name"), "must be non-empty letters, digits, '-' or '_'".into()));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(self.invalid(key("name"), &s.name, "must be non-empty letters, digits, '-' or '_'".into()));
         }
-        if earlier.iter().any(|o| o.name == s.name) {
-            return Err(self.invalid(key("name"), "is used by two services; names must be unique".into()));
+        if earlier.iter().any(|o| o.name == *name) {
+            return Err(self.invalid(key("name"), &s.name, "is used by two services; names must be unique".into()));
         }
-        if s.command.is_empty() {
-            return Err(self.invalid(key("command"), "is empty; give the program and its arguments".into()));
+        if s.command.get_ref().is_empty() {
+            return Err(self.invalid(
+                key("command"),
+                &s.command,
+                "is empty; give the program and its arguments".into(),
+            ));
         }
-        let stop_signal = s.stop_signal.parse().map_err(|_| {
-            self.invalid(
-                key("stop_signal"),
-                format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", s.stop_signal),
-            )
-        })?;
+        let stop_signal = match &s.stop_signal {
+            Some(sig) => sig.get_ref().parse().map_err(|_| {
+                let message = format!("{:?} is not a signal name; write e.g. \"SIGTERM\"", sig.get_ref());
+                self.invalid(key("stop_signal"), sig, message)
+            })?,
+            None => nix::sys::signal::Signal::SIGTERM,
+        };
         let mut models: Vec<ModelConfig> = Vec::new();
         for m in &s.models {
-            let model = self.model(&format!("{at}.model ({})", m.name), m, &models)?;
+            let model = self.model(&format!("{at}.model ({})", m.name.get_ref()), m, &models)?;
             models.push(model);
         }
         Ok(ServiceConfig {
             base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
-            stop_grace: self.duration(key("stop_grace"), &s.stop_grace, DEFAULT_STOP_GRACE)?,
+            stop_grace: self.duration(key("stop_grace"), s.stop_grace.as_ref(), DEFAULT_STOP_GRACE)?,
             readiness: self.readiness(&at, &s.readiness)?,
             restart: self.restart(&at, &s)?,
             on_agent_restart: s.on_agent_restart,
@@ -434,8 +450,8 @@ impl Check<'_> {
             memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
             stop_after_failed_load: s.stop_after_failed_load,
             max_log_bytes: s.max_log_mb.max(1) * 1024 * 1024,
-            name: s.name,
-            command: s.command,
+            name: s.name.into_inner(),
+            command: s.command.into_inner(),
             port: s.port,
             env: s.env,
             stop_signal,
@@ -447,59 +463,77 @@ impl Check<'_> {
         let key = |k: &str| format!("{at}.{k}");
         let restart = RestartPolicy {
             mode: s.restart,
-            backoff: self.duration(key("restart_backoff"), &s.restart_backoff, Duration::from_secs(1))?,
-            backoff_max: self.duration(key("restart_backoff_max"), &s.restart_backoff_max, Duration::from_secs(60))?,
-            stable_after: self.duration(key("stable_after"), &s.stable_after, Duration::from_secs(60))?,
+            backoff: self.duration(key("restart_backoff"), s.restart_backoff.as_ref(), Duration::from_secs(1))?,
+            backoff_max: self.duration(
+                key("restart_backoff_max"),
+                s.restart_backoff_max.as_ref(),
+                Duration::from_secs(60),
+            )?,
+            stable_after: self.duration(key("stable_after"), s.stable_after.as_ref(), Duration::from_secs(60))?,
         };
-        if restart.backoff > restart.backoff_max {
-            return Err(self.invalid(key("restart_backoff"), "is longer than restart_backoff_max".into()));
+        // The defaults are in order, so at least one of the two is in the file.
+        match s.restart_backoff.as_ref().or(s.restart_backoff_max.as_ref()) {
+            Some(given) if restart.backoff > restart.backoff_max => {
+                Err(self.invalid(key("restart_backoff"), given, "is longer than restart_backoff_max".into()))
+            }
+            _ => Ok(restart),
         }
-        Ok(restart)
     }
 
     fn readiness(&self, at: &str, r: &RawReadiness) -> Result<Readiness, ConfigError> {
         let key = |k: &str| format!("{at}.readiness.{k}");
-        let protocol_name = r.protocol.clone().unwrap_or_else(|| "health-json".into());
-        let protocol = self.protocol(at, &protocol_name, r)?;
-        let health_json_only = r.status_pointer.is_some()
-            || r.progress_pointer.is_some()
-            || r.progress_scale.is_some()
-            || !r.status_map.is_empty();
-        if !matches!(protocol, Protocol::HealthJson(_)) && health_json_only {
+        let protocol = self.protocol(at, r)?;
+        // Where the first option that only health-json reads is, if any is given.
+        let health_json_only = [
+            r.status_pointer.as_ref().map(Spanned::span),
+            r.progress_pointer.as_ref().map(Spanned::span),
+            r.progress_scale.as_ref().map(Spanned::span),
+            r.status_map.as_ref().map(Spanned::span),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|span| span.start)
+        .min();
+        if let Some(offset) = health_json_only
+            && !matches!(protocol, Protocol::HealthJson(_))
+        {
+            let name = r.protocol.as_ref().map_or("health-json", |p| p.get_ref());
             let message = format!(
-                "status_pointer, progress_pointer, progress_scale and status_map only apply to health-json, not {protocol_name}"
+                "status_pointer, progress_pointer, progress_scale and status_map only apply to health-json, not {name}"
             );
-            return Err(self.invalid(format!("{at}.readiness"), message));
+            return Err(self.invalid_at(format!("{at}.readiness"), offset, message));
         }
         Ok(Readiness {
             protocol,
-            poll_ceiling: self.duration(key("poll_ceiling"), &r.poll_ceiling, DEFAULT_POLL_CEILING)?,
-            live_poll: self.duration(key("live_poll"), &r.live_poll, DEFAULT_LIVE_POLL)?,
+            poll_ceiling: self.duration(key("poll_ceiling"), r.poll_ceiling.as_ref(), DEFAULT_POLL_CEILING)?,
+            live_poll: self.duration(key("live_poll"), r.live_poll.as_ref(), DEFAULT_LIVE_POLL)?,
             load_path: r.load_path.clone().unwrap_or_else(|| "/models/{model}/load".into()),
             load_body: r.load_body.clone(),
         })
     }
 
-    fn protocol(&self, at: &str, name: &str, r: &RawReadiness) -> Result<Protocol, ConfigError> {
+    fn protocol(&self, at: &str, r: &RawReadiness) -> Result<Protocol, ConfigError> {
         let key = |k: &str| format!("{at}.readiness.{k}");
-        Ok(match name {
-            "health-json" => Protocol::HealthJson(self.health_json(at, r)?),
-            "kserve-v2" | "openai" | "tgi" | "ollama" if r.path.is_some() => {
+        let Some(protocol) = &r.protocol else { return Ok(Protocol::HealthJson(self.health_json(at, r)?)) };
+        let name = protocol.get_ref().as_str();
+        Ok(match (name, &r.path) {
+            ("health-json", _) => Protocol::HealthJson(self.health_json(at, r)?),
+            ("kserve-v2" | "openai" | "tgi" | "ollama", Some(path)) => {
                 let message = format!("only applies to health-json and http, not {name} (its paths are fixed)");
-                return Err(self.invalid(key("path"), message));
+                return Err(self.invalid(key("path"), path, message));
             }
-            "kserve-v2" => Protocol::KserveV2,
-            "openai" => Protocol::OpenAi,
-            "tgi" => Protocol::Tgi,
-            "ollama" => Protocol::Ollama,
-            "http" => Protocol::Http {
-                path: r.path.clone().ok_or_else(|| {
-                    self.invalid(key("path"), "the http protocol needs a path, e.g. \"/ready\"".into())
-                })?,
-            },
-            other => {
+            ("kserve-v2", None) => Protocol::KserveV2,
+            ("openai", None) => Protocol::OpenAi,
+            ("tgi", None) => Protocol::Tgi,
+            ("ollama", None) => Protocol::Ollama,
+            ("http", Some(path)) => Protocol::Http { path: path.get_ref().clone() },
+            ("http", None) => {
+                let message = "the http protocol needs a path, e.g. \"/ready\"".into();
+                return Err(self.invalid(key("path"), protocol, message));
+            }
+            (other, _) => {
                 let message = format!("{other:?} is not a readiness protocol; use one of {:?}", Protocol::NAMES);
-                return Err(self.invalid(key("protocol"), message));
+                return Err(self.invalid(key("protocol"), protocol, message));
             }
         })
     }
@@ -507,24 +541,28 @@ impl Check<'_> {
     fn health_json(&self, at: &str, r: &RawReadiness) -> Result<HealthJson, ConfigError> {
         let key = |k: &str| format!("{at}.readiness.{k}");
         let mut map = HealthJson::default_map();
-        for (status, stage) in &r.status_map {
-            let stage = Stage::from_str_name(stage)
-                .ok_or_else(|| self.invalid(key(&format!("status_map.{status}")), bad_stage(stage)))?;
-            map.insert(status.clone(), stage);
+        for (status, stage) in r.status_map.iter().flat_map(|m| m.get_ref()) {
+            let st = Stage::from_str_name(stage.get_ref())
+                .ok_or_else(|| self.invalid(key(&format!("status_map.{status}")), stage, bad_stage(stage.get_ref())))?;
+            map.insert(status.clone(), st);
         }
-        let progress_scale = match r.progress_scale.as_deref() {
-            None | Some("auto") => ProgressScale::Auto,
-            Some("fraction") => ProgressScale::Fraction,
-            Some("percent") => ProgressScale::Percent,
-            Some(other) => {
-                let message = format!("{other:?}: expected \"auto\", \"fraction\" (0–1) or \"percent\" (0–100)");
-                return Err(self.invalid(key("progress_scale"), message));
-            }
+        let progress_scale = match &r.progress_scale {
+            None => ProgressScale::Auto,
+            Some(scale) => match scale.get_ref().as_str() {
+                "auto" => ProgressScale::Auto,
+                "fraction" => ProgressScale::Fraction,
+                "percent" => ProgressScale::Percent,
+                other => {
+                    let message = format!("{other:?}: expected \"auto\", \"fraction\" (0–1) or \"percent\" (0–100)");
+                    return Err(self.invalid(key("progress_scale"), scale, message));
+                }
+            },
         };
+        let pointer = |p: &Option<Text>, default: &str| p.as_ref().map_or(default, |p| p.get_ref()).to_owned();
         Ok(HealthJson {
-            path: r.path.clone().unwrap_or_else(|| "/health".into()),
-            status_pointer: r.status_pointer.clone().unwrap_or_else(|| "/models/{model}/status".into()),
-            progress_pointer: r.progress_pointer.clone().unwrap_or_else(|| "/models/{model}/progress".into()),
+            path: r.path.as_ref().map_or("/health", |p| p.get_ref()).to_owned(),
+            status_pointer: pointer(&r.status_pointer, "/models/{model}/status"),
+            progress_pointer: pointer(&r.progress_pointer, "/models/{model}/progress"),
             error_pointer: r.error_pointer.clone().unwrap_or_else(|| "/models/{model}/error".into()),
             map,
             progress_scale,
@@ -533,18 +571,15 @@ impl Check<'_> {
 
     fn model(&self, at: &str, m: &RawModel, earlier: &[ModelConfig]) -> Result<ModelConfig, ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
-        if earlier.iter().any(|o| o.name == m.name) {
-            return Err(self.invalid(key("name"), "is listed twice".into()));
+        let name = m.name.get_ref();
+        if earlier.iter().any(|o| o.name == *name) {
+            return Err(self.invalid(key("name"), &m.name, "is listed twice".into()));
         }
-        let load = m.load;
-        let timeout = match &m.timeout {
-            Some(t) => Some(duration(t).ok_or_else(|| self.invalid(key("timeout"), bad_duration(t)))?),
-            None => None,
-        };
-        let served_as = m.served_as.clone().unwrap_or_else(|| m.name.clone());
+        let timeout = m.timeout.as_ref().map(|t| self.positive_duration(key("timeout"), t)).transpose()?;
+        let served_as = m.served_as.clone().unwrap_or_else(|| name.clone());
         Ok(ModelConfig {
-            name: m.name.clone(),
-            load,
+            name: name.clone(),
+            load: m.load,
             timeout,
             ram_bytes: m.ram_mb * 1024 * 1024,
             gpu_bytes: m.gpu_mb * 1024 * 1024,
@@ -558,17 +593,18 @@ impl Check<'_> {
     /// A configured `default` replaces every built-in limit; named stages then override it.
     fn stall(&self, at: &str, m: &RawModel) -> Result<StallLimits, ConfigError> {
         let mut stall = StallLimits::default();
+        let is_default = |k: &Text| k.get_ref() == "default";
         let ordered =
-            m.stall.iter().filter(|(k, _)| *k == "default").chain(m.stall.iter().filter(|(k, _)| *k != "default"));
+            m.stall.iter().filter(|(k, _)| is_default(k)).chain(m.stall.iter().filter(|(k, _)| !is_default(k)));
         for (stage, value) in ordered {
-            let key = format!("{at}.stall.{stage}");
-            let limit = duration(value).ok_or_else(|| self.invalid(key.clone(), bad_duration(value)))?;
-            if stage == "default" {
+            let key = format!("{at}.stall.{}", stage.get_ref());
+            let limit = self.positive_duration(key.clone(), value)?;
+            if is_default(stage) {
                 stall = StallLimits { default: limit, per_stage: BTreeMap::new() };
             } else {
-                let st = Stage::from_str_name(stage)
+                let st = Stage::from_str_name(stage.get_ref())
                     .filter(|s| Stage::LOADING.contains(s))
-                    .ok_or_else(|| self.invalid(key, bad_loading_stage(stage)))?;
+                    .ok_or_else(|| self.invalid(key, stage, bad_loading_stage(stage.get_ref())))?;
                 stall.per_stage.insert(st as i32, limit);
             }
         }
@@ -579,12 +615,13 @@ impl Check<'_> {
     fn log_patterns(&self, at: &str, m: &RawModel, served_as: &str) -> Result<Vec<(Stage, regex::Regex)>, ConfigError> {
         let mut patterns = Vec::new();
         for (stage, pattern) in &m.log_patterns {
-            let key = format!("{at}.log_patterns.{stage}");
-            let st = Stage::from_str_name(stage)
+            let key = format!("{at}.log_patterns.{}", stage.get_ref());
+            let st = Stage::from_str_name(stage.get_ref())
                 .filter(|s| Stage::LOADING.contains(s) || *s == Stage::Failed)
-                .ok_or_else(|| self.invalid(key.clone(), bad_loading_stage(stage)))?;
-            let text = pattern.replace("{model}", &regex::escape(served_as));
-            let re = regex::Regex::new(&text).map_err(|e| self.invalid(key, format!("not a valid regex: {e}")))?;
+                .ok_or_else(|| self.invalid(key.clone(), stage, bad_loading_stage(stage.get_ref())))?;
+            let text = pattern.get_ref().replace("{model}", &regex::escape(served_as));
+            let re =
+                regex::Regex::new(&text).map_err(|e| self.invalid(key, pattern, format!("not a valid regex: {e}")))?;
             patterns.push((st, re));
         }
         patterns.sort_by_key(|(st, _)| std::cmp::Reverse(*st as i32));
@@ -593,19 +630,30 @@ impl Check<'_> {
 
     fn warmup(&self, at: &str, w: Option<&RawWarmup>) -> Result<Option<Warmup>, ConfigError> {
         let Some(w) = w else { return Ok(None) };
-        let method = w.method.to_uppercase();
-        if !HTTP_METHODS.contains(&method.as_str()) {
-            let message = format!("{:?} is not an HTTP method; use one of {HTTP_METHODS:?}", w.method);
-            return Err(self.invalid(format!("{at}.warmup.method"), message));
-        }
+        let method = match &w.method {
+            Some(m) if !HTTP_METHODS.contains(&m.get_ref().to_uppercase().as_str()) => {
+                let message = format!("{:?} is not an HTTP method; use one of {HTTP_METHODS:?}", m.get_ref());
+                return Err(self.invalid(format!("{at}.warmup.method"), m, message));
+            }
+            Some(m) => m.get_ref().to_uppercase(),
+            None => "POST".to_owned(),
+        };
         Ok(Some(Warmup {
             method,
             path: w.path.clone(),
             body: w.body.clone(),
             expect_status: w.expect_status,
-            timeout: self.duration(format!("{at}.warmup.timeout"), &w.timeout, DEFAULT_WARMUP_TIMEOUT)?,
+            timeout: self.duration(format!("{at}.warmup.timeout"), w.timeout.as_ref(), DEFAULT_WARMUP_TIMEOUT)?,
         }))
     }
+}
+
+/// 1-based line and column (in characters, as toml counts them) of a byte
+/// offset in the file.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
 }
 
 fn bad_stage(value: &str) -> String {
@@ -619,19 +667,6 @@ fn bad_loading_stage(value: &str) -> String {
         "{value:?} is not a loading stage; use one of PROCESS_STARTING, WAITING_FOR_HTTP, AUTHENTICATING, \
          DOWNLOADING, LOADING_WEIGHTS, WARMING_UP (or `default`; FAILED for log patterns)"
     )
-}
-
-/// A configured duration: parsed and never zero (a zero interval panics a
-/// timer or spins a loop).
-fn duration(value: &str) -> Option<Duration> {
-    proto::parse_duration(value).filter(|d| !d.is_zero())
-}
-
-fn bad_duration(value: &str) -> String {
-    if proto::parse_duration(value).is_some() {
-        return format!("{value:?} must be greater than zero");
-    }
-    format!("{value:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"1h\"")
 }
 
 /// `MODEL_LOADING_TIMEOUT` as the agent reads it (seconds): checked once at
@@ -748,6 +783,106 @@ load = "endpoint"
         for (from, to, key) in cases {
             let err = Config::parse(&GOOD.replace(from, to), Path::new("agent.toml")).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("must be greater than zero"), "{key}: {err}");
+        }
+    }
+
+    /// The error for GOOD with `from` replaced by `to`.
+    fn error_for(from: &str, to: &str) -> String {
+        let text = GOOD.replace(from, to);
+        assert_ne!(text, GOOD, "{from:?} is not in GOOD");
+        Config::parse(&text, Path::new("agent.toml")).unwrap_err().to_string()
+    }
+
+    /// Value errors say where the value is, as toml does for unknown keys and
+    /// enum values, then the key and the fix.
+    fn assert_says(err: &str, want: &str, at: &str) {
+        assert!(err.contains(want), "{err:?} should contain {want:?}");
+        assert!(err.contains(&format!("agent.toml, {at}: ")), "{err:?} should say {at:?}");
+    }
+
+    #[test]
+    fn top_level_and_service_value_errors_say_their_line_and_column() {
+        // (replace, with, key and message, line and column of the value)
+        let cases = [
+            (
+                "stop_grace = \"2s\"",
+                "stop_grace = \"soon\"",
+                "stop_grace: \"soon\" is not a duration",
+                "line 9, column 14",
+            ),
+            (
+                "data_dir",
+                "telemetry_interval = \"0s\"\ndata_dir",
+                "telemetry_interval: \"0s\" must be",
+                "line 3, column 22",
+            ),
+            ("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"", "listen: \"nowhere\" is not", "line 2, column 10"),
+            ("\"translation\"", "\"trans lation\"", "(trans lation).name: must be", "line 6, column 8"),
+            ("[\"sim\", \"--port\", \"{port}\"]", "[]", "command: is empty", "line 7, column 11"),
+            ("\"2s\"", "\"2s\"\nstop_signal = \"SIGFOO\"", "stop_signal: \"SIGFOO\" is not a", "line 10, column 15"),
+            ("\"2s\"", "\"2s\"\nrestart_backoff_max = \"100ms\"", "restart_backoff: is longer", "line 10, column 23"),
+        ];
+        for (from, to, want, at) in cases {
+            assert_says(&error_for(from, to), want, at);
+        }
+    }
+
+    #[test]
+    fn readiness_value_errors_say_their_line_and_column() {
+        // (readiness, key and message, line and column of the value)
+        let cases = [
+            ("readiness = { poll_ceiling = \"0s\" }", "readiness.poll_ceiling: \"0s\" must be", "line 10, column 30"),
+            ("readiness = { protocol = \"grpc\" }", "protocol: \"grpc\" is not a readiness", "line 10, column 26"),
+            ("readiness = { protocol = \"http\" }", "readiness.path: the http protocol needs", "line 10, column 26"),
+            ("readiness = { progress_scale = \"ratio\" }", "progress_scale: \"ratio\": expected", "line 10, column 32"),
+            ("readiness = { status_map = { up = \"UP\" } }", "status_map.up: \"UP\" is not a", "line 10, column 35"),
+            (
+                "readiness = { protocol = \"tgi\", path = \"/ready\" }",
+                "readiness.path: only applies to health-json and http",
+                "line 10, column 40",
+            ),
+            (
+                "readiness = { protocol = \"openai\", progress_scale = \"percent\" }",
+                "readiness: status_pointer, progress_pointer, progress_scale and status_map only apply",
+                "line 10, column 53",
+            ),
+            (
+                "[service.readiness]\nprotocol = \"ollama\"\n[service.readiness.status_map]\nup = \"READY\"",
+                "only apply to health-json, not ollama",
+                "line 12, column 1",
+            ),
+        ];
+        for (readiness, want, at) in cases {
+            assert_says(&error_for("stop_grace = \"2s\"", &format!("stop_grace = \"2s\"\n{readiness}")), want, at);
+        }
+    }
+
+    #[test]
+    fn model_value_errors_say_their_line_and_column() {
+        // (replace, with, key and message, line and column of the value; of
+        // the key for a stage name)
+        let cases = [
+            ("timeout = \"5m\"", "timeout = \"0s\"", "(nllb).timeout: \"0s\" must be", "line 13, column 11"),
+            ("name = \"aya\"", "name = \"nllb\"", "(nllb).name: is listed twice", "line 17, column 8"),
+            ("ram_mb = 300", "stall = { default = \"0s\" }", "stall.default: \"0s\" must be", "line 14, column 21"),
+            ("ram_mb = 300", "stall = { LOADING = \"1m\" }", "stall.LOADING: \"LOADING\" is not", "line 14, column 11"),
+            ("ram_mb = 300", "log_patterns = { LOADING = \"x\" }", "LOADING: \"LOADING\" is not", "line 14, column 18"),
+            ("ram_mb = 300", "log_patterns = { DOWNLOADING = \"(\" }", "not a valid regex", "line 14, column 32"),
+            (
+                "ram_mb = 300",
+                "warmup = { method = \"FETCH\", path = \"/x\" }",
+                "method: \"FETCH\" is",
+                "line 14, column 21",
+            ),
+            (
+                "ram_mb = 300",
+                "warmup = { path = \"/x\", timeout = \"0s\" }",
+                "warmup.timeout: \"0s\"",
+                "line 14, column 35",
+            ),
+        ];
+        for (from, to, want, at) in cases {
+            assert_says(&error_for(from, to), want, at);
         }
     }
 

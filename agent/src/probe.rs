@@ -384,10 +384,8 @@ impl ProbeCost {
     }
 
     fn of(answers: &[Answer], wall: Duration) -> ProbeCost {
-        let bytes = answers
-            .iter()
-            .map(|a| PROBE_OVERHEAD_BYTES + a.as_ref().map_or(0, |(_, body)| body.len() as u64))
-            .sum();
+        let bytes =
+            answers.iter().map(|a| PROBE_OVERHEAD_BYTES + a.as_ref().map_or(0, |(_, body)| body.len() as u64)).sum();
         ProbeCost { wall, bytes }
     }
 }

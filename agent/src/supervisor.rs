@@ -13,8 +13,8 @@
 
 pub mod cgroup;
 mod logtail;
-mod process;
 mod machine;
+mod process;
 mod redact;
 mod requests;
 pub mod restart;
@@ -31,10 +31,10 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use machine::{Ended, Machine, Want};
+pub use machine::{log_stage, progress_signal};
 use process::Persisted;
 pub use process::classify;
-pub use machine::{log_stage, progress_signal};
-use machine::{Ended, Machine, Want};
 
 use crate::admission::{Admission, Refused};
 use crate::config::{LoadMode, ServiceConfig, load_timeout, load_timeout_source};

@@ -34,7 +34,12 @@ const TRACEBACK_WAIT: Duration = Duration::from_secs(2);
 /// tree, after taking out what the agent's own probes cost it (their
 /// answers' wall time from its CPU, their bytes from its I/O): probe
 /// traffic never counts as progress.
-pub fn progress_signal(before: &TreeMemory, after: &TreeMemory, elapsed: Duration, probes: ProbeCost) -> Option<String> {
+pub fn progress_signal(
+    before: &TreeMemory,
+    after: &TreeMemory,
+    elapsed: Duration,
+    probes: ProbeCost,
+) -> Option<String> {
     let rss = after.rss_bytes.abs_diff(before.rss_bytes);
     if rss >= RSS_PROGRESS_BYTES {
         return Some(format!("RSS moved {} MiB", rss / (1024 * 1024)));
@@ -258,9 +263,10 @@ impl Machine {
     /// Whether loading `models` again needs the service restarted: an
     /// at-start model that failed or stopped loads only when it starts.
     pub fn reload_needs_restart(&self, models: &[String]) -> bool {
-        models.iter().filter_map(|n| self.models.get(n)).any(|m| {
-            matches!(m.stage, Stage::Failed | Stage::Stopped) && m.rules.load == LoadMode::AtStart
-        })
+        models
+            .iter()
+            .filter_map(|n| self.models.get(n))
+            .any(|m| matches!(m.stage, Stage::Failed | Stage::Stopped) && m.rules.load == LoadMode::AtStart)
     }
 
     /// The service is starting (`requested` are asked for now; at-start
@@ -283,7 +289,9 @@ impl Machine {
 
     /// The process is up: its starting models wait for HTTP.
     pub fn spawned(&mut self, now: Instant) -> Vec<Action> {
-        self.each_in(Stage::ProcessStarting, |m, name| m.transition(name, Stage::WaitingForHttp, "process spawned", None, now))
+        self.each_in(Stage::ProcessStarting, |m, name| {
+            m.transition(name, Stage::WaitingForHttp, "process spawned", None, now)
+        })
     }
 
     /// The process could not be spawned.
@@ -365,7 +373,14 @@ impl Machine {
         out
     }
 
-    fn loading_reported(&mut self, name: &str, reported: Stage, progress: f64, cause: &str, now: Instant) -> Vec<Action> {
+    fn loading_reported(
+        &mut self,
+        name: &str,
+        reported: Stage,
+        progress: f64,
+        cause: &str,
+        now: Instant,
+    ) -> Vec<Action> {
         let m = self.models.get_mut(name).expect("model");
         let stage = loading_stage(m.stage, reported);
         let moved = (progress - m.progress).abs() >= 0.05 || (progress == 1.0 && m.progress != 1.0);
@@ -449,9 +464,12 @@ impl Machine {
                 // A traceback's first line: wait for its exception line, the
                 // part that says what went wrong.
                 Some(Stage::Failed) if in_traceback => self.pending_failed.push((name, line.to_owned(), now)),
-                Some(Stage::Failed) => {
-                    out.extend(self.fail(&name, "log pattern FAILED", &format!("the service logged: {}", cut(line)), now))
-                }
+                Some(Stage::Failed) => out.extend(self.fail(
+                    &name,
+                    "log pattern FAILED",
+                    &format!("the service logged: {}", cut(line)),
+                    now,
+                )),
                 Some(stage) => out.extend(self.transition(&name, stage, &format!("log: {}", cut(line)), None, now)),
                 None => {}
             }
@@ -533,7 +551,9 @@ impl Machine {
                 continue;
             }
             out.extend(match end {
-                Ended::Stopped(reason) => self.transition(&name, Stage::Stopped, "service stopped", reason.clone(), now),
+                Ended::Stopped(reason) => {
+                    self.transition(&name, Stage::Stopped, "service stopped", reason.clone(), now)
+                }
                 Ended::Died { cause, loading, serving } => {
                     let reason = if stage == Stage::Ready { serving } else { loading };
                     self.fail(&name, cause, reason, now)
@@ -579,7 +599,14 @@ impl Machine {
         out
     }
 
-    fn transition(&mut self, model: &str, to: Stage, cause: &str, message: Option<String>, now: Instant) -> Vec<Action> {
+    fn transition(
+        &mut self,
+        model: &str,
+        to: Stage,
+        cause: &str,
+        message: Option<String>,
+        now: Instant,
+    ) -> Vec<Action> {
         let Some(m) = self.models.get_mut(model) else { return Vec::new() };
         let from = m.stage;
         m.last_progress = now;

@@ -58,7 +58,11 @@ fn progress_signals_and_their_thresholds_leave_out_the_agents_own_probes() {
         (sample(100, 1000, 1200), sec, probes(0, 90), Some("110 KiB of I/O")),
     ];
     for (after, elapsed, cost, want) in table {
-        assert_eq!(progress_signal(&base, &after, elapsed, cost).as_deref(), want, "{after:?} over {elapsed:?}, {cost:?}");
+        assert_eq!(
+            progress_signal(&base, &after, elapsed, cost).as_deref(),
+            want,
+            "{after:?} over {elapsed:?}, {cost:?}"
+        );
     }
 }
 
@@ -173,7 +177,11 @@ fn apply(m: &mut Machine, input: In, now: Instant) -> Vec<Action> {
         }
         In::Tick => m.tick(now),
         In::Died => m.ended(
-            &Ended::Died { cause: "process exited code 3".into(), loading: "died loading".into(), serving: "died serving".into() },
+            &Ended::Died {
+                cause: "process exited code 3".into(),
+                loading: "died loading".into(),
+                serving: "died serving".into(),
+            },
             now,
         ),
         In::Stopped(reason) => m.ended(&Ended::Stopped(Some(reason.into())), now),
@@ -229,53 +237,306 @@ fn with(prefix: &[(u64, In)], rest: &[(u64, In)]) -> Vec<(u64, In)> {
     prefix.iter().chain(rest).copied().collect()
 }
 
+/// (rule, setup, inputs, what the last input does — or what its messages say)
+type Scenario = (&'static str, Setup, Vec<(u64, In)>, Vec<&'static str>);
+
 #[test]
 fn every_rule_of_the_stage_machine() {
     use Stage::*;
     let loading = [(100, In::Read("nllb", Some(LoadingWeights), 0.4))];
     // (rule, setup, inputs, what the last input does)
-    let table: Vec<(&str, Setup, Vec<(u64, In)>, Vec<&str>)> = vec![
-        ("start moves at-start models only", one(AT, false), vec![(0, In::Start(&[]))], vec!["nllb STOPPED→PROCESS_STARTING"]),
+    let table: Vec<Scenario> = vec![
+        (
+            "start moves at-start models only",
+            one(AT, false),
+            vec![(0, In::Start(&[]))],
+            vec!["nllb STOPPED→PROCESS_STARTING"],
+        ),
         ("an endpoint model waits to be asked", one(EP, false), vec![(0, In::Start(&[]))], vec![]),
-        ("an endpoint model asked at start starts", one(EP, false), vec![(0, In::Start(&["nllb"]))], vec!["nllb STOPPED→PROCESS_STARTING"]),
+        (
+            "an endpoint model asked at start starts",
+            one(EP, false),
+            vec![(0, In::Start(&["nllb"]))],
+            vec!["nllb STOPPED→PROCESS_STARTING"],
+        ),
         ("spawned: waiting for HTTP", one(AT, false), UP.to_vec(), vec!["nllb PROCESS_STARTING→WAITING_FOR_HTTP"]),
-        ("launch failure fails the starting models", one(AT, false), vec![(0, In::Start(&[])), (1, In::LaunchFailed)], vec!["nllb PROCESS_STARTING→FAILED"]),
-        ("a reported stage moves the model", one(AT, false), with(&UP, &loading), vec!["nllb WAITING_FOR_HTTP→LOADING_WEIGHTS"]),
-        ("the same stage and progress is no news", one(AT, false), with(&UP, &[loading[0], (200, In::Read("nllb", Some(LoadingWeights), 0.42))]), vec![]),
-        ("5 % more progress is news", one(AT, false), with(&UP, &[loading[0], (200, In::Read("nllb", Some(LoadingWeights), 0.5))]), vec!["nllb LOADING_WEIGHTS→LOADING_WEIGHTS"]),
-        ("a probe never moves a stage back", one(AT, false), with(&UP, &[loading[0], (200, In::Read("nllb", Some(Downloading), 0.4))]), vec![]),
-        ("READY without a warm-up", one(AT, false), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0))]), vec!["nllb WAITING_FOR_HTTP→READY"]),
-        ("READY gives the reservation back", one(AT, false), with(&UP, &[(50, In::Reserve("nllb")), (100, In::Read("nllb", Some(Ready), 1.0))]), vec!["nllb WAITING_FOR_HTTP→READY release"]),
-        ("served with a warm-up: warm it first", one(AT, true), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0))]), vec!["nllb WAITING_FOR_HTTP→WARMING_UP", "warm nllb"]),
-        ("one warm-up in flight at a time", one(AT, true), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (500, In::Read("nllb", Some(Ready), 1.0))]), vec![]),
-        ("a warm-up that works: READY", one(AT, true), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (150, In::Warmed("nllb", Ok("HTTP 200")))]), vec!["nllb WARMING_UP→READY"]),
-        ("a failed warm-up is retried, not before 250 ms", one(AT, true), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (150, In::Warmed("nllb", Err("HTTP 503"))), (200, In::Read("nllb", Some(Ready), 1.0))]), vec![]),
-        ("a failed warm-up is retried after 250 ms", one(AT, true), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (150, In::Warmed("nllb", Err("HTTP 503"))), (400, In::Read("nllb", Some(Ready), 1.0))]), vec!["warm nllb"]),
-        ("a READY model the service no longer lists has stopped", one(AT, false), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Read("nllb", None, 0.0))]), vec!["nllb READY→STOPPED"]),
-        ("the service reports a failure", one(AT, false), with(&UP, &[(100, In::ReadFailed("nllb", "weights corrupt"))]), vec!["nllb WAITING_FOR_HTTP→FAILED"]),
-        ("endpoint: asked for, the load is requested once", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent)]), vec!["load nllb"]),
-        ("endpoint: not twice while the request is out", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent), (200, In::Silent)]), vec![]),
-        ("endpoint: a refusal is asked again after 250 ms", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent), (110, In::Refused("nllb", "503")), (300, In::Silent), (400, In::Silent)]), vec!["load nllb"]),
-        ("endpoint: not before the pause ends", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent), (110, In::Refused("nllb", "503")), (300, In::Silent)]), vec![]),
-        ("endpoint: the pause doubles", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent), (110, In::Refused("nllb", "503")), (400, In::Silent), (410, In::Refused("nllb", "503")), (800, In::Silent)]), vec![]),
-        ("endpoint: a stale failure is asked again, not believed", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::ReadFailed("nllb", "old news"))]), vec!["load nllb"]),
-        ("endpoint: a failed model wanted again reloads without a restart", one(EP, false), with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::ReadFailed("nllb", "x")), (110, In::Refused("nllb", "x")), (500, In::ReadFailed("nllb", "x")), (600, In::ReadFailed("nllb", "x")), (700, In::Want("nllb", 60_000))]), vec!["nllb FAILED→WAITING_FOR_HTTP"]),
-        ("a log pattern moves a stage", one(AT, false), with(&UP, &[(100, In::Log("Loading checkpoint shards: 10%"))]), vec!["nllb WAITING_FOR_HTTP→LOADING_WEIGHTS"]),
-        ("a failure the service logged does not stop it (only a hang does)", one(AT, false), with(&UP, &[(100, In::Log("FATAL: no GPU")), (200, In::Tick)]), vec![]),
-        ("a FAILED pattern fails at once", one(AT, false), with(&UP, &[(100, In::Log("FATAL: no GPU"))]), vec!["nllb WAITING_FOR_HTTP→FAILED"]),
-        ("a traceback waits for its exception line", one(AT, false), with(&UP, &[(100, In::Traceback("Traceback (most recent call last):"))]), vec![]),
-        ("… and fails with it", one(AT, false), with(&UP, &[(100, In::Traceback("Traceback (most recent call last):")), (150, In::Closed("RuntimeError: weights corrupt"))]), vec!["nllb WAITING_FOR_HTTP→FAILED"]),
-        ("… or after 2 s without it", one(AT, false), with(&UP, &[(100, In::Traceback("Traceback (most recent call last):")), (2200, In::Tick)]), vec!["nllb WAITING_FOR_HTTP→FAILED"]),
+        (
+            "launch failure fails the starting models",
+            one(AT, false),
+            vec![(0, In::Start(&[])), (1, In::LaunchFailed)],
+            vec!["nllb PROCESS_STARTING→FAILED"],
+        ),
+        (
+            "a reported stage moves the model",
+            one(AT, false),
+            with(&UP, &loading),
+            vec!["nllb WAITING_FOR_HTTP→LOADING_WEIGHTS"],
+        ),
+        (
+            "the same stage and progress is no news",
+            one(AT, false),
+            with(&UP, &[loading[0], (200, In::Read("nllb", Some(LoadingWeights), 0.42))]),
+            vec![],
+        ),
+        (
+            "5 % more progress is news",
+            one(AT, false),
+            with(&UP, &[loading[0], (200, In::Read("nllb", Some(LoadingWeights), 0.5))]),
+            vec!["nllb LOADING_WEIGHTS→LOADING_WEIGHTS"],
+        ),
+        (
+            "a probe never moves a stage back",
+            one(AT, false),
+            with(&UP, &[loading[0], (200, In::Read("nllb", Some(Downloading), 0.4))]),
+            vec![],
+        ),
+        (
+            "READY without a warm-up",
+            one(AT, false),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0))]),
+            vec!["nllb WAITING_FOR_HTTP→READY"],
+        ),
+        (
+            "READY gives the reservation back",
+            one(AT, false),
+            with(&UP, &[(50, In::Reserve("nllb")), (100, In::Read("nllb", Some(Ready), 1.0))]),
+            vec!["nllb WAITING_FOR_HTTP→READY release"],
+        ),
+        (
+            "served with a warm-up: warm it first",
+            one(AT, true),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0))]),
+            vec!["nllb WAITING_FOR_HTTP→WARMING_UP", "warm nllb"],
+        ),
+        (
+            "one warm-up in flight at a time",
+            one(AT, true),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (500, In::Read("nllb", Some(Ready), 1.0))]),
+            vec![],
+        ),
+        (
+            "a warm-up that works: READY",
+            one(AT, true),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (150, In::Warmed("nllb", Ok("HTTP 200")))]),
+            vec!["nllb WARMING_UP→READY"],
+        ),
+        (
+            "a failed warm-up is retried, not before 250 ms",
+            one(AT, true),
+            with(
+                &UP,
+                &[
+                    (100, In::Read("nllb", Some(Ready), 1.0)),
+                    (150, In::Warmed("nllb", Err("HTTP 503"))),
+                    (200, In::Read("nllb", Some(Ready), 1.0)),
+                ],
+            ),
+            vec![],
+        ),
+        (
+            "a failed warm-up is retried after 250 ms",
+            one(AT, true),
+            with(
+                &UP,
+                &[
+                    (100, In::Read("nllb", Some(Ready), 1.0)),
+                    (150, In::Warmed("nllb", Err("HTTP 503"))),
+                    (400, In::Read("nllb", Some(Ready), 1.0)),
+                ],
+            ),
+            vec!["warm nllb"],
+        ),
+        (
+            "a READY model the service no longer lists has stopped",
+            one(AT, false),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Read("nllb", None, 0.0))]),
+            vec!["nllb READY→STOPPED"],
+        ),
+        (
+            "the service reports a failure",
+            one(AT, false),
+            with(&UP, &[(100, In::ReadFailed("nllb", "weights corrupt"))]),
+            vec!["nllb WAITING_FOR_HTTP→FAILED"],
+        ),
+        (
+            "endpoint: asked for, the load is requested once",
+            one(EP, false),
+            with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent)]),
+            vec!["load nllb"],
+        ),
+        (
+            "endpoint: not twice while the request is out",
+            one(EP, false),
+            with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::Silent), (200, In::Silent)]),
+            vec![],
+        ),
+        (
+            "endpoint: a refusal is asked again after 250 ms",
+            one(EP, false),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 60_000)),
+                    (100, In::Silent),
+                    (110, In::Refused("nllb", "503")),
+                    (300, In::Silent),
+                    (400, In::Silent),
+                ],
+            ),
+            vec!["load nllb"],
+        ),
+        (
+            "endpoint: not before the pause ends",
+            one(EP, false),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 60_000)),
+                    (100, In::Silent),
+                    (110, In::Refused("nllb", "503")),
+                    (300, In::Silent),
+                ],
+            ),
+            vec![],
+        ),
+        (
+            "endpoint: the pause doubles",
+            one(EP, false),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 60_000)),
+                    (100, In::Silent),
+                    (110, In::Refused("nllb", "503")),
+                    (400, In::Silent),
+                    (410, In::Refused("nllb", "503")),
+                    (800, In::Silent),
+                ],
+            ),
+            vec![],
+        ),
+        (
+            "endpoint: a stale failure is asked again, not believed",
+            one(EP, false),
+            with(&UP, &[(20, In::Want("nllb", 60_000)), (100, In::ReadFailed("nllb", "old news"))]),
+            vec!["load nllb"],
+        ),
+        (
+            "endpoint: a failed model wanted again reloads without a restart",
+            one(EP, false),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 60_000)),
+                    (100, In::ReadFailed("nllb", "x")),
+                    (110, In::Refused("nllb", "x")),
+                    (500, In::ReadFailed("nllb", "x")),
+                    (600, In::ReadFailed("nllb", "x")),
+                    (700, In::Want("nllb", 60_000)),
+                ],
+            ),
+            vec!["nllb FAILED→WAITING_FOR_HTTP"],
+        ),
+        (
+            "a log pattern moves a stage",
+            one(AT, false),
+            with(&UP, &[(100, In::Log("Loading checkpoint shards: 10%"))]),
+            vec!["nllb WAITING_FOR_HTTP→LOADING_WEIGHTS"],
+        ),
+        (
+            "a failure the service logged does not stop it (only a hang does)",
+            one(AT, false),
+            with(&UP, &[(100, In::Log("FATAL: no GPU")), (200, In::Tick)]),
+            vec![],
+        ),
+        (
+            "a FAILED pattern fails at once",
+            one(AT, false),
+            with(&UP, &[(100, In::Log("FATAL: no GPU"))]),
+            vec!["nllb WAITING_FOR_HTTP→FAILED"],
+        ),
+        (
+            "a traceback waits for its exception line",
+            one(AT, false),
+            with(&UP, &[(100, In::Traceback("Traceback (most recent call last):"))]),
+            vec![],
+        ),
+        (
+            "… and fails with it",
+            one(AT, false),
+            with(
+                &UP,
+                &[
+                    (100, In::Traceback("Traceback (most recent call last):")),
+                    (150, In::Closed("RuntimeError: weights corrupt")),
+                ],
+            ),
+            vec!["nllb WAITING_FOR_HTTP→FAILED"],
+        ),
+        (
+            "… or after 2 s without it",
+            one(AT, false),
+            with(&UP, &[(100, In::Traceback("Traceback (most recent call last):")), (2200, In::Tick)]),
+            vec!["nllb WAITING_FOR_HTTP→FAILED"],
+        ),
         ("no stall within the limit", one(AT, false), with(&UP, &[loading[0], (3000, In::Tick)]), vec![]),
-        ("a stall after the limit stops the hung service", one(AT, false), with(&UP, &[loading[0], (3100, In::Tick)]), vec!["nllb LOADING_WEIGHTS→FAILED", "stop"]),
-        ("… unless configured to keep it", Setup { stop_after_failed_load: false, ..one(AT, false) }, with(&UP, &[loading[0], (3100, In::Tick)]), vec!["nllb LOADING_WEIGHTS→FAILED"]),
-        ("a resource signal keeps the only loading model alive", one(AT, false), with(&UP, &[loading[0], (2000, In::Signal), (3100, In::Tick)]), vec![]),
-        ("… but not one of two loading", two(), with(&UP, &[(100, In::Read("nllb", Some(LoadingWeights), 0.4)), (2000, In::Signal), (3100, In::Tick)]), vec!["aya WAITING_FOR_HTTP→FAILED", "nllb LOADING_WEIGHTS→FAILED", "stop"]),
-        ("a stall does not stop a service with a READY model", two(), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (3100, In::Tick)]), vec!["aya WAITING_FOR_HTTP→FAILED"]),
-        ("the load limit", one(AT, false), with(&UP, &[(20, In::Want("nllb", 1000)), (500, In::Read("nllb", Some(LoadingWeights), 0.1)), (1000, In::Tick)]), vec!["nllb LOADING_WEIGHTS→FAILED", "stop"]),
-        ("READY already", one(AT, false), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Want("nllb", 1000)), (5000, In::Tick)]), vec![]),
-        ("a death fails what lives", two(), with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Died)]), vec!["aya WAITING_FOR_HTTP→FAILED", "nllb READY→FAILED"]),
-        ("a stop stops what lives", two(), with(&UP, &[(100, In::ReadFailed("nllb", "x")), (200, In::Stopped("restart to reload"))]), vec!["aya WAITING_FOR_HTTP→STOPPED"]),
+        (
+            "a stall after the limit stops the hung service",
+            one(AT, false),
+            with(&UP, &[loading[0], (3100, In::Tick)]),
+            vec!["nllb LOADING_WEIGHTS→FAILED", "stop"],
+        ),
+        (
+            "… unless configured to keep it",
+            Setup { stop_after_failed_load: false, ..one(AT, false) },
+            with(&UP, &[loading[0], (3100, In::Tick)]),
+            vec!["nllb LOADING_WEIGHTS→FAILED"],
+        ),
+        (
+            "a resource signal keeps the only loading model alive",
+            one(AT, false),
+            with(&UP, &[loading[0], (2000, In::Signal), (3100, In::Tick)]),
+            vec![],
+        ),
+        (
+            "… but not one of two loading",
+            two(),
+            with(&UP, &[(100, In::Read("nllb", Some(LoadingWeights), 0.4)), (2000, In::Signal), (3100, In::Tick)]),
+            vec!["aya WAITING_FOR_HTTP→FAILED", "nllb LOADING_WEIGHTS→FAILED", "stop"],
+        ),
+        (
+            "a stall does not stop a service with a READY model",
+            two(),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (3100, In::Tick)]),
+            vec!["aya WAITING_FOR_HTTP→FAILED"],
+        ),
+        (
+            "the load limit",
+            one(AT, false),
+            with(
+                &UP,
+                &[(20, In::Want("nllb", 1000)), (500, In::Read("nllb", Some(LoadingWeights), 0.1)), (1000, In::Tick)],
+            ),
+            vec!["nllb LOADING_WEIGHTS→FAILED", "stop"],
+        ),
+        (
+            "READY already",
+            one(AT, false),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Want("nllb", 1000)), (5000, In::Tick)]),
+            vec![],
+        ),
+        (
+            "a death fails what lives",
+            two(),
+            with(&UP, &[(100, In::Read("nllb", Some(Ready), 1.0)), (200, In::Died)]),
+            vec!["aya WAITING_FOR_HTTP→FAILED", "nllb READY→FAILED"],
+        ),
+        (
+            "a stop stops what lives",
+            two(),
+            with(&UP, &[(100, In::ReadFailed("nllb", "x")), (200, In::Stopped("restart to reload"))]),
+            vec!["aya WAITING_FOR_HTTP→STOPPED"],
+        ),
     ];
     for (rule, setup, steps, want) in table {
         let (_, actions) = run(&setup, &steps);
@@ -299,17 +560,94 @@ fn every_failure_tells_its_story() {
     use Stage::*;
     let loading = (100, In::Read("nllb", Some(LoadingWeights), 0.4));
     // (rule, setup, inputs, substrings of the cause | message)
-    let table: Vec<(&str, Setup, Vec<(u64, In)>, Vec<&str>)> = vec![
-        ("stall", one(AT, false), with(&UP, &[loading, (3100, In::Tick)]), vec!["stall timeout |", "failed in stage LOADING_WEIGHTS after 3.0s there (3.1s since load began): stalled: no progress for 3s in LOADING_WEIGHTS", "not counting the agent's own probes", "last progress: 3.0s ago (a stage change)"]),
-        ("stall after a signal", one(AT, false), with(&UP, &[loading, (1000, In::Signal), (4000, In::Tick)]), vec!["last progress: 3.0s ago (RSS moved 8 MiB in the service, the only model loading)"]),
-        ("timeout names who set the limit", one(AT, false), with(&UP, &[(20, In::Want("nllb", 1000)), (1000, In::Tick)]), vec!["load timeout |", "load timed out after 1s (the limit was set by the suite; raise it there"]),
-        ("the service's own error", one(AT, false), with(&UP, &[(100, In::ReadFailed("nllb", "weights corrupt"))]), vec!["health-json: status=failed |", ": weights corrupt"]),
-        ("a traceback's exception line", one(AT, false), with(&UP, &[(100, In::Traceback("Traceback (most recent call last):")), (150, In::Closed("RuntimeError: weights corrupt"))]), vec!["the service logged: Traceback (most recent call last): … RuntimeError: weights corrupt"]),
-        ("the last refusal of a load request", one(EP, false), with(&UP, &[(20, In::Want("nllb", 1000)), (100, In::Silent), (110, In::Refused("nllb", "503 Service Unavailable: no room")), (1100, In::Tick)]), vec!["last load request: 503 Service Unavailable: no room"]),
-        ("the last warm-up error", one(AT, true), with(&UP, &[(20, In::Want("nllb", 1000)), (100, In::Read("nllb", Some(Ready), 1.0)), (150, In::Warmed("nllb", Err("HTTP 500: boom"))), (1000, In::Tick)]), vec!["last warm-up attempt (1 in all): HTTP 500: boom"]),
-        ("a death while loading", one(AT, false), with(&UP, &[(100, In::Died)]), vec!["process exited code 3 | model nllb failed in stage WAITING_FOR_HTTP", "died loading"]),
-        ("a stop says why", one(AT, false), with(&UP, &[(100, In::Stopped("restart to reload"))]), vec!["service stopped | restart to reload"]),
-        ("a launch failure names the error", one(AT, false), vec![(0, In::Start(&[])), (1, In::LaunchFailed)], vec!["launch failed | model nllb failed in stage PROCESS_STARTING: No such file"]),
+    let table: Vec<Scenario> = vec![
+        (
+            "stall",
+            one(AT, false),
+            with(&UP, &[loading, (3100, In::Tick)]),
+            vec![
+                "stall timeout |",
+                "failed in stage LOADING_WEIGHTS after 3.0s there (3.1s since load began): stalled: no progress for 3s in LOADING_WEIGHTS",
+                "not counting the agent's own probes",
+                "last progress: 3.0s ago (a stage change)",
+            ],
+        ),
+        (
+            "stall after a signal",
+            one(AT, false),
+            with(&UP, &[loading, (1000, In::Signal), (4000, In::Tick)]),
+            vec!["last progress: 3.0s ago (RSS moved 8 MiB in the service, the only model loading)"],
+        ),
+        (
+            "timeout names who set the limit",
+            one(AT, false),
+            with(&UP, &[(20, In::Want("nllb", 1000)), (1000, In::Tick)]),
+            vec!["load timeout |", "load timed out after 1s (the limit was set by the suite; raise it there"],
+        ),
+        (
+            "the service's own error",
+            one(AT, false),
+            with(&UP, &[(100, In::ReadFailed("nllb", "weights corrupt"))]),
+            vec!["health-json: status=failed |", ": weights corrupt"],
+        ),
+        (
+            "a traceback's exception line",
+            one(AT, false),
+            with(
+                &UP,
+                &[
+                    (100, In::Traceback("Traceback (most recent call last):")),
+                    (150, In::Closed("RuntimeError: weights corrupt")),
+                ],
+            ),
+            vec!["the service logged: Traceback (most recent call last): … RuntimeError: weights corrupt"],
+        ),
+        (
+            "the last refusal of a load request",
+            one(EP, false),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 1000)),
+                    (100, In::Silent),
+                    (110, In::Refused("nllb", "503 Service Unavailable: no room")),
+                    (1100, In::Tick),
+                ],
+            ),
+            vec!["last load request: 503 Service Unavailable: no room"],
+        ),
+        (
+            "the last warm-up error",
+            one(AT, true),
+            with(
+                &UP,
+                &[
+                    (20, In::Want("nllb", 1000)),
+                    (100, In::Read("nllb", Some(Ready), 1.0)),
+                    (150, In::Warmed("nllb", Err("HTTP 500: boom"))),
+                    (1000, In::Tick),
+                ],
+            ),
+            vec!["last warm-up attempt (1 in all): HTTP 500: boom"],
+        ),
+        (
+            "a death while loading",
+            one(AT, false),
+            with(&UP, &[(100, In::Died)]),
+            vec!["process exited code 3 | model nllb failed in stage WAITING_FOR_HTTP", "died loading"],
+        ),
+        (
+            "a stop says why",
+            one(AT, false),
+            with(&UP, &[(100, In::Stopped("restart to reload"))]),
+            vec!["service stopped | restart to reload"],
+        ),
+        (
+            "a launch failure names the error",
+            one(AT, false),
+            vec![(0, In::Start(&[])), (1, In::LaunchFailed)],
+            vec!["launch failed | model nllb failed in stage PROCESS_STARTING: No such file"],
+        ),
     ];
     for (rule, setup, steps, want) in table {
         let (_, actions) = run(&setup, &steps);
@@ -332,7 +670,8 @@ fn failures_that_quote_the_service_say_so() {
 #[test]
 fn whether_a_reload_needs_a_restart() {
     use Stage::*;
-    let setup = Setup { models: vec![("nllb", AT, false, 3000), ("aya", EP, false, 3000)], stop_after_failed_load: false };
+    let setup =
+        Setup { models: vec![("nllb", AT, false, 3000), ("aya", EP, false, 3000)], stop_after_failed_load: false };
     let (m, _) = run(
         &setup,
         &with(&UP, &[(20, In::Want("aya", 60_000)), (100, In::ReadFailed("nllb", "x")), (110, In::Silent)]),
