@@ -46,6 +46,21 @@ struct RawConfig {
     admission: RawAdmission,
     keepalive_interval: Option<Text>,
     keepalive_timeout: Option<Text>,
+    auth: Option<Spanned<RawAuth>>,
+}
+
+/// `[auth]`: who may call the agent (docs/security.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    mode: crate::auth::Mode,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    tokens: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +170,9 @@ pub struct Config {
     /// closes the connection (and its watch streams).
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Who may call the agent; checked against `listen` (plaintext only on
+    /// loopback or with `insecure`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +367,7 @@ impl Config {
             services.push(service);
         }
         let keepalive = |key, value: &Option<Text>| cx.duration(key, value.as_ref(), Duration::from_secs(5));
+        let auth = cx.auth(raw.auth.as_ref(), &base, listen, raw.listen.as_ref())?;
         Ok(Config {
             listen,
             memory_budget_bytes: raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024),
@@ -357,6 +376,7 @@ impl Config {
             services,
             keepalive_interval: keepalive("keepalive_interval", &raw.keepalive_interval)?,
             keepalive_timeout: keepalive("keepalive_timeout", &raw.keepalive_timeout)?,
+            auth,
         })
     }
 }
@@ -372,6 +392,33 @@ impl Check<'_> {
     /// `value` is the one the error is about: the message says where it is.
     fn invalid<T>(&self, key: impl Into<String>, value: &Spanned<T>, message: String) -> ConfigError {
         self.invalid_at(key, value.span().start, message)
+    }
+
+    /// The `[auth]` section, paths resolved, judged against `listen`: an
+    /// error points at the section (or at `listen`, without one).
+    fn auth(
+        &self,
+        raw: Option<&Spanned<RawAuth>>,
+        base: &Path,
+        listen: SocketAddr,
+        listen_text: Option<&Text>,
+    ) -> Result<crate::auth::AuthConfig, ConfigError> {
+        let empty = RawAuth::default();
+        let a = raw.map_or(&empty, |r| r.get_ref());
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| base.join(p));
+        let auth = crate::auth::AuthConfig {
+            mode: a.mode,
+            ca: path(&a.ca),
+            cert: path(&a.cert),
+            key: path(&a.key),
+            tokens: path(&a.tokens),
+            insecure: a.insecure,
+        };
+        crate::auth::transport(listen, &auth).map_err(|message| {
+            let at = raw.map(|r| r.span().start).or(listen_text.map(|l| l.span().start)).unwrap_or(0);
+            self.invalid_at("auth", at, message)
+        })?;
+        Ok(auth)
     }
 
     /// As `invalid`, for a value known by its byte offset in the file.

@@ -8,6 +8,7 @@
 //! closes, then the sampler ends. See `docs/agent.md`.
 
 pub mod admission;
+pub mod auth;
 pub mod cases;
 pub mod config;
 mod grpc;
@@ -39,6 +40,9 @@ pub enum AgentError {
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error("{0}; {env} is set, so the agent will not run services without cgroups", env = supervisor::cgroup::REQUIRE_ENV)]
     Cgroup(supervisor::cgroup::CgroupError),
+    /// Bad `[auth]` files: the agent does not start rather than start open.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// A started agent. Dropping it does not stop it: call `shutdown`.
@@ -174,29 +178,48 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let service =
         grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new(), cancel: cancel.clone() };
 
-    let keepalive = (config.keepalive_interval, config.keepalive_timeout);
-    let server_cancel = cancel.clone();
-    let server_tasks = tasks.clone();
-    let server = tokio::spawn(async move {
+    let server = serve(listener, service, &config, (cancel.clone(), tasks.clone(), sampler_cancel))?;
+    tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
+    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
+}
+
+/// Starts the gRPC server on `listener` — over TLS when `[auth]` has a
+/// certificate, every call checked by the auth layer first — until `cancel`:
+/// then services stop first (`tasks`), so their last events are still
+/// served, and the sampler after the server.
+fn serve(
+    listener: tokio::net::TcpListener,
+    service: grpc::Service,
+    config: &Config,
+    (cancel, tasks, sampler_cancel): (CancellationToken, TaskTracker, CancellationToken),
+) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, AgentError> {
+    let transport = auth::transport(config.listen, &config.auth).map_err(AgentError::Auth)?;
+    if let Some(warning) = &transport.warning {
+        tracing::warn!("{warning}");
+    }
+    let gate = auth::Gate::load(&config.auth).map_err(AgentError::Auth)?;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout));
+    if let Some(tls) = auth::server_tls(&config.auth).map_err(AgentError::Auth)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder.layer(auth::AuthLayer::new(gate)).add_service(
+        proto::agent_server::AgentServer::new(service)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+    );
+    Ok(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(keepalive.0))
-            .http2_keepalive_timeout(Some(keepalive.1))
-            .add_service(
-                proto::agent_server::AgentServer::new(service)
-                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-            )
+        let result = router
             .serve_with_incoming_shutdown(incoming, async move {
-                server_cancel.cancelled().await;
+                cancel.cancelled().await;
                 // Services first, so their last events are still served.
-                server_tasks.close();
-                server_tasks.wait().await;
+                tasks.close();
+                tasks.wait().await;
             })
             .await;
         sampler_cancel.cancel();
         result
-    });
-    tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
-    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
+    }))
 }

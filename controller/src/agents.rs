@@ -14,6 +14,8 @@ use crate::run::Exit;
 pub struct AgentsOptions {
     pub inventory: Option<PathBuf>,
     pub agents: Vec<String>,
+    /// How to reach them (`--ca`, `--cert`, `--key`, `--token-file`).
+    pub access: inventory::Access,
     pub json: bool,
 }
 
@@ -83,7 +85,7 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
         error: None,
         agent: None,
     };
-    let agent = match Agent::connect_named(&entry.name, &entry.address).await {
+    let agent = match Agent::connect_with(&entry, crate::client::Keepalive::default()).await {
         Ok(a) => a,
         Err(e) => {
             host.error = Some(e.to_string());
@@ -210,7 +212,7 @@ pub fn render(hosts: &[HostReport]) -> String {
 
 /// Prints every host; exit 0 when all are reachable, 2 when one is not.
 pub async fn agents(opts: AgentsOptions) -> Exit {
-    let entries = match inventory::load(opts.inventory.as_deref(), &opts.agents) {
+    let entries = match inventory::load(opts.inventory.as_deref(), &opts.agents, &opts.access) {
         Ok(e) if !e.is_empty() => e,
         Ok(_) => {
             eprintln!("error: no agents given: pass --agent HOST:PORT (repeatable) or --inventory FILE");

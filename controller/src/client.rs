@@ -10,8 +10,10 @@ use proto::agent_client::AgentClient;
 use proto::{event, watch_message};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::inventory::Entry;
 use crate::report::{self, CaseReport, Outcome};
 use crate::run::events::{Events, RunEvent};
 use crate::suite::{Case, Check};
@@ -122,13 +124,78 @@ async fn bounded<T>(
     }
 }
 
+/// What every connection presents and trusts (docs/security.md): the lab CA
+/// (TLS; the agent's certificate must chain to it and name the agent), this
+/// controller's certificate and key (mTLS), a bearer token (token mode).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    pub ca_pem: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Security {{ tls: {}, mtls: {}, token: {} }}",
+            self.ca_pem.is_some(),
+            self.identity.is_some(),
+            self.token.is_some()
+        )
+    }
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Rpc = AgentClient<InterceptedService<Channel, Bearer>>;
+
+/// The entry's endpoint: `https` with the lab CA (the agent's certificate
+/// must name `tls_name`) and our certificate when there is one.
+fn endpoint(entry: &Entry) -> Result<Endpoint, ClientError> {
+    let (addr, security) = (entry.address.as_str(), &entry.security);
+    let scheme = if security.ca_pem.is_some() { "https" } else { "http" };
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress { addr: addr.to_owned() })?;
+    let Some(ca) = &security.ca_pem else { return Ok(endpoint) };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(&entry.tls_name);
+    if let Some((cert, key)) = &security.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    endpoint.tls_config(tls).map_err(|e| unreachable(entry, error_chain(&e)))
+}
+
+/// An agent not reached; over TLS, where the agent's refusal of our
+/// certificate reads only as a broken connection, says what to check.
+fn unreachable(entry: &Entry, reason: String) -> ClientError {
+    let ours = entry.security.ca_pem.is_some() && !reason.contains("invalid peer certificate");
+    let hint = if ours {
+        "; over TLS this usually means the agent refused our certificate: check it was issued by the lab CA the \
+         agent trusts, has not expired, and is given with --cert/--key (docs/security.md)"
+    } else {
+        ""
+    };
+    ClientError::Unreachable { addr: entry.address.clone(), reason: format!("{reason}{hint}") }
+}
+
 /// One connected agent.
 #[derive(Clone, Debug)]
 pub struct Agent {
     /// The inventory's name for it (its address when given by `--agent`).
     pub name: String,
     pub addr: String,
-    inner: AgentClient<Channel>,
+    inner: Rpc,
     pub info: AgentInfo,
     /// Agent clock minus ours, measured at connect (half the round trip
     /// assumed each way): subtract it from agent times to get ours.
@@ -278,34 +345,37 @@ impl Lease {
 }
 
 impl Agent {
+    /// An agent by address, in plaintext (loopback, or an insecure lab).
     pub async fn connect(addr: &str) -> Result<Agent, ClientError> {
-        Agent::connect_named(addr, addr).await
+        Agent::connect_with(&Entry::plain(addr), Keepalive::default()).await
     }
 
-    pub async fn connect_named(name: &str, addr: &str) -> Result<Agent, ClientError> {
-        Agent::connect_with(name, addr, Keepalive::default()).await
-    }
-
-    pub async fn connect_with(name: &str, addr: &str, keepalive: Keepalive) -> Result<Agent, ClientError> {
-        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-        let endpoint = Endpoint::from_shared(uri).map_err(|_| ClientError::BadAddress { addr: addr.to_owned() })?;
-        let channel = endpoint
+    /// An inventory entry, as its security says: TLS when there is a CA
+    /// (the agent's certificate must name `tls_name`), a client certificate,
+    /// a bearer token.
+    pub async fn connect_with(entry: &Entry, keepalive: Keepalive) -> Result<Agent, ClientError> {
+        let (name, addr, security) = (&entry.name, entry.address.as_str(), &entry.security);
+        let channel = endpoint(entry)?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(keepalive.interval)
             .keep_alive_timeout(keepalive.timeout)
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| ClientError::Unreachable { addr: addr.to_owned(), reason: error_chain(&e) })?;
-        let mut inner = AgentClient::new(channel)
+            .map_err(|e| unreachable(entry, error_chain(&e)))?;
+        let token = match &security.token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| ClientError::Unreachable {
+                addr: addr.to_owned(),
+                reason: "the token holds characters a header cannot carry".into(),
+            })?),
+            None => None,
+        };
+        let mut inner = AgentClient::with_interceptor(channel, Bearer(token))
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
         let asked = now_unix_ms();
         let info = bounded(addr, "GetInfo", async {
-            inner
-                .get_info(proto::GetInfoRequest {})
-                .await
-                .map_err(|s| ClientError::Unreachable { addr: addr.to_owned(), reason: s.message().to_owned() })
+            inner.get_info(proto::GetInfoRequest {}).await.map_err(|s| unreachable(entry, s.message().to_owned()))
         })
         .await?
         .into_inner();
@@ -318,7 +388,7 @@ impl Agent {
                 ours: proto::PROTOCOL_VERSION,
             });
         }
-        Ok(Agent { name: name.to_owned(), addr: addr.to_owned(), inner, info: info.into(), clock_offset_ms })
+        Ok(Agent { name: name.clone(), addr: addr.to_owned(), inner, info: info.into(), clock_offset_ms })
     }
 
     /// Asks again for the handshake: memory figures change as models load.

@@ -4,6 +4,7 @@
 //! through `proto` (see `client`).
 
 pub mod agents;
+pub mod certs;
 pub mod client;
 pub mod inventory;
 pub mod otel;

@@ -2,7 +2,9 @@
 //! config supervising `proctor sim` (an NLLB-like and a gated Aya-like model,
 //! the token supplied from a secret file), starts an agent from it on
 //! 127.0.0.1, and runs the example suites through the controller over gRPC,
-//! exactly as against a remote agent.
+//! exactly as against a remote agent — over mutual TLS, with a lab CA and
+//! certificates it makes in `<out>/certs` (kept and reused on later runs), so
+//! the secure path is the everyday path.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,13 @@ listen = "127.0.0.1:0"
 data_dir = "agent-data"
 telemetry_interval = "1s"
 
+# Controllers must present a certificate signed by the lab CA (docs/security.md).
+[auth]
+mode = "mtls"
+ca = "certs/ca.pem"
+cert = "certs/agent-localhost.pem"
+key = "certs/agent-localhost.key"
+
 [[service]]
 name = "translation"
 command = [{command}]
@@ -60,7 +69,6 @@ stop_grace = "5s"
 [service.readiness]
 protocol = "health-json"
 path = "/health"
-poll_ceiling = "250ms"
 
 [[service.model]]
 name = "nllb"
@@ -94,6 +102,32 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// The lab CA and the two certificates the demo uses, made once in
+/// `<out>/certs` and reused: the agent's (named `localhost` and 127.0.0.1)
+/// and the controller's (`demo`).
+fn certificates(out: &Path) -> Result<controller::inventory::Access, String> {
+    use controller::certs::{self, Kind, Validity};
+    let dir = out.join("certs");
+    let agent = certs::issued(&dir, Kind::Agent, "localhost");
+    let controller_pair = certs::issued(&dir, Kind::Controller, "demo");
+    let ca = certs::pair(&dir, "ca");
+    let all = [&ca.cert, &ca.key, &agent.cert, &agent.key, &controller_pair.cert, &controller_pair.key];
+    if !all.iter().all(|p| p.exists()) {
+        // A partial set (an interrupted first run) is made again whole.
+        let _ = std::fs::remove_dir_all(&dir);
+        let made = certs::init(&dir, Validity::days(825))
+            .and_then(|_| certs::issue(&dir, Kind::Agent, "localhost", &["127.0.0.1".into()], Validity::days(825)))
+            .and_then(|_| certs::issue(&dir, Kind::Controller, "demo", &[], Validity::days(825)));
+        made.map_err(|e| format!("cannot make the demo's certificates: {e}"))?;
+    }
+    Ok(controller::inventory::Access {
+        ca: Some(ca.cert),
+        cert: Some(controller_pair.cert),
+        key: Some(controller_pair.key),
+        token_file: None,
+    })
+}
+
 /// Writes the demo's files; returns (agent config, suite files).
 fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     let suites_dir = out.join("suites");
@@ -117,7 +151,8 @@ pub async fn run(
     otel: controller::otel::OtelConfig,
     cancel: controller::Interrupt,
 ) -> ExitCode {
-    let (config_path, suites) = match prepare(out) {
+    let prepared = prepare(out).and_then(|(config, suites)| Ok((config, suites, certificates(out)?)));
+    let (config_path, suites, access) = match prepared {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e}");
@@ -139,8 +174,12 @@ pub async fn run(
             return ExitCode::from(2);
         }
     };
-    let _ =
-        writeln!(std::io::stdout(), "proctor demo: agent from {} listening on {}", config_path.display(), agent.addr);
+    let _ = writeln!(
+        std::io::stdout(),
+        "proctor demo: agent from {} listening on {} (mutual TLS)",
+        config_path.display(),
+        agent.addr
+    );
     let _ = writeln!(
         std::io::stdout(),
         "running {} suites against service `translation` (models nllb, aya)\n",
@@ -149,6 +188,7 @@ pub async fn run(
     let opts = controller::RunOptions {
         progress,
         otel,
+        access,
         ..controller::RunOptions::new(vec![agent.addr.to_string()], suites, out.to_owned())
     };
     let result = controller::run(opts, cancel).await;
@@ -157,6 +197,11 @@ pub async fn run(
     }
     let _ = writeln!(std::io::stdout(), "\nFiles:");
     let _ = writeln!(std::io::stdout(), "  agent config   {}", config_path.display());
+    let _ = writeln!(
+        std::io::stdout(),
+        "  certificates   {} (mTLS: lab CA, agent, controller)",
+        out.join("certs").display()
+    );
     let _ = writeln!(std::io::stdout(), "  suites         {}", out.join("suites").display());
     if let Some(j) = &result.junit {
         let _ = writeln!(std::io::stdout(), "  JUnit report   {}", j.display());

@@ -32,13 +32,16 @@ enum Command {
     /// and the example suites against it.
     Demo(DemoArgs),
     /// Run suites against one or more agents.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what each agent of the inventory offers now: memory, services, models, stages, leases.
     Agents(AgentsArgs),
     /// Run the agent daemon on this host.
     Agent(AgentArgs),
     /// Run the reference model service (translation API contract) with simulated models and faults.
     Sim(SimArgs),
+    /// Make a lab CA and the certificates agents and controllers present to each other (mTLS; docs/security.md).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Internal: a sim worker process that holds memory (started by `sim --worker-mb`).
     #[command(hide = true)]
     SimWorker {
@@ -47,6 +50,67 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Create the lab CA: ca.pem (give it to every agent and controller) and ca.key (keep it safe).
+    Init {
+        #[command(flatten)]
+        at: CertsAt,
+    },
+    /// Issue a certificate signed by the lab CA: `agent NAME --san HOST…`, `controller NAME` or `observer NAME`.
+    Issue {
+        /// agent (server certificate naming NAME and every --san), controller (may drive agents) or
+        /// observer (may only look: GetInfo, Watch).
+        #[arg(value_parser = ["agent", "controller", "observer"])]
+        kind: String,
+        /// Who it is: the agent's inventory name, or the controller's or observer's name (shown in agent logs).
+        name: String,
+        /// Another name or IP address the agent is reached by (agents only; repeatable).
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+        #[command(flatten)]
+        at: CertsAt,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CertsAt {
+    /// Folder of the CA and the certificates it issues.
+    #[arg(long, value_name = "DIR", default_value = "proctor-certs")]
+    dir: PathBuf,
+    /// How long the certificate is valid.
+    #[arg(long, value_name = "DAYS", default_value_t = 825)]
+    days: u32,
+}
+
+/// How the controller reaches agents (docs/security.md); each beats the inventory's `[access]`.
+#[derive(Args, Debug)]
+struct AccessArgs {
+    /// The lab CA certificate: agents are reached over TLS and must present a certificate it signed, naming them.
+    #[arg(long, value_name = "FILE", env = "PROCTOR_CA")]
+    ca: Option<PathBuf>,
+    /// This controller's certificate (mTLS), from `proctor certs issue controller NAME`.
+    #[arg(long, value_name = "FILE", env = "PROCTOR_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long, value_name = "FILE", env = "PROCTOR_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// A file holding the bearer token (agents in token mode).
+    #[arg(long, value_name = "FILE", env = "PROCTOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AccessArgs {
+    fn access(&self) -> controller::inventory::Access {
+        controller::inventory::Access {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +176,8 @@ struct AgentsArgs {
     /// Output format.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     output: String,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +203,8 @@ struct RunArgs {
     reconnect_grace: Duration,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Suite files (YAML).
     #[arg(value_name = "SUITE", required = true)]
     suites: Vec<PathBuf>,
@@ -302,6 +370,7 @@ async fn async_main(command: Command) -> ExitCode {
             let opts = controller::RunOptions {
                 inventory: args.inventory,
                 agents: args.agents,
+                access: args.access.access(),
                 suites: args.suites,
                 out_dir: args.out,
                 progress: args.progress.mode(),
@@ -325,6 +394,7 @@ async fn async_main(command: Command) -> ExitCode {
             let opts = controller::agents::AgentsOptions {
                 inventory: args.inventory,
                 agents: args.agents,
+                access: args.access.access(),
                 json: args.output == "json",
             };
             ExitCode::from(controller::agents::agents(opts).await as u8)
@@ -363,6 +433,39 @@ async fn async_main(command: Command) -> ExitCode {
             }
         }
         Command::SimWorker { .. } => ExitCode::SUCCESS,
+        Command::Certs(command) => certs(command),
+    }
+}
+
+fn certs(command: CertsCommand) -> ExitCode {
+    use controller::certs::{self, Kind, Validity};
+    let done = match &command {
+        CertsCommand::Init { at } => certs::init(&at.dir, Validity::days(at.days)),
+        CertsCommand::Issue { kind, name, sans, at } => {
+            let kind = match kind.as_str() {
+                "agent" => Kind::Agent,
+                "controller" => Kind::Controller,
+                _ => Kind::Observer,
+            };
+            if kind != Kind::Agent && !sans.is_empty() {
+                eprintln!(
+                    "error: --san names the hosts an agent is reached by; a {} certificate has none",
+                    kind.as_str()
+                );
+                return ExitCode::from(64);
+            }
+            certs::issue(&at.dir, kind, name, sans, Validity::days(at.days))
+        }
+    };
+    match done {
+        Ok(pair) => {
+            println!("wrote {} and {} (the key is readable by you only)", pair.cert.display(), pair.key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(64)
+        }
     }
 }
 
@@ -381,6 +484,10 @@ async fn run_agent(config: &std::path::Path) -> ExitCode {
     };
     let running = match agent::start(config).await {
         Ok(r) => r,
+        Err(e @ agent::AgentError::Auth(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);

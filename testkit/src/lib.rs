@@ -168,8 +168,12 @@ impl Service {
             command.push(q(m));
         }
         command.extend(self.sim_flags.iter().map(|f| q(f)));
+        // Multi-host tests listen on namespace addresses: plaintext there is
+        // their explicit choice (the partitions are the point, not TLS).
+        let loopback = self.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+        let insecure = if loopback || self.agent_top.contains("auth") { "" } else { "auth = { insecure = true }\n" };
         let mut text = format!(
-            "listen = {}\ndata_dir = {}\n{}\n[[service]]\nname = {}\ncommand = [{}]\nstop_grace = {}\n",
+            "listen = {}\ndata_dir = {}\n{insecure}{}\n[[service]]\nname = {}\ncommand = [{}]\nstop_grace = {}\n",
             q(&self.listen),
             q(&dir.join("data").display().to_string()),
             self.agent_top,

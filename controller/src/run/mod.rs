@@ -177,7 +177,7 @@ fn prepare(opts: &RunOptions) -> Result<(Vec<Suite>, Vec<Entry>), Vec<String>> {
                 .into(),
         );
     }
-    let entries = inventory::load(opts.inventory.as_deref(), &opts.agents).unwrap_or_else(|e| {
+    let entries = inventory::load(opts.inventory.as_deref(), &opts.agents, &opts.access).unwrap_or_else(|e| {
         errors.push(e.to_string());
         Vec::new()
     });
@@ -309,8 +309,8 @@ async fn join_suites(mut tasks: JoinSet<()>, mut cases_of: BTreeMap<Id, (usize, 
 async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, stop: &CancellationToken) -> Vec<Slot> {
     let mut connecting = JoinSet::new();
     for (i, entry) in entries.iter().enumerate() {
-        let (name, addr, keepalive) = (entry.name.clone(), entry.address.clone(), opts.keepalive);
-        connecting.spawn(async move { (i, Agent::connect_with(&name, &addr, keepalive).await) });
+        let (entry, keepalive) = (entry.clone(), opts.keepalive);
+        connecting.spawn(async move { (i, Agent::connect_with(&entry, keepalive).await) });
     }
     let mut slots: Vec<Slot> =
         entries.into_iter().map(|entry| Slot { entry, agent: None, view: None, unreachable: None }).collect();

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub inventory: Option<PathBuf>,
     /// `--agent HOST:PORT` addresses, added to the inventory.
     pub agents: Vec<String>,
+    /// How to reach them (`--ca`, `--cert`, `--key`, `--token-file`).
+    pub access: crate::inventory::Access,
     pub suites: Vec<PathBuf>,
     pub out_dir: PathBuf,
     pub progress: Mode,
@@ -85,6 +87,7 @@ impl RunOptions {
         RunOptions {
             inventory: None,
             agents,
+            access: crate::inventory::Access::default(),
             suites,
             out_dir,
             progress: Mode::Quiet,

@@ -679,7 +679,8 @@ async fn the_agents_own_probes_never_count_as_progress() {
     // and an access-log line): the CPU the agent's own probes cost the
     // service must not keep the hang from being called a stall.
     let service = Service::sim(&["nllb:mb=8,download=100ms,hang=loading,progress=off"])
-        .flag("--costly-health").flag("60ms")
+        .flag("--costly-health")
+        .flag("60ms")
         .model_lines(r#"stall = { default = "3s" }"#);
     let agent = Agent::spawn(BIN, &service).await;
     let mut client = ensure(&agent, &["nllb"]).await;

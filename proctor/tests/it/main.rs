@@ -8,6 +8,7 @@ mod loading;
 mod promises;
 mod resilience;
 mod run;
+mod security;
 mod supervision;
 mod tracing;
 

@@ -114,7 +114,12 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     assert!(agent.addr.starts_with(&host.ip), "{}", agent.addr);
 
     let keepalive = Keepalive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2) };
-    let remote = controller::client::Agent::connect_with("host", &agent.addr, keepalive).await.unwrap();
+    let remote = controller::client::Agent::connect_with(
+        &controller::inventory::Entry { name: "host".into(), ..controller::inventory::Entry::plain(&agent.addr) },
+        keepalive,
+    )
+    .await
+    .unwrap();
     let (tx, mut view) = tokio::sync::watch::channel(controller::client::AgentView::default());
     let (updates, _updates_rx) = controller::run::events::Events::channel();
     let stop = CancellationToken::new();
