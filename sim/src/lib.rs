@@ -74,7 +74,8 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
             std::process::exit(0);
         });
     }
-    let state = api::AppState { models: Arc::new(models), slow: config.slow_requests, costly_health: config.costly_health };
+    let state =
+        api::AppState { models: Arc::new(models), slow: config.slow_requests, costly_health: config.costly_health };
     if !config.lazy {
         for m in state.models.values() {
             model::start_loading(m);
