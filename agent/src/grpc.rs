@@ -48,6 +48,7 @@ fn lease_status(e: LeaseError) -> Status {
         LeaseError::Busy { .. } => Status::failed_precondition(e.to_string()),
         LeaseError::Stale { .. } => Status::permission_denied(e.to_string()),
         LeaseError::UnknownService(_) => Status::not_found(e.to_string()),
+        LeaseError::NotYours { .. } => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -59,15 +60,25 @@ fn supervisor_status(e: SupervisorError) -> Status {
     }
 }
 
-fn claim(lease: Option<proto::LeaseRef>) -> Result<LeaseClaim, Status> {
+/// Who calls, as the auth layer established (without it, in unit tests:
+/// the one open-mode identity).
+fn caller<T>(request: &Request<T>) -> String {
+    request.extensions().get::<crate::auth::Caller>().map_or_else(|| "anyone".to_owned(), |c| c.name.clone())
+}
+
+fn claim(lease: Option<proto::LeaseRef>, caller: String) -> Result<LeaseClaim, Status> {
     let l = lease.ok_or_else(|| Status::invalid_argument("missing lease: acquire one with AcquireLease first"))?;
-    Ok(LeaseClaim { service: l.service, run_id: l.run_id, lease_id: l.lease_id, epoch: l.epoch })
+    Ok(LeaseClaim { service: l.service, run_id: l.run_id, lease_id: l.lease_id, epoch: l.epoch, caller })
 }
 
 impl Service {
     /// Checks the lease and returns the service's supervisor and the epoch.
-    async fn leased(&self, lease: Option<proto::LeaseRef>) -> Result<(Supervisor, u64, LeaseClaim), Status> {
-        let claim = claim(lease)?;
+    async fn leased(
+        &self,
+        lease: Option<proto::LeaseRef>,
+        caller: String,
+    ) -> Result<(Supervisor, u64, LeaseClaim), Status> {
+        let claim = claim(lease, caller)?;
         let supervisor = self
             .supervisors
             .get(&claim.service)
@@ -103,6 +114,7 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::AcquireLeaseRequest>,
     ) -> Result<Response<proto::Lease>, Status> {
+        let owner = caller(&request);
         let r = request.into_inner();
         if r.run_id.is_empty() {
             return Err(Status::invalid_argument("run_id is empty"));
@@ -111,13 +123,18 @@ impl AgentApi for Service {
             0 => DEFAULT_LEASE_TTL,
             ms => Duration::from_millis(ms).min(MAX_LEASE_TTL),
         };
-        let grant =
-            self.journal.acquire(r.service, r.run_id, r.holder, ttl).await.map_err(closed)?.map_err(lease_status)?;
+        let grant = self
+            .journal
+            .acquire(r.service, (r.run_id, r.holder, owner), ttl)
+            .await
+            .map_err(closed)?
+            .map_err(lease_status)?;
         Ok(Response::new(grant_to_proto(&grant)))
     }
 
     async fn renew_lease(&self, request: Request<proto::LeaseRef>) -> Result<Response<proto::Lease>, Status> {
-        let claim = claim(Some(request.into_inner()))?;
+        let who = caller(&request);
+        let claim = claim(Some(request.into_inner()), who)?;
         // Renewal extends by the TTL granted at AcquireLease, not a default.
         let grant = self.journal.renew(claim).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(grant_to_proto(&grant)))
@@ -127,7 +144,8 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::LeaseRef>,
     ) -> Result<Response<proto::ReleaseLeaseResponse>, Status> {
-        let claim = claim(Some(request.into_inner()))?;
+        let who = caller(&request);
+        let claim = claim(Some(request.into_inner()), who)?;
         self.journal.release(claim).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(proto::ReleaseLeaseResponse {}))
     }
@@ -138,8 +156,9 @@ impl AgentApi for Service {
     ) -> Result<Response<proto::EnsureModelsResponse>, Status> {
         // The caller's trace context (W3C), passed on to warm-up and load requests.
         let traceparent = request.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let who = caller(&request);
         let r = request.into_inner();
-        let (supervisor, _, _) = self.leased(r.lease).await?;
+        let (supervisor, _, _) = self.leased(r.lease, who).await?;
         if r.models.is_empty() {
             return Err(Status::invalid_argument("no models named: list the models this run needs"));
         }
@@ -165,7 +184,8 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::StopServiceRequest>,
     ) -> Result<Response<proto::StopServiceResponse>, Status> {
-        let (supervisor, _, _) = self.leased(request.into_inner().lease).await?;
+        let who = caller(&request);
+        let (supervisor, _, _) = self.leased(request.into_inner().lease, who).await?;
         let exit = supervisor.stop().await.map_err(supervisor_status)?;
         Ok(Response::new(proto::StopServiceResponse { exit: Some(exit) }))
     }
@@ -174,8 +194,9 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::RunCasesRequest>,
     ) -> Result<Response<proto::RunCasesResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
-        let (supervisor, epoch, claim) = self.leased(r.lease).await?;
+        let (supervisor, epoch, claim) = self.leased(r.lease, who).await?;
         if r.cases.len() > MAX_CASES_PER_CALL {
             return Err(Status::invalid_argument(format!(
                 "{} cases in one call; send at most {MAX_CASES_PER_CALL}",
@@ -221,12 +242,19 @@ impl AgentApi for Service {
         &self,
         request: Request<proto::FetchRetainedRequest>,
     ) -> Result<Response<proto::FetchRetainedResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
-        let events = self.journal.fetch_retained(r.run_id, r.from_seq).await.map_err(closed)?;
+        // A run fetches only its own results.
+        if r.run_id.is_empty() {
+            return Err(Status::invalid_argument("fetch without a run_id: name the run whose results you want"));
+        }
+        let events =
+            self.journal.fetch_retained(r.run_id, who, r.from_seq).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(proto::FetchRetainedResponse { incarnation: self.journal.incarnation().to_owned(), events }))
     }
 
     async fn ack(&self, request: Request<proto::AckRequest>) -> Result<Response<proto::AckResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
         // An empty run_id would release every run's retained results: a run
         // acknowledges only its own.
@@ -240,7 +268,7 @@ impl AgentApi for Service {
                 self.journal.incarnation()
             )));
         }
-        let released = self.journal.ack(r.run_id, r.up_to_seq).await.map_err(closed)?;
+        let released = self.journal.ack(r.run_id, who, r.up_to_seq).await.map_err(closed)?.map_err(lease_status)?;
         Ok(Response::new(proto::AckResponse { released }))
     }
 }
@@ -299,7 +327,11 @@ mod tests {
         let refused = api.ack(Request::new(ack)).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(refused.message().contains("run_id"), "{}", refused.message());
-        assert_eq!(api.journal.fetch_retained(String::new(), 0).await.unwrap().len(), 2, "both runs' results stay");
+        assert_eq!(
+            api.journal.fetch_retained(String::new(), "anyone".into(), 0).await.unwrap().unwrap().len(),
+            2,
+            "both runs' results stay"
+        );
     }
 
     #[tokio::test]

@@ -61,6 +61,7 @@ enum Command {
         service: String,
         run_id: String,
         holder: String,
+        owner: String,
         ttl: Duration,
         reply: oneshot::Sender<Result<Grant, LeaseError>>,
     },
@@ -78,13 +79,15 @@ enum Command {
     },
     FetchRetained {
         run_id: String,
+        caller: String,
         from_seq: u64,
-        reply: oneshot::Sender<Vec<Event>>,
+        reply: oneshot::Sender<Result<Vec<Event>, LeaseError>>,
     },
     Ack {
         run_id: String,
+        caller: String,
         up_to_seq: u64,
-        reply: oneshot::Sender<u32>,
+        reply: oneshot::Sender<Result<u32, LeaseError>>,
     },
     NextSeq {
         reply: oneshot::Sender<u64>,
@@ -161,14 +164,15 @@ impl Journal {
         self.ask(|reply| Command::Snapshot { reply }).await
     }
 
+    /// `owner`: who asks (their certificate or token name); only they may
+    /// use the lease and their run's retained events.
     pub async fn acquire(
         &self,
         service: String,
-        run_id: String,
-        holder: String,
+        (run_id, holder, owner): (String, String, String),
         ttl: Duration,
     ) -> Result<Result<Grant, LeaseError>, Closed> {
-        self.ask(|reply| Command::Acquire { service, run_id, holder, ttl, reply }).await
+        self.ask(|reply| Command::Acquire { service, run_id, holder, owner, ttl, reply }).await
     }
 
     /// Extends the lease by the TTL it was granted with.
@@ -184,14 +188,21 @@ impl Journal {
         self.ask(|reply| Command::Check { claim, reply }).await
     }
 
-    pub async fn fetch_retained(&self, run_id: String, from_seq: u64) -> Result<Vec<Event>, Closed> {
-        self.ask(|reply| Command::FetchRetained { run_id, from_seq, reply }).await
+    /// Retained events from `from_seq`: case results only of `run_id`,
+    /// which must be the caller's own run.
+    pub async fn fetch_retained(
+        &self,
+        run_id: String,
+        caller: String,
+        from_seq: u64,
+    ) -> Result<Result<Vec<Event>, LeaseError>, Closed> {
+        self.ask(|reply| Command::FetchRetained { run_id, caller, from_seq, reply }).await
     }
 
     /// Releases retained events up to `up_to_seq`: case results only of
-    /// `run_id` (all runs' if empty), stage changes and exits of any run.
-    pub async fn ack(&self, run_id: String, up_to_seq: u64) -> Result<u32, Closed> {
-        self.ask(|reply| Command::Ack { run_id, up_to_seq, reply }).await
+    /// `run_id` (the caller's own run), stage changes and exits of any run.
+    pub async fn ack(&self, run_id: String, caller: String, up_to_seq: u64) -> Result<Result<u32, LeaseError>, Closed> {
+        self.ask(|reply| Command::Ack { run_id, caller, up_to_seq, reply }).await
     }
 
     /// The seq the next event will carry: past every event appended through
@@ -216,6 +227,35 @@ struct State {
     host: HostMemory,
     heartbeat_unix_ms: i64,
     leases: LeaseTable,
+    /// Who took a lease for each recent run: only they may fetch or
+    /// acknowledge its results.
+    owners: RunOwners,
+}
+
+/// Run id → the identity that leased for it, the most recent runs only.
+#[derive(Debug, Default)]
+struct RunOwners {
+    runs: VecDeque<(String, String)>,
+}
+
+/// Runs whose owner is remembered (older ones' results are long acked or
+/// dropped by the retention caps).
+const OWNED_RUNS: usize = 4096;
+
+impl RunOwners {
+    fn of(&self, run_id: &str) -> Option<&str> {
+        self.runs.iter().rev().find(|(r, _)| r == run_id).map(|(_, o)| o.as_str())
+    }
+
+    fn remember(&mut self, run_id: &str, owner: &str) {
+        if self.of(run_id).is_some() {
+            return;
+        }
+        if self.runs.len() == OWNED_RUNS {
+            self.runs.pop_front();
+        }
+        self.runs.push_back((run_id.to_owned(), owner.to_owned()));
+    }
 }
 
 async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -266,13 +306,16 @@ fn handle(state: &mut State, cmd: Command, now: Instant) {
         Command::Snapshot { reply } => {
             let _ = reply.send(state.snapshot());
         }
-        Command::Acquire { service, run_id, holder, ttl, reply } => {
+        Command::Acquire { service, run_id, holder, owner, ttl, reply } => {
             let result = if state.services.contains_key(&service) {
-                state.leases.acquire(&service, &run_id, &holder, ttl, now, now_unix_ms())
+                state
+                    .run_owned_by(&run_id, &owner)
+                    .and_then(|()| state.leases.acquire(&service, (&run_id, &holder, &owner), ttl, now, now_unix_ms()))
             } else {
                 Err(LeaseError::UnknownService(service))
             };
             if let Ok(g) = &result {
+                state.owners.remember(&g.run_id, &g.owner);
                 state.lease_changed(g, false);
             }
             let _ = reply.send(result);
@@ -295,11 +338,13 @@ fn handle(state: &mut State, cmd: Command, now: Instant) {
         Command::Check { claim, reply } => {
             let _ = reply.send(state.leases.check(&claim, now).cloned());
         }
-        Command::FetchRetained { run_id, from_seq, reply } => {
-            let _ = reply.send(state.fetch_retained(&run_id, from_seq));
+        Command::FetchRetained { run_id, caller, from_seq, reply } => {
+            let result = state.run_owned_by(&run_id, &caller).map(|()| state.fetch_retained(&run_id, from_seq));
+            let _ = reply.send(result);
         }
-        Command::Ack { run_id, up_to_seq, reply } => {
-            let _ = reply.send(state.ack(&run_id, up_to_seq));
+        Command::Ack { run_id, caller, up_to_seq, reply } => {
+            let result = state.run_owned_by(&run_id, &caller).map(|()| state.ack(&run_id, up_to_seq));
+            let _ = reply.send(result);
         }
         Command::NextSeq { reply } => {
             let _ = reply.send(state.next_seq);
@@ -374,6 +419,19 @@ impl State {
         for g in self.leases.expire(now) {
             tracing::info!(service = %g.service, run_id = %g.run_id, epoch = g.epoch, "lease expired");
             self.lease_changed(&g, true);
+        }
+    }
+
+    /// A run belongs to whoever first leased for it; a run nobody leased
+    /// for is anyone's (there is nothing of it to see).
+    fn run_owned_by(&self, run_id: &str, caller: &str) -> Result<(), LeaseError> {
+        match self.owners.of(run_id) {
+            Some(owner) if owner != caller => Err(LeaseError::NotYours {
+                service: "(any)".into(),
+                run_id: run_id.to_owned(),
+                owner: owner.to_owned(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -602,8 +660,8 @@ mod tests {
         let sub = j.subscribe(1).await.unwrap();
         assert!(matches!(&sub.backlog[0].kind, Some(watch_message::Kind::Event(Event { seq: 1, .. }))));
         assert!(matches!(&sub.backlog[1].kind, Some(watch_message::Kind::Gap(_))));
-        assert_eq!(j.ack(String::new(), 1).await.unwrap(), 1);
-        assert!(j.fetch_retained(String::new(), 0).await.unwrap().is_empty());
+        assert_eq!(j.ack(String::new(), "anyone".into(), 1).await.unwrap().unwrap(), 1);
+        assert!(j.fetch_retained(String::new(), "anyone".into(), 0).await.unwrap().unwrap().is_empty());
     }
 
     fn finished(run: &str, case: &str) -> event::Kind {
@@ -628,10 +686,14 @@ mod tests {
             progress: 0.5,
             ..Default::default()
         }));
-        assert_eq!(j.fetch_retained(String::new(), 0).await.unwrap().len(), 2, "progress is not retained");
+        assert_eq!(
+            j.fetch_retained(String::new(), "anyone".into(), 0).await.unwrap().unwrap().len(),
+            2,
+            "progress is not retained"
+        );
         let next = j.next_seq().await.unwrap();
-        assert_eq!(j.ack("run-a".into(), next - 1).await.unwrap(), 1);
-        let left = j.fetch_retained("run-b".into(), 0).await.unwrap();
+        assert_eq!(j.ack("run-a".into(), "anyone".into(), next - 1).await.unwrap().unwrap(), 1);
+        let left = j.fetch_retained("run-b".into(), "anyone".into(), 0).await.unwrap().unwrap();
         assert_eq!(left.len(), 1, "run-b can still fetch its result after run-a's ack");
         assert!(matches!(&left[0].kind, Some(event::Kind::CaseFinished(c)) if c.run_id == "run-b"));
     }
@@ -655,7 +717,8 @@ mod tests {
     async fn an_expired_lease_is_announced_as_released_to_watchers() {
         let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
         let t0 = Instant::now();
-        let g = j.acquire("svc".into(), "run-a".into(), "ci".into(), secs(10)).await.unwrap().unwrap();
+        let g =
+            j.acquire("svc".into(), ("run-a".into(), "ci".into(), "anyone".into()), secs(10)).await.unwrap().unwrap();
         let mut sub = j.subscribe(u64::MAX).await.unwrap();
         let message = tokio::time::timeout(secs(3600), sub.live.recv()).await.expect("no event within an hour");
         let Some(watch_message::Kind::Event(Event { kind: Some(event::Kind::LeaseChanged(c)), .. })) =
@@ -690,7 +753,10 @@ mod tests {
         let t0 = Instant::now();
         let mut grants = BTreeMap::new();
         for (service, ttl) in [("a", 5), ("b", 20), ("c", 10), ("d", 10)] {
-            let g = j.acquire(service.into(), format!("run-{service}"), "ci".into(), secs(ttl)).await.unwrap();
+            let g = j
+                .acquire(service.into(), (format!("run-{service}"), "ci".into(), "anyone".into()), secs(ttl))
+                .await
+                .unwrap();
             grants.insert(service, g.unwrap());
         }
         let mut sub = j.subscribe(u64::MAX).await.unwrap();
@@ -714,6 +780,7 @@ mod tests {
                         run_id: g.run_id.clone(),
                         lease_id: g.id.clone(),
                         epoch: g.epoch,
+                        caller: g.owner.clone(),
                     };
                     j.renew(claim).await.unwrap().unwrap();
                 }
@@ -736,7 +803,7 @@ mod tests {
         for i in 0..total {
             j.append(finished("dead-run", &i.to_string()));
         }
-        let kept = j.fetch_retained(String::new(), 0).await.unwrap();
+        let kept = j.fetch_retained(String::new(), "anyone".into(), 0).await.unwrap().unwrap();
         assert_eq!(kept.len(), RETAINED_MAX_EVENTS, "the oldest beyond the cap are dropped");
         assert_eq!(kept[0].seq, 11, "oldest first");
         let sub = j.subscribe(1).await.unwrap();
@@ -769,7 +836,11 @@ mod tests {
     #[tokio::test]
     async fn watchers_never_see_a_lease_id() {
         let j = Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]);
-        let grant = j.acquire("svc".into(), "run".into(), "ci".into(), Duration::from_secs(60)).await.unwrap().unwrap();
+        let grant = j
+            .acquire("svc".into(), ("run".into(), "ci".into(), "anyone".into()), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!grant.id.is_empty(), "the holder gets its id");
         let snapshot = j.snapshot().await.unwrap();
         assert_eq!(snapshot.leases.len(), 1);

@@ -15,6 +15,9 @@ pub struct Grant {
     pub service: String,
     pub run_id: String,
     pub holder: String,
+    /// Who took it (the caller's certificate or token name): only they may
+    /// use it. Never sent to watchers, like the id.
+    pub owner: String,
     pub granted_unix_ms: i64,
     pub expires_unix_ms: i64,
     expires: Instant,
@@ -40,6 +43,8 @@ pub enum LeaseError {
     Stale { service: String, lease_id: String, epoch: u64, current: String },
     #[error("unknown service {0:?}")]
     UnknownService(String),
+    #[error("the lease on service {service} (run {run_id}) was taken by {owner}; only that identity may use it")]
+    NotYours { service: String, run_id: String, owner: String },
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +60,8 @@ pub struct LeaseClaim {
     pub run_id: String,
     pub lease_id: String,
     pub epoch: u64,
+    /// Who presents it.
+    pub caller: String,
 }
 
 impl LeaseTable {
@@ -66,13 +73,15 @@ impl LeaseTable {
     pub fn acquire(
         &mut self,
         service: &str,
-        run_id: &str,
-        holder: &str,
+        (run_id, holder, owner): (&str, &str, &str),
         ttl: Duration,
         now: Instant,
         now_ms: i64,
     ) -> Result<Grant, LeaseError> {
         if let Some(g) = self.live(service, now) {
+            if g.run_id == run_id && g.owner != owner {
+                return Err(not_yours(g));
+            }
             if g.run_id != run_id {
                 return Err(LeaseError::Busy {
                     service: service.to_owned(),
@@ -93,6 +102,7 @@ impl LeaseTable {
             service: service.to_owned(),
             run_id: run_id.to_owned(),
             holder: holder.to_owned(),
+            owner: owner.to_owned(),
             granted_unix_ms: now_ms,
             expires_unix_ms: now_ms + ttl.as_millis() as i64,
             expires: now + ttl,
@@ -105,6 +115,7 @@ impl LeaseTable {
     /// Checks a claim; on success returns the current grant.
     pub fn check(&self, claim: &LeaseClaim, now: Instant) -> Result<&Grant, LeaseError> {
         match self.live(&claim.service, now) {
+            Some(g) if g.id == claim.lease_id && g.epoch == claim.epoch && g.owner != claim.caller => Err(not_yours(g)),
             Some(g) if g.id == claim.lease_id && g.epoch == claim.epoch => Ok(g),
             current => Err(LeaseError::Stale {
                 service: claim.service.clone(),
@@ -147,12 +158,22 @@ impl LeaseTable {
     }
 }
 
+fn not_yours(g: &Grant) -> LeaseError {
+    LeaseError::NotYours { service: g.service.clone(), run_id: g.run_id.clone(), owner: g.owner.clone() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn claim(g: &Grant) -> LeaseClaim {
-        LeaseClaim { service: g.service.clone(), run_id: g.run_id.clone(), lease_id: g.id.clone(), epoch: g.epoch }
+        LeaseClaim {
+            service: g.service.clone(),
+            run_id: g.run_id.clone(),
+            lease_id: g.id.clone(),
+            epoch: g.epoch,
+            caller: g.owner.clone(),
+        }
     }
 
     #[test]
@@ -160,12 +181,12 @@ mod tests {
         let mut t = LeaseTable::default();
         let now = Instant::now();
         let ttl = Duration::from_secs(10);
-        let a = t.acquire("svc", "run-a", "ci@host1", ttl, now, 0).unwrap();
+        let a = t.acquire("svc", ("run-a", "ci@host1", "ci"), ttl, now, 0).unwrap();
         assert_eq!(a.epoch, 1);
-        let err = t.acquire("svc", "run-b", "me@host2", ttl, now, 0).unwrap_err();
+        let err = t.acquire("svc", ("run-b", "me@host2", "ci"), ttl, now, 0).unwrap_err();
         assert_eq!(err.to_string(), "busy: service svc is held by run run-a (ci@host1) since 1970-01-01T00:00:00Z");
         // The same run asking again renews, keeping id and epoch.
-        assert_eq!(t.acquire("svc", "run-a", "ci@host1", ttl, now, 0).unwrap().id, a.id);
+        assert_eq!(t.acquire("svc", ("run-a", "ci@host1", "ci"), ttl, now, 0).unwrap().id, a.id);
     }
 
     fn secs(s: u64) -> Duration {
@@ -185,9 +206,9 @@ mod tests {
         for (granted, reacquired, expected) in cases {
             let mut t = LeaseTable::default();
             let t0 = Instant::now();
-            let g = t.acquire("svc", "run", "x", granted, t0, 0).unwrap();
+            let g = t.acquire("svc", ("run", "x", "ci"), granted, t0, 0).unwrap();
             if let Some(ttl) = reacquired {
-                let again = t.acquire("svc", "run", "x", ttl, t0 + secs(1), 1_000).unwrap();
+                let again = t.acquire("svc", ("run", "x", "ci"), ttl, t0 + secs(1), 1_000).unwrap();
                 assert_eq!(again.expires, t0 + secs(1) + ttl, "acquiring again extends by the ttl it asks");
             }
             let renewed = t.renew(&claim(&g), t0 + secs(5), 5_000).unwrap();
@@ -202,15 +223,15 @@ mod tests {
         let mut t = LeaseTable::default();
         let now = Instant::now();
         let ttl = Duration::from_secs(10);
-        let a = t.acquire("svc", "run-a", "x", ttl, now, 0).unwrap();
+        let a = t.acquire("svc", ("run-a", "x", "ci"), ttl, now, 0).unwrap();
         let later = now + Duration::from_secs(11);
-        let b = t.acquire("svc", "run-b", "y", ttl, later, 0).unwrap();
+        let b = t.acquire("svc", ("run-b", "y", "ci"), ttl, later, 0).unwrap();
         assert_eq!(b.epoch, 2);
         let err = t.check(&claim(&a), later).unwrap_err();
         assert!(err.to_string().contains("run run-b holds epoch 2"), "{err}");
         t.release(&claim(&b), later).unwrap();
         assert!(t.check(&claim(&b), later).is_err());
-        assert_eq!(t.acquire("svc", "run-c", "z", ttl, later, 0).unwrap().epoch, 3);
+        assert_eq!(t.acquire("svc", ("run-c", "z", "ci"), ttl, later, 0).unwrap().epoch, 3);
     }
 
     #[test]
@@ -218,7 +239,7 @@ mod tests {
         let mut t = LeaseTable::default();
         let t0 = Instant::now();
         for (service, ttl) in [("a", 5), ("b", 20), ("c", 10)] {
-            t.acquire(service, &format!("run-{service}"), "x", secs(ttl), t0, 0).unwrap();
+            t.acquire(service, (&format!("run-{service}"), "x", "ci"), secs(ttl), t0, 0).unwrap();
         }
         // (seconds after the grants, leases expired by then, next expiry after that)
         let cases: [(u64, &[&str], Option<u64>); 5] =
@@ -229,5 +250,37 @@ mod tests {
             assert_eq!(t.next_expiry(), next.map(|n| t0 + secs(n)), "next expiry after {at} s");
             assert_eq!(t.live_grants(t0 + secs(at)).len(), t.held.len(), "nothing expired is left held");
         }
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_serves_only_the_identity_that_took_it() {
+        let mut t = LeaseTable::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let g = t.acquire("svc", ("run-a", "ci@host1", "ci-1"), ttl, now, 0).unwrap();
+        let theirs = LeaseClaim {
+            service: g.service.clone(),
+            run_id: g.run_id.clone(),
+            lease_id: g.id.clone(),
+            epoch: g.epoch,
+            caller: "ci-2".into(),
+        };
+        let refused = t.check(&theirs, now).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "the lease on service svc (run run-a) was taken by ci-1; only that identity may use it"
+        );
+        assert!(matches!(t.renew(&theirs, now, 0), Err(LeaseError::NotYours { .. })));
+        assert!(matches!(t.release(&theirs, now), Err(LeaseError::NotYours { .. })));
+        // Knowing the run id is not enough to take it over either.
+        let again = t.acquire("svc", ("run-a", "ci@host2", "ci-2"), ttl, now, 0);
+        assert!(matches!(again, Err(LeaseError::NotYours { .. })), "{again:?}");
+        let mine = LeaseClaim { caller: "ci-1".into(), ..theirs };
+        assert!(t.release(&mine, now).is_ok(), "the owner still can");
     }
 }

@@ -223,3 +223,38 @@ async fn an_agent_will_not_listen_open_off_loopback() {
     .await;
     assert_eq!(warned, Ok(true), "the insecure agent says so");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_and_its_runs_results_serve_only_who_took_it() {
+    let scratch = Scratch::new("owners");
+    let dir = scratch.path.join("certs");
+    lab(&dir);
+    certs::issue(&dir, Kind::Controller, "other-team", &[], Validity::days(30)).unwrap();
+    let agent = Agent::spawn(BIN, &mtls_agent(&dir)).await;
+    let mut ours = raw(&agent, &dir, "controller-ci").await;
+    let mut theirs = raw(&agent, &dir, "controller-other-team").await;
+    let l = ours.acquire_lease(lease_request()).await.unwrap().into_inner();
+    let lease = proto::LeaseRef { service: l.service, run_id: l.run_id, lease_id: l.id, epoch: l.epoch };
+    // Another controller that learnt the lease (a log, a shared CI cache) cannot use it.
+    let ensure =
+        proto::EnsureModelsRequest { lease: Some(lease.clone()), models: vec!["nllb".into()], ..Default::default() };
+    let refused = theirs.ensure_models(ensure.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("taken by ci; only that identity may use it"), "{refused:?}");
+    assert_eq!(theirs.release_lease(lease.clone()).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let take_over = theirs.acquire_lease(lease_request()).await.unwrap_err();
+    assert_eq!(take_over.code(), tonic::Code::PermissionDenied, "the same run id is not a way in: {take_over:?}");
+    // Nor fetch or acknowledge that run's results.
+    let fetch = proto::FetchRetainedRequest { run_id: "r1".into(), from_seq: 0 };
+    assert_eq!(theirs.fetch_retained(fetch.clone()).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let info = ours.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    let ack = proto::AckRequest { run_id: "r1".into(), up_to_seq: 1, incarnation: info.incarnation };
+    assert_eq!(theirs.ack(ack.clone()).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let anyone = proto::FetchRetainedRequest { run_id: String::new(), from_seq: 0 };
+    assert_eq!(theirs.fetch_retained(anyone).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // The owner can do all of it.
+    ours.ensure_models(ensure).await.expect("the owner ensures");
+    ours.fetch_retained(fetch).await.expect("the owner fetches");
+    ours.ack(ack).await.expect("the owner acknowledges");
+    ours.release_lease(lease).await.expect("the owner releases");
+}
