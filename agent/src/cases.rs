@@ -101,7 +101,7 @@ fn judge_matches(m: &proto::JsonMatches, json: &Result<Value, String>) -> Option
 /// lab network.
 pub fn case_url(base_url: &str, path: &str) -> Result<String, String> {
     let refuse = || format!("case path {path:?} would leave the service; write a path under it, e.g. \"/translate\"");
-    if !path.starts_with('/') || path.starts_with("//") {
+    if !path.starts_with('/') || path.starts_with("//") || path.contains('\\') || path.chars().any(char::is_control) {
         return Err(refuse());
     }
     let url = format!("{}{path}", base_url.trim_end_matches('/'));
@@ -114,6 +114,23 @@ pub fn case_url(base_url: &str, path: &str) -> Result<String, String> {
         && target.username().is_empty()
         && target.password().is_none();
     if same { Ok(url) } else { Err(refuse()) }
+}
+
+/// Headers a case may not set: where the request goes (`Host`), how its
+/// body is framed, or anything with a line break or control character
+/// (which would smuggle a second header or request).
+pub fn check_headers(headers: &std::collections::HashMap<String, String>) -> Result<(), String> {
+    const RESERVED: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
+    for (name, value) in headers {
+        let bad_name = name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic() && c != ':');
+        if bad_name || value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(format!("case header {name:?} is not a valid header name and value (no line breaks or control characters)"));
+        }
+        if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(format!("case header {name:?} is set by the agent, not by a case"));
+        }
+    }
+    Ok(())
 }
 
 /// An expected value that is not JSON is a failure, never a comparison with null.
@@ -147,7 +164,7 @@ pub async fn run_case(client: &reqwest::Client, base_url: &str, case: &proto::Ca
         result.message = "case has no kind this agent can run (expected http)".into();
         return result;
     };
-    let url = match case_url(base_url, &http.path) {
+    let url = match check_headers(&http.headers).and_then(|()| case_url(base_url, &http.path)) {
         Ok(url) => url,
         Err(why) => {
             result.set_outcome(CaseOutcome::Error);
@@ -369,6 +386,11 @@ mod tests {
             ("/@evil", true),
             ("http://evil/x", false),
             ("", false),
+            ("/\\evil/x", false),
+            ("\\\\evil\\x", false),
+            ("/x\r\nHost: evil", false),
+            ("/x\u{0}", false),
+            ("/x%0d%0aHost:%20evil", true),
         ];
         for (path, ok) in table {
             let got = case_url(base, path);
@@ -378,5 +400,26 @@ mod tests {
             }
         }
         assert!(case_url(base, "@127.0.0.1:18999/x").unwrap_err().contains("would leave the service"));
+    }
+
+    #[test]
+    fn a_case_header_cannot_redirect_or_smuggle() {
+        // (name, value, allowed)
+        let table = [
+            ("Authorization", "Bearer x", true),
+            ("X-Trace", "a\tb", true),
+            ("Host", "169.254.169.254", false),
+            ("host", "evil", false),
+            ("Transfer-Encoding", "chunked", false),
+            ("X-A", "v\r\nHost: evil", false),
+            ("X-A\r\nHost", "evil", false),
+            ("X A", "v", false),
+            ("", "v", false),
+            ("X-B", "v\n", false),
+        ];
+        for (name, value, ok) in table {
+            let headers = std::iter::once((name.to_owned(), value.to_owned())).collect();
+            assert_eq!(check_headers(&headers).is_ok(), ok, "{name:?}: {value:?}");
+        }
     }
 }

@@ -204,12 +204,42 @@ fn the_shipped_systemd_unit_lets_services_outlive_an_agent_crash() {
     assert_eq!(setting("Restart"), "on-failure", "{unit}");
 }
 
+/// Malicious case paths and headers, each aimed at `authority` (another
+/// server on the lab network).
+fn malicious(authority: &str) -> Vec<(String, Vec<(&'static str, String)>)> {
+    let path = |p: String| (p, Vec::new());
+    let header = |name: &'static str, value: String| ("/health".to_owned(), vec![(name, value)]);
+    vec![
+        path(format!("@{authority}/latest/meta-data")),
+        path(format!("//{authority}/latest/meta-data")),
+        path(format!("http://{authority}/latest/meta-data")),
+        path(format!("https://{authority}/latest/meta-data")),
+        path(format!("/\\{authority}/latest/meta-data")),
+        path(format!("\\\\{authority}\\latest")),
+        path(format!("/x HTTP/1.1\r\nHost: {authority}\r\n\r\nGET /latest/meta-data")),
+        path(format!("user:pass@{authority}/x")),
+        path(format!("?@{authority}/x")),
+        path(format!("/x\u{0}@{authority}")),
+        header("Host", authority.to_owned()),
+        header("X-Forwarded", format!("v\r\nHost: {authority}")),
+        header("X-Smuggle\r\nHost", authority.to_owned()),
+        header("Transfer-Encoding", "chunked".to_owned()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_case_path_cannot_turn_the_agent_into_a_proxy() {
-    // Another server on the lab network the agent must never be made to call.
-    let elsewhere = testkit::Fixture::start().await;
-    elsewhere.set("GET /latest/meta-data", 200, "secret-instance-role");
-    let authority = elsewhere.url.trim_start_matches("http://").to_owned();
+    // Another listener on the lab network the agent must never be made to
+    // reach: it counts every connection it gets.
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = elsewhere.local_addr().unwrap().to_string();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while elsewhere.accept().await.is_ok() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=50ms,load=50ms"])).await;
     let mut client = agent.client().await;
     let held = lease(&mut client, "proxy").await;
@@ -217,25 +247,40 @@ async fn a_case_path_cannot_turn_the_agent_into_a_proxy() {
         proto::EnsureModelsRequest { lease: Some(held.clone()), models: vec!["nllb".into()], ..Default::default() };
     client.ensure_models(ensure).await.unwrap();
     watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
-    let case = proto::Case {
-        case_id: "proxy/1".into(),
-        name: "sneaky".into(),
-        kind: Some(proto::case::Kind::Http(proto::HttpCase {
-            method: "GET".into(),
-            path: format!("@{authority}/latest/meta-data"),
+    let attempts = malicious(&authority);
+    let cases: Vec<proto::Case> = attempts
+        .iter()
+        .enumerate()
+        .map(|(i, (path, headers))| proto::Case {
+            case_id: format!("proxy/{i}"),
+            name: format!("sneaky {i}"),
+            kind: Some(proto::case::Kind::Http(proto::HttpCase {
+                method: "GET".into(),
+                path: path.clone(),
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                ..Default::default()
+            })),
             ..Default::default()
-        })),
-        ..Default::default()
-    };
-    client.run_cases(proto::RunCasesRequest { lease: Some(held), cases: vec![case] }).await.unwrap();
+        })
+        .collect();
+    let last = format!("proxy/{}", cases.len() - 1);
+    client.run_cases(proto::RunCasesRequest { lease: Some(held), cases }).await.unwrap();
     let (_, events) = watch_until(&mut client, 0, Duration::from_secs(10), |e| {
-        matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if c.result.as_ref().is_some_and(|r| r.case_id == "proxy/1"))
+        matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if c.result.as_ref().is_some_and(|r| r.case_id == last))
     })
     .await;
-    let Some(event::Kind::CaseFinished(c)) = &events.last().unwrap().kind else { unreachable!() };
-    let result = c.result.as_ref().unwrap();
-    assert_eq!(result.outcome(), proto::CaseOutcome::Error);
-    assert!(result.message.contains("would leave the service"), "{}", result.message);
-    assert!(!result.response_excerpt.contains("secret-instance-role"));
-    assert_eq!(elsewhere.hits("GET /latest/meta-data"), 0, "the other server was never called");
+    let results: Vec<&proto::CaseResult> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::CaseFinished(c)) => c.result.as_ref(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results.len(), attempts.len());
+    for (r, (path, headers)) in results.iter().zip(&attempts) {
+        assert_eq!(r.outcome(), proto::CaseOutcome::Error, "{path:?} {headers:?}: {r:?}");
+        let said = &r.message;
+        assert!(said.contains("would leave the service") || said.contains("case header"), "{path:?}: {said}");
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0, "the other listener was never reached");
 }
