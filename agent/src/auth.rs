@@ -305,6 +305,57 @@ fn peer_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
         .or_else(|| ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()))
 }
 
+/// tonic answers a message over the decode limit with OUT_OF_RANGE; a
+/// client should read it as what it is — a limit — and learn the limit.
+fn oversized_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    // grpc-message is percent-encoded; tonic writes spaces as %20.
+    let raw = headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let message = raw.replace("%20", " ").replace("%3A", ":");
+    if !out_of_range || !message.contains("message length too large") {
+        return;
+    }
+    let told = format!(
+        "message too large for this agent (limit {} MiB; send fewer or smaller cases per call): {message}",
+        proto::MAX_MESSAGE_BYTES / (1024 * 1024)
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&told) {
+        headers.insert("grpc-message", value);
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}
+
+/// A response body whose trailers say OUT_OF_RANGE for an oversized
+/// message get RESOURCE_EXHAUSTED instead (see above).
+struct Limits(tonic::body::Body);
+
+impl http_body::Body for Limits {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let polled = std::pin::Pin::new(&mut self.0).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(mut frame))) = polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                oversized_is_resource_exhausted(trailers);
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// The tower layer in front of every handler.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
@@ -352,7 +403,12 @@ where
         match self.gate.check(&request) {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
+                let answer = self.inner.call(request);
+                Box::pin(async move {
+                    let mut response = answer.await?;
+                    oversized_is_resource_exhausted(response.headers_mut());
+                    Ok(response.map(|body| tonic::body::Body::new(Limits(body))))
+                })
             }
             Err(status) => {
                 let peer = peer_addr(&request).map_or("unknown".to_owned(), |a| a.to_string());

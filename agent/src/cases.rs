@@ -124,7 +124,9 @@ pub fn check_headers(headers: &std::collections::HashMap<String, String>) -> Res
     for (name, value) in headers {
         let bad_name = name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic() && c != ':');
         if bad_name || value.chars().any(|c| c.is_control() && c != '\t') {
-            return Err(format!("case header {name:?} is not a valid header name and value (no line breaks or control characters)"));
+            return Err(format!(
+                "case header {name:?} is not a valid header name and value (no line breaks or control characters)"
+            ));
         }
         if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(format!("case header {name:?} is set by the agent, not by a case"));

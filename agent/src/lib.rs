@@ -29,6 +29,9 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// HTTP/2 streams one connection may have open at once (a controller needs
+/// a watch and a few calls); more wait for a free one.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -199,6 +202,7 @@ fn serve(
     }
     let gate = auth::Gate::load(&config.auth).map_err(AgentError::Auth)?;
     let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout));
     if let Some(tls) = auth::server_tls(&config.auth).map_err(AgentError::Auth)? {

@@ -158,8 +158,25 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
+/// A suite file larger than this is refused before it is read: suites are
+/// hand-written lists of cases, and a YAML bomb must not take the runner down.
+pub const MAX_SUITE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Reads and validates a suite file.
 pub fn load(path: &Path) -> Result<Suite, SuiteError> {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if size > MAX_SUITE_BYTES {
+        return Err(SuiteError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: format!(
+                "the suite is {} MiB; suites are limited to {} MiB — split it into several files",
+                size / (1024 * 1024),
+                MAX_SUITE_BYTES / (1024 * 1024)
+            ),
+        });
+    }
     let text = std::fs::read_to_string(path).map_err(|e| SuiteError {
         file: path.display().to_string(),
         line: 0,
@@ -394,6 +411,16 @@ cases:
         - {pointer: /target_lang, matches: '^es$'}
         - {pointer: /error, equals: null}
 ";
+
+    #[test]
+    fn a_suite_file_over_the_limit_is_refused_before_it_is_read() {
+        let path = std::env::temp_dir().join(format!("proctor-big-suite-{}.yaml", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_SUITE_BYTES + 1).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("suites are limited to 4 MiB") && e.contains("split it"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn parses_a_suite() {

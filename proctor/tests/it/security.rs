@@ -258,3 +258,26 @@ async fn a_lease_and_its_runs_results_serve_only_who_took_it() {
     ours.ack(ack).await.expect("the owner acknowledges");
     ours.release_lease(lease).await.expect("the owner releases");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_message_is_refused_and_the_agent_serves_on() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=50ms,load=50ms"])).await;
+    let mut client = agent.client().await.max_encoding_message_size(64 * 1024 * 1024);
+    let held = super::lease(&mut client, "big").await;
+    let case = proto::Case {
+        case_id: "big/1".into(),
+        kind: Some(proto::case::Kind::Http(proto::HttpCase {
+            method: "POST".into(),
+            path: "/translate".into(),
+            body: vec![b'x'; proto::MAX_MESSAGE_BYTES + 1],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let refused = client.run_cases(proto::RunCasesRequest { lease: Some(held), cases: vec![case] }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("limit 16 MiB"), "{refused:?}");
+    // Still serving, on the same connection and a new one.
+    client.get_info(proto::GetInfoRequest {}).await.expect("the same connection still works");
+    agent.client().await.get_info(proto::GetInfoRequest {}).await.expect("a new one too");
+}
