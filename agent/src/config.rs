@@ -76,6 +76,7 @@ struct RawService {
     name: Text,
     command: Spanned<Vec<String>>,
     workdir: Option<PathBuf>,
+    user: Option<Text>,
     #[serde(default)]
     port: u16,
     base_url: Option<String>,
@@ -181,6 +182,8 @@ pub struct ServiceConfig {
     /// Program and arguments; `{port}` is replaced by the service's port.
     pub command: Vec<String>,
     pub workdir: Option<PathBuf>,
+    /// Run the service as this user (the agent must be root to switch).
+    pub user: Option<String>,
     /// 0 = the agent picks a free port on every start.
     pub port: u16,
     /// Base URL for probes and cases; `{port}` is replaced.
@@ -451,6 +454,17 @@ impl Check<'_> {
         }
     }
 
+    /// A service's `user`: it must exist on this host.
+    fn user(&self, key: &str, user: Option<&Text>) -> Result<Option<String>, ConfigError> {
+        let Some(u) = user else { return Ok(None) };
+        match nix::unistd::User::from_name(u.get_ref()) {
+            Ok(Some(_)) => Ok(Some(u.get_ref().clone())),
+            _ => {
+                Err(self.invalid(key, u, format!("no user {:?} on this host; create it, or drop `user`", u.get_ref())))
+            }
+        }
+    }
+
     fn service(
         &self,
         i: usize,
@@ -494,6 +508,7 @@ impl Check<'_> {
             on_agent_restart: s.on_agent_restart,
             secrets: s.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect(),
             workdir: s.workdir.map(|w| base.join(w)),
+            user: self.user(&key("user"), s.user.as_ref())?,
             memory_limit_bytes: s.memory_limit_mb.map(|mb| mb * 1024 * 1024),
             stop_after_failed_load: s.stop_after_failed_load,
             max_log_bytes: s.max_log_mb.max(1) * 1024 * 1024,
@@ -868,6 +883,18 @@ load = "endpoint"
             ("[\"sim\", \"--port\", \"{port}\"]", "[]", "command: is empty", "line 7, column 11"),
             ("\"2s\"", "\"2s\"\nstop_signal = \"SIGFOO\"", "stop_signal: \"SIGFOO\" is not a", "line 10, column 15"),
             ("\"2s\"", "\"2s\"\nrestart_backoff_max = \"100ms\"", "restart_backoff: is longer", "line 10, column 23"),
+            (
+                "\"2s\"",
+                "\"2s\"\nuser = \"no-such-user\"",
+                "user: no user \"no-such-user\" on this host",
+                "line 10, column 8",
+            ),
+            (
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"0.0.0.0:0\"",
+                "auth: the agent would listen on 0.0.0.0:0",
+                "line 2, column 10",
+            ),
         ];
         for (from, to, want, at) in cases {
             assert_says(&error_for(from, to), want, at);

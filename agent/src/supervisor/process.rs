@@ -71,6 +71,36 @@ pub(super) fn start_ticks(pid: u32) -> Option<u64> {
 
 /// Checks the program and the working folder before anything starts, so a
 /// typo is a clear error, not a cryptic exit.
+/// The user a service runs as, when it is not the agent's: only root may
+/// switch, and the switch needs `setpriv` (util-linux).
+fn run_as(cfg: &ServiceConfig) -> Result<Option<nix::unistd::User>, String> {
+    let Some(name) = &cfg.user else { return Ok(None) };
+    let user = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("cannot start service {}: no user {name:?} on this host", cfg.name))?;
+    let me = nix::unistd::geteuid();
+    if user.uid == me {
+        return Ok(None);
+    }
+    if !me.is_root() {
+        return Err(format!(
+            "cannot start service {} as user {name}: the agent runs as uid {me}, not root; run the agent as root \
+             (it drops to {name} for the service) or drop `user`",
+            cfg.name
+        ));
+    }
+    let found =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("setpriv").is_file()));
+    if !found {
+        return Err(format!(
+            "cannot start service {} as user {name}: `setpriv` (util-linux) is not in PATH; install util-linux",
+            cfg.name
+        ));
+    }
+    Ok(Some(user))
+}
+
 fn precheck(cfg: &ServiceConfig, argv: &[String]) -> Result<(), String> {
     if let Some(dir) = cfg.workdir.as_ref().filter(|d| !d.is_dir()) {
         return Err(format!(
@@ -148,7 +178,16 @@ pub(super) fn spawn(
             prologue.push_str(&format!("echo $$ > {}; ", quote(&f.to_string_lossy())));
         }
     }
-    prologue.push_str("echo 0 > /proc/self/oom_score_adj 2>/dev/null || true; exec \"$@\"");
+    prologue.push_str("echo 0 > /proc/self/oom_score_adj 2>/dev/null || true; ");
+    let user = run_as(service)?;
+    match &user {
+        // The cgroup is joined as root; then the service drops to its user.
+        Some(u) => prologue.push_str(&format!(
+            "exec setpriv --reuid={} --regid={} --init-groups --inh-caps=-all -- \"$@\"",
+            u.uid, u.gid
+        )),
+        None => prologue.push_str("exec \"$@\""),
+    }
     let mut command = tokio::process::Command::new("/bin/sh");
     command.arg("-c").arg(prologue).arg("proctor-service").args(&argv).env_clear();
     // The service sees only what its config names, plus the basics.
@@ -156,6 +195,9 @@ pub(super) fn spawn(
         if let Ok(v) = std::env::var(key) {
             command.env(key, v);
         }
+    }
+    if let Some(u) = &user {
+        command.env("HOME", &u.dir).env("USER", &u.name).env("LOGNAME", &u.name);
     }
     for (k, v) in &service.env {
         command.env(k, subst(v));

@@ -380,3 +380,23 @@ async fn a_service_that_logs_its_token_never_leaks_it() {
         c.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_agent_runs_the_service_as_its_configured_user_inside_its_cgroup() {
+    let service = Service::sim(&["nllb:mb=1,download=10ms,load=10ms"]).service_lines("user = \"nobody\"\n");
+    let agent = Agent::spawn(BIN, &service).await;
+    let (mut client, lease) = leased(&agent).await;
+    ensure(&mut client, &lease, &["nllb"]).await;
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    let pid = started_pid(&events);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids =
+        |key: &str| status.lines().find(|l| l.starts_with(key)).unwrap().split_whitespace().nth(1).unwrap().to_owned();
+    assert_eq!((ids("Uid:"), ids("Gid:")), ("65534".to_owned(), "65534".to_owned()), "runs as nobody: {status}");
+    let caps = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(caps.ends_with("0000000000000000"), "no capabilities left: {caps}");
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
+    assert!(environ.contains("USER=nobody"), "{environ}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.contains("translation"), "joined its cgroup before dropping root: {cgroup}");
+}
