@@ -495,6 +495,10 @@ async fn run_agent(config: &std::path::Path) -> ExitCode {
     };
     // The one line scripts and tests wait for.
     println!("proctor agent listening on {} (incarnation {})", running.addr, running.incarnation);
+    // Under systemd (Type=notify): ready once the port is bound and serving.
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%error, "could not tell systemd the agent is ready");
+    }
     let cancel = running.cancel_token();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

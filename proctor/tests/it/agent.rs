@@ -202,6 +202,47 @@ fn the_shipped_systemd_unit_lets_services_outlive_an_agent_crash() {
     // Re-attach after a crash only works if systemd leaves the services alone.
     assert_eq!(setting("KillMode"), "process", "{unit}");
     assert_eq!(setting("Restart"), "on-failure", "{unit}");
+    assert_eq!(setting("Type"), "notify", "ready when the port is bound: {unit}");
+    assert_eq!(setting("Delegate"), "yes", "service cgroups live below the agent's: {unit}");
+    // systemd itself finds nothing wrong with it (ExecStart pointed at this build).
+    let scratch = testkit::Scratch::new("unit");
+    let here = scratch.write("proctor-agent.service", &unit.replace("/usr/local/bin/proctor", BIN));
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&here)
+        .output()
+        .expect("systemd-analyze (package systemd) is needed to check the shipped unit; .ci/run installs it");
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && !said.contains(&here.display().to_string()), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_systemd_the_agent_says_ready_once_it_serves() {
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let scratch = testkit::Scratch::new("notify");
+    let socket_path = scratch.path.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let config = scratch.write("agent.toml", "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.recv(&mut buf)).await.expect("notified").unwrap();
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(said.contains("READY=1"), "{said}");
+    // Ready means serving: the port answers now.
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line.strip_prefix("proctor agent listening on ").unwrap().split_whitespace().next().unwrap();
+    let mut client = proto::agent_client::AgentClient::connect(format!("http://{addr}")).await.unwrap();
+    client.get_info(proto::GetInfoRequest {}).await.expect("serving");
 }
 
 /// Malicious case paths and headers, each aimed at `authority` (another
