@@ -232,15 +232,28 @@ impl Queue {
     /// the controller waits for an answer per case id.
     pub async fn run(self, cases: Vec<proto::Case>) {
         for case in cases {
-            let result = match self.target().await {
+            let mut result = match self.target().await {
                 Ok(base_url) => run_case(&self.http, &base_url, &case, self.epoch).await,
                 Err(message) => not_run(&case, self.epoch, message),
             };
+            self.redact(&mut result);
             self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
                 run_id: self.claim.run_id.clone(),
                 service: self.claim.service.clone(),
                 result: Some(result),
             }));
+        }
+    }
+
+    /// A case result quotes the service (its answer, the values that failed
+    /// an assertion): never with the service's secrets in it.
+    fn redact(&self, r: &mut CaseResult) {
+        let s = &self.supervisor;
+        r.message = s.redact(&r.message);
+        r.response_excerpt = s.redact(&r.response_excerpt);
+        for f in &mut r.failures {
+            f.actual = s.redact(&f.actual);
+            f.expected = s.redact(&f.expected);
         }
     }
 

@@ -15,7 +15,7 @@ pub mod cgroup;
 mod logtail;
 mod machine;
 mod process;
-mod redact;
+pub mod redact;
 mod requests;
 pub mod restart;
 
@@ -88,6 +88,8 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct Supervisor {
     tx: mpsc::Sender<Command>,
+    /// The service's secrets, for whoever reports what it said.
+    secrets: redact::Secrets,
 }
 
 impl std::fmt::Debug for Command {
@@ -118,6 +120,7 @@ impl Supervisor {
         cancel: CancellationToken,
     ) -> (Supervisor, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64);
+        let secrets = redact::Secrets::default();
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let actor = Actor {
@@ -140,7 +143,7 @@ impl Supervisor {
             nudge: Arc::new(Notify::new()),
             probe_cost: ProbeCost::default(),
             stop_reason: None,
-            secrets: redact::Secrets::default(),
+            secrets: secrets.clone(),
             last_payload: None,
             last_exit: None,
             last_sample: None,
@@ -154,7 +157,7 @@ impl Supervisor {
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(actor.run(rx, internal_rx, probe_rx, cancel));
-        (Supervisor { tx }, task)
+        (Supervisor { tx, secrets }, task)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorError> {
@@ -178,6 +181,11 @@ impl Supervisor {
         self.ask(|reply| Command::BaseUrl { reply }).await
     }
 
+    /// Replaces the service's secret values in `text`.
+    pub fn redact(&self, text: &str) -> String {
+        self.secrets.redact(text).into_owned()
+    }
+
     /// A stand-in that answers only `base_url`, with what `url` holds when
     /// asked: lets tests route cases (and move the service) without a process.
     /// Other requests fail as if the supervisor had stopped.
@@ -191,7 +199,7 @@ impl Supervisor {
                 }
             }
         });
-        Supervisor { tx }
+        Supervisor { tx, secrets: redact::Secrets::default() }
     }
 }
 
@@ -495,7 +503,7 @@ impl Actor {
                 Err(error) => tracing::warn!(service = %self.cfg.name, %error, "starting without a cgroup"),
             }
         }
-        self.secrets = redact::Secrets::read(&self.cfg);
+        self.secrets.reload(&self.cfg);
         let args = process::SpawnArgs {
             service: &self.cfg,
             data_dir: &self.wiring.data_dir,
@@ -599,14 +607,16 @@ impl Actor {
             }
             Internal::LoadAnswered { generation, model, refusal } => {
                 if generation == self.generation {
+                    let refusal = refusal.map(|r| self.secrets.redact(&r).into_owned());
                     self.machine.load_answered(&model, refusal, Instant::now());
                 }
             }
             Internal::Warmup { generation, model, outcome } => {
                 if generation == self.generation {
                     let outcome = outcome.map_err(|error| {
+                        let error = self.secrets.redact(&error).into_owned();
                         tracing::debug!(service = %self.cfg.name, model, %error, "warm-up failed; retrying");
-                        self.secrets.redact(&error).into_owned()
+                        error
                     });
                     let actions = self.machine.warmed(&model, outcome, Instant::now());
                     self.apply(actions);
@@ -780,7 +790,7 @@ impl Actor {
         tracing::info!(service = %self.cfg.name, pid = state.pid, from = %state.incarnation, "re-attaching to a running service");
         process::reattach(&state, &self.wiring.data_dir, &self.cfg, self.generation, &self.internal_tx);
         self.logs = logtail::LogTail::new(self.probe_paths());
-        self.secrets = redact::Secrets::read(&self.cfg);
+        self.secrets.reload(&self.cfg);
         for line in process::last_lines(&self.wiring.data_dir, &self.cfg.name, LOG_TAIL) {
             self.logs.push(&self.secrets.redact(&line));
         }

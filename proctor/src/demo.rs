@@ -136,6 +136,9 @@ fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     let config = out.join("agent.toml");
     write(&config, &agent_toml(&exe))?;
     write(&out.join("aya.token"), "hf_demo_token_not_a_real_secret\n")?;
+    // A token file is the owner's only, even the demo's.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(out.join("aya.token"), std::fs::Permissions::from_mode(0o600));
     let mut suites = Vec::new();
     for (name, text) in SUITES {
         let path = suites_dir.join(name);

@@ -212,7 +212,12 @@ pub(super) fn spawn(
     }
     std::fs::create_dir_all(cfg.data_dir).map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
     let log = log_path(cfg.data_dir, &service.name);
-    let open = || std::fs::OpenOptions::new().create(true).append(true).open(&log);
+    // The raw log holds what the service printed, secrets included (the
+    // agent redacts only what leaves it): readable by the agent's user only.
+    let open = || {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log)
+    };
     let out = open().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let offset = out.metadata().map(|m| m.len()).unwrap_or(0);

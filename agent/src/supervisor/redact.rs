@@ -5,6 +5,7 @@
 //! still cannot leak it into reports.
 
 use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
 
 use crate::config::ServiceConfig;
 
@@ -12,24 +13,38 @@ use crate::config::ServiceConfig;
 /// and protect nothing.
 const MIN_SECRET_LEN: usize = 6;
 
-#[derive(Debug, Default)]
-pub(super) struct Secrets(Vec<(String, String)>);
+/// One service's secret values, shared by its supervisor (which reloads
+/// them at every start) and whoever reports for it (case results).
+#[derive(Clone, Default)]
+pub struct Secrets(Arc<RwLock<Vec<(String, String)>>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(..)")
+    }
+}
 
 impl Secrets {
-    /// The service's secrets as they are in their files now.
-    pub(super) fn read(cfg: &ServiceConfig) -> Secrets {
+    #[cfg(test)]
+    fn of(values: Vec<(String, String)>) -> Secrets {
+        Secrets(Arc::new(RwLock::new(values)))
+    }
+
+    /// Takes the service's secrets as they are in their files now.
+    pub(super) fn reload(&self, cfg: &ServiceConfig) {
         let values = cfg
             .secrets
             .iter()
             .filter_map(|(name, path)| std::fs::read_to_string(path).ok().map(|v| (name.clone(), v.trim().to_owned())))
             .filter(|(_, v)| v.len() >= MIN_SECRET_LEN)
             .collect();
-        Secrets(values)
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = values;
     }
 
-    pub(super) fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let values = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = Cow::Borrowed(text);
-        for (name, value) in &self.0 {
+        for (name, value) in values.iter() {
             if out.contains(value.as_str()) {
                 out = Cow::Owned(out.replace(value.as_str(), &format!("[REDACTED: {name}]")));
             }
@@ -44,7 +59,7 @@ mod tests {
 
     #[test]
     fn a_secret_value_never_survives_in_a_line() {
-        let s = Secrets(vec![("HF_TOKEN".into(), "hf_abcdef123".into()), ("DB".into(), "pa55word!".into())]);
+        let s = Secrets::of(vec![("HF_TOKEN".into(), "hf_abcdef123".into()), ("DB".into(), "pa55word!".into())]);
         // (line, redacted)
         let table = [
             ("using token hf_abcdef123 for the hub", "using token [REDACTED: HF_TOKEN] for the hub"),

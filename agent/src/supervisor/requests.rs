@@ -15,14 +15,19 @@ use crate::probe::{Answer, Reading};
 impl Actor {
     /// One round of readiness answers.
     pub(super) fn observe(&mut self, answers: Vec<Answer>) {
-        let reading: Reading = self.cfg.readiness.protocol.read(&self.named, &answers);
+        let mut reading: Reading = self.cfg.readiness.protocol.read(&self.named, &answers);
+        // What the service says goes nowhere with its secrets in it.
+        let payload = self.secrets.redact(&reading.payload).into_owned();
+        for health in reading.models.values_mut() {
+            health.error = health.error.as_deref().map(|e| self.secrets.redact(e).into_owned());
+        }
         if !reading.up {
             if self.last_payload.is_none() {
-                self.last_payload = Some(reading.payload);
+                self.last_payload = Some(payload);
             }
             return;
         }
-        self.last_payload = Some(self.secrets.redact(&reading.payload).into_owned());
+        self.last_payload = Some(payload);
         if let Some(run) = &mut self.run {
             run.answered = true;
         }

@@ -281,3 +281,92 @@ async fn an_oversized_message_is_refused_and_the_agent_serves_on() {
     client.get_info(proto::GetInfoRequest {}).await.expect("the same connection still works");
     agent.client().await.get_info(proto::GetInfoRequest {}).await.expect("a new one too");
 }
+
+/// A careless service: prints its token whole, split across two writes of
+/// one line, inside a URL, in its access log, in its health error — and
+/// answers a case with it.
+const CARELESS: &str = r#"
+import http.server, json, os, sys, time
+tok = os.environ["HF_TOKEN"]
+print("logging in to the hub with", tok, flush=True)
+sys.stdout.write("split token: " + tok[:7]); sys.stdout.flush(); time.sleep(0.2)
+sys.stdout.write(tok[7:] + "\n"); sys.stdout.flush()
+print(f"GET https://user:{tok}@huggingface.co/api/models/aya", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health":
+            body = {"models": {"nllb": {"status": "loaded", "error": f"warning: {tok} expires soon"}}}
+        else:
+            body = {"token": tok, "hello": "world"}
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def log_message(self, *args):
+        print("access", self.path, "as", tok, flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+const WHOAMI: &str = "name: whoami
+service: translation
+models: [nllb]
+cases:
+  - name: who am I
+    request: {method: GET, path: /whoami}
+    expect:
+      json:
+        - {pointer: /token, equals: somebody-else}
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_secret_appears_nowhere_the_agent_or_the_controller_writes() {
+    let canary = "hf_canary_5e2b7c91d4";
+    let scratch = Scratch::new("canary");
+    let script = scratch.write("careless.py", CARELESS);
+    scratch.write("hf.token", &format!("{canary}\n"));
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[[service]]\nname = \"translation\"\n\
+         command = [\"python3\", \"-u\", {:?}, \"{{port}}\"]\nsecrets = {{ HF_TOKEN = {:?} }}\n\n\
+         [[service.model]]\nname = \"nllb\"\n",
+        script.display().to_string(),
+        scratch.path.join("hf.token").display().to_string()
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let out = Scratch::new("canary-out");
+    let suite = out.write("whoami.yaml", WHOAMI);
+    let opts = controller::RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone());
+    let result = controller::run(opts, tokio_util::sync::CancellationToken::new()).await;
+    assert_eq!(result.exit, controller::Exit::TestFailures, "the case fails on the token, as it should");
+    // Every place a token could end up.
+    let mut client = agent.client().await;
+    let (snapshot, _) = super::watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let last = snapshot.next_seq - 1;
+    let (_, events) = super::watch_until(&mut client, 0, Duration::from_secs(5), |e| e.seq >= last).await;
+    let agents = tokio::process::Command::new(BIN)
+        .args(["agents", "--agent", &agent.addr, "--output", "json"])
+        .output()
+        .await
+        .unwrap();
+    let state: String = std::fs::read_dir(agent.scratch.path.join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    let places = [
+        ("the agent's log", agent.logs()),
+        ("the event stream", format!("{events:?}")),
+        ("junit.xml", std::fs::read_to_string(result.junit.unwrap()).unwrap()),
+        ("trace.json", std::fs::read_to_string(result.trace.unwrap()).unwrap()),
+        ("state files", state),
+        ("proctor agents --output json", String::from_utf8_lossy(&agents.stdout).into_owned()),
+    ];
+    for (place, text) in &places {
+        assert!(!text.is_empty() || *place == "state files", "{place} is empty: nothing was checked");
+        assert!(!text.contains(canary), "the canary reached {place}: {text}");
+        assert!(!text.contains(&canary[7..]), "half the canary reached {place}");
+    }
+    let said = format!("{events:?}");
+    assert!(said.contains("split token: [REDACTED: HF_TOKEN]"), "a value written in two pieces is still one line");
+    assert!(said.contains("user:[REDACTED: HF_TOKEN]@huggingface.co"), "inside a URL too");
+    let junit = &places[2].1;
+    assert!(junit.contains("[REDACTED: HF_TOKEN]"), "the failing assertion shows where the value was: {junit}");
+}
