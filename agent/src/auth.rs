@@ -5,7 +5,8 @@
 //! `PERMISSION_DENIED` for a role that may not call the method, both logged
 //! with the peer.
 //!
-//! Roles: `controller` (everything) and `observer` (`GetInfo`, `Watch`).
+//! Roles: `controller` (everything) and `observer` (`GetInfo`, `Watch`;
+//! methods are matched on the last segment of `/proctor.agent.v1.Agent/Watch`).
 //! With mTLS the certificate says who and which role — its subject's common
 //! name and organisational unit (`proctor certs issue controller NAME`
 //! writes `CN=NAME, OU=controller`); with tokens, the token file does.
@@ -136,6 +137,49 @@ pub fn transport(listen: SocketAddr, auth: &AuthConfig) -> Result<Transport, Str
             if open { "with no authentication" } else { "(bearer tokens travel in the clear)" }
         )),
     })
+}
+
+/// How callers are checked, in words, for the start-up line.
+pub fn describe(auth: &AuthConfig, listen: SocketAddr) -> &'static str {
+    match (auth.mode, auth.cert.is_some()) {
+        (Mode::Mtls, _) => "mutual TLS",
+        (Mode::Token, true) => "bearer tokens over TLS",
+        (Mode::Token, false) => "bearer tokens in plaintext",
+        (Mode::None, _) if listen.ip().is_loopback() => "no authentication: loopback only",
+        (Mode::None, _) => "INSECURE: no authentication",
+    }
+}
+
+/// Pure: what to say about a certificate valid from `not_before` to
+/// `not_after` (unix seconds) at `now`: nothing, soon expiring, expired.
+pub fn validity_warning(not_before: i64, not_after: i64, now: i64) -> Option<String> {
+    const SOON: i64 = 30 * 86400;
+    if now < not_before {
+        Some("is not valid yet (check this host's clock)".into())
+    } else if now > not_after {
+        Some(format!(
+            "expired {} days ago: clients will refuse it; issue a new one with `proctor certs issue agent`",
+            (now - not_after) / 86400
+        ))
+    } else if not_after - now < SOON {
+        Some(format!(
+            "expires in {} days: issue a new one with `proctor certs issue agent` and restart the agent",
+            (not_after - now) / 86400
+        ))
+    } else {
+        None
+    }
+}
+
+/// Warns at start when the agent's own certificate is expired or about to.
+fn warn_on_validity(pem: &str, path: &std::path::Path) {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else { return };
+    let Ok(cert) = pem.parse_x509() else { return };
+    let v = cert.validity();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if let Some(what) = validity_warning(v.not_before.timestamp(), v.not_after.timestamp(), now) {
+        tracing::warn!(certificate = %path.display(), "the agent's certificate {what}");
+    }
 }
 
 /// The token file: `ROLE NAME TOKEN` per line, `#` comments.
@@ -281,7 +325,9 @@ fn read(path: &std::path::Path, what: &str) -> Result<String, String> {
 pub fn server_tls(auth: &AuthConfig) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let (Some(cert), Some(key)) = (&auth.cert, &auth.key) else { return Ok(None) };
-    let identity = Identity::from_pem(read(cert, "agent certificate")?, read(key, "agent key")?);
+    let pem = read(cert, "agent certificate")?;
+    warn_on_validity(&pem, cert);
+    let identity = Identity::from_pem(pem, read(key, "agent key")?);
     let mut tls = ServerTlsConfig::new().identity(identity);
     if auth.mode == Mode::Mtls {
         let ca = auth.ca.as_ref().ok_or("[auth] mode = \"mtls\" needs `ca`")?;

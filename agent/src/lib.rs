@@ -53,6 +53,8 @@ pub enum AgentError {
 pub struct RunningAgent {
     pub addr: SocketAddr,
     pub incarnation: String,
+    /// How callers are checked, in words ("mutual TLS", …).
+    pub security: &'static str,
     cancel: CancellationToken,
     tasks: TaskTracker,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -181,9 +183,10 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let service =
         grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new(), cancel: cancel.clone() };
 
-    let server = serve(listener, service, &config, (cancel.clone(), tasks.clone(), sampler_cancel))?;
+    let server = serve((listener, addr), service, &config, (cancel.clone(), tasks.clone(), sampler_cancel))?;
+    let security = auth::describe(&config.auth, addr);
     tracing::info!(%addr, %incarnation, services = config.services.len(), "agent started");
-    Ok(RunningAgent { addr, incarnation, cancel, tasks, server })
+    Ok(RunningAgent { addr, incarnation, security, cancel, tasks, server })
 }
 
 /// Starts the gRPC server on `listener` — over TLS when `[auth]` has a
@@ -191,12 +194,13 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
 /// then services stop first (`tasks`), so their last events are still
 /// served, and the sampler after the server.
 fn serve(
-    listener: tokio::net::TcpListener,
+    (listener, addr): (tokio::net::TcpListener, SocketAddr),
     service: grpc::Service,
     config: &Config,
     (cancel, tasks, sampler_cancel): (CancellationToken, TaskTracker, CancellationToken),
 ) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, AgentError> {
-    let transport = auth::transport(config.listen, &config.auth).map_err(AgentError::Auth)?;
+    // Judged on the bound address: the warning names the real port.
+    let transport = auth::transport(addr, &config.auth).map_err(AgentError::Auth)?;
     if let Some(warning) = &transport.warning {
         tracing::warn!("{warning}");
     }

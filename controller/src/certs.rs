@@ -44,6 +44,7 @@ pub struct Validity {
 impl Validity {
     /// From an hour ago (clocks drift) for `days` days.
     pub fn days(days: u32) -> Validity {
+        let days = days.max(1);
         let now = SystemTime::now();
         Validity {
             not_before: now - Duration::from_secs(3600),
@@ -103,7 +104,10 @@ pub fn init(dir: &Path, validity: Validity) -> Result<Pair, CertError> {
     let out = pair(dir, "ca");
     refuse_existing(&out)?;
     let mut p = params(validity)?;
-    p.distinguished_name = subject("Proctor lab CA", "ca");
+    // Each CA its own name, so two labs' (or an old and a new one during
+    // rotation) are told apart in every error that names an issuer.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    p.distinguished_name = subject(&format!("Proctor lab CA {}", &id[..8]), "ca");
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let key = KeyPair::generate()?;
@@ -126,6 +130,9 @@ pub fn issue(dir: &Path, kind: Kind, name: &str, sans: &[String], validity: Vali
     let ca_key = std::fs::read_to_string(&ca.key).map_err(|e| no_ca(e.to_string()))?;
     let ca_key = KeyPair::from_pem(&ca_key).map_err(|e| no_ca(e.to_string()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).map_err(|e| no_ca(e.to_string()))?;
+    // Nothing outlives the CA that vouches for it.
+    let validity =
+        Validity { not_after: validity.not_after.min(ca_end(&ca_cert).unwrap_or(validity.not_after)), ..validity };
     let mut p = params(validity)?;
     p.distinguished_name = subject(name, kind.as_str());
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -141,6 +148,14 @@ pub fn issue(dir: &Path, kind: Kind, name: &str, sans: &[String], validity: Vali
     let cert = p.signed_by(&key, &issuer)?;
     write(&out, &cert.pem(), &key.serialize_pem())?;
     Ok(out)
+}
+
+/// When the CA certificate (PEM) stops being valid.
+fn ca_end(pem: &str) -> Option<SystemTime> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let end = cert.validity().not_after.timestamp();
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(end).ok()?))
 }
 
 fn san(name: &str) -> Result<SanType, CertError> {
@@ -212,6 +227,26 @@ mod tests {
         let bad = issue(&dir, Kind::Agent, "gpu 01/..", &[], Validity::days(30)).unwrap_err();
         assert!(bad.to_string().contains("not a valid name"), "{bad}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_certificate_never_outlives_its_ca_and_cas_have_names_of_their_own() {
+        let dir = scratch("clamp");
+        init(&dir, Validity::days(10)).unwrap();
+        let leaf = issue(&dir, Kind::Controller, "ci", &[], Validity::days(3650)).unwrap();
+        let end = ca_end(&std::fs::read_to_string(&leaf.cert).unwrap()).unwrap();
+        let ca = ca_end(&std::fs::read_to_string(dir.join("ca.pem")).unwrap()).unwrap();
+        assert!(end <= ca, "clamped to the CA's end");
+        let other = scratch("clamp-other");
+        init(&other, Validity::days(10)).unwrap();
+        let subject = |d: &Path| {
+            let pem = std::fs::read_to_string(d.join("ca.pem")).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            pem.parse_x509().unwrap().subject().to_string()
+        };
+        assert_ne!(subject(&dir), subject(&other));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&other);
     }
 
     #[test]

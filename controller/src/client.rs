@@ -176,17 +176,27 @@ fn endpoint(entry: &Entry) -> Result<Endpoint, ClientError> {
     endpoint.tls_config(tls).map_err(|e| unreachable(entry, error_chain(&e)))
 }
 
-/// An agent not reached; over TLS, where the agent's refusal of our
-/// certificate reads only as a broken connection, says what to check.
+/// An agent not reached, with what to check when the connection broke in a
+/// way a TLS mismatch causes: over TLS, the agent refusing our certificate;
+/// in plaintext, an agent that requires TLS.
 fn unreachable(entry: &Entry, reason: String) -> ClientError {
-    let ours = entry.security.ca_pem.is_some() && !reason.contains("invalid peer certificate");
-    let hint = if ours {
+    ClientError::Unreachable { addr: entry.address.clone(), reason: format!("{reason}{}", tls_hint(entry, &reason)) }
+}
+
+/// Pure: the hint for a broken connection (see `unreachable`).
+fn tls_hint(entry: &Entry, reason: &str) -> &'static str {
+    let lower = reason.to_lowercase();
+    let plain_cause = ["connection refused", "invalid peer certificate", "timed out", "dns error", "no route"];
+    if plain_cause.iter().any(|c| lower.contains(c)) {
+        return "";
+    }
+    if entry.security.ca_pem.is_some() {
         "; over TLS this usually means the agent refused our certificate: check it was issued by the lab CA the \
          agent trusts, has not expired, and is given with --cert/--key (docs/security.md)"
     } else {
-        ""
-    };
-    ClientError::Unreachable { addr: entry.address.clone(), reason: format!("{reason}{hint}") }
+        "; the agent may require TLS: pass --ca (and --cert/--key, or --token-file) as its [auth] says \
+         (docs/security.md)"
+    }
 }
 
 /// One connected agent.
@@ -375,7 +385,13 @@ impl Agent {
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
         let asked = now_unix_ms();
         let info = bounded(addr, "GetInfo", async {
-            inner.get_info(proto::GetInfoRequest {}).await.map_err(|s| unreachable(entry, s.message().to_owned()))
+            inner.get_info(proto::GetInfoRequest {}).await.map_err(|s| match s.code() {
+                // The agent answered: it refused us; it is not unreachable.
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    ClientError::Rpc { addr: addr.to_owned(), code: s.code(), message: s.message().to_owned() }
+                }
+                _ => unreachable(entry, s.message().to_owned()),
+            })
         })
         .await?
         .into_inner();
@@ -915,13 +931,72 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
     }
 }
 
+/// An error and its sources, each said once (transport errors often repeat
+/// their source's text in their own).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_says_what_tls_mismatch_to_check() {
+        let plain = Entry::plain("10.0.0.5:7700");
+        let tls = Entry {
+            security: std::sync::Arc::new(Security { ca_pem: Some(b"ca".to_vec()), ..Security::default() }),
+            ..plain.clone()
+        };
+        // (over TLS, reason, part of the hint; "" for none)
+        let table = [
+            (true, "transport error", "refused our certificate"),
+            (true, "operation was canceled", "refused our certificate"),
+            (true, "tcp connect error: Connection refused (os error 111)", ""),
+            (true, "invalid peer certificate: certificate not valid for name \"gpu-02\"", ""),
+            (false, "h2 protocol error: http2 error", "may require TLS: pass --ca"),
+            (false, "operation was canceled", "may require TLS"),
+            (false, "tcp connect error: Connection refused (os error 111)", ""),
+            (false, "timed out", ""),
+        ];
+        for (over_tls, reason, part) in table {
+            let hint = tls_hint(if over_tls { &tls } else { &plain }, reason);
+            if part.is_empty() {
+                assert_eq!(hint, "", "{reason}");
+            } else {
+                assert!(hint.contains(part), "{reason}: {hint}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "transport error: invalid peer certificate: BadSignature",
+            Some(Box::new(E("invalid peer certificate: BadSignature", Some(Box::new(E("io", None)))))),
+        );
+        assert_eq!(error_chain(&e), "transport error: invalid peer certificate: BadSignature: io");
+    }
 }

@@ -4,6 +4,7 @@
 
 mod demo;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -81,7 +82,7 @@ struct CertsAt {
     #[arg(long, value_name = "DIR", default_value = "proctor-certs")]
     dir: PathBuf,
     /// How long the certificate is valid.
-    #[arg(long, value_name = "DAYS", default_value_t = 825)]
+    #[arg(long, value_name = "DAYS", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..))]
     days: u32,
 }
 
@@ -494,7 +495,14 @@ async fn run_agent(config: &std::path::Path) -> ExitCode {
         }
     };
     // The one line scripts and tests wait for.
-    println!("proctor agent listening on {} (incarnation {})", running.addr, running.incarnation);
+    // Written, not println!: a closed stdout (`| head`) must not panic the agent.
+    let _ = writeln!(
+        std::io::stdout(),
+        "proctor agent listening on {} (incarnation {}; {})",
+        running.addr,
+        running.incarnation,
+        running.security
+    );
     // Under systemd (Type=notify): ready once the port is bound and serving.
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(%error, "could not tell systemd the agent is ready");

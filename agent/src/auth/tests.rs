@@ -120,3 +120,23 @@ fn a_certificate_says_who_and_which_role() {
     }
     assert!(caller_from_certificate(b"not der").is_err());
 }
+
+#[test]
+fn an_agent_certificate_near_or_past_its_end_is_said_at_start() {
+    let day = 86400;
+    let now = 1_000 * day;
+    // (not before, not after, part of the warning; "" for none)
+    let table = [
+        (now - day, now + 365 * day, ""),
+        (now - day, now + 10 * day, "expires in 10 days"),
+        (now - 30 * day, now - 2 * day, "expired 2 days ago"),
+        (now + day, now + 365 * day, "not valid yet"),
+    ];
+    for (from, to, part) in table {
+        let got = validity_warning(from, to, now);
+        match part {
+            "" => assert_eq!(got, None),
+            part => assert!(got.as_deref().is_some_and(|w| w.contains(part)), "{got:?}"),
+        }
+    }
+}
