@@ -320,20 +320,13 @@ fn read(path: &std::path::Path, what: &str) -> Result<String, String> {
     })
 }
 
-/// The server's TLS settings: its certificate, and with mTLS the lab CA
-/// every client certificate must chain to (no certificate, no connection).
-pub fn server_tls(auth: &AuthConfig) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let (Some(cert), Some(key)) = (&auth.cert, &auth.key) else { return Ok(None) };
-    let pem = read(cert, "agent certificate")?;
-    warn_on_validity(&pem, cert);
-    let identity = Identity::from_pem(pem, read(key, "agent key")?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if auth.mode == Mode::Mtls {
-        let ca = auth.ca.as_ref().ok_or("[auth] mode = \"mtls\" needs `ca`")?;
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "lab CA certificate")?)).client_auth_optional(false);
+/// Says at start when the agent's own certificate is expired or about to be.
+pub fn check_certificate(auth: &AuthConfig) {
+    if let Some(cert) = &auth.cert
+        && let Ok(pem) = read(cert, "agent certificate")
+    {
+        warn_on_validity(&pem, cert);
     }
-    Ok(Some(tls))
 }
 
 fn peer_certs<B>(request: &http::Request<B>) -> Option<Vec<Vec<u8>>> {

@@ -17,6 +17,7 @@ pub mod lease;
 pub mod probe;
 pub mod sampling;
 pub mod supervisor;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -205,28 +206,38 @@ fn serve(
         tracing::warn!("{warning}");
     }
     let gate = auth::Gate::load(&config.auth).map_err(AgentError::Auth)?;
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout));
-    if let Some(tls) = auth::server_tls(&config.auth).map_err(AgentError::Auth)? {
-        builder = builder.tls_config(tls)?;
-    }
+    // Fail at start, not at the first connection, on unreadable files.
+    let acceptor = tls::acceptor(&config.auth).map_err(AgentError::Auth)?;
+    auth::check_certificate(&config.auth);
     let router = builder.layer(auth::AuthLayer::new(gate)).add_service(
         proto::agent_server::AgentServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
     );
+    let shutdown = async move {
+        cancel.cancelled().await;
+        // Services first, so their last events are still served.
+        tasks.close();
+        tasks.wait().await;
+    };
     Ok(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let result = router
-            .serve_with_incoming_shutdown(incoming, async move {
-                cancel.cancelled().await;
-                // Services first, so their last events are still served.
-                tasks.close();
-                tasks.wait().await;
-            })
-            .await;
+        let result = match acceptor {
+            Some(acceptor) => {
+                let stop_accepting = CancellationToken::new();
+                let incoming = tls::incoming(listener, acceptor, stop_accepting.clone());
+                let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+                stop_accepting.cancel();
+                result
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router.serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+        };
         sampler_cancel.cancel();
         result
     }))

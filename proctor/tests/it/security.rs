@@ -129,6 +129,12 @@ async fn mtls_lets_in_only_certificates_of_the_lab_ca_naming_the_right_agent() {
     }
     // Plaintext to a TLS agent gets nowhere either.
     assert!(Remote::connect(&agent.addr).await.is_err(), "plaintext is refused");
+    // The agent said why, each time, with the peer.
+    let log = agent.logs();
+    for reason in ["peer sent no certificates", "UnknownIssuer", "certificate expired"] {
+        let line = log.lines().find(|l| l.contains("TLS handshake refused") && l.contains(reason));
+        assert!(line.is_some_and(|l| l.contains("peer=127.0.0.1:")), "{reason} not logged with the peer: {log}");
+    }
     // None of them got as far as a handler: the first lease is the lab controller's.
     let mut controller = raw(&agent, &dir, "controller-ci").await;
     let lease = controller.acquire_lease(lease_request()).await.expect("a controller drives").into_inner();
