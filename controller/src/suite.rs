@@ -477,4 +477,37 @@ cases:
         assert!(err.message.contains("used twice"), "{err}");
         assert_eq!(err.line, 19);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const VALID: &str = "name: translate\nservice: translation\nmodels: [nllb]\ntimeout: 5m\ncases:\n  - name: hello\n    request: {method: POST, path: /translate, json: {text: Hello}}\n    expect:\n      status: 200\n      json:\n        - {pointer: /translated_text, equals: hola}\n        - {pointer: /model, matches: \"^nl\"}\n";
+
+        proptest! {
+            /// Any text, and any damage to a valid suite, is a suite or an
+            /// error that says where — never a panic.
+            #[test]
+            fn any_text_parses_or_says_where(text in ".{0,400}") {
+                if let Err(e) = parse(&text, Path::new("s.yaml")) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn a_damaged_suite_parses_or_says_where(cut in 0usize..400, at in 0usize..400, junk in ".{0,8}") {
+                let mut text: String = VALID.chars().take(cut).collect();
+                let at = text.char_indices().nth(at).map_or(text.len(), |(i, _)| i);
+                text.insert_str(at, &junk);
+                if let Err(e) = parse(&text, Path::new("s.yaml")) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn the_valid_suite_is_valid() {
+            parse(VALID, Path::new("s.yaml")).unwrap();
+        }
+    }
 }

@@ -239,3 +239,55 @@ fn a_probe_costs_its_wall_time_and_the_bytes_it_moved() {
     let cost = ProbeCost::of(&answers, Duration::from_millis(60));
     assert_eq!(cost, ProbeCost { wall: Duration::from_millis(60), bytes: 1000 + 2 * 256 });
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A body: arbitrary bytes, or JSON shaped like what services answer
+    /// with arbitrary values where a reader looks.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let json = ("[a-z_ ]{0,12}", any::<f64>(), proptest::option::of(".{0,30}"), any::<bool>()).prop_map(
+            |(status, progress, error, listed)| {
+                let model = serde_json::json!({"status": status, "progress": progress, "error": error, "name": "nllb"});
+                let models = if listed { serde_json::json!([model]) } else { serde_json::json!({"nllb": model}) };
+                serde_json::json!({"models": models, "data": models, "model_id": "nllb", "status": status})
+                    .to_string()
+                    .into_bytes()
+            },
+        );
+        prop_oneof![json, proptest::collection::vec(any::<u8>(), 0..200)]
+    }
+
+    fn answer() -> impl Strategy<Value = Answer> {
+        prop_oneof![(100u16..600, body()).prop_map(Ok), Just(Err("connection refused".to_owned()))]
+    }
+
+    proptest! {
+        /// Whatever a service answers, every reader reads it without a
+        /// panic, and a progress is always a fraction.
+        #[test]
+        fn the_readers_take_any_answer(answers in proptest::collection::vec(answer(), 0..4), percent in any::<bool>()) {
+            let models = named(&[("nllb", "nllb"), ("aya", "CohereForAI/aya")]);
+            let mut json = health_json();
+            if let Protocol::HealthJson(h) = &mut json {
+                h.progress_scale = if percent { ProgressScale::Percent } else { ProgressScale::Auto };
+            }
+            let protocols = [
+                json,
+                Protocol::KserveV2,
+                Protocol::OpenAi,
+                Protocol::Tgi,
+                Protocol::Ollama,
+                Protocol::Http { path: "/".into() },
+            ];
+            for protocol in protocols {
+                let reading = protocol.read(&models, &answers);
+                for health in reading.models.values() {
+                    prop_assert!((0.0..=1.0).contains(&health.progress), "{}: {}", protocol.name(), health.progress);
+                }
+                prop_assert!(reading.payload.len() <= 4 * PAYLOAD_EXCERPT, "{}", reading.payload.len());
+            }
+        }
+    }
+}

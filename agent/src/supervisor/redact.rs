@@ -46,11 +46,19 @@ impl Secrets {
         let mut out = Cow::Borrowed(text);
         for (name, value) in values.iter() {
             if out.contains(value.as_str()) {
-                out = Cow::Owned(out.replace(value.as_str(), &format!("[REDACTED: {name}]")));
+                out = Cow::Owned(out.replace(value.as_str(), &marker(name, &values)));
             }
         }
         out
     }
+}
+
+/// What a value is replaced by: `[REDACTED: NAME]`, unless that would spell
+/// a secret value itself (a value `REDACTED`, or a name holding a value):
+/// then `[***]`, shorter than any value redacted.
+fn marker(name: &str, values: &[(String, String)]) -> String {
+    let named = format!("[REDACTED: {name}]");
+    if values.iter().any(|(_, v)| named.contains(v.as_str())) { "[***]".to_owned() } else { named }
 }
 
 #[cfg(test)]
@@ -70,5 +78,38 @@ mod tests {
         for (line, want) in table {
             assert_eq!(s.redact(line), want);
         }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Wherever the values are put in whatever text, none survives.
+        #[test]
+        fn redaction_is_complete(
+            values in proptest::collection::vec("[A-Za-z0-9_]{6,16}", 1..4),
+            pieces in proptest::collection::vec(".{0,20}", 1..6),
+            names in proptest::collection::vec("[A-Z_]{1,12}", 4),
+        ) {
+            let secrets: Vec<(String, String)> = values.iter().zip(&names).map(|(v, n)| (n.clone(), v.clone())).collect();
+            let s = Secrets::of(secrets);
+            // The values interleaved with arbitrary text, each once or more.
+            let mut text = String::new();
+            for (i, piece) in pieces.iter().enumerate() {
+                text.push_str(piece);
+                text.push_str(&values[i % values.len()]);
+            }
+            let out = s.redact(&text);
+            for v in &values {
+                prop_assert!(!out.contains(v.as_str()), "{v:?} survived in {out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_that_spells_the_marker_is_still_redacted() {
+        let s = Secrets::of(vec![("TOKEN".into(), "REDACTED".into())]);
+        assert_eq!(s.redact("key REDACTED"), "key [***]");
+        let s = Secrets::of(vec![("HF_TOKEN".into(), "HF_TOKEN".into())]);
+        assert!(!s.redact("HF_TOKEN=HF_TOKEN").contains("HF_TOKEN"));
     }
 }
