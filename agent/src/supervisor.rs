@@ -516,7 +516,7 @@ impl Actor {
                 self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
                     service: self.cfg.name.clone(),
                     pid: spawned.pid,
-                    command: self.cfg.command.join(" "),
+                    command: self.secrets.redact(&self.cfg.command.join(" ")).into_owned(),
                 }));
                 self.wiring.roots.send_modify(|r| {
                     r.insert(self.cfg.name.clone(), spawned.pid);

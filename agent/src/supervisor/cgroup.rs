@@ -234,7 +234,21 @@ impl ServiceCgroup {
 pub fn probe(agent_id: &str) -> Result<(), CgroupError> {
     let cg = ServiceCgroup::locate(agent_id, "probe")?;
     cg.create(None)?;
+    // A cgroup without the memory controller would limit nothing and count
+    // no OOM kill: say so now rather than misreport later.
+    let accounted = match &cg {
+        ServiceCgroup::V2 { dir } => dir.join("memory.current").exists(),
+        ServiceCgroup::V1 { memory, .. } => memory.join("memory.usage_in_bytes").exists(),
+    };
+    let parent = cg.procs_file().parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
     cg.remove();
+    if !accounted {
+        return Err(CgroupError::Unavailable(format!(
+            "the memory controller is not enabled for cgroups below {}: the agent needs a cgroup subtree it may \
+             enable memory in (under systemd: Delegate=yes; see docs/install.md)",
+            parent.display()
+        )));
+    }
     Ok(())
 }
 

@@ -32,12 +32,18 @@ impl Secrets {
 
     /// Takes the service's secrets as they are in their files now.
     pub(super) fn reload(&self, cfg: &ServiceConfig) {
-        let values = cfg
+        let mut values: Vec<(String, String)> = cfg
             .secrets
             .iter()
             .filter_map(|(name, path)| std::fs::read_to_string(path).ok().map(|v| (name.clone(), v.trim().to_owned())))
-            .filter(|(_, v)| v.len() >= MIN_SECRET_LEN)
             .collect();
+        // Credentials in the service's URL are secrets too.
+        if let Some(password) =
+            reqwest::Url::parse(&cfg.base_url.replace("{port}", "1")).ok().and_then(|u| u.password().map(str::to_owned))
+        {
+            values.push(("base_url password".to_owned(), password));
+        }
+        values.retain(|(_, v)| v.len() >= MIN_SECRET_LEN);
         *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = values;
     }
 
@@ -103,6 +109,19 @@ mod tests {
                 prop_assert!(!out.contains(v.as_str()), "{v:?} survived in {out:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_password_in_the_services_url_is_a_secret_too() {
+        let text =
+            "[[service]]\nname = \"t\"\ncommand = [\"sim\"]\nbase_url = \"http://lab:s3cretpass@127.0.0.1:{port}\"\n";
+        let cfg = crate::config::Config::parse(text, std::path::Path::new("/tmp/agent.toml")).unwrap();
+        let s = Secrets::default();
+        s.reload(&cfg.services[0]);
+        assert_eq!(
+            s.redact("GET http://lab:s3cretpass@127.0.0.1:4100/x"),
+            "GET http://lab:[REDACTED: base_url password]@127.0.0.1:4100/x"
+        );
     }
 
     #[test]
