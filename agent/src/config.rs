@@ -47,6 +47,7 @@ struct RawConfig {
     keepalive_interval: Option<Text>,
     keepalive_timeout: Option<Text>,
     auth: Option<Spanned<RawAuth>>,
+    nvml_library: Option<PathBuf>,
 }
 
 /// `[auth]`: who may call the agent (docs/security.md).
@@ -174,6 +175,9 @@ pub struct Config {
     /// Who may call the agent; checked against `listen` (plaintext only on
     /// loopback or with `insecure`).
     pub auth: crate::auth::AuthConfig,
+    /// Where NVML is (default: the driver's `libnvidia-ml.so`); none found
+    /// = GPU sampling off.
+    pub nvml_library: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -380,6 +384,7 @@ impl Config {
             keepalive_interval: keepalive("keepalive_interval", &raw.keepalive_interval)?,
             keepalive_timeout: keepalive("keepalive_timeout", &raw.keepalive_timeout)?,
             auth,
+            nvml_library: raw.nvml_library.map(|p| base.join(p)),
         })
     }
 }

@@ -227,6 +227,8 @@ struct State {
     host: HostMemory,
     heartbeat_unix_ms: i64,
     leases: LeaseTable,
+    /// The host's GPUs as last sampled.
+    gpus: Vec<proto::GpuDevice>,
     /// Who took a lease for each recent run: only they may fetch or
     /// acknowledge its results.
     owners: RunOwners,
@@ -494,6 +496,7 @@ impl State {
                     svc.running = true;
                     svc.pid = s.pid;
                     svc.peak_rss_bytes = 0;
+                    svc.peak_gpu_bytes = 0;
                 }
             }
             event::Kind::ServiceExited(s) => {
@@ -501,6 +504,7 @@ impl State {
                     svc.running = false;
                     svc.pid = 0;
                     svc.rss_bytes = 0;
+                    svc.gpu_bytes = 0;
                     svc.last_exit = s.exit.or(Some(ExitStatus::default()));
                 }
             }
@@ -513,8 +517,11 @@ impl State {
                     if let Some(svc) = self.services.get_mut(&m.service) {
                         svc.rss_bytes = m.rss_bytes;
                         svc.peak_rss_bytes = svc.peak_rss_bytes.max(m.rss_bytes);
+                        svc.gpu_bytes = m.gpu_bytes;
+                        svc.peak_gpu_bytes = svc.peak_gpu_bytes.max(m.gpu_bytes);
                     }
                 }
+                self.gpus.clone_from(&t.gpus);
             }
             event::Kind::CaseFinished(_) | event::Kind::Log(_) | event::Kind::LeaseChanged(_) => {}
         }
@@ -533,6 +540,7 @@ impl State {
             leases: self.leases.live_grants(now).iter().map(public_lease).collect(),
             host: Some(self.host),
             heartbeat_unix_ms: self.heartbeat_unix_ms,
+            gpus: self.gpus.clone(),
         }
     }
 

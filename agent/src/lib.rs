@@ -120,11 +120,13 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let (roots_tx, roots_rx) = watch::channel(BTreeMap::new());
     let (samples_tx, samples_rx) = watch::channel(BTreeMap::new());
     let sampler_cancel = CancellationToken::new();
+    let gpus = sampling::gpu::Gpus::open(config.nvml_library.as_deref());
+    let nvml = gpus.is_some();
     tokio::spawn(sampling::run(
         journal.clone(),
         roots_rx,
         samples_tx,
-        config.telemetry_interval,
+        (config.telemetry_interval, gpus),
         sampler_cancel.clone(),
     ));
 
@@ -175,7 +177,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         memory_budget_bytes: config.memory_budget_bytes,
         capabilities: Some(proto::Capabilities {
             cgroup: cgroups,
-            nvml: false,
+            nvml,
             readiness_protocols: probe::Protocol::NAMES.iter().map(|p| p.to_string()).collect(),
             case_kinds: vec!["http".into()],
         }),

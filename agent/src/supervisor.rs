@@ -106,7 +106,7 @@ pub struct Wiring {
     pub agent_id: String,
     /// Whether services get cgroups (probed once at agent start).
     pub cgroups: bool,
-    pub roots: Arc<watch::Sender<BTreeMap<String, u32>>>,
+    pub roots: Arc<watch::Sender<BTreeMap<String, crate::sampling::ServiceRoot>>>,
     pub samples: watch::Receiver<BTreeMap<String, TreeMemory>>,
     pub admission: Admission,
     pub data_dir: PathBuf,
@@ -518,8 +518,9 @@ impl Actor {
                     pid: spawned.pid,
                     command: self.secrets.redact(&self.cfg.command.join(" ")).into_owned(),
                 }));
+                let root = crate::sampling::ServiceRoot { pid: spawned.pid, cgroup: self.cgroup.clone() };
                 self.wiring.roots.send_modify(|r| {
-                    r.insert(self.cfg.name.clone(), spawned.pid);
+                    r.insert(self.cfg.name.clone(), root);
                 });
                 tracing::info!(service = %self.cfg.name, pid = spawned.pid, "service started");
                 let probe_cancel = self.start_probe(&spawned.base_url);
@@ -796,8 +797,9 @@ impl Actor {
         }
         self.cgroup = state.cgroup.clone();
         self.oom_baseline = self.cgroup.as_ref().map_or(0, |cg| cg.oom_kills());
+        let root = crate::sampling::ServiceRoot { pid: state.pid, cgroup: self.cgroup.clone() };
         self.wiring.roots.send_modify(|r| {
-            r.insert(self.cfg.name.clone(), state.pid);
+            r.insert(self.cfg.name.clone(), root);
         });
         self.wiring.journal.append(event::Kind::ServiceStarted(proto::ServiceStarted {
             service: self.cfg.name.clone(),

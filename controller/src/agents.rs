@@ -41,7 +41,7 @@ pub struct AgentReport {
     pub ram_reserved_bytes: u64,
     pub memory_budget_bytes: Option<u64>,
     /// `null`: no NVML on this host (GPU sampling off).
-    pub gpu_memory_bytes: Option<u64>,
+    pub gpus: Option<Vec<crate::client::GpuView>>,
     pub cgroups: bool,
     /// Milliseconds since the agent's last heartbeat, by its own clock.
     pub heartbeat_age_ms: Option<i64>,
@@ -54,6 +54,7 @@ pub struct ServiceReport {
     pub running: bool,
     pub pid: u32,
     pub rss_bytes: u64,
+    pub gpu_bytes: u64,
     pub models: Vec<ModelReport>,
     pub lease: Option<LeaseReport>,
 }
@@ -108,6 +109,7 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
             running: s.running,
             pid: s.pid,
             rss_bytes: s.rss_bytes,
+            gpu_bytes: s.gpu_bytes,
             models: s
                 .models
                 .iter()
@@ -141,7 +143,7 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
         ram_available_bytes: info.ram_available,
         ram_reserved_bytes: info.reserved,
         memory_budget_bytes: info.memory_budget,
-        gpu_memory_bytes: None,
+        gpus: info.nvml.then(|| snapshot.gpus.clone()),
         cgroups: info.cgroups,
         heartbeat_age_ms: (snapshot.heartbeat_unix_ms > 0).then(|| info.now_unix_ms - snapshot.heartbeat_unix_ms),
         services,
@@ -151,6 +153,28 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
 
 fn mib(b: u64) -> u64 {
     b / (1024 * 1024)
+}
+
+/// "n/a" without NVML, else each GPU's memory and utilisation.
+fn gpus_text(gpus: Option<&[crate::client::GpuView]>) -> String {
+    match gpus {
+        None => "n/a".to_owned(),
+        Some([]) => "none found".to_owned(),
+        Some(list) => list
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {}: {}/{} MiB used, {}%",
+                    g.index,
+                    g.name,
+                    mib(g.used_bytes),
+                    mib(g.total_bytes),
+                    g.utilization_percent
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
 }
 
 /// The human-readable table.
@@ -180,12 +204,13 @@ pub fn render(hosts: &[HostReport]) -> String {
             mib(a.ram_total_bytes),
             mib(a.ram_reserved_bytes),
             a.memory_budget_bytes.map_or(String::new(), |b| format!(", budget {} MiB", mib(b))),
-            a.gpu_memory_bytes.map_or("n/a".to_owned(), |b| format!("{} MiB", mib(b))),
+            gpus_text(a.gpus.as_deref()),
             if a.cgroups { "on" } else { "off" },
         ));
         for s in &a.services {
             let state = if s.running {
-                format!("running (pid {}, rss {} MiB)", s.pid, mib(s.rss_bytes))
+                let gpu = if a.gpus.is_some() { format!(", gpu {} MiB", mib(s.gpu_bytes)) } else { String::new() };
+                format!("running (pid {}, rss {} MiB{gpu})", s.pid, mib(s.rss_bytes))
             } else {
                 "stopped".to_owned()
             };

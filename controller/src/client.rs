@@ -220,6 +220,8 @@ pub struct AgentInfo {
     pub hostname: String,
     pub services: Vec<ServiceInfo>,
     pub cgroups: bool,
+    /// The agent samples GPUs (NVML found).
+    pub nvml: bool,
     pub ram_total: u64,
     pub ram_available: u64,
     /// Memory admission inputs: `None` = no such limit.
@@ -272,7 +274,8 @@ impl From<proto::AgentInfo> for AgentInfo {
             incarnation: i.incarnation,
             hostname: i.hostname,
             services,
-            cgroups: i.capabilities.is_some_and(|c| c.cgroup),
+            cgroups: i.capabilities.as_ref().is_some_and(|c| c.cgroup),
+            nvml: i.capabilities.as_ref().is_some_and(|c| c.nvml),
             ram_total: i.host_memory_total_bytes,
             ram_available: i.host_memory_available_bytes,
             cgroup_room: i.cgroup_room_bytes,
@@ -293,6 +296,18 @@ pub struct Snapshot {
     pub leases: BTreeMap<String, LeaseView>,
     /// The agent's last heartbeat (agent clock; 0 = none yet).
     pub heartbeat_unix_ms: i64,
+    /// The host's GPUs as last sampled.
+    pub gpus: Vec<GpuView>,
+}
+
+/// One GPU as the agent last sampled it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GpuView {
+    pub index: u32,
+    pub name: String,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+    pub utilization_percent: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -301,6 +316,7 @@ pub struct ServiceState {
     pub running: bool,
     pub pid: u32,
     pub rss_bytes: u64,
+    pub gpu_bytes: u64,
     pub models: Vec<(String, ModelView)>,
 }
 
@@ -324,12 +340,24 @@ impl From<proto::Snapshot> for Snapshot {
                 running: svc.running,
                 pid: svc.pid,
                 rss_bytes: svc.rss_bytes,
+                gpu_bytes: svc.gpu_bytes,
             })
             .collect();
         Snapshot {
             services,
             leases: s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect(),
             heartbeat_unix_ms: s.heartbeat_unix_ms,
+            gpus: s
+                .gpus
+                .iter()
+                .map(|g| GpuView {
+                    index: g.index,
+                    name: g.name.clone(),
+                    used_bytes: g.memory_used_bytes,
+                    total_bytes: g.memory_total_bytes,
+                    utilization_percent: g.utilization_percent,
+                })
+                .collect(),
         }
     }
 }

@@ -559,3 +559,48 @@ pub const ALLOW_NO_CGROUP: &str = "PROCTOR_ALLOW_NO_CGROUP";
 fn require_cgroup() -> Vec<(&'static str, &'static str)> {
     if std::env::var_os(ALLOW_NO_CGROUP).is_some() { vec![] } else { vec![("PROCTOR_REQUIRE_CGROUP", "1")] }
 }
+
+/// A stand-in `libnvidia-ml.so` built with the system C compiler into `dir`
+/// (`testkit/nvml/stand_in.c`): the agent loads it through the same
+/// `nvml-wrapper` code as the real driver. What it reports comes from the
+/// spec file it re-reads on every call; write it with `StandInNvml::show`.
+#[derive(Debug)]
+pub struct StandInNvml {
+    pub library: PathBuf,
+    pub spec: PathBuf,
+}
+
+impl StandInNvml {
+    pub fn build(dir: &Path) -> StandInNvml {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nvml/stand_in.c");
+        let library = dir.join("libnvidia-ml.so");
+        let spec = dir.join("nvml.spec");
+        std::fs::write(&spec, "").expect("write the NVML spec");
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1"])
+            .arg(format!("-DSPEC_PATH=\"{}\"", spec.display()))
+            .arg("-o")
+            .arg(&library)
+            .arg(&source)
+            .output()
+            .expect("a C compiler (cc) builds the stand-in NVML; .ci/run installs gcc");
+        assert!(built.status.success(), "cc failed: {}", String::from_utf8_lossy(&built.stderr));
+        StandInNvml { library, spec }
+    }
+
+    /// Devices `(name, used MiB, total MiB)` and processes `(device, pid, MiB)`.
+    pub fn show(&self, devices: &[(&str, u64, u64)], processes: &[(u32, u32, u64)]) {
+        const MIB: u64 = 1024 * 1024;
+        let mut text = String::new();
+        for (i, (name, used, total)) in devices.iter().enumerate() {
+            text.push_str(&format!("device {i} {name} GPU-stand-in-{i} {} {} 37 45 120000\n", used * MIB, total * MIB));
+        }
+        for (device, pid, mib) in processes {
+            text.push_str(&format!("process {device} {pid} {}\n", mib * MIB));
+        }
+        // Whole or not at all: the agent may read it at any moment.
+        let partial = self.spec.with_extension("partial");
+        std::fs::write(&partial, text).expect("write the NVML spec");
+        std::fs::rename(&partial, &self.spec).expect("replace the NVML spec");
+    }
+}

@@ -17,6 +17,9 @@ use crate::sampling::TreeMemory;
 
 /// RSS must move by this much between two samples to count as progress.
 pub const RSS_PROGRESS_BYTES: u64 = 1024 * 1024;
+/// So must the service's GPU memory: a model loading straight into the GPU
+/// barely moves RSS.
+pub const GPU_PROGRESS_BYTES: u64 = 1024 * 1024;
 /// The tree must use this share of one core between two samples.
 pub const CPU_PROGRESS_SHARE: f64 = 0.05;
 /// Bytes read + written between two samples (files, pipes, sockets).
@@ -43,6 +46,10 @@ pub fn progress_signal(
     let rss = after.rss_bytes.abs_diff(before.rss_bytes);
     if rss >= RSS_PROGRESS_BYTES {
         return Some(format!("RSS moved {} MiB", rss / (1024 * 1024)));
+    }
+    let gpu = after.gpu_bytes.abs_diff(before.gpu_bytes);
+    if gpu >= GPU_PROGRESS_BYTES {
+        return Some(format!("GPU memory moved {} MiB", gpu / (1024 * 1024)));
     }
     let io = after.io_bytes.saturating_sub(before.io_bytes).saturating_sub(probes.bytes);
     if io >= IO_PROGRESS_BYTES {
@@ -670,9 +677,9 @@ fn timeout_reason(limit: Duration, source: &str) -> String {
 
 fn stall_reason(limit: Duration, stage: Stage) -> String {
     format!(
-        "stalled: no progress for {}s in {} (no stage or progress change, RSS moved < 1 MiB, CPU < 5% of a core, \
-         I/O < 64 KiB between samples, not counting the agent's own probes); the stall limit is `stall` in the \
-         agent config",
+        "stalled: no progress for {}s in {} (no stage or progress change, RSS and GPU memory moved < 1 MiB, CPU < \
+         5% of a core, I/O < 64 KiB between samples, not counting the agent's own probes); the stall limit is \
+         `stall` in the agent config",
         limit.as_secs_f64(),
         stage.label()
     )

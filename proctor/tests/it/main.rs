@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod gpu;
 mod hosts;
 mod loading;
 mod promises;

@@ -353,6 +353,9 @@ pub struct Snapshot {
     /// When the agent last sampled its host (its 1 Hz heartbeat); 0 = not yet.
     #[prost(int64, tag = "6")]
     pub heartbeat_unix_ms: i64,
+    /// The host's GPUs as last sampled (empty without NVML).
+    #[prost(message, repeated, tag = "7")]
+    pub gpus: ::prost::alloc::vec::Vec<GpuDevice>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServiceState {
@@ -370,6 +373,11 @@ pub struct ServiceState {
     pub peak_rss_bytes: u64,
     #[prost(message, optional, tag = "7")]
     pub last_exit: ::core::option::Option<ExitStatus>,
+    /// GPU memory of the service's processes (tree and cgroup), all devices.
+    #[prost(uint64, tag = "8")]
+    pub gpu_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub peak_gpu_bytes: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ModelState {
@@ -474,6 +482,9 @@ pub struct Telemetry {
     pub host: ::core::option::Option<HostMemory>,
     #[prost(message, repeated, tag = "2")]
     pub services: ::prost::alloc::vec::Vec<ServiceMemory>,
+    /// Every GPU NVML sees (empty without NVML).
+    #[prost(message, repeated, tag = "3")]
+    pub gpus: ::prost::alloc::vec::Vec<GpuDevice>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceMemory {
@@ -484,6 +495,43 @@ pub struct ServiceMemory {
     pub rss_bytes: u64,
     #[prost(uint32, tag = "3")]
     pub processes: u32,
+    /// GPU memory of the service's processes — its tree and its cgroup (a
+    /// worker that left the tree still counts) — over all devices.
+    #[prost(uint64, tag = "4")]
+    pub gpu_bytes: u64,
+}
+/// One GPU as NVML reports it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GpuDevice {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub uuid: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub memory_used_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub memory_total_bytes: u64,
+    #[prost(uint32, tag = "6")]
+    pub utilization_percent: u32,
+    #[prost(uint32, tag = "7")]
+    pub temperature_celsius: u32,
+    #[prost(uint32, tag = "8")]
+    pub power_milliwatts: u32,
+    /// GPU memory per process on this device (compute and graphics).
+    #[prost(message, repeated, tag = "9")]
+    pub processes: ::prost::alloc::vec::Vec<GpuProcess>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GpuProcess {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(uint64, tag = "2")]
+    pub memory_bytes: u64,
+    /// The service the process belongs to, if any.
+    #[prost(string, tag = "3")]
+    pub service: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CaseFinished {

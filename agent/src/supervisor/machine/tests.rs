@@ -56,6 +56,13 @@ fn progress_signals_and_their_thresholds_leave_out_the_agents_own_probes() {
         (sample(100, 1000, 1100), sec, probes(0, 90), None),
         (sample(100, 1200, 1000), sec, probes(120, 0), Some("80 ms of CPU")),
         (sample(100, 1000, 1200), sec, probes(0, 90), Some("110 KiB of I/O")),
+        // Weights going straight into GPU memory.
+        (
+            TreeMemory { gpu_bytes: 512 * 1024 * 1024, ..sample(100, 1000, 1000) },
+            sec,
+            none,
+            Some("GPU memory moved 512 MiB"),
+        ),
     ];
     for (after, elapsed, cost, want) in table {
         assert_eq!(

@@ -1,0 +1,148 @@
+//! Resource sampling, one file per source: host RAM, each service's whole
+//! process tree (`tree`: RSS, CPU time, I/O bytes) and the GPUs (`gpu`:
+//! NVML; a service's GPU memory is what its tree and its cgroup use), at a
+//! fixed interval (1 Hz by default). Published to the journal as
+//! `Telemetry`, and to the supervisors through a watch channel: for failure
+//! messages, and as the progress signals that tell a slow load from a
+//! stalled one.
+
+pub mod gpu;
+mod tree;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::Journal;
+
+/// Latest memory figures of one service's process tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeMemory {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub processes: u32,
+    /// User + system CPU time of the tree's live processes, in milliseconds.
+    pub cpu_ms: u64,
+    /// Bytes read and written by the tree's live processes (`rchar + wchar`:
+    /// files, pipes and sockets alike, so a network download counts).
+    pub io_bytes: u64,
+    /// GPU memory of the service's processes (tree and cgroup), all devices.
+    pub gpu_bytes: u64,
+    pub peak_gpu_bytes: u64,
+}
+
+/// Where a service's processes are: the root it was started as, and its
+/// cgroup when it has one (a worker that left the tree is still in it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRoot {
+    pub pid: u32,
+    pub cgroup: Option<crate::supervisor::cgroup::ServiceCgroup>,
+}
+
+/// Service name → where its processes are, kept current by the supervisors.
+pub type Roots = watch::Receiver<BTreeMap<String, ServiceRoot>>;
+pub type Samples = watch::Sender<BTreeMap<String, TreeMemory>>;
+
+/// Runs until cancelled.
+pub async fn run(
+    journal: Journal,
+    roots: Roots,
+    samples: Samples,
+    (interval, gpus): (Duration, Option<gpu::Gpus>),
+    cancel: CancellationToken,
+) {
+    let Ok(mut system) = System::new() else {
+        tracing::warn!("memory sampling disabled: this system cannot be inspected");
+        return;
+    };
+    let mut peaks: BTreeMap<String, (u32, u64, u64)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let roots_now = roots.borrow().clone();
+        let devices = gpus.as_ref().map(gpu::Gpus::sample).unwrap_or_default();
+        let (telemetry, current) = sample(&mut system, &roots_now, &devices, &mut peaks);
+        samples.send_replace(current);
+        journal.append(proto::event::Kind::Telemetry(telemetry));
+    }
+}
+
+/// One round: host memory, then each service's tree (and cgroup) and GPU use.
+fn sample(
+    system: &mut System,
+    roots: &BTreeMap<String, ServiceRoot>,
+    devices: &[gpu::Device],
+    peaks: &mut BTreeMap<String, (u32, u64, u64)>,
+) -> (proto::Telemetry, BTreeMap<String, TreeMemory>) {
+    system.refresh_memory();
+    let procs = processes(system, !roots.is_empty());
+    let mut telemetry = proto::Telemetry {
+        host: Some(proto::HostMemory {
+            total_bytes: system.total_memory(),
+            available_bytes: system.available_memory(),
+        }),
+        services: Vec::new(),
+        gpus: Vec::new(),
+    };
+    let mut current = BTreeMap::new();
+    let mut owner: BTreeMap<u32, String> = BTreeMap::new();
+    for (service, root) in roots {
+        let members = tree::tree(&procs, root.pid);
+        let rss: u64 = members.iter().map(|i| procs[*i].2).sum();
+        let processes = members.len() as u32;
+        let cpu = members.iter().map(|i| tree::cpu_ms(procs[*i].0)).sum();
+        let io = members.iter().map(|i| tree::io_bytes(procs[*i].0)).sum();
+        let mut pids: HashSet<u32> = members.iter().map(|i| procs[*i].0).collect();
+        pids.extend(root.cgroup.as_ref().map(|cg| cg.pids()).unwrap_or_default());
+        let gpu_bytes = gpu::attribute(devices, &pids);
+        owner.extend(pids.iter().map(|p| (*p, service.clone())));
+        let peak = peaks.entry(service.clone()).or_insert((root.pid, 0, 0));
+        if peak.0 != root.pid {
+            *peak = (root.pid, 0, 0);
+        }
+        peak.1 = peak.1.max(rss);
+        peak.2 = peak.2.max(gpu_bytes);
+        let memory = TreeMemory {
+            rss_bytes: rss,
+            peak_rss_bytes: peak.1,
+            processes,
+            cpu_ms: cpu,
+            io_bytes: io,
+            gpu_bytes,
+            peak_gpu_bytes: peak.2,
+        };
+        current.insert(service.clone(), memory);
+        telemetry.services.push(proto::ServiceMemory {
+            service: service.clone(),
+            rss_bytes: rss,
+            processes,
+            gpu_bytes,
+        });
+    }
+    telemetry.gpus = devices.iter().map(|d| d.to_proto(|pid| owner.get(&pid).cloned())).collect();
+    (telemetry, current)
+}
+
+/// (pid, parent, RSS) of every process, threads left out; nothing when no
+/// service runs (a full scan of `/proc` then is wasted work).
+fn processes(system: &mut System, needed: bool) -> Vec<(u32, Option<u32>, u64)> {
+    if !needed {
+        return Vec::new();
+    }
+    system.refresh_processes_specifics(ProcessesToUpdate::All, true, ProcessRefreshKind::nothing().with_memory());
+    system
+        .processes()
+        .values()
+        // sysinfo lists threads as processes on Linux: skip them, or their
+        // (shared) memory would be counted again.
+        .filter(|p| p.thread_kind().is_none())
+        .map(|p| (p.pid().as_u32(), p.parent().map(Pid::as_u32), p.memory()))
+        .collect()
+}

@@ -1,0 +1,157 @@
+//! GPU telemetry without a GPU: a stand-in `libnvidia-ml.so` (built here
+//! with the system C compiler) answers NVML calls from a file the test
+//! writes; the agent loads it through the same `nvml-wrapper` code as the
+//! real driver.
+
+use std::time::Duration;
+
+use proto::{Stage, event};
+use testkit::{Agent, Scratch, Service, StandInNvml};
+
+use super::{BIN, lease, reached, watch_until};
+
+const MIB: u64 = 1024 * 1024;
+
+fn with_nvml(service: Service, nvml: &StandInNvml) -> Service {
+    service.agent_keys(&format!("nvml_library = {:?}", nvml.library.display().to_string()))
+}
+
+async fn ensure(agent: &Agent, models: &[&str]) -> proto::agent_client::AgentClient<tonic::transport::Channel> {
+    let mut client = agent.client().await;
+    let held = lease(&mut client, "gpu").await;
+    let request = proto::EnsureModelsRequest {
+        lease: Some(held),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        ..Default::default()
+    };
+    client.ensure_models(request).await.expect("ensure");
+    client
+}
+
+fn started_pid(events: &[proto::Event]) -> u32 {
+    events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(event::Kind::ServiceStarted(s)) => Some(s.pid),
+            _ => None,
+        })
+        .expect("service started")
+}
+
+/// The service's memory-controller cgroup folder (cgroup v1 or v2).
+fn cgroup_dir(pid: u32) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = text.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| format!("/sys/fs/cgroup/memory{p}")));
+    let v2 = || text.lines().find_map(|l| l.strip_prefix("0::").map(|p| format!("/sys/fs/cgroup{p}")));
+    std::path::PathBuf::from(v1.or_else(v2).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_memory_counts_for_the_service_whose_tree_or_cgroup_holds_the_process() {
+    let scratch = Scratch::new("nvml");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H200", 0, 143_771)], &[]);
+    let agent = Agent::spawn(BIN, &with_nvml(Service::sim(&["nllb:mb=8,download=50ms,load=50ms"]), &nvml)).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let info = client.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    assert!(info.capabilities.unwrap().nvml, "NVML found: the agent says it samples GPUs");
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    let service = started_pid(&events);
+    // A worker that is not in the service's tree but was put in its cgroup
+    // (as a double-forked daemon would be), and a stranger.
+    let mut outsider = tokio::process::Command::new("sleep").arg("60").kill_on_drop(true).spawn().unwrap();
+    let outsider_pid = outsider.id().unwrap();
+    std::fs::write(cgroup_dir(service).join("cgroup.procs"), outsider_pid.to_string()).unwrap();
+    let mut stranger = tokio::process::Command::new("sleep").arg("60").kill_on_drop(true).spawn().unwrap();
+    let stranger_pid = stranger.id().unwrap();
+    nvml.show(
+        &[("Stand-In-H200", 9000, 143_771), ("Stand-In-H200", 1000, 143_771)],
+        &[(0, service, 2048), (1, outsider_pid, 1024), (0, stranger_pid, 5000)],
+    );
+    let (_, seen) = watch_until(
+        &mut client,
+        u64::MAX,
+        Duration::from_secs(10),
+        |e| matches!(&e.kind, Some(event::Kind::Telemetry(t)) if t.services.iter().any(|s| s.gpu_bytes > 0)),
+    )
+    .await;
+    let Some(event::Kind::Telemetry(t)) = &seen.last().unwrap().kind else { unreachable!() };
+    assert_eq!(t.services[0].gpu_bytes, 3072 * MIB, "its own process and the cgroup's worker, not the stranger's");
+    assert_eq!(t.gpus.len(), 2, "{:?}", t.gpus);
+    assert_eq!((t.gpus[0].memory_used_bytes, t.gpus[0].memory_total_bytes), (9000 * MIB, 143_771 * MIB));
+    let owners: Vec<(u32, &str)> =
+        t.gpus.iter().flat_map(|g| &g.processes).map(|p| (p.pid, p.service.as_str())).collect();
+    assert!(
+        owners.contains(&(service, "translation")) && owners.contains(&(outsider_pid, "translation")),
+        "{owners:?}"
+    );
+    assert!(owners.contains(&(stranger_pid, "")), "a process of no service is nobody's: {owners:?}");
+    // The snapshot tells a late watcher the same.
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    assert_eq!(snapshot.gpus.len(), 2);
+    assert_eq!(snapshot.services[0].gpu_bytes, 3072 * MIB);
+    // And `proctor agents` shows it.
+    let shown = tokio::process::Command::new(BIN).args(["agents", "--agent", &agent.addr]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("GPU 0 Stand-In-H200: 9000/143771 MiB used, 37%; 1 Stand-In-H200: 1000/143771 MiB used"),
+        "{text}"
+    );
+    assert!(text.contains("gpu 3072 MiB"), "{text}");
+    let _ = (outsider.kill().await, stranger.kill().await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_nvml_gpu_sampling_is_off_said_once_and_nothing_else_changes() {
+    let service = Service::sim(&["nllb:mb=8,download=50ms,load=50ms"])
+        .agent_keys("nvml_library = \"/nonexistent/libnvidia-ml.so.1\"");
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    let info = client.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    assert!(!info.capabilities.unwrap().nvml);
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    assert!(snapshot.gpus.is_empty());
+    let shown = tokio::process::Command::new(BIN).args(["agents", "--agent", &agent.addr]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("GPU n/a"), "{shown:?}");
+    let log = agent.logs();
+    assert_eq!(log.matches("GPU sampling off").count(), 1, "one line: {log}");
+    assert!(log.contains("/nonexistent/libnvidia-ml.so.1"), "it names where it looked: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_whose_only_progress_is_gpu_memory_is_not_called_stalled() {
+    let scratch = Scratch::new("nvml-load");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H200", 0, 143_771)], &[]);
+    // Hung as far as RSS, CPU, I/O and its own progress go: only GPU memory grows.
+    let service = with_nvml(
+        Service::sim(&["nllb:mb=8,download=50ms,hang=loading,progress=off"])
+            .model_lines(r#"stall = { default = "3s" }"#),
+        &nvml,
+    );
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) =
+        watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::LoadingWeights)).await;
+    let pid = started_pid(&events);
+    let grow = async {
+        for step in 1..=12u64 {
+            nvml.show(&[("Stand-In-H200", step * 512, 143_771)], &[(0, pid, step * 512)]);
+            tokio::time::sleep(Duration::from_millis(500)).await; // the "weights" arriving, not a wait for an event
+        }
+    };
+    let failed_meanwhile = async {
+        tokio::time::timeout(Duration::from_secs(6), async {
+            watch_until(&mut client, 0, Duration::from_secs(7), |e| reached(e, "nllb", Stage::Failed)).await
+        })
+        .await
+        .is_ok()
+    };
+    let ((), failed) = tokio::join!(grow, failed_meanwhile);
+    assert!(!failed, "6 s of GPU memory growth with a 3 s stall limit is progress");
+    // Once it stops growing, the stall limit applies again.
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(10), |e| reached(e, "nllb", Stage::Failed)).await;
+    let Some(event::Kind::StageChanged(c)) = &events.last().unwrap().kind else { unreachable!() };
+    assert!(c.message.contains("GPU memory moved"), "the last signal seen was the GPU's: {}", c.message);
+}
