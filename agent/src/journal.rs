@@ -505,6 +505,7 @@ impl State {
                     svc.pid = 0;
                     svc.rss_bytes = 0;
                     svc.gpu_bytes = 0;
+                    svc.cgroup_bytes = 0;
                     svc.last_exit = s.exit.or(Some(ExitStatus::default()));
                 }
             }
@@ -518,6 +519,7 @@ impl State {
                         svc.rss_bytes = m.rss_bytes;
                         svc.peak_rss_bytes = svc.peak_rss_bytes.max(m.rss_bytes);
                         svc.gpu_bytes = m.gpu_bytes;
+                        svc.cgroup_bytes = m.cgroup_bytes;
                         svc.peak_gpu_bytes = svc.peak_gpu_bytes.max(m.gpu_bytes);
                     }
                 }

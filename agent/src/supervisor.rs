@@ -308,6 +308,7 @@ impl Actor {
         cancel: CancellationToken,
     ) {
         let mut timeouts = tokio::time::interval(Duration::from_millis(100));
+        timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut samples = self.wiring.samples.clone();
         let mut shutting_down = false;
         self.recover().await;
@@ -350,7 +351,8 @@ impl Actor {
                         self.start(&wanted);
                     }
                 }
-                _ = timeouts.tick(), if self.run.is_some() => {
+                // Only while something can time out: a READY service costs no wake-ups.
+                _ = timeouts.tick(), if self.run.is_some() && self.machine.wants_ticks() => {
                     let actions = self.machine.tick(Instant::now());
                     self.apply(actions);
                 }

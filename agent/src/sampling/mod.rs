@@ -32,6 +32,8 @@ pub struct TreeMemory {
     /// GPU memory of the service's processes (tree and cgroup), all devices.
     pub gpu_bytes: u64,
     pub peak_gpu_bytes: u64,
+    /// Memory charged to the service's cgroup (0 without one).
+    pub cgroup_bytes: u64,
 }
 
 /// Where a service's processes are: the root it was started as, and its
@@ -82,7 +84,9 @@ fn sample(
     peaks: &mut BTreeMap<String, (u32, u64, u64)>,
 ) -> (proto::Telemetry, BTreeMap<String, TreeMemory>) {
     system.refresh_memory();
-    let procs = processes(system, !roots.is_empty());
+    // Walk down from each root where the kernel allows; else scan once.
+    let walk = tree::children_listed();
+    let procs = processes(system, !walk && !roots.is_empty());
     let mut telemetry = proto::Telemetry {
         host: Some(proto::HostMemory {
             total_bytes: system.total_memory(),
@@ -94,14 +98,19 @@ fn sample(
     let mut current = BTreeMap::new();
     let mut owner: BTreeMap<u32, String> = BTreeMap::new();
     for (service, root) in roots {
-        let members = tree::tree(&procs, root.pid);
-        let rss: u64 = members.iter().map(|i| procs[*i].2).sum();
+        let members: Vec<(u32, u64)> = if walk {
+            tree::descendants(root.pid).into_iter().map(|p| (p, tree::rss_bytes(p))).collect()
+        } else {
+            tree::tree(&procs, root.pid).into_iter().map(|i| (procs[i].0, procs[i].2)).collect()
+        };
+        let rss: u64 = members.iter().map(|m| m.1).sum();
         let processes = members.len() as u32;
-        let cpu = members.iter().map(|i| tree::cpu_ms(procs[*i].0)).sum();
-        let io = members.iter().map(|i| tree::io_bytes(procs[*i].0)).sum();
-        let mut pids: HashSet<u32> = members.iter().map(|i| procs[*i].0).collect();
+        let cpu = members.iter().map(|m| tree::cpu_ms(m.0)).sum();
+        let io = members.iter().map(|m| tree::io_bytes(m.0)).sum();
+        let mut pids: HashSet<u32> = members.iter().map(|m| m.0).collect();
         pids.extend(root.cgroup.as_ref().map(|cg| cg.pids()).unwrap_or_default());
         let gpu_bytes = gpu::attribute(devices, &pids);
+        let cgroup_bytes = root.cgroup.as_ref().and_then(|cg| cg.memory_bytes()).unwrap_or(0);
         owner.extend(pids.iter().map(|p| (*p, service.clone())));
         let peak = peaks.entry(service.clone()).or_insert((root.pid, 0, 0));
         if peak.0 != root.pid {
@@ -117,6 +126,7 @@ fn sample(
             io_bytes: io,
             gpu_bytes,
             peak_gpu_bytes: peak.2,
+            cgroup_bytes,
         };
         current.insert(service.clone(), memory);
         telemetry.services.push(proto::ServiceMemory {
@@ -124,6 +134,7 @@ fn sample(
             rss_bytes: rss,
             processes,
             gpu_bytes,
+            cgroup_bytes,
         });
     }
     telemetry.gpus = devices.iter().map(|d| d.to_proto(|pid| owner.get(&pid).cloned())).collect();

@@ -147,6 +147,16 @@ impl ServiceCgroup {
         pids
     }
 
+    /// Memory charged to the cgroup now (v2 `memory.current`, v1
+    /// `memory.usage_in_bytes`: page cache included), if readable.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        let file = match self {
+            ServiceCgroup::V2 { dir } => dir.join("memory.current"),
+            ServiceCgroup::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
+        };
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
     /// How many processes the kernel's OOM killer has killed in it so far.
     pub fn oom_kills(&self) -> u64 {
         let (file, key) = match self {

@@ -263,6 +263,12 @@ impl Machine {
         self.models.values().any(Model::loading)
     }
 
+    /// Whether `tick` has anything to check: a load's limits, or a FAILED
+    /// match waiting for its traceback's end.
+    pub fn wants_ticks(&self) -> bool {
+        self.loading() || !self.pending_failed.is_empty()
+    }
+
     pub fn wanted(&self) -> Vec<String> {
         self.models.iter().filter(|(_, m)| m.wanted).map(|(n, _)| n.clone()).collect()
     }

@@ -95,11 +95,22 @@ impl Actor {
     /// health payload, its own log lines, the log file.
     fn service_story(&self) -> String {
         let memory = self.wiring.samples.borrow().get(&self.cfg.name).copied().unwrap_or_default();
+        let mib = |b: u64| b / (1024 * 1024);
         let mut out = format!(
             "\n  service memory: current {} MiB, peak {} MiB",
-            memory.rss_bytes / (1024 * 1024),
-            memory.peak_rss_bytes / (1024 * 1024)
+            mib(memory.rss_bytes),
+            mib(memory.peak_rss_bytes)
         );
+        if memory.cgroup_bytes > 0 {
+            out.push_str(&format!(" (its cgroup: {} MiB)", mib(memory.cgroup_bytes)));
+        }
+        if memory.peak_gpu_bytes > 0 {
+            out.push_str(&format!(
+                "; GPU current {} MiB, peak {} MiB",
+                mib(memory.gpu_bytes),
+                mib(memory.peak_gpu_bytes)
+            ));
+        }
         out.push_str(&format!(
             "\n  last health payload: {}",
             self.last_payload.as_deref().unwrap_or("(none: the service never answered)")

@@ -47,7 +47,7 @@ fn cgroup_dir(pid: u32) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn gpu_memory_counts_for_the_service_whose_tree_or_cgroup_holds_the_process() {
+async fn gpu_and_host_memory_count_for_the_service_whose_tree_or_cgroup_holds_the_process() {
     let scratch = Scratch::new("nvml");
     let nvml = StandInNvml::build(&scratch.path);
     nvml.show(&[("Stand-In-H200", 0, 143_771)], &[]);
@@ -58,25 +58,50 @@ async fn gpu_memory_counts_for_the_service_whose_tree_or_cgroup_holds_the_proces
     let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
     let service = started_pid(&events);
     // A worker that is not in the service's tree but was put in its cgroup
-    // (as a double-forked daemon would be), and a stranger.
-    let mut outsider = tokio::process::Command::new("sleep").arg("60").kill_on_drop(true).spawn().unwrap();
+    // (as a double-forked daemon would be) — it allocates 64 MiB once there —
+    // and a stranger.
+    let hold = "import sys, time\nsys.stdin.readline()\nb = bytearray(b'x' * (64 << 20))\nprint('holding', flush=True)\ntime.sleep(60)";
+    let mut outsider = tokio::process::Command::new("python3")
+        .args(["-c", hold])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let outsider_pid = outsider.id().unwrap();
     std::fs::write(cgroup_dir(service).join("cgroup.procs"), outsider_pid.to_string()).unwrap();
+    // What the cgroup held before the worker allocated.
+    let (_, seen) = watch_until(
+        &mut client,
+        u64::MAX,
+        Duration::from_secs(10),
+        |e| matches!(&e.kind, Some(event::Kind::Telemetry(t)) if t.services.iter().any(|s| s.cgroup_bytes > 0)),
+    )
+    .await;
+    let Some(event::Kind::Telemetry(before)) = &seen.last().unwrap().kind else { unreachable!() };
+    let baseline = before.services[0].cgroup_bytes;
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        outsider.stdin.as_mut().unwrap().write_all(b"go\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(outsider.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("holding"));
+    }
     let mut stranger = tokio::process::Command::new("sleep").arg("60").kill_on_drop(true).spawn().unwrap();
     let stranger_pid = stranger.id().unwrap();
     nvml.show(
         &[("Stand-In-H200", 9000, 143_771), ("Stand-In-H200", 1000, 143_771)],
         &[(0, service, 2048), (1, outsider_pid, 1024), (0, stranger_pid, 5000)],
     );
-    let (_, seen) = watch_until(
-        &mut client,
-        u64::MAX,
-        Duration::from_secs(10),
-        |e| matches!(&e.kind, Some(event::Kind::Telemetry(t)) if t.services.iter().any(|s| s.gpu_bytes > 0)),
-    )
+    let (_, seen) = watch_until(&mut client, u64::MAX, Duration::from_secs(10), |e| {
+        matches!(&e.kind, Some(event::Kind::Telemetry(t))
+                if t.services.iter().any(|s| s.gpu_bytes > 0 && s.cgroup_bytes >= baseline + 60 * MIB))
+    })
     .await;
     let Some(event::Kind::Telemetry(t)) = &seen.last().unwrap().kind else { unreachable!() };
     assert_eq!(t.services[0].gpu_bytes, 3072 * MIB, "its own process and the cgroup's worker, not the stranger's");
+    // Its memory counts too, in the cgroup's figure (the tree's RSS cannot see it).
+    assert!(t.services[0].cgroup_bytes >= baseline + 60 * MIB, "{baseline} then {:?}", t.services[0]);
+    assert!(t.services[0].rss_bytes < 60 * MIB, "the worker is not in the tree: {:?}", t.services[0]);
     assert_eq!(t.gpus.len(), 2, "{:?}", t.gpus);
     assert_eq!((t.gpus[0].memory_used_bytes, t.gpus[0].memory_total_bytes), (9000 * MIB, 143_771 * MIB));
     let owners: Vec<(u32, &str)> =

@@ -378,6 +378,10 @@ pub struct ServiceState {
     pub gpu_bytes: u64,
     #[prost(uint64, tag = "9")]
     pub peak_gpu_bytes: u64,
+    /// Memory charged to the service's cgroup (0: no cgroup): counts workers
+    /// that left the tree, and page cache.
+    #[prost(uint64, tag = "10")]
+    pub cgroup_bytes: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ModelState {
@@ -499,6 +503,10 @@ pub struct ServiceMemory {
     /// worker that left the tree still counts) — over all devices.
     #[prost(uint64, tag = "4")]
     pub gpu_bytes: u64,
+    /// Memory charged to the service's cgroup (0: no cgroup), next to the tree's
+    /// RSS: it counts workers that left the tree (and page cache).
+    #[prost(uint64, tag = "5")]
+    pub cgroup_bytes: u64,
 }
 /// One GPU as NVML reports it.
 #[derive(Clone, PartialEq, ::prost::Message)]
