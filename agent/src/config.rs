@@ -48,6 +48,7 @@ struct RawConfig {
     keepalive_timeout: Option<Text>,
     auth: Option<Spanned<RawAuth>>,
     nvml_library: Option<PathBuf>,
+    metrics_listen: Option<Text>,
 }
 
 /// `[auth]`: who may call the agent (docs/security.md).
@@ -178,6 +179,8 @@ pub struct Config {
     /// Where NVML is (default: the driver's `libnvidia-ml.so`); none found
     /// = GPU sampling off.
     pub nvml_library: Option<PathBuf>,
+    /// Serve Prometheus metrics here (off when absent).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -375,6 +378,13 @@ impl Config {
         }
         let keepalive = |key, value: &Option<Text>| cx.duration(key, value.as_ref(), Duration::from_secs(5));
         let auth = cx.auth(raw.auth.as_ref(), &base, listen, raw.listen.as_ref())?;
+        let metrics_listen = match &raw.metrics_listen {
+            Some(m) => Some(m.get_ref().parse().map_err(|_| {
+                let message = format!("{:?} is not an address; write e.g. \"127.0.0.1:9464\"", m.get_ref());
+                cx.invalid("metrics_listen", m, message)
+            })?),
+            None => None,
+        };
         Ok(Config {
             listen,
             memory_budget_bytes: raw.admission.memory_budget_mb.map(|mb| mb * 1024 * 1024),
@@ -385,6 +395,7 @@ impl Config {
             keepalive_timeout: keepalive("keepalive_timeout", &raw.keepalive_timeout)?,
             auth,
             nvml_library: raw.nvml_library.map(|p| base.join(p)),
+            metrics_listen,
         })
     }
 }

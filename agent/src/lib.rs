@@ -14,6 +14,7 @@ pub mod config;
 mod grpc;
 pub mod journal;
 pub mod lease;
+pub mod metrics;
 pub mod probe;
 pub mod sampling;
 pub mod supervisor;
@@ -183,6 +184,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         }),
         ..Default::default()
     };
+    start_metrics(&config, &journal, &sampler_cancel).await?;
     let service =
         grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new(), cancel: cancel.clone() };
 
@@ -243,4 +245,19 @@ fn serve(
         sampler_cancel.cancel();
         result
     }))
+}
+
+/// Serves Prometheus metrics when `metrics_listen` says where.
+async fn start_metrics(
+    config: &Config,
+    journal: &journal::Journal,
+    cancel: &CancellationToken,
+) -> Result<(), AgentError> {
+    let Some(at) = config.metrics_listen else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| AgentError::Bind { addr: at, source })?;
+    let bound = listener.local_addr().map_err(|source| AgentError::Bind { addr: at, source })?;
+    tracing::info!("Prometheus metrics on http://{bound}/metrics");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    tokio::spawn(metrics::serve(listener, journal.clone(), host, cancel.clone()));
+    Ok(())
 }

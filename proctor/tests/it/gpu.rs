@@ -180,3 +180,64 @@ async fn a_load_whose_only_progress_is_gpu_memory_is_not_called_stalled() {
     let Some(event::Kind::StageChanged(c)) = &events.last().unwrap().kind else { unreachable!() };
     assert!(c.message.contains("GPU memory moved"), "the last signal seen was the GPU's: {}", c.message);
 }
+
+/// One GET, the body.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics listener");
+    conn.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_sees_stages_loads_memory_and_gpus() {
+    let scratch = Scratch::new("metrics");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H200", 4096, 143_771)], &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let service = with_nvml(Service::sim(&["nllb:mb=8,download=300ms,load=300ms,warmup=100ms"]), &nvml)
+        .agent_keys(&format!("metrics_listen = \"{addr}\""));
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    // The next telemetry sample carries the GPU; then scrape.
+    watch_until(&mut client, u64::MAX, Duration::from_secs(5), |e| matches!(&e.kind, Some(event::Kind::Telemetry(_))))
+        .await;
+    let text = scrape(&addr).await;
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition");
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        parsed.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
+            |s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            },
+        )
+    };
+    assert_eq!(value("proctor_model_stage", &[("model", "nllb"), ("stage", "READY")]), Some(1.0), "{text}");
+    assert_eq!(value("proctor_model_stage", &[("model", "nllb"), ("stage", "LOADING_WEIGHTS")]), Some(0.0));
+    assert_eq!(value("proctor_service_up", &[("service", "translation")]), Some(1.0));
+    assert!(value("proctor_service_rss_bytes", &[("service", "translation")]).unwrap() > 0.0);
+    assert!(value("proctor_host_memory_available_bytes", &[]).unwrap() > 0.0);
+    assert_eq!(value("proctor_gpu_memory_used_bytes", &[("gpu", "0")]), Some(4096.0 * MIB as f64));
+    assert_eq!(value("proctor_service_leased", &[("service", "translation")]), Some(1.0));
+    let load = parsed
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(h) if s.metric == "proctor_model_load_duration_seconds" => {
+                Some(h.clone())
+            }
+            _ => None,
+        })
+        .expect("a load histogram");
+    let count = load.iter().find(|b| b.less_than.is_infinite()).map(|b| b.count);
+    assert_eq!(count, Some(1.0), "one load, to READY: {load:?}");
+    assert!(!text.contains("lease_id") && !text.contains(&agent.addr), "nothing a caller could act on");
+}
