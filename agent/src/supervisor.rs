@@ -142,6 +142,7 @@ impl Supervisor {
             logs: logtail::LogTail::default(),
             nudge: Arc::new(Notify::new()),
             probe_cost: ProbeCost::default(),
+            stage_peaks: BTreeMap::new(),
             stop_reason: None,
             secrets: secrets.clone(),
             last_payload: None,
@@ -276,6 +277,8 @@ struct Actor {
     nudge: Arc<Notify>,
     /// What the agent's probes cost the service since the last sample.
     probe_cost: ProbeCost,
+    /// Per loading model: the service's peak (RSS, GPU) in its current stage.
+    stage_peaks: BTreeMap<String, (u64, u64)>,
     /// Why the service is being stopped, when it is not a plain stop: told
     /// with every model the stop takes down.
     stop_reason: Option<String>,
@@ -491,6 +494,7 @@ impl Actor {
         self.last_payload = None;
         self.last_sample = None;
         self.probe_cost = ProbeCost::default();
+        self.stage_peaks.clear();
         let actions = self.machine.starting(requested, Instant::now());
         self.apply(actions);
         self.cgroup = None;

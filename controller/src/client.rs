@@ -719,6 +719,8 @@ pub struct StageMark {
     pub cause: String,
     /// Agent clock.
     pub time_unix_ms: i64,
+    /// The service's peak (RSS, GPU memory) in the stage this mark ends.
+    pub previous_peak: (u64, u64),
 }
 
 /// How many stage marks and memory samples a view keeps.
@@ -911,6 +913,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
                         stage: to,
                         cause: c.cause.clone(),
                         time_unix_ms: e.time_unix_ms,
+                        previous_peak: (c.stage_peak_rss_bytes, c.stage_peak_gpu_bytes),
                     });
                 }
                 v.models

@@ -263,6 +263,11 @@ impl Machine {
         self.models.values().any(Model::loading)
     }
 
+    /// The wanted models still loading.
+    pub fn loading_models(&self) -> Vec<String> {
+        self.models.iter().filter(|(_, m)| m.loading()).map(|(n, _)| n.clone()).collect()
+    }
+
     /// Whether `tick` has anything to check: a load's limits, or a FAILED
     /// match waiting for its traceback's end.
     pub fn wants_ticks(&self) -> bool {

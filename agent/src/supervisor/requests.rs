@@ -47,6 +47,10 @@ impl Actor {
         let signal =
             self.last_sample.as_ref().and_then(|(at, before)| progress_signal(before, &now, at.elapsed(), probes));
         self.last_sample = Some((Instant::now(), now));
+        for model in self.machine.loading_models() {
+            let peak = self.stage_peaks.entry(model).or_default();
+            *peak = (peak.0.max(now.rss_bytes), peak.1.max(now.gpu_bytes));
+        }
         if let Some(signal) = signal {
             self.machine.on_signal(&signal, Instant::now());
         }
@@ -79,7 +83,18 @@ impl Actor {
         } else if c.from != c.to {
             tracing::info!(service = %self.cfg.name, model = c.model, from = c.from.label(), to = c.to.label(), cause = c.cause, "stage");
         }
+        // What the stage that ended cost the service at its peak (the last
+        // sample counts, so a stage shorter than a sample still has a figure).
+        let (stage_peak_rss_bytes, stage_peak_gpu_bytes) = if c.from == c.to {
+            (0, 0)
+        } else {
+            let last = self.last_sample.map(|(_, m)| (m.rss_bytes, m.gpu_bytes)).unwrap_or_default();
+            let peak = self.stage_peaks.remove(&c.model).unwrap_or_default();
+            (peak.0.max(last.0), peak.1.max(last.1))
+        };
         self.wiring.journal.append(event::Kind::StageChanged(proto::StageChanged {
+            stage_peak_rss_bytes,
+            stage_peak_gpu_bytes,
             service: self.cfg.name.clone(),
             model: c.model,
             from: c.from.into(),

@@ -210,6 +210,8 @@ impl Trace {
             let attributes = vec![
                 KeyValue::new("proctor.stage", s.stage.label()),
                 KeyValue::new("proctor.stage.cause", s.cause.clone()),
+                KeyValue::new("proctor.stage.peak_rss_bytes", s.peak_rss_bytes as i64),
+                KeyValue::new("proctor.stage.peak_gpu_bytes", s.peak_gpu_bytes as i64),
             ];
             let stage =
                 otel::start(tracer, s.stage.label(), Some(&load), Some(at(s.start_unix_ms)), attributes, vec![]);

@@ -29,6 +29,9 @@ pub struct StageSpan {
     pub cause: String,
     pub start_unix_ms: i64,
     pub end_unix_ms: i64,
+    /// The service's peak RSS and GPU memory during the stage.
+    pub peak_rss_bytes: u64,
+    pub peak_gpu_bytes: u64,
 }
 
 /// Everything that happens in a run, in the order the runner saw it.

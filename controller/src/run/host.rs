@@ -320,6 +320,8 @@ impl Host<'_> {
                 cause: w[0].cause.clone(),
                 start_unix_ms: self.agent.local_ms(w[0].time_unix_ms),
                 end_unix_ms: self.agent.local_ms(w[1].time_unix_ms),
+                peak_rss_bytes: w[1].previous_peak.0,
+                peak_gpu_bytes: w[1].previous_peak.1,
             })
             .collect();
         let end_agent = marks.last().map_or(asked_agent, |m| m.time_unix_ms);

@@ -461,6 +461,12 @@ pub struct StageChanged {
     /// For FAILED: the full failure message.
     #[prost(string, tag = "7")]
     pub message: ::prost::alloc::string::String,
+    /// The service's peak memory while the model was in `from` (process tree
+    /// RSS, and GPU memory): what that stage cost.
+    #[prost(uint64, tag = "8")]
+    pub stage_peak_rss_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub stage_peak_gpu_bytes: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceStarted {
