@@ -109,21 +109,12 @@ fn render_services(out: &mut String, snapshot: &Snapshot, h: &str) {
 }
 
 fn render_models(out: &mut String, snapshot: &Snapshot, h: &str) {
-    const STAGES: [Stage; 9] = [
-        Stage::Stopped,
-        Stage::ProcessStarting,
-        Stage::WaitingForHttp,
-        Stage::Authenticating,
-        Stage::Downloading,
-        Stage::LoadingWeights,
-        Stage::WarmingUp,
-        Stage::Ready,
-        Stage::Failed,
-    ];
+    let stages: Vec<Stage> =
+        std::iter::once(Stage::Stopped).chain(Stage::LOADING).chain([Stage::Ready, Stage::Failed]).collect();
     family(out, "proctor_model_stage", "gauge", "1 for the model's current stage, 0 for the others.");
     for s in &snapshot.services {
         for m in &s.models {
-            for stage in STAGES {
+            for &stage in &stages {
                 let _ = writeln!(
                     out,
                     "proctor_model_stage{{host=\"{h}\",service=\"{}\",model=\"{}\",stage=\"{}\"}} {}",

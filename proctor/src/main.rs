@@ -39,7 +39,7 @@ enum Command {
     /// Run the agent daemon on this host.
     Agent(AgentArgs),
     /// Run the reference model service (translation API contract) with simulated models and faults.
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
     /// Make a lab CA and the certificates agents and controllers present to each other (mTLS; docs/security.md).
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -406,35 +406,40 @@ async fn async_main(command: Command) -> ExitCode {
         }
         Command::Sim(args) => {
             init_tracing("info");
-            let worker = args.worker_mb.map(|mb| {
-                let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "proctor".into());
-                let mut argv = vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()];
-                if args.detach_worker {
-                    argv.push("--detach".into());
-                }
-                argv
-            });
-            let config = sim::SimConfig {
-                host: args.host,
-                port: args.port,
-                models: args.models,
-                lazy: args.lazy,
-                ignore_sigterm: args.ignore_sigterm,
-                worker,
-                exit_with_worker: args.exit_with_worker,
-                slow_requests: args.slow_requests,
-                costly_health: args.costly_health,
-            };
-            match sim::serve(config).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            run_sim(*args).await
         }
         Command::SimWorker { .. } => ExitCode::SUCCESS,
         Command::Certs(command) => certs(command),
+    }
+}
+
+/// `proctor sim`: the flags as the sim's config, then serve.
+async fn run_sim(args: SimArgs) -> ExitCode {
+    let worker = args.worker_mb.map(|mb| {
+        let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "proctor".into());
+        let mut argv = vec![exe, "sim-worker".into(), "--mb".into(), mb.to_string()];
+        if args.detach_worker {
+            argv.push("--detach".into());
+        }
+        argv
+    });
+    let config = sim::SimConfig {
+        host: args.host,
+        port: args.port,
+        models: args.models,
+        lazy: args.lazy,
+        ignore_sigterm: args.ignore_sigterm,
+        worker,
+        exit_with_worker: args.exit_with_worker,
+        slow_requests: args.slow_requests,
+        costly_health: args.costly_health,
+    };
+    match sim::serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

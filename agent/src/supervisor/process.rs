@@ -71,6 +71,25 @@ pub(super) fn start_ticks(pid: u32) -> Option<u64> {
 
 /// Checks the program and the working folder before anything starts, so a
 /// typo is a clear error, not a cryptic exit.
+/// The `sh` prologue run before the service's command: join its cgroup,
+/// reset the OOM score, then (as root) drop to its user and `exec` it.
+fn prologue(cgroup: Option<&ServiceCgroup>, user: Option<&nix::unistd::User>) -> String {
+    let mut prologue = String::from("set -e; ");
+    for f in cgroup.map(ServiceCgroup::procs_files).unwrap_or_default() {
+        prologue.push_str(&format!("echo $$ > {}; ", quote(&f.to_string_lossy())));
+    }
+    prologue.push_str("echo 0 > /proc/self/oom_score_adj 2>/dev/null || true; ");
+    match user {
+        // The cgroup is joined as root; then the service drops to its user.
+        Some(u) => prologue.push_str(&format!(
+            "exec setpriv --reuid={} --regid={} --init-groups --inh-caps=-all -- \"$@\"",
+            u.uid, u.gid
+        )),
+        None => prologue.push_str("exec \"$@\""),
+    }
+    prologue
+}
+
 /// The user a service runs as, when it is not the agent's: only root may
 /// switch, and the switch needs `setpriv` (util-linux).
 fn run_as(cfg: &ServiceConfig) -> Result<Option<nix::unistd::User>, String> {
@@ -172,22 +191,8 @@ pub(super) fn spawn(
         port_is_free(service, port, &argv)?;
     }
 
-    let mut prologue = String::from("set -e; ");
-    if let Some(cg) = cfg.cgroup {
-        for f in cg.procs_files() {
-            prologue.push_str(&format!("echo $$ > {}; ", quote(&f.to_string_lossy())));
-        }
-    }
-    prologue.push_str("echo 0 > /proc/self/oom_score_adj 2>/dev/null || true; ");
     let user = run_as(service)?;
-    match &user {
-        // The cgroup is joined as root; then the service drops to its user.
-        Some(u) => prologue.push_str(&format!(
-            "exec setpriv --reuid={} --regid={} --init-groups --inh-caps=-all -- \"$@\"",
-            u.uid, u.gid
-        )),
-        None => prologue.push_str("exec \"$@\""),
-    }
+    let prologue = prologue(cfg.cgroup, user.as_ref());
     let mut command = tokio::process::Command::new("/bin/sh");
     command.arg("-c").arg(prologue).arg("proctor-service").args(&argv).env_clear();
     // The service sees only what its config names, plus the basics.

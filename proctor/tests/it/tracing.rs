@@ -41,6 +41,13 @@ fn suite() -> String {
     )
 }
 
+/// A stage span says what the stage cost the service at its peak.
+fn says_what_it_cost(stage: &Span) {
+    let peak = attr(stage, "proctor.stage.peak_rss_bytes").and_then(|v| v.parse::<u64>().ok());
+    assert!(peak.is_some_and(|b| b > 8 * 1024 * 1024), "{:?}", stage.attributes);
+    assert_eq!(attr(stage, "proctor.stage.peak_gpu_bytes").as_deref(), Some("0"), "no GPU here");
+}
+
 async fn traced_run(protocol: &str) -> (OtlpReceiver, Scratch, Agent, controller::RunResult) {
     let receiver = OtlpReceiver::start().await;
     let service = Service::sim(&["nllb:mb=8,download=300ms,load=600ms,warmup=200ms"]).secret("HF_TOKEN", CANARY);
@@ -108,10 +115,7 @@ async fn a_run_is_one_connected_trace_over_grpc() {
     let loading = stages.iter().find(|s| s.name == "LOADING_WEIGHTS").unwrap();
     let ms = (loading.end_time_unix_nano - loading.start_time_unix_nano) / 1_000_000;
     assert!((400..1200).contains(&ms), "LOADING_WEIGHTS took the sim's 600 ms: {ms} ms");
-    // Each stage says what it cost the service at its peak.
-    let peak = |s: &Span| attr(s, "proctor.stage.peak_rss_bytes").and_then(|v| v.parse::<u64>().ok());
-    assert!(peak(loading).is_some_and(|b| b > 8 * 1024 * 1024), "{:?}", loading.attributes);
-    assert_eq!(attr(loading, "proctor.stage.peak_gpu_bytes").as_deref(), Some("0"), "no GPU here");
+    says_what_it_cost(loading);
 
     // Case attributes, and the failing case's error status.
     let ok = cases.iter().find(|c| c.name == "case english to spanish").unwrap();

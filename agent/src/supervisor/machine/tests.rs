@@ -248,9 +248,7 @@ fn with(prefix: &[(u64, In)], rest: &[(u64, In)]) -> Vec<(u64, In)> {
 type Scenario = (&'static str, Setup, Vec<(u64, In)>, Vec<&'static str>);
 
 #[test]
-fn every_rule_of_the_stage_machine() {
-    use Stage::*;
-    let loading = [(100, In::Read("nllb", Some(LoadingWeights), 0.4))];
+fn rules_of_starting_a_service() {
     // (rule, setup, inputs, what the last input does)
     let table: Vec<Scenario> = vec![
         (
@@ -273,6 +271,16 @@ fn every_rule_of_the_stage_machine() {
             vec![(0, In::Start(&[])), (1, In::LaunchFailed)],
             vec!["nllb PROCESS_STARTING→FAILED"],
         ),
+    ];
+    check_rules(table);
+}
+
+#[test]
+fn rules_of_reported_stages() {
+    use Stage::*;
+    let loading = [(100, In::Read("nllb", Some(LoadingWeights), 0.4))];
+    // (rule, setup, inputs, what the last input does)
+    let table: Vec<Scenario> = vec![
         (
             "a reported stage moves the model",
             one(AT, false),
@@ -309,6 +317,15 @@ fn every_rule_of_the_stage_machine() {
             with(&UP, &[(50, In::Reserve("nllb")), (100, In::Read("nllb", Some(Ready), 1.0))]),
             vec!["nllb WAITING_FOR_HTTP→READY release"],
         ),
+    ];
+    check_rules(table);
+}
+
+#[test]
+fn rules_of_warm_up() {
+    use Stage::*;
+    // (rule, setup, inputs, what the last input does)
+    let table: Vec<Scenario> = vec![
         (
             "served with a warm-up: warm it first",
             one(AT, true),
@@ -365,6 +382,14 @@ fn every_rule_of_the_stage_machine() {
             with(&UP, &[(100, In::ReadFailed("nllb", "weights corrupt"))]),
             vec!["nllb WAITING_FOR_HTTP→FAILED"],
         ),
+    ];
+    check_rules(table);
+}
+
+#[test]
+fn rules_of_endpoint_loads() {
+    // (rule, setup, inputs, what the last input does)
+    let table: Vec<Scenario> = vec![
         (
             "endpoint: asked for, the load is requested once",
             one(EP, false),
@@ -444,6 +469,14 @@ fn every_rule_of_the_stage_machine() {
             ),
             vec!["nllb FAILED→WAITING_FOR_HTTP"],
         ),
+    ];
+    check_rules(table);
+}
+
+#[test]
+fn rules_of_log_lines() {
+    // (rule, setup, inputs, what the last input does)
+    let table: Vec<Scenario> = vec![
         (
             "a log pattern moves a stage",
             one(AT, false),
@@ -486,6 +519,16 @@ fn every_rule_of_the_stage_machine() {
             with(&UP, &[(100, In::Traceback("Traceback (most recent call last):")), (2200, In::Tick)]),
             vec!["nllb WAITING_FOR_HTTP→FAILED"],
         ),
+    ];
+    check_rules(table);
+}
+
+#[test]
+fn rules_of_stalls_limits_and_ends() {
+    use Stage::*;
+    let loading = [(100, In::Read("nllb", Some(LoadingWeights), 0.4))];
+    // (rule, setup, inputs, what the last input does)
+    let table: Vec<Scenario> = vec![
         ("no stall within the limit", one(AT, false), with(&UP, &[loading[0], (3000, In::Tick)]), vec![]),
         (
             "a stall after the limit stops the hung service",
@@ -545,10 +588,26 @@ fn every_rule_of_the_stage_machine() {
             vec!["aya WAITING_FOR_HTTP→STOPPED"],
         ),
     ];
+    check_rules(table);
+}
+
+/// Each scenario's last input must do exactly what the table says.
+fn check_rules(table: Vec<Scenario>) {
     for (rule, setup, steps, want) in table {
         let (_, actions) = run(&setup, &steps);
         let got: Vec<String> = actions.iter().map(show).collect();
         assert_eq!(got, want, "{rule}");
+    }
+}
+
+/// Each scenario's messages must say every part the table lists.
+fn check_stories(table: Vec<Scenario>) {
+    for (rule, setup, steps, want) in table {
+        let (_, actions) = run(&setup, &steps);
+        let got = messages(&actions).join("\n");
+        for w in want {
+            assert!(got.contains(w), "{rule}: {w:?} not in {got}");
+        }
     }
 }
 
@@ -563,7 +622,7 @@ fn messages(actions: &[Action]) -> Vec<String> {
 }
 
 #[test]
-fn every_failure_tells_its_story() {
+fn failures_by_limit_tell_their_story() {
     use Stage::*;
     let loading = (100, In::Read("nllb", Some(LoadingWeights), 0.4));
     // (rule, setup, inputs, substrings of the cause | message)
@@ -609,6 +668,15 @@ fn every_failure_tells_its_story() {
             ),
             vec!["the service logged: Traceback (most recent call last): … RuntimeError: weights corrupt"],
         ),
+    ];
+    check_stories(table);
+}
+
+#[test]
+fn failures_by_the_service_tell_their_story() {
+    use Stage::*;
+    // (rule, setup, inputs, substrings of the cause | message)
+    let table: Vec<Scenario> = vec![
         (
             "the last refusal of a load request",
             one(EP, false),
@@ -656,13 +724,7 @@ fn every_failure_tells_its_story() {
             vec!["launch failed | model nllb failed in stage PROCESS_STARTING: No such file"],
         ),
     ];
-    for (rule, setup, steps, want) in table {
-        let (_, actions) = run(&setup, &steps);
-        let got = messages(&actions).join("\n");
-        for w in want {
-            assert!(got.contains(w), "{rule}: {w:?} not in {got}");
-        }
-    }
+    check_stories(table);
 }
 
 #[test]
