@@ -95,7 +95,13 @@ async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> 
     match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(error)) => {
-            tracing::warn!(%peer, reason = %error, "TLS handshake refused");
+            // A plaintext client shows up as a "corrupt message": say so.
+            let hint = if error.to_string().contains("InvalidContentType") {
+                " (the client spoke plaintext: it needs the lab CA, e.g. `--ca`)"
+            } else {
+                ""
+            };
+            tracing::warn!(%peer, reason = %format!("{error}{hint}"), "TLS handshake refused");
             None
         }
         Err(_) => {

@@ -129,6 +129,8 @@ async fn mtls_lets_in_only_certificates_of_the_lab_ca_naming_the_right_agent() {
     }
     // Plaintext to a TLS agent gets nowhere either.
     assert!(Remote::connect(&agent.addr).await.is_err(), "plaintext is refused");
+    let said = agent.logs();
+    assert!(said.contains("the client spoke plaintext"), "the agent says what the client did wrong: {said}");
     // The agent said why, each time, with the peer.
     let log = agent.logs();
     for reason in ["peer sent no certificates", "UnknownIssuer", "certificate expired"] {
