@@ -98,14 +98,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|source| AgentError::DataDir { path: config.data_dir.clone(), source })?;
     let agent_id = supervisor::cgroup::agent_id(&data_dir);
-    let cgroups = match supervisor::cgroup::probe(&agent_id) {
-        Ok(()) => true,
-        Err(e) if std::env::var_os(supervisor::cgroup::REQUIRE_ENV).is_some() => return Err(AgentError::Cgroup(e)),
-        Err(error) => {
-            tracing::warn!(%error, "cgroups unavailable: services get a process group only (no OOM classification, no tree kill of setsid children)");
-            false
-        }
-    };
+    let cgroups = cgroups_usable(&agent_id)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
@@ -151,39 +144,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         supervisors.insert(service.name.clone(), handle);
     }
 
-    let info = proto::AgentInfo {
-        agent_version: AGENT_VERSION.to_owned(),
-        protocol_version: proto::PROTOCOL_VERSION,
-        incarnation: incarnation.clone(),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
-        services: config
-            .services
-            .iter()
-            .map(|s| proto::ServiceInfo {
-                name: s.name.clone(),
-                readiness_protocol: s.readiness.protocol.name().to_owned(),
-                models: s
-                    .models
-                    .iter()
-                    .map(|m| proto::ModelInfo {
-                        name: m.name.clone(),
-                        ram_need_bytes: m.ram_bytes,
-                        gpu_need_bytes: m.gpu_bytes,
-                        load_mode: m.load.as_str().to_owned(),
-                        load_timeout_ms: m.timeout.map_or(0, |t| t.as_millis() as u64),
-                    })
-                    .collect(),
-            })
-            .collect(),
-        memory_budget_bytes: config.memory_budget_bytes,
-        capabilities: Some(proto::Capabilities {
-            cgroup: cgroups,
-            nvml,
-            readiness_protocols: probe::Protocol::NAMES.iter().map(|p| p.to_string()).collect(),
-            case_kinds: vec!["http".into()],
-        }),
-        ..Default::default()
-    };
+    let info = agent_info(&config, &incarnation, cgroups, nvml);
     start_metrics(&config, &journal, &sampler_cancel).await?;
     let service =
         grpc::Service { journal, admission, supervisors, info, http: reqwest::Client::new(), cancel: cancel.clone() };
@@ -257,7 +218,57 @@ async fn start_metrics(
     let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| AgentError::Bind { addr: at, source })?;
     let bound = listener.local_addr().map_err(|source| AgentError::Bind { addr: at, source })?;
     tracing::info!("Prometheus metrics on http://{bound}/metrics");
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    tokio::spawn(metrics::serve(listener, journal.clone(), host, cancel.clone()));
+    tokio::spawn(metrics::serve(listener, journal.clone(), hostname(), cancel.clone()));
     Ok(())
+}
+
+/// Whether services get cgroups here; without them it says what is lost, or
+/// refuses to start when `PROCTOR_REQUIRE_CGROUP` says they are required.
+fn cgroups_usable(agent_id: &str) -> Result<bool, AgentError> {
+    match supervisor::cgroup::probe(agent_id) {
+        Ok(()) => Ok(true),
+        Err(e) if std::env::var_os(supervisor::cgroup::REQUIRE_ENV).is_some() => Err(AgentError::Cgroup(e)),
+        Err(error) => {
+            tracing::warn!(%error, "cgroups unavailable: services get a process group only (no OOM classification, no tree kill of setsid children)");
+            Ok(false)
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+/// What `GetInfo` says about this agent, its services and what it can do.
+fn agent_info(config: &Config, incarnation: &str, cgroups: bool, nvml: bool) -> proto::AgentInfo {
+    let model = |m: &config::ModelConfig| proto::ModelInfo {
+        name: m.name.clone(),
+        ram_need_bytes: m.ram_bytes,
+        gpu_need_bytes: m.gpu_bytes,
+        load_mode: m.load.as_str().to_owned(),
+        load_timeout_ms: m.timeout.map_or(0, |t| t.as_millis() as u64),
+    };
+    proto::AgentInfo {
+        agent_version: AGENT_VERSION.to_owned(),
+        protocol_version: proto::PROTOCOL_VERSION,
+        incarnation: incarnation.to_owned(),
+        hostname: hostname(),
+        services: config
+            .services
+            .iter()
+            .map(|s| proto::ServiceInfo {
+                name: s.name.clone(),
+                readiness_protocol: s.readiness.protocol.name().to_owned(),
+                models: s.models.iter().map(model).collect(),
+            })
+            .collect(),
+        memory_budget_bytes: config.memory_budget_bytes,
+        capabilities: Some(proto::Capabilities {
+            cgroup: cgroups,
+            nvml,
+            readiness_protocols: probe::Protocol::NAMES.iter().map(|p| p.to_string()).collect(),
+            case_kinds: vec!["http".into()],
+        }),
+        ..Default::default()
+    }
 }

@@ -188,121 +188,29 @@ pub fn load(path: &Path) -> Result<Suite, SuiteError> {
 
 /// Parses suite text; `path` is used for messages and `Suite::file`.
 pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
-    let file = path.display().to_string();
-    let at = |loc: serde_saphyr::Location, message: String| SuiteError {
-        file: file.clone(),
-        line: loc.line(),
-        column: loc.column(),
-        message,
-    };
+    let r = Reader { file: path.display().to_string() };
     let raw: RawSuite = serde_saphyr::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         // The first line of saphyr's message is the reason; the rest is a snippet.
         let first = e.to_string().lines().next().unwrap_or("invalid YAML").to_owned();
-        let message = strip_location(&first).to_owned();
-        SuiteError { file: file.clone(), line, column, message }
+        SuiteError { file: r.file.clone(), line, column, message: strip_location(&first).to_owned() }
     })?;
     let _ = raw.description;
-
-    let non_empty = |s: &Spanned<String>, what: &str| {
-        if s.value.trim().is_empty() { Err(at(s.referenced, format!("{what} is empty"))) } else { Ok(s.value.clone()) }
-    };
-    let name = non_empty(&raw.name, "suite name")?;
-    let service = non_empty(&raw.service, "service")?;
+    let name = r.non_empty(&raw.name, "suite name")?;
+    let service = r.non_empty(&raw.service, "service")?;
     if raw.models.value.is_empty() {
-        return Err(at(raw.models.referenced, "models is empty: list the models this suite needs".into()));
+        return Err(r.at(raw.models.referenced, "models is empty: list the models this suite needs".into()));
     }
-    let duration_at = |s: &Spanned<String>| match parse_duration(&s.value) {
-        Some(d) if d.is_zero() => Err(at(s.referenced, format!("{:?} must be greater than zero", s.value))),
-        Some(d) => Ok(d),
-        None => {
-            Err(at(s.referenced, format!("{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"", s.value)))
-        }
-    };
-    let load_timeout = raw.timeout.as_ref().map(duration_at).transpose()?;
-    let max_wait = raw.max_wait.as_ref().map(duration_at).transpose()?;
+    let load_timeout = raw.timeout.as_ref().map(|t| r.duration(t)).transpose()?;
+    let max_wait = raw.max_wait.as_ref().map(|t| r.duration(t)).transpose()?;
     if raw.cases.value.is_empty() {
-        return Err(at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
+        return Err(r.at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
     }
-
     let mut cases: Vec<Case> = Vec::new();
     for spanned in &raw.cases.value {
-        let c = &spanned.value;
-        let case_name = non_empty(&c.name, "case name")?;
-        if cases.iter().any(|o| o.name == case_name) {
-            return Err(at(c.name.referenced, format!("case name {case_name:?} is used twice in this suite")));
-        }
-        let models = match &c.models {
-            Some(m) => {
-                if let Some(unknown) = m.value.iter().find(|x| !raw.models.value.contains(x)) {
-                    return Err(at(
-                        m.referenced,
-                        format!("model {unknown:?} is not in the suite's models {:?}; add it there", raw.models.value),
-                    ));
-                }
-                m.value.clone()
-            }
-            None => raw.models.value.clone(),
-        };
-        let method = c.request.method.value.to_uppercase();
-        if !METHODS.contains(&method.as_str()) {
-            return Err(at(
-                c.request.method.referenced,
-                format!("unknown HTTP method {:?}; use one of {METHODS:?}", c.request.method.value),
-            ));
-        }
-        if !c.request.path.value.starts_with('/') {
-            return Err(at(c.request.path.referenced, format!("path {:?} must start with '/'", c.request.path.value)));
-        }
-        let mut headers = c.request.headers.clone();
-        let body = match (&c.request.json, &c.request.body) {
-            (Some(_), Some(_)) => {
-                return Err(at(spanned.referenced, "request has both `json` and `body`; keep one".into()));
-            }
-            (Some(json), None) => {
-                headers.entry("content-type".into()).or_insert_with(|| "application/json".into());
-                serde_json::to_vec(json).unwrap_or_default()
-            }
-            (None, Some(text)) => text.clone().into_bytes(),
-            (None, None) => Vec::new(),
-        };
-        let mut checks = Vec::new();
-        if let Some(expect) = &c.expect {
-            if let Some(status) = expect.status {
-                checks.push(Check::Status(status));
-            }
-            for chk in &expect.json {
-                checks.push(check(&chk.value).map_err(|m| at(chk.referenced, m))?);
-            }
-        }
-        if checks.is_empty() {
-            return Err(at(
-                spanned.referenced,
-                format!("case {case_name:?} checks nothing: add `expect` with a status or json checks"),
-            ));
-        }
-        let timeout = c.timeout.as_ref().map(duration_at).transpose()?;
-        cases.push(Case {
-            name: case_name,
-            models,
-            request: HttpRequest { method, path: c.request.path.value.clone(), headers, body },
-            checks,
-            timeout,
-        });
+        let case = r.case(spanned, &raw.models.value, &cases)?;
+        cases.push(case);
     }
-    let shard = match &raw.shard {
-        None => None,
-        Some(s) if s.value == "auto" => Some(Shard::Auto),
-        Some(s) => match s.value.parse::<u32>() {
-            Ok(n) if n >= 1 => Some(Shard::Count(n)),
-            _ => {
-                return Err(at(
-                    s.referenced,
-                    format!("shard {:?}: write a number of hosts (1 or more) or `auto`", s.value),
-                ));
-            }
-        },
-    };
     Ok(Suite {
         name,
         file: path.to_owned(),
@@ -312,10 +220,117 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         labels: raw.labels,
         headroom_bytes: raw.headroom_mb * 1024 * 1024,
         fresh: raw.fresh,
-        shard,
+        shard: r.shard(raw.shard.as_ref())?,
         max_wait,
         cases,
     })
+}
+
+/// Turns raw values into checked ones, each error naming where it is.
+struct Reader {
+    file: String,
+}
+
+impl Reader {
+    fn at(&self, loc: serde_saphyr::Location, message: String) -> SuiteError {
+        SuiteError { file: self.file.clone(), line: loc.line(), column: loc.column(), message }
+    }
+
+    fn non_empty(&self, s: &Spanned<String>, what: &str) -> Result<String, SuiteError> {
+        if s.value.trim().is_empty() {
+            Err(self.at(s.referenced, format!("{what} is empty")))
+        } else {
+            Ok(s.value.clone())
+        }
+    }
+
+    fn duration(&self, s: &Spanned<String>) -> Result<Duration, SuiteError> {
+        match parse_duration(&s.value) {
+            Some(d) if d.is_zero() => Err(self.at(s.referenced, format!("{:?} must be greater than zero", s.value))),
+            Some(d) => Ok(d),
+            None => Err(self
+                .at(s.referenced, format!("{:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\"", s.value))),
+        }
+    }
+
+    /// One case, checked against the suite's models and the cases before it.
+    fn case(&self, spanned: &Spanned<RawCase>, suite_models: &[String], earlier: &[Case]) -> Result<Case, SuiteError> {
+        let c = &spanned.value;
+        let name = self.non_empty(&c.name, "case name")?;
+        if earlier.iter().any(|o| o.name == name) {
+            return Err(self.at(c.name.referenced, format!("case name {name:?} is used twice in this suite")));
+        }
+        let models = match &c.models {
+            Some(m) => {
+                if let Some(unknown) = m.value.iter().find(|x| !suite_models.contains(x)) {
+                    return Err(self.at(
+                        m.referenced,
+                        format!("model {unknown:?} is not in the suite's models {suite_models:?}; add it there"),
+                    ));
+                }
+                m.value.clone()
+            }
+            None => suite_models.to_vec(),
+        };
+        let request = self.request(spanned)?;
+        let checks = self.checks(c.expect.as_ref())?;
+        if checks.is_empty() {
+            return Err(self.at(
+                spanned.referenced,
+                format!("case {name:?} checks nothing: add `expect` with a status or json checks"),
+            ));
+        }
+        let timeout = c.timeout.as_ref().map(|t| self.duration(t)).transpose()?;
+        Ok(Case { name, models, request, checks, timeout })
+    }
+
+    fn request(&self, spanned: &Spanned<RawCase>) -> Result<HttpRequest, SuiteError> {
+        let r = &spanned.value.request;
+        let method = r.method.value.to_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(self
+                .at(r.method.referenced, format!("unknown HTTP method {:?}; use one of {METHODS:?}", r.method.value)));
+        }
+        if !r.path.value.starts_with('/') {
+            return Err(self.at(r.path.referenced, format!("path {:?} must start with '/'", r.path.value)));
+        }
+        let mut headers = r.headers.clone();
+        let body = match (&r.json, &r.body) {
+            (Some(_), Some(_)) => {
+                return Err(self.at(spanned.referenced, "request has both `json` and `body`; keep one".into()));
+            }
+            (Some(json), None) => {
+                headers.entry("content-type".into()).or_insert_with(|| "application/json".into());
+                serde_json::to_vec(json).unwrap_or_default()
+            }
+            (None, Some(text)) => text.clone().into_bytes(),
+            (None, None) => Vec::new(),
+        };
+        Ok(HttpRequest { method, path: r.path.value.clone(), headers, body })
+    }
+
+    fn checks(&self, expect: Option<&RawExpect>) -> Result<Vec<Check>, SuiteError> {
+        let Some(expect) = expect else { return Ok(Vec::new()) };
+        let mut checks: Vec<Check> = expect.status.map(Check::Status).into_iter().collect();
+        for chk in &expect.json {
+            checks.push(check(&chk.value).map_err(|m| self.at(chk.referenced, m))?);
+        }
+        Ok(checks)
+    }
+
+    fn shard(&self, shard: Option<&Spanned<String>>) -> Result<Option<Shard>, SuiteError> {
+        let Some(s) = shard else { return Ok(None) };
+        if s.value == "auto" {
+            return Ok(Some(Shard::Auto));
+        }
+        match s.value.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(Some(Shard::Count(n))),
+            _ => {
+                Err(self
+                    .at(s.referenced, format!("shard {:?}: write a number of hosts (1 or more) or `auto`", s.value)))
+            }
+        }
+    }
 }
 
 /// Suites of one run must have distinct names: reports, the trace and the

@@ -273,59 +273,64 @@ async fn each_protocol_follows_its_golden_responses_served_over_http() {
         },
     ];
     for script in scripts {
-        let fixture = Fixture::start().await;
-        for (route, code, body) in &script.loading {
-            fixture.set(route, *code, body.clone());
-        }
-        let scratch = Scratch::new(script.protocol);
-        let extra = match script.protocol {
-            "ollama" => "load_path = \"/api/generate\"\nload_body = '{\"model\": \"{model}\"}'\n",
-            "http" => "path = \"/ready\"\n",
-            _ => "",
-        };
-        let config = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sleep\", \"600\"]\n\
-             base_url = \"{}\"\nstop_grace = \"1s\"\n\n[service.readiness]\nprotocol = \"{}\"\n{extra}\n[[service.model]]\nname = \"m\"\n{}\n",
-            scratch.path.display(),
-            fixture.url,
-            script.protocol,
-            script.model_lines
-        );
-        let agent = Agent::spawn_config(BIN, &config).await;
-        let mut client = ensure(&agent, &["m"]).await;
-        let what = script.protocol;
-        match script.loading_stage {
-            Some(stage) => {
-                watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "m", stage)).await;
-            }
-            None => {
-                // No stage to see: wait until the agent has polled the loading answers.
-                let route = script.loading[0].0;
-                testkit::within(Duration::from_secs(20), "polls of the loading state", async {
-                    while fixture.hits(route) < 3 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-                .await;
-                let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
-                let m = &snapshot.services[0].models[0];
-                assert_eq!(m.stage(), Stage::WaitingForHttp, "{what}: nothing ready yet: {m:?}");
-            }
-        }
-        if what == "ollama" {
-            assert!(fixture.hits("POST /api/generate") >= 1, "ollama: the agent asked for the load");
-        }
-        for (route, code, body) in &script.ready {
-            fixture.set(route, *code, body.clone());
-        }
-        let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
-            reached(e, "m", Stage::Ready) || reached(e, "m", Stage::Failed)
-        })
-        .await;
-        let last = stage_event(events.last().unwrap()).unwrap();
-        assert_eq!(last.to(), Stage::Ready, "{what}: {last:?}");
-        assert!(last.cause.starts_with(&format!("{what}: status=")), "{what}: {last:?}");
+        follow_golden_script(script).await;
     }
+}
+
+/// One protocol's script: the agent sees it loading, then READY.
+async fn follow_golden_script(script: Script) {
+    let fixture = Fixture::start().await;
+    for (route, code, body) in &script.loading {
+        fixture.set(route, *code, body.clone());
+    }
+    let scratch = Scratch::new(script.protocol);
+    let extra = match script.protocol {
+        "ollama" => "load_path = \"/api/generate\"\nload_body = '{\"model\": \"{model}\"}'\n",
+        "http" => "path = \"/ready\"\n",
+        _ => "",
+    };
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[service]]\nname = \"translation\"\ncommand = [\"sleep\", \"600\"]\n\
+         base_url = \"{}\"\nstop_grace = \"1s\"\n\n[service.readiness]\nprotocol = \"{}\"\n{extra}\n[[service.model]]\nname = \"m\"\n{}\n",
+        scratch.path.display(),
+        fixture.url,
+        script.protocol,
+        script.model_lines
+    );
+    let agent = Agent::spawn_config(BIN, &config).await;
+    let mut client = ensure(&agent, &["m"]).await;
+    let what = script.protocol;
+    match script.loading_stage {
+        Some(stage) => {
+            watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "m", stage)).await;
+        }
+        None => {
+            // No stage to see: wait until the agent has polled the loading answers.
+            let route = script.loading[0].0;
+            testkit::within(Duration::from_secs(20), "polls of the loading state", async {
+                while fixture.hits(route) < 3 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+            let m = &snapshot.services[0].models[0];
+            assert_eq!(m.stage(), Stage::WaitingForHttp, "{what}: nothing ready yet: {m:?}");
+        }
+    }
+    if what == "ollama" {
+        assert!(fixture.hits("POST /api/generate") >= 1, "ollama: the agent asked for the load");
+    }
+    for (route, code, body) in &script.ready {
+        fixture.set(route, *code, body.clone());
+    }
+    let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+        reached(e, "m", Stage::Ready) || reached(e, "m", Stage::Failed)
+    })
+    .await;
+    let last = stage_event(events.last().unwrap()).unwrap();
+    assert_eq!(last.to(), Stage::Ready, "{what}: {last:?}");
+    assert!(last.cause.starts_with(&format!("{what}: status=")), "{what}: {last:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

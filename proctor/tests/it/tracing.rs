@@ -62,6 +62,45 @@ async fn traced_run(protocol: &str) -> (OtlpReceiver, Scratch, Agent, controller
     (receiver, out, agent, result)
 }
 
+/// Stage spans: in stage order, inside their load, not overlapping, and each
+/// saying what it cost.
+fn stage_spans_are_ordered_inside_their_load(spans: &[Span], load: &Span) {
+    let mut stages: Vec<&Span> = spans.iter().filter(|s| s.parent_span_id == load.span_id).collect();
+    stages.sort_by_key(|s| s.start_time_unix_nano);
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "LOADING_WEIGHTS", "WARMING_UP"]);
+    for pair in stages.windows(2) {
+        assert!(
+            pair[0].end_time_unix_nano <= pair[1].start_time_unix_nano,
+            "{} overlaps {}",
+            pair[0].name,
+            pair[1].name
+        );
+    }
+    let slack = 50_000_000; // 50 ms of clock-offset estimate
+    assert!(stages[0].start_time_unix_nano + slack >= load.start_time_unix_nano);
+    assert!(stages.last().unwrap().end_time_unix_nano <= load.end_time_unix_nano + slack);
+    let loading = stages.iter().find(|s| s.name == "LOADING_WEIGHTS").unwrap();
+    let ms = (loading.end_time_unix_nano - loading.start_time_unix_nano) / 1_000_000;
+    assert!((400..1200).contains(&ms), "LOADING_WEIGHTS took the sim's 600 ms: {ms} ms");
+    says_what_it_cost(loading);
+}
+
+fn the_trace_file_holds_the_same_spans(out: &Scratch, spans: &[Span]) {
+    let file = std::fs::read_to_string(out.path.join("trace.json")).unwrap();
+    let back: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
+        serde_json::from_str(&file).unwrap();
+    let from_file: BTreeSet<(String, String)> = back
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .map(|s| (hex(&s.span_id), s.name.clone()))
+        .collect();
+    let received: BTreeSet<(String, String)> = spans.iter().map(|s| (hex(&s.span_id), s.name.clone())).collect();
+    assert_eq!(from_file, received);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_is_one_connected_trace_over_grpc() {
     let (receiver, out, agent, result) = traced_run("grpc").await;
@@ -96,26 +135,7 @@ async fn a_run_is_one_connected_trace_over_grpc() {
     assert_eq!(cases.len(), 3);
     assert!(cases.iter().all(|c| c.parent_span_id == lease.span_id), "cases are siblings of model.load");
 
-    // Stage spans: in stage order, inside their load, not overlapping.
-    let mut stages: Vec<&Span> = spans.iter().filter(|s| s.parent_span_id == load.span_id).collect();
-    stages.sort_by_key(|s| s.start_time_unix_nano);
-    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "LOADING_WEIGHTS", "WARMING_UP"]);
-    for pair in stages.windows(2) {
-        assert!(
-            pair[0].end_time_unix_nano <= pair[1].start_time_unix_nano,
-            "{} overlaps {}",
-            pair[0].name,
-            pair[1].name
-        );
-    }
-    let slack = 50_000_000; // 50 ms of clock-offset estimate
-    assert!(stages[0].start_time_unix_nano + slack >= load.start_time_unix_nano);
-    assert!(stages.last().unwrap().end_time_unix_nano <= load.end_time_unix_nano + slack);
-    let loading = stages.iter().find(|s| s.name == "LOADING_WEIGHTS").unwrap();
-    let ms = (loading.end_time_unix_nano - loading.start_time_unix_nano) / 1_000_000;
-    assert!((400..1200).contains(&ms), "LOADING_WEIGHTS took the sim's 600 ms: {ms} ms");
-    says_what_it_cost(loading);
+    stage_spans_are_ordered_inside_their_load(&spans, load);
 
     // Case attributes, and the failing case's error status.
     let ok = cases.iter().find(|c| c.name == "case english to spanish").unwrap();
@@ -138,19 +158,7 @@ async fn a_run_is_one_connected_trace_over_grpc() {
     let all = serde_json::to_string(&receiver.requests()).unwrap();
     assert!(!all.contains(CANARY), "the agent's secret leaked into the trace");
 
-    // The trace file holds the same spans.
-    let file = std::fs::read_to_string(out.path.join("trace.json")).unwrap();
-    let back: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
-        serde_json::from_str(&file).unwrap();
-    let from_file: BTreeSet<(String, String)> = back
-        .resource_spans
-        .iter()
-        .flat_map(|r| &r.scope_spans)
-        .flat_map(|s| &s.spans)
-        .map(|s| (hex(&s.span_id), s.name.clone()))
-        .collect();
-    let received: BTreeSet<(String, String)> = spans.iter().map(|s| (hex(&s.span_id), s.name.clone())).collect();
-    assert_eq!(from_file, received);
+    the_trace_file_holds_the_same_spans(&out, &spans);
 }
 
 #[tokio::test(flavor = "multi_thread")]
