@@ -34,6 +34,20 @@ fn mtls_agent(dir: &Path) -> Service {
     ))
 }
 
+/// The agent's log once it holds `line` (it is written by another process).
+async fn logged(agent: &Agent, line: &str) -> String {
+    testkit::within(Duration::from_secs(5), "the agent's log line", async {
+        loop {
+            let log = agent.logs();
+            if log.contains(line) {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // a file has no event to await
+        }
+    })
+    .await
+}
+
 /// Connects as `access` says, expecting the agent's certificate to name `tls_name`.
 async fn connect(agent: &Agent, access: &Access, tls_name: &str) -> Result<Remote, String> {
     let security = Arc::new(access.read()?);
@@ -129,10 +143,9 @@ async fn mtls_lets_in_only_certificates_of_the_lab_ca_naming_the_right_agent() {
     }
     // Plaintext to a TLS agent gets nowhere either.
     assert!(Remote::connect(&agent.addr).await.is_err(), "plaintext is refused");
-    let said = agent.logs();
-    assert!(said.contains("the client spoke plaintext"), "the agent says what the client did wrong: {said}");
-    // The agent said why, each time, with the peer.
-    let log = agent.logs();
+    // The agent said why, each time, with the peer. Its log is written by
+    // another process: read it until the last refusal's line is there.
+    let log = logged(&agent, "the client spoke plaintext").await;
     for reason in ["peer sent no certificates", "UnknownIssuer", "certificate expired"] {
         let line = log.lines().find(|l| l.contains("TLS handshake refused") && l.contains(reason));
         assert!(line.is_some_and(|l| l.contains("peer=127.0.0.1:")), "{reason} not logged with the peer: {log}");
@@ -165,7 +178,7 @@ async fn an_observer_may_watch_but_not_drive() {
     let mut controller = raw(&agent, &dir, "controller-ci").await;
     let lease = controller.acquire_lease(lease_request()).await.expect("a controller drives").into_inner();
     assert_eq!(lease.epoch, 1, "the first lease ever granted on this agent: {lease:?}");
-    let log = agent.logs();
+    let log = logged(&agent, "call refused").await;
     assert!(log.contains("call refused") && log.contains("peer="), "logged with the peer: {log}");
 }
 
