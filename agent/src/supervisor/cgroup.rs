@@ -1,7 +1,9 @@
 //! A control group per service, so the whole tree — including a grandchild
 //! that called `setsid` or double-forked — is counted, limited, killed and
 //! explained together. cgroup v2 when its `memory` controller is enabled,
-//! else v1 `memory` + `freezer`, created under the agent's own cgroups.
+//! else v1 `memory` + `freezer`, created under the agent's own cgroups. On
+//! v2 the agent first moves itself into a leaf of the subtree delegated to it
+//! (`V2Tree`), since only a cgroup without processes may hand controllers down.
 //!
 //! Paths are `…/proctor-<agent id>/<service>`, where the agent id is derived
 //! from the agent's data folder: stable across agent restarts (so a restarted
@@ -70,14 +72,98 @@ pub fn agent_id(data_dir: &Path) -> String {
     format!("{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// The leaf the agent moves itself into on cgroup v2 (what systemd ≥ 254
+/// does itself with `DelegateSubgroup=proctor-agent`).
+pub const AGENT_LEAF: &str = "proctor-agent";
+
+/// The cgroup v2 folder delegated to an agent whose own cgroup is `own`: that
+/// cgroup, or its parent when the agent already sits in its leaf (after a
+/// restart, or placed there by systemd).
+fn delegated_root(own: &str) -> &str {
+    match own.rsplit_once('/') {
+        Some((parent, leaf)) if leaf == AGENT_LEAF => {
+            if parent.is_empty() {
+                "/"
+            } else {
+                parent
+            }
+        }
+        _ => own,
+    }
+}
+
+/// The cgroup v2 subtree delegated to the agent (systemd `Delegate=yes`):
+/// the agent lives in its leaf, services below `proctor-<agent id>/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V2Tree {
+    root: PathBuf,
+}
+
+impl V2Tree {
+    /// The tree of a process whose v2 path is `own`, in the hierarchy mounted at `mount`.
+    pub fn for_process(mount: &Path, own: &str) -> V2Tree {
+        V2Tree { root: mount.join(delegated_root(own).trim_start_matches('/')) }
+    }
+
+    /// Moves process `pid` (the agent) into its leaf, then hands every
+    /// controller the tree has down to the folders below: cgroup v2 lets
+    /// only a cgroup without processes of its own do that.
+    pub fn take(&self, pid: u32) -> Result<(), CgroupError> {
+        let leaf = self.root.join(AGENT_LEAF);
+        std::fs::create_dir_all(&leaf).map_err(io(&leaf))?;
+        let procs = leaf.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(io(&procs))?;
+        hand_down(&self.root).map_err(|e| match e {
+            CgroupError::Io { path, source } if source.raw_os_error() == Some(nix::libc::EBUSY) => {
+                CgroupError::Unavailable(format!(
+                    "{} still holds other processes, so it cannot hand controllers down to service cgroups: run \
+                     the agent in a cgroup of its own (under systemd: the unit in deploy/, with Delegate=yes)",
+                    path.parent().unwrap_or(&path).display()
+                ))
+            }
+            other => other,
+        })
+    }
+
+    /// Where a service's cgroup lives in this tree.
+    pub fn service(&self, agent_id: &str, service: &str) -> ServiceCgroup {
+        ServiceCgroup::V2 { dir: self.root.join(format!("proctor-{agent_id}")).join(service) }
+    }
+}
+
+/// Enables, for the children of `dir`, every controller `dir` has — one by
+/// one, so one the kernel refuses (e.g. `cpu` beside a realtime process)
+/// does not cost the others; an error only when none could be enabled.
+fn hand_down(dir: &Path) -> Result<(), CgroupError> {
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).map_err(io(dir))?;
+    let control = dir.join("cgroup.subtree_control");
+    let mut first_error = None;
+    let mut enabled = 0;
+    for controller in available.split_whitespace() {
+        match std::fs::write(&control, format!("+{controller}")) {
+            Ok(()) => enabled += 1,
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    match first_error {
+        Some(source) if enabled == 0 => Err(CgroupError::Io { path: control, source }),
+        _ => Ok(()),
+    }
+}
+
+/// The agent's own v2 tree, if it is in a v2 hierarchy.
+fn own_tree() -> Result<V2Tree, CgroupError> {
+    let own = own_path("").ok_or_else(|| CgroupError::Unavailable("not in a cgroup v2 hierarchy".into()))?;
+    Ok(V2Tree::for_process(Path::new(ROOT), &own))
+}
+
 impl ServiceCgroup {
     /// Where this service's cgroup lives (whether or not it exists yet).
     pub fn locate(agent_id: &str, service: &str) -> Result<ServiceCgroup, CgroupError> {
-        let leaf = format!("proctor-{agent_id}/{service}");
         if v2_has_memory() {
-            let own = own_path("").ok_or_else(|| CgroupError::Unavailable("not in a cgroup v2 hierarchy".into()))?;
-            return Ok(ServiceCgroup::V2 { dir: Path::new(ROOT).join(own.trim_start_matches('/')).join(leaf) });
+            return Ok(own_tree()?.service(agent_id, service));
         }
+        let leaf = format!("proctor-{agent_id}/{service}");
         let memory =
             own_path("memory").ok_or_else(|| CgroupError::Unavailable("no v1 memory controller mounted".into()))?;
         let freezer =
@@ -94,9 +180,8 @@ impl ServiceCgroup {
             ServiceCgroup::V2 { dir } => {
                 let parent = dir.parent().expect("service cgroup has a parent");
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
-                // Children of `parent` need the memory controller delegated.
-                let control = parent.join("cgroup.subtree_control");
-                let _ = std::fs::write(&control, "+memory");
+                // The service's cgroup gets every controller the agent has.
+                hand_down(parent)?;
                 std::fs::create_dir_all(dir).map_err(io(dir))?;
                 if let Some(limit) = memory_limit {
                     let f = dir.join("memory.max");
@@ -242,6 +327,9 @@ impl ServiceCgroup {
 
 /// Checks that cgroups can be used here, by creating and removing one.
 pub fn probe(agent_id: &str) -> Result<(), CgroupError> {
+    if v2_has_memory() {
+        own_tree()?.take(std::process::id())?;
+    }
     let cg = ServiceCgroup::locate(agent_id, "probe")?;
     cg.create(None)?;
     // A cgroup without the memory controller would limit nothing and count
@@ -265,6 +353,116 @@ pub fn probe(agent_id: &str) -> Result<(), CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cgroup2 mount to test on: the host's, or one mounted for the test
+    /// (a cgroup v1 host still has the v2 hierarchy, without controllers).
+    fn cgroup2_mount() -> PathBuf {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        if let Some(at) = mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        }) {
+            return at;
+        }
+        let at = PathBuf::from("/run/proctor-test-cgroup2");
+        std::fs::create_dir_all(&at).unwrap();
+        let status = std::process::Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&at).status().unwrap();
+        assert!(status.success(), "mounting cgroup2 at {} failed (tests run as root)", at.display());
+        at
+    }
+
+    fn v2_path_of(pid: u32) -> String {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        text.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_owned()
+    }
+
+    /// What systemd's `Delegate=yes` hands over: a unit cgroup that holds the
+    /// agent. cgroup v2 forbids a cgroup that holds processes to enable
+    /// controllers for its children, so the agent must first move itself
+    /// into a leaf of its own.
+    #[test]
+    fn a_delegated_v2_unit_gets_the_agent_into_a_leaf_and_its_controllers_handed_down() {
+        let mount = cgroup2_mount();
+        // Only the root may hold processes and hand controllers down: give
+        // its children one (a v1 host's v2 root hands nothing down by itself).
+        let root_has = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
+        let first = root_has.split_whitespace().next().expect("the v2 hierarchy has a controller").to_owned();
+        std::fs::write(mount.join("cgroup.subtree_control"), format!("+{first}")).unwrap();
+        let unit = mount.join(format!("proctor-test-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&unit).unwrap();
+        let mut agent = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(unit.join("cgroup.procs"), agent.id().to_string()).unwrap();
+        let refused = std::fs::write(unit.join("cgroup.subtree_control"), format!("+{first}"));
+        assert!(refused.is_err(), "the kernel lets a cgroup with processes hand {first} down");
+
+        let own = v2_path_of(agent.id());
+        let tree = V2Tree::for_process(&mount, &own);
+        tree.take(agent.id()).unwrap();
+        assert_eq!(v2_path_of(agent.id()), format!("{own}/{AGENT_LEAF}"));
+        let handed = std::fs::read_to_string(unit.join("cgroup.subtree_control")).unwrap();
+        assert!(handed.split_whitespace().any(|c| c == first), "{first} not handed down: {handed:?}");
+        // A restarted agent finds itself in the leaf and the same tree.
+        assert_eq!(V2Tree::for_process(&mount, &v2_path_of(agent.id())), tree);
+
+        let service = tree.service("0123456789ab", "svc");
+        service.create(None).unwrap();
+        let ServiceCgroup::V2 { dir } = &service else { panic!("not a v2 cgroup: {service:?}") };
+        assert!(dir.starts_with(&unit) && dir.ends_with("proctor-0123456789ab/svc"), "{}", dir.display());
+        let svc_controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap();
+        assert!(svc_controllers.split_whitespace().any(|c| c == first), "service lacks {first}: {svc_controllers:?}");
+        let mut worker = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(dir.join("cgroup.procs"), worker.id().to_string()).unwrap();
+        assert_eq!(service.pids(), vec![worker.id()]);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        assert!(runtime.block_on(service.kill_all(Duration::from_secs(5))));
+        assert!(worker.wait().unwrap().code().is_none(), "the worker was not killed");
+        service.remove();
+
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let _ = std::fs::remove_dir(unit.join(AGENT_LEAF));
+        let _ = std::fs::remove_dir(&unit);
+    }
+
+    /// An agent started from a shell shares its cgroup with the shell: it
+    /// cannot free it, and says what to do instead.
+    #[test]
+    fn a_v2_cgroup_shared_with_other_processes_is_refused_with_the_fix() {
+        let mount = cgroup2_mount();
+        let root_has = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
+        let first = root_has.split_whitespace().next().expect("the v2 hierarchy has a controller").to_owned();
+        std::fs::write(mount.join("cgroup.subtree_control"), format!("+{first}")).unwrap();
+        let unit = mount.join(format!("proctor-test-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&unit).unwrap();
+        let mut shell = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut agent = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        for pid in [shell.id(), agent.id()] {
+            std::fs::write(unit.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+        let tree = V2Tree::for_process(&mount, &v2_path_of(agent.id()));
+        let error = tree.take(agent.id()).unwrap_err().to_string();
+        assert!(error.contains("still holds other processes") && error.contains("Delegate=yes"), "{error}");
+        assert!(error.contains(&unit.display().to_string()), "{error}");
+        for p in [&mut shell, &mut agent] {
+            p.kill().unwrap();
+            p.wait().unwrap();
+        }
+        let _ = std::fs::remove_dir(unit.join(AGENT_LEAF));
+        let _ = std::fs::remove_dir(&unit);
+    }
+
+    #[test]
+    fn the_delegated_folder_is_the_agents_own_unless_it_already_sits_in_its_leaf() {
+        for (own, root) in [
+            ("/system.slice/proctor-agent.service", "/system.slice/proctor-agent.service"),
+            ("/system.slice/proctor-agent.service/proctor-agent", "/system.slice/proctor-agent.service"),
+            ("/", "/"),
+            ("/proctor-agent", "/"),
+            ("/user.slice/proctor-agent-x", "/user.slice/proctor-agent-x"),
+        ] {
+            assert_eq!(delegated_root(own), root, "own cgroup {own}");
+        }
+    }
 
     #[test]
     fn agent_ids_are_stable_and_distinct() {

@@ -195,7 +195,7 @@ name = "nllb"
 #[test]
 fn the_shipped_systemd_unit_lets_services_outlive_an_agent_crash() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let unit = std::fs::read_to_string(root.join("deploy/proctor-agent.service")).unwrap();
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/proctor-agent.service")).unwrap();
     let setting = |key: &str| {
         unit.lines().find_map(|l| l.trim().strip_prefix(&format!("{key}="))).map(str::to_owned).unwrap_or_default()
     };
