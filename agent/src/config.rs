@@ -16,6 +16,12 @@ use crate::probe::{HealthJson, ProgressScale, Protocol};
 /// A string from the file with where it is, for errors that say so.
 type Text = Spanned<String>;
 
+pub use proto::admission::GpuPin;
+
+/// The variable CUDA programs read their devices from; the agent sets it
+/// from the GPUs it admitted a service to.
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
 /// Methods a warm-up request may use.
 const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
@@ -104,6 +110,15 @@ struct RawService {
     stop_after_failed_load: bool,
     #[serde(default = "default_max_log_mb")]
     max_log_mb: u64,
+    gpus: Option<Spanned<RawGpus>>,
+}
+
+/// `gpus = "auto"` or `gpus = [0, 1]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawGpus {
+    Word(String),
+    Devices(Vec<u32>),
 }
 
 fn default_max_log_mb() -> u64 {
@@ -214,6 +229,10 @@ pub struct ServiceConfig {
     /// The service's output file is rotated past this size (copy to
     /// `<service>.log.1`, then truncate).
     pub max_log_bytes: u64,
+    /// Which GPUs the service may use (its `CUDA_VISIBLE_DEVICES`): `None`
+    /// = the agent gives it none and leaves the variable alone. Defaults to
+    /// `auto` when a model declares `gpu_mb`.
+    pub gpus: Option<GpuPin>,
 }
 
 /// When a service that exited on its own is started again.
@@ -516,7 +535,9 @@ impl Check<'_> {
             let model = self.model(&format!("{at}.model ({})", m.name.get_ref()), m, &models)?;
             models.push(model);
         }
+        let gpus = self.gpus(&key("gpus"), &s, models.iter().any(|m| m.gpu_bytes > 0))?;
         Ok(ServiceConfig {
+            gpus,
             base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
             stop_grace: self.duration(key("stop_grace"), s.stop_grace.as_ref(), DEFAULT_STOP_GRACE)?,
             readiness: self.readiness(&at, &s.readiness)?,
@@ -535,6 +556,50 @@ impl Check<'_> {
             stop_signal,
             models,
         })
+    }
+
+    /// The service's GPUs: as written, else `auto` when a model declares GPU
+    /// memory. Choosing them through `env.CUDA_VISIBLE_DEVICES` as well is
+    /// refused: admission would check other devices than the service uses.
+    fn gpus(&self, key: &str, s: &RawService, declared: bool) -> Result<Option<GpuPin>, ConfigError> {
+        let by_env = s.env.contains_key(CUDA_VISIBLE_DEVICES);
+        let Some(raw) = &s.gpus else {
+            if declared && by_env {
+                return Err(self.invalid(
+                    format!("{key} (env.{CUDA_VISIBLE_DEVICES})"),
+                    &s.name,
+                    format!(
+                        "a model declares gpu_mb but the devices come from env.{CUDA_VISIBLE_DEVICES}: write \
+                         `gpus = [..]` instead, so admission checks the devices the service uses"
+                    ),
+                ));
+            }
+            return Ok(declared.then_some(GpuPin::Auto));
+        };
+        if by_env {
+            let message = format!("and env.{CUDA_VISIBLE_DEVICES} both choose the GPUs: keep `gpus` only");
+            return Err(self.invalid(key, raw, message));
+        }
+        match raw.get_ref() {
+            RawGpus::Word(w) if w == "auto" => Ok(Some(GpuPin::Auto)),
+            RawGpus::Word(w) => Err(self.invalid(
+                key,
+                raw,
+                format!("{w:?} is neither \"auto\" nor a list of device indexes like [0, 1]"),
+            )),
+            RawGpus::Devices(d) if d.is_empty() => {
+                Err(self.invalid(key, raw, "is empty: list device indexes, or write \"auto\"".into()))
+            }
+            RawGpus::Devices(d) => {
+                let mut unique = d.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                if unique.len() != d.len() {
+                    return Err(self.invalid(key, raw, format!("lists a device twice: {d:?}")));
+                }
+                Ok(Some(GpuPin::Devices(d.clone())))
+            }
+        }
     }
 
     fn restart(&self, at: &str, s: &RawService) -> Result<RestartPolicy, ConfigError> {
@@ -910,6 +975,15 @@ load = "endpoint"
                 "listen = \"0.0.0.0:0\"",
                 "auth: the agent would listen on 0.0.0.0:0",
                 "line 2, column 10",
+            ),
+            ("\"2s\"", "\"2s\"\ngpus = \"all\"", "gpus: \"all\" is neither \"auto\" nor", "line 10, column 8"),
+            ("\"2s\"", "\"2s\"\ngpus = []", "gpus: is empty: list device indexes", "line 10, column 8"),
+            ("\"2s\"", "\"2s\"\ngpus = [1, 1]", "gpus: lists a device twice: [1, 1]", "line 10, column 8"),
+            (
+                "\"2s\"",
+                "\"2s\"\ngpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"1\" }",
+                "gpus: and env.CUDA_VISIBLE_DEVICES both choose the GPUs",
+                "line 10, column 8",
             ),
         ];
         for (from, to, want, at) in cases {

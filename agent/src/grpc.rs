@@ -96,10 +96,24 @@ impl AgentApi for Service {
     async fn get_info(&self, _: Request<proto::GetInfoRequest>) -> Result<Response<proto::AgentInfo>, Status> {
         let mut info = self.info.clone();
         let snapshot = self.journal.snapshot().await.map_err(closed)?;
+        for service in &mut info.services {
+            if let Some(state) = snapshot.services.iter().find(|s| s.name == service.name) {
+                service.gpus_given.clone_from(&state.gpus);
+            }
+        }
         if let Some(host) = snapshot.host.filter(|h| h.total_bytes > 0) {
             info.host_memory_total_bytes = host.total_bytes;
         }
-        let (capacity, reserved) = self.admission.capacity().await;
+        let crate::admission::Standing { capacity, reserved, gpus } = self.admission.standing().await;
+        info.gpus = gpus
+            .iter()
+            .map(|g| proto::GpuRoom {
+                index: g.index,
+                total_bytes: g.total,
+                used_bytes: g.used,
+                reserved_bytes: g.reserved,
+            })
+            .collect();
         info.host_memory_available_bytes = capacity.mem_available;
         info.cgroup_room_bytes = capacity.cgroup_room;
         // Read now, like the room: a cgroup's limit can be changed while we run.
@@ -168,6 +182,7 @@ impl AgentApi for Service {
             timeout: Some(overrides.load_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis),
             timeout_source: overrides.load_timeout_source,
             headroom: overrides.ram_headroom_bytes,
+            gpu_headroom: overrides.gpu_headroom_bytes,
             fresh: r.fresh,
             traceparent,
         };
@@ -301,10 +316,11 @@ mod tests {
 
     fn service_with(supervisors: BTreeMap<String, Supervisor>) -> Service {
         let (_, samples) = tokio::sync::watch::channel(BTreeMap::new());
+        let (_, gpus) = tokio::sync::watch::channel(Vec::new());
         let capacity: crate::admission::CapacitySource = Box::new(|_| proto::admission::Capacity::default());
         Service {
             journal: Journal::start("inc".into(), &[("svc".into(), vec!["m".into()])]),
-            admission: crate::admission::Admission::start(capacity, samples),
+            admission: crate::admission::Admission::start(capacity, samples, gpus),
             supervisors,
             info: proto::AgentInfo::default(),
             // Cases go to 127.0.0.1: never through a proxy from the environment.

@@ -495,6 +495,7 @@ impl State {
                 if let Some(svc) = self.services.get_mut(&s.service) {
                     svc.running = true;
                     svc.pid = s.pid;
+                    svc.gpus.clone_from(&s.gpus);
                     svc.peak_rss_bytes = 0;
                     svc.peak_gpu_bytes = 0;
                 }
@@ -503,6 +504,7 @@ impl State {
                 if let Some(svc) = self.services.get_mut(&s.service) {
                     svc.running = false;
                     svc.pid = 0;
+                    svc.gpus.clear();
                     svc.rss_bytes = 0;
                     svc.gpu_bytes = 0;
                     svc.cgroup_bytes = 0;

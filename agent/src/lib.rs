@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use proto::admission::GpuPin;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -115,17 +116,23 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let (samples_tx, samples_rx) = watch::channel(BTreeMap::new());
     let sampler_cancel = CancellationToken::new();
     let gpus = sampling::gpu::Gpus::open(config.nvml_library.as_deref());
+    // Admission sees the GPUs from the first request on, not from the first tick.
+    let first_rooms = gpus.as_ref().map(|g| g.sample().iter().map(sampling::gpu::Device::room).collect());
+    let (gpu_rooms_tx, gpu_rooms_rx) = watch::channel(first_rooms.unwrap_or_default());
     let nvml = gpus.is_some();
     tokio::spawn(sampling::run(
         journal.clone(),
         roots_rx,
-        samples_tx,
+        (samples_tx, gpu_rooms_tx),
         (config.telemetry_interval, gpus),
         sampler_cancel.clone(),
     ));
 
-    let admission =
-        admission::Admission::start(admission::Admission::host(config.memory_budget_bytes), samples_rx.clone());
+    let admission = admission::Admission::start(
+        admission::Admission::host(config.memory_budget_bytes),
+        samples_rx.clone(),
+        gpu_rooms_rx,
+    );
     let wiring = supervisor::Wiring {
         journal: journal.clone(),
         agent_id,
@@ -260,6 +267,12 @@ fn agent_info(config: &Config, incarnation: &str, cgroups: bool, nvml: bool) -> 
                 name: s.name.clone(),
                 readiness_protocol: s.readiness.protocol.name().to_owned(),
                 models: s.models.iter().map(model).collect(),
+                gpu_auto: s.gpus == Some(GpuPin::Auto),
+                gpu_pinned: match &s.gpus {
+                    Some(GpuPin::Devices(d)) => d.clone(),
+                    _ => Vec::new(),
+                },
+                gpus_given: Vec::new(),
             })
             .collect(),
         memory_budget_bytes: config.memory_budget_bytes,

@@ -72,6 +72,8 @@ pub struct EnsureRequest {
     pub timeout_source: String,
     /// Memory to keep free beyond the declared needs, once per request.
     pub headroom: u64,
+    /// GPU memory to keep free beyond the declared GPU needs, once per request.
+    pub gpu_headroom: u64,
     /// Restart the service for a cold load.
     pub fresh: bool,
     /// W3C trace context of the caller, for warm-up and load requests.
@@ -149,6 +151,7 @@ impl Supervisor {
             last_exit: None,
             last_sample: None,
             cgroup: None,
+            gpus: Vec::new(),
             oom_baseline: 0,
             failures: 0,
             restart_at: None,
@@ -289,6 +292,9 @@ struct Actor {
     last_sample: Option<(Instant, TreeMemory)>,
     /// The service's cgroup while it runs.
     cgroup: Option<cgroup::ServiceCgroup>,
+    /// The GPUs admission gave the service when it started (its
+    /// `CUDA_VISIBLE_DEVICES`); later loads go to these.
+    gpus: Vec<u32>,
     /// The cgroup's OOM-kill count when the run began.
     oom_baseline: u64,
     /// Consecutive failed runs, for the restart backoff.
@@ -446,7 +452,8 @@ impl Actor {
                 let stage = self.machine.stage(&m.name)?;
                 let idle = matches!(stage, Stage::Stopped | Stage::Failed);
                 let loaded = self.machine.reserved(&m.name) || stage == Stage::Ready || (!starting && !idle);
-                Some(ModelMem { name: &m.name, ram: m.ram_bytes, at_start: m.load == LoadMode::AtStart, loaded })
+                let at_start = m.load == LoadMode::AtStart;
+                Some(ModelMem { name: &m.name, ram: m.ram_bytes, gpu: m.gpu_bytes, at_start, loaded })
             })
             .collect()
     }
@@ -458,15 +465,30 @@ impl Actor {
             self.traceparent = request.traceparent.clone();
         }
         let starting = self.run.is_none();
+        // A running service keeps the GPUs it was given.
+        let pin = match starting {
+            true => self.cfg.gpus.clone(),
+            false => self.cfg.gpus.as_ref().map(|_| proto::admission::GpuPin::Devices(self.gpus.clone())),
+        };
+        let models = self.model_mems(starting);
+        let ask = crate::admission::LoadAsk {
+            models: &models,
+            asked: &request.models,
+            starting,
+            headroom: request.headroom,
+            gpu_headroom: request.gpu_headroom,
+            pin,
+        };
         let admitted = self
             .admission
-            .reserve_loads(&self.cfg.name, &self.model_mems(starting), &request.models, starting, request.headroom)
+            .reserve_loads(&self.cfg.name, ask)
             .await
             .inspect_err(|refused| tracing::warn!(service = %self.cfg.name, %refused, "load refused"))?;
-        for name in &admitted {
+        for name in &admitted.models {
             self.machine.reserve(name);
         }
         if starting {
+            self.gpus = admitted.gpus;
             self.start(&request.models);
         }
         let env_timeout = std::env::var(crate::config::LOAD_TIMEOUT_ENV).ok();
@@ -515,6 +537,7 @@ impl Actor {
             data_dir: &self.wiring.data_dir,
             cgroup: self.cgroup.as_ref(),
             incarnation: self.wiring.journal.incarnation(),
+            gpus: &self.gpus,
         };
         match process::spawn(&args, self.generation, &self.internal_tx) {
             Ok((spawned, persisted)) => {
@@ -523,6 +546,7 @@ impl Actor {
                     service: self.cfg.name.clone(),
                     pid: spawned.pid,
                     command: self.secrets.redact(&self.cfg.command.join(" ")).into_owned(),
+                    gpus: self.gpus.clone(),
                 }));
                 let root = crate::sampling::ServiceRoot { pid: spawned.pid, cgroup: self.cgroup.clone() };
                 self.wiring.roots.send_modify(|r| {
@@ -811,7 +835,9 @@ impl Actor {
             service: self.cfg.name.clone(),
             pid: state.pid,
             command: format!("(re-attached) {}", self.cfg.command.join(" ")),
+            gpus: state.gpus.clone(),
         }));
+        self.gpus.clone_from(&state.gpus);
         let probe_cancel = self.start_probe(&state.base_url);
         self.run = Some(Running {
             pid: state.pid,

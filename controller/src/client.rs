@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
+use proto::admission::{GpuPin, GpuRoom};
 use proto::agent_client::AgentClient;
 use proto::{event, watch_message};
 use tokio::sync::watch;
@@ -235,18 +236,25 @@ pub struct AgentInfo {
     pub memory_budget: Option<u64>,
     /// The agent's clock when it answered.
     pub now_unix_ms: i64,
+    /// Its GPUs as admission sees them (what loads in progress were promised).
+    pub gpus: Vec<GpuRoom>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceInfo {
     pub name: String,
     pub models: Vec<ModelInfo>,
+    /// The GPUs it may use (`None`: it is given none).
+    pub gpu_pin: Option<GpuPin>,
+    /// While it runs: the GPUs it was given.
+    pub gpus_given: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
     pub ram_need: u64,
+    pub gpu_need: u64,
     /// Loaded whenever the service starts (`load = "at_start"`).
     pub at_start: bool,
 }
@@ -257,6 +265,12 @@ impl From<proto::AgentInfo> for AgentInfo {
             .services
             .into_iter()
             .map(|s| ServiceInfo {
+                gpu_pin: match (s.gpu_auto, s.gpu_pinned.is_empty()) {
+                    (true, _) => Some(GpuPin::Auto),
+                    (false, false) => Some(GpuPin::Devices(s.gpu_pinned)),
+                    (false, true) => None,
+                },
+                gpus_given: s.gpus_given,
                 name: s.name,
                 models: s
                     .models
@@ -264,6 +278,7 @@ impl From<proto::AgentInfo> for AgentInfo {
                     .map(|m| ModelInfo {
                         name: m.name,
                         ram_need: m.ram_need_bytes,
+                        gpu_need: m.gpu_need_bytes,
                         at_start: m.load_mode == "at_start",
                     })
                     .collect(),
@@ -284,6 +299,16 @@ impl From<proto::AgentInfo> for AgentInfo {
             reserved: i.reserved_bytes,
             memory_budget: i.memory_budget_bytes,
             now_unix_ms: i.now_unix_ms,
+            gpus: i
+                .gpus
+                .iter()
+                .map(|g| GpuRoom {
+                    index: g.index,
+                    total: g.total_bytes,
+                    used: g.used_bytes,
+                    reserved: g.reserved_bytes,
+                })
+                .collect(),
         }
     }
 }
@@ -538,6 +563,7 @@ impl Agent {
                 overrides: Some(proto::ModelOverrides {
                     load_timeout_ms: ask.timeout.map_or(0, |t| t.as_millis() as u64),
                     ram_headroom_bytes: ask.headroom,
+                    gpu_headroom_bytes: ask.gpu_headroom,
                     load_timeout_source: ask.timeout_source.to_owned(),
                 }),
                 fresh: ask.fresh,
@@ -582,6 +608,7 @@ pub struct EnsureAsk<'a> {
     /// Who set it, for the agent's timeout message (e.g. "--model-timeout").
     pub timeout_source: &'a str,
     pub headroom: u64,
+    pub gpu_headroom: u64,
     pub fresh: bool,
 }
 

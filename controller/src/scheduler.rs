@@ -21,7 +21,8 @@ pub fn host_view(name: &str, labels: &[String], info: &AgentInfo, view: &AgentVi
             .iter()
             .map(|m| {
                 let stage = view.models.get(&(s.name.clone(), m.name.clone())).map_or(Stage::Stopped, |v| v.stage);
-                (m.name.clone(), HostModel { ram_need: m.ram_need, stage, at_start: m.at_start })
+                let model = HostModel { ram_need: m.ram_need, gpu_need: m.gpu_need, stage, at_start: m.at_start };
+                (m.name.clone(), model)
             })
             .collect();
         let lease = view.leases.get(&s.name).filter(|l| l.expires_unix_ms > info.now_unix_ms).map(|l| plan::Holder {
@@ -29,7 +30,8 @@ pub fn host_view(name: &str, labels: &[String], info: &AgentInfo, view: &AgentVi
             holder: l.holder.clone(),
             since: l.since.clone(),
         });
-        services.insert(s.name.clone(), HostService { models, lease });
+        let service = HostService { models, lease, gpu_pin: s.gpu_pin.clone(), gpus_given: s.gpus_given.clone() };
+        services.insert(s.name.clone(), service);
     }
     let limits = [Some(info.ram_total), info.memory_budget, info.cgroup_limit];
     Host {
@@ -44,6 +46,7 @@ pub fn host_view(name: &str, labels: &[String], info: &AgentInfo, view: &AgentVi
         },
         reserved: info.reserved,
         total: limits.into_iter().flatten().min().unwrap_or(0),
+        gpus: info.gpus.clone(),
         own_queue: 0,
     }
 }
@@ -57,6 +60,7 @@ fn down(name: &str, labels: &[String], reach: Reach) -> Host {
         capacity: Capacity::default(),
         reserved: 0,
         total: 0,
+        gpus: Vec::new(),
         own_queue: 0,
     }
 }

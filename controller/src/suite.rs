@@ -25,6 +25,8 @@ pub struct Suite {
     pub labels: Vec<String>,
     /// Memory to keep free beyond the models' declared needs.
     pub headroom_bytes: u64,
+    /// GPU memory to keep free beyond the models' declared GPU needs.
+    pub gpu_headroom_bytes: u64,
     /// Restart the service for a cold load even where the models are loaded.
     pub fresh: bool,
     /// Split the cases across hosts: `None` = one host.
@@ -93,6 +95,8 @@ struct RawSuite {
     labels: Vec<String>,
     #[serde(default)]
     headroom_mb: u64,
+    #[serde(default)]
+    gpu_headroom_mb: u64,
     #[serde(default)]
     fresh: bool,
     #[serde(default)]
@@ -219,6 +223,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         load_timeout,
         labels: raw.labels,
         headroom_bytes: raw.headroom_mb * 1024 * 1024,
+        gpu_headroom_bytes: raw.gpu_headroom_mb * 1024 * 1024,
         fresh: raw.fresh,
         shard: r.shard(raw.shard.as_ref())?,
         max_wait,
@@ -441,13 +446,17 @@ cases:
     fn parses_a_suite() {
         let s = parse(GOOD, Path::new("s.yaml")).unwrap();
         assert_eq!(s.load_timeout, Some(Duration::from_secs(300)));
-        assert_eq!((s.shard, s.fresh, s.headroom_bytes), (None, false, 0));
+        assert_eq!((s.shard, s.fresh, s.headroom_bytes, s.gpu_headroom_bytes), (None, false, 0, 0));
         let s = parse(
-            &GOOD.replace("timeout: 5m", "timeout: 5m\nshard: auto\nfresh: true\nheadroom_mb: 512\nlabels: [a100]"),
+            &GOOD.replace(
+                "timeout: 5m",
+                "timeout: 5m\nshard: auto\nfresh: true\nheadroom_mb: 512\ngpu_headroom_mb: 1024\nlabels: [a100]",
+            ),
             Path::new("s.yaml"),
         )
         .unwrap();
         assert_eq!((s.shard, s.fresh, s.headroom_bytes), (Some(Shard::Auto), true, 512 * 1024 * 1024));
+        assert_eq!(s.gpu_headroom_bytes, 1024 * 1024 * 1024);
         assert_eq!(s.labels, vec!["a100"]);
         let c = &s.cases[0];
         assert_eq!(c.request.method, "POST");

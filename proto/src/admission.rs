@@ -7,6 +7,9 @@
 
 use std::fmt;
 
+pub mod gpu;
+pub use gpu::{GpuPin, GpuRefusal, GpuRoom, place_gpu};
+
 /// What a host can give right now, each figure in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capacity {
@@ -62,6 +65,8 @@ pub struct ModelMem<'a> {
     pub name: &'a str,
     /// Declared RAM need, in bytes.
     pub ram: u64,
+    /// Declared GPU memory need, in bytes.
+    pub gpu: u64,
     /// Loads whenever the service starts, asked for or not.
     pub at_start: bool,
     /// READY, or already admitted and loading: a request brings in nothing more.
@@ -75,6 +80,8 @@ pub struct LoadNeed<'a> {
     pub models: Vec<&'a str>,
     /// Their declared needs, summed.
     pub bytes: u64,
+    /// Their declared GPU needs, summed.
+    pub gpu_bytes: u64,
     /// The request's headroom, once however many models load. Kept when
     /// `models` is empty: a planner may still want it free for the run, but
     /// the agent has no load to admit then and reserves nothing.
@@ -90,7 +97,12 @@ pub fn load_need<'a>(models: &[ModelMem<'a>], asked: &[String], starting: bool, 
         .iter()
         .filter(|m| !m.loaded && (asked.iter().any(|a| a == m.name) || (starting && m.at_start)))
         .collect();
-    LoadNeed { models: loads.iter().map(|m| m.name).collect(), bytes: loads.iter().map(|m| m.ram).sum(), headroom }
+    LoadNeed {
+        models: loads.iter().map(|m| m.name).collect(),
+        bytes: loads.iter().map(|m| m.ram).sum(),
+        gpu_bytes: loads.iter().map(|m| m.gpu).sum(),
+        headroom,
+    }
 }
 
 /// Admits a load of `need + headroom` bytes if it fits in what is left after
@@ -151,7 +163,7 @@ mod tests {
     }
 
     fn model(name: &'static str, ram_mib: u64, at_start: bool, loaded: bool) -> ModelMem<'static> {
-        ModelMem { name, ram: ram_mib * MIB, at_start, loaded }
+        ModelMem { name, ram: ram_mib * MIB, gpu: ram_mib * MIB / 2, at_start, loaded }
     }
 
     fn names(list: &[&str]) -> Vec<String> {
@@ -183,6 +195,7 @@ mod tests {
             let got = load_need(models, &names(asked), starting, 100 * MIB);
             assert_eq!(got.models, want, "{asked:?} starting={starting} on {models:?}");
             assert_eq!((got.bytes / MIB, got.headroom / MIB), (want_mib, 100), "{asked:?} starting={starting}");
+            assert_eq!(got.gpu_bytes / MIB, want_mib / 2, "GPU need of {asked:?} starting={starting}");
         }
     }
 
@@ -205,7 +218,9 @@ mod tests {
         ];
         for (nllb, aya, asked, starting, want, want_mib) in table {
             let got = load_need(&demo(nllb, aya), &names(asked), starting, gib);
-            assert_eq!(got, LoadNeed { models: want.to_vec(), bytes: want_mib * MIB, headroom: gib }, "{asked:?}");
+            let want =
+                LoadNeed { models: want.to_vec(), bytes: want_mib * MIB, gpu_bytes: want_mib * MIB / 2, headroom: gib };
+            assert_eq!(got, want, "{asked:?}");
         }
     }
 }

@@ -575,6 +575,7 @@ impl StandInNvml {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nvml/stand_in.c");
         let library = dir.join("libnvidia-ml.so");
         let spec = dir.join("nvml.spec");
+        std::fs::create_dir_all(dir).expect("a folder for the stand-in NVML");
         std::fs::write(&spec, "").expect("write the NVML spec");
         let built = std::process::Command::new("cc")
             .args(["-shared", "-fPIC", "-O1"])

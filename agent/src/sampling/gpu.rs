@@ -104,6 +104,11 @@ pub fn attribute(devices: &[Device], pids: &HashSet<u32>) -> u64 {
 }
 
 impl Device {
+    /// Its memory as admission sees it (nothing reserved yet).
+    pub fn room(&self) -> proto::admission::GpuRoom {
+        proto::admission::GpuRoom { index: self.index, total: self.total_bytes, used: self.used_bytes, reserved: 0 }
+    }
+
     /// The wire form, each process named by the service it belongs to.
     pub fn to_proto(&self, service_of: impl Fn(u32) -> Option<String>) -> proto::GpuDevice {
         proto::GpuDevice {

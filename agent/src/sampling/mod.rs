@@ -47,12 +47,14 @@ pub struct ServiceRoot {
 /// Service name → where its processes are, kept current by the supervisors.
 pub type Roots = watch::Receiver<BTreeMap<String, ServiceRoot>>;
 pub type Samples = watch::Sender<BTreeMap<String, TreeMemory>>;
+/// Each GPU's memory as last sampled, for admission.
+pub type GpuRooms = watch::Sender<Vec<proto::admission::GpuRoom>>;
 
 /// Runs until cancelled.
 pub async fn run(
     journal: Journal,
     roots: Roots,
-    samples: Samples,
+    (samples, rooms): (Samples, GpuRooms),
     (interval, gpus): (Duration, Option<gpu::Gpus>),
     cancel: CancellationToken,
 ) {
@@ -72,6 +74,7 @@ pub async fn run(
         let devices = gpus.as_ref().map(gpu::Gpus::sample).unwrap_or_default();
         let (telemetry, current) = sample(&mut system, &roots_now, &devices, &mut peaks);
         samples.send_replace(current);
+        rooms.send_replace(devices.iter().map(gpu::Device::room).collect());
         journal.append(proto::event::Kind::Telemetry(telemetry));
     }
 }

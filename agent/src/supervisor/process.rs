@@ -41,6 +41,9 @@ pub(super) struct Persisted {
     pub cgroup: Option<ServiceCgroup>,
     pub incarnation: String,
     pub started_unix_ms: i64,
+    /// The GPUs it was given (its `CUDA_VISIBLE_DEVICES`).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 /// A running service the supervisor watches.
@@ -212,6 +215,10 @@ pub(super) fn spawn(
             .map_err(|e| format!("cannot read secret {k} from {}: {e}", path.display()))?;
         command.env(k, value.trim());
     }
+    if service.gpus.is_some() {
+        let devices: Vec<String> = cfg.gpus.iter().map(u32::to_string).collect();
+        command.env(crate::config::CUDA_VISIBLE_DEVICES, devices.join(","));
+    }
     if let Some(dir) = &service.workdir {
         command.current_dir(dir);
     }
@@ -247,6 +254,7 @@ pub(super) fn spawn(
         cgroup: cfg.cgroup.cloned(),
         incarnation: cfg.incarnation.to_owned(),
         started_unix_ms: crate::journal::now_unix_ms(),
+        gpus: cfg.gpus.to_vec(),
     };
     Ok((Spawned { pid, base_url }, persisted))
 }
@@ -257,6 +265,9 @@ pub(super) struct SpawnArgs<'a> {
     pub data_dir: &'a Path,
     pub cgroup: Option<&'a ServiceCgroup>,
     pub incarnation: &'a str,
+    /// The GPUs admission gave it: its `CUDA_VISIBLE_DEVICES` when the
+    /// service has `gpus` (empty: it sees none).
+    pub gpus: &'a [u32],
 }
 
 /// Watches a service a previous agent started: its output file from now on,

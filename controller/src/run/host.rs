@@ -194,6 +194,7 @@ impl Host<'_> {
             timeout: timeout.map(|(t, _)| t),
             timeout_source: timeout.map_or("", |(_, source)| source.label()),
             headroom: self.suite.headroom_bytes,
+            gpu_headroom: self.suite.gpu_headroom_bytes,
             fresh,
         };
         let asked_ms = client::now_unix_ms();

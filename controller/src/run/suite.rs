@@ -32,6 +32,7 @@ fn need(ctx: &Ctx, suite: &Suite) -> Need {
         service: suite.service.clone(),
         models: suite.models.clone(),
         headroom: suite.headroom_bytes,
+        gpu_headroom: suite.gpu_headroom_bytes,
         labels: suite.labels.clone(),
         fresh: suite.fresh || ctx.opts.fresh,
         shard: match suite.shard {

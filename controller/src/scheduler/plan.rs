@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use proto::Stage;
-use proto::admission::{self, Capacity, ModelMem};
+use proto::admission::{self, Capacity, GpuPin, GpuRoom, ModelMem};
 
 /// What a suite needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +24,8 @@ pub struct Need {
     pub service: String,
     pub models: Vec<String>,
     pub headroom: u64,
+    /// GPU memory to keep free beyond the models' declared GPU needs.
+    pub gpu_headroom: u64,
     pub labels: Vec<String>,
     pub fresh: bool,
     pub shard: Shard,
@@ -43,6 +45,7 @@ pub enum Shard {
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostModel {
     pub ram_need: u64,
+    pub gpu_need: u64,
     pub stage: Stage,
     /// Loaded whenever the service starts, asked for or not.
     pub at_start: bool,
@@ -60,6 +63,10 @@ pub struct Holder {
 pub struct HostService {
     pub models: BTreeMap<String, HostModel>,
     pub lease: Option<Holder>,
+    /// The GPUs it may use (`None`: it is given none).
+    pub gpu_pin: Option<GpuPin>,
+    /// While it runs: the GPUs it was given, where later loads go.
+    pub gpus_given: Vec<u32>,
 }
 
 /// Whether a host answers.
@@ -85,6 +92,8 @@ pub struct Host {
     pub reserved: u64,
     /// The most this host could ever give its services: min(RAM, budget, cgroup limit).
     pub total: u64,
+    /// Its GPUs, with what loads in progress were promised on each.
+    pub gpus: Vec<GpuRoom>,
     /// This run's tries using or waiting for the service here.
     pub own_queue: usize,
 }
@@ -162,6 +171,7 @@ fn judge(need: &Need, host: &Host, run_id: &str) -> Verdict {
             .map(|(name, m)| ModelMem {
                 name,
                 ram: m.ram_need,
+                gpu: m.gpu_need,
                 at_start: m.at_start,
                 loaded: !cold && (ready(m) || !m.stage.is_terminal()),
             })
@@ -178,6 +188,9 @@ fn judge(need: &Need, host: &Host, run_id: &str) -> Verdict {
             mib(host.total)
         ));
     }
+    if let Some(shortfall) = gpu_shortfall(need, host, service, cold.gpu_bytes) {
+        return Verdict::Shortfall(shortfall);
+    }
     if let Some(holder) = service.lease.as_ref().filter(|h| h.run_id != run_id) {
         let reason = format!(
             "{name}: busy: service {} is held by run {} ({}) since {}",
@@ -188,10 +201,32 @@ fn judge(need: &Need, host: &Host, run_id: &str) -> Verdict {
     let starting = need.fresh || service.models.values().all(|m| matches!(m.stage, Stage::Stopped | Stage::Failed));
     let load = admission::load_need(&mems(false), &need.models, starting, need.headroom);
     let affinity = need.models.iter().filter(|m| ready(&service.models[*m])).count();
-    match admission::admit(load.bytes, load.headroom, host.capacity, host.reserved) {
-        Ok(left) => Verdict::Free(affinity, host.own_queue, left),
-        Err(refusal) => Verdict::Wait { reason: format!("{name}: {refusal}"), lost: false },
+    let left = match admission::admit(load.bytes, load.headroom, host.capacity, host.reserved) {
+        Ok(left) => left,
+        Err(refusal) => return Verdict::Wait { reason: format!("{name}: {refusal}"), lost: false },
+    };
+    // A running service's later loads go to the GPUs it was given.
+    let pin = match starting {
+        true => service.gpu_pin.clone(),
+        false => service.gpu_pin.as_ref().map(|_| GpuPin::Devices(service.gpus_given.clone())),
+    };
+    let gpu_headroom = if load.gpu_bytes > 0 { need.gpu_headroom } else { 0 };
+    match pin.map(|pin| admission::place_gpu(load.gpu_bytes, gpu_headroom, &pin, &host.gpus)) {
+        Some(Err(refusal)) => Verdict::Wait { reason: format!("{name}: {refusal}"), lost: false },
+        _ => Verdict::Free(affinity, host.own_queue, left),
     }
+}
+
+/// Why a host could never hold the models' GPU memory, even with every
+/// GPU empty: no GPU at all, too few, or too small.
+fn gpu_shortfall(need: &Need, host: &Host, service: &HostService, gpu_bytes: u64) -> Option<String> {
+    if gpu_bytes == 0 {
+        return None;
+    }
+    let empty: Vec<GpuRoom> = host.gpus.iter().map(|g| GpuRoom { used: 0, reserved: 0, ..*g }).collect();
+    let pin = service.gpu_pin.clone().unwrap_or(GpuPin::Auto);
+    let refusal = admission::place_gpu(gpu_bytes, need.gpu_headroom, &pin, &empty).err()?;
+    Some(format!("{}: can never hold the GPU memory: {refusal}", host.name))
 }
 
 pub fn plan(need: &Need, cases: usize, hosts: &[Host], run_id: &str) -> Plan {
@@ -249,15 +284,19 @@ mod tests {
                     models: models
                         .iter()
                         .map(|(m, ram, stage)| {
-                            (m.to_string(), HostModel { ram_need: ram * MIB, stage: *stage, at_start: false })
+                            let model = HostModel { ram_need: ram * MIB, gpu_need: 0, stage: *stage, at_start: false };
+                            (m.to_string(), model)
                         })
                         .collect(),
                     lease: None,
+                    gpu_pin: None,
+                    gpus_given: Vec::new(),
                 },
             )]),
             capacity: Capacity { mem_available: available_mib * MIB, cgroup_room: None, budget_room: None },
             reserved: 0,
             total: 24_000 * MIB,
+            gpus: Vec::new(),
             own_queue: 0,
         }
     }
@@ -267,6 +306,7 @@ mod tests {
             service: "translation".into(),
             models: models.iter().map(|m| m.to_string()).collect(),
             headroom: 0,
+            gpu_headroom: 0,
             labels: vec![],
             fresh: false,
             shard: Shard::One,
@@ -274,6 +314,72 @@ mod tests {
     }
 
     use Stage::{Ready, Stopped};
+
+    /// A host serving `aya` (70 GB of GPU memory, auto) with these GPUs:
+    /// (total, used, reserved) MiB each.
+    fn gpu_host(name: &str, gpus: &[(u64, u64, u64)]) -> Host {
+        let mut h = host(name, 20_000, &[("aya", 1000, Stopped)]);
+        let service = h.services.get_mut("translation").unwrap();
+        service.models.get_mut("aya").unwrap().gpu_need = 70_000 * MIB;
+        service.gpu_pin = Some(GpuPin::Auto);
+        h.gpus = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, (total, used, reserved))| GpuRoom {
+                index: i as u32,
+                total: total * MIB,
+                used: used * MIB,
+                reserved: reserved * MIB,
+            })
+            .collect();
+        h
+    }
+
+    #[test]
+    fn a_suite_needing_gpu_memory_goes_where_a_gpu_has_it_free() {
+        let a100_busy = gpu_host("a100-busy", &[(81_920, 40_000, 0), (81_920, 0, 30_000)]);
+        let h100_free = gpu_host("h100", &[(81_920, 2_000, 0)]);
+        let l4 = gpu_host("l4", &[(24_576, 0, 0), (24_576, 0, 0), (24_576, 0, 0), (24_576, 0, 0)]);
+        let cpu = gpu_host("cpu-only", &[]);
+        let place = |host| Plan::Place(vec![Assignment { host, cases: vec![0] }]);
+        // (hosts, plan)
+        let table: [(Vec<Host>, Plan); 3] = [
+            (vec![a100_busy.clone(), h100_free.clone(), l4.clone()], place(1)),
+            (vec![cpu.clone(), l4.clone(), h100_free.clone()], place(2)),
+            (vec![a100_busy.clone(), cpu.clone()], Plan::Wait { reasons: vec![], only_lost: false }),
+        ];
+        for (hosts, want) in table {
+            let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            match (plan(&need(&["aya"]), 1, &hosts, "r"), want) {
+                (Plan::Wait { reasons, .. }, Plan::Wait { .. }) => {
+                    assert_eq!(reasons.len(), 1, "{names:?}: {reasons:?}");
+                    assert!(reasons[0].starts_with("a100-busy: not enough GPU memory: needs 70000 MiB"), "{reasons:?}");
+                    assert!(reasons[0].contains("GPU 1: 51920 MiB free of 81920 MiB"), "{reasons:?}");
+                }
+                (got, want) => assert_eq!(got, want, "{names:?}"),
+            }
+        }
+        // Hosts that could never hold it say why.
+        match plan(&need(&["aya"]), 1, &[cpu, l4], "r") {
+            Plan::Unsatisfiable(why) => {
+                assert!(
+                    why[0].starts_with("cpu-only: can never hold the GPU memory") && why[0].contains("no GPU"),
+                    "{why:?}"
+                );
+                assert!(
+                    why[1].contains("l4: can never hold the GPU memory") && why[1].contains("on one GPU"),
+                    "{why:?}"
+                );
+            }
+            other => panic!("not unsatisfiable: {other:?}"),
+        }
+        // Pinned across the four L4s, 17500 MiB each fits; with headroom 4x2000 more, it does not.
+        let mut pinned = gpu_host("l4", &[(24_576, 0, 0), (24_576, 0, 0), (24_576, 0, 0), (24_576, 7_000, 0)]);
+        pinned.services.get_mut("translation").unwrap().gpu_pin = Some(GpuPin::Devices(vec![0, 1, 2, 3]));
+        assert_eq!(plan(&need(&["aya"]), 1, std::slice::from_ref(&pinned), "r"), place(0));
+        let roomy = Need { gpu_headroom: 8_000 * MIB, ..need(&["aya"]) };
+        assert!(matches!(plan(&roomy, 1, &[pinned], "r"), Plan::Wait { .. }));
+    }
 
     #[test]
     fn prefers_hosts_where_the_models_are_already_loaded() {

@@ -241,3 +241,92 @@ async fn prometheus_sees_stages_loads_memory_and_gpus() {
     assert_eq!(count, Some(1.0), "one load, to READY: {load:?}");
     assert!(!text.contains("lease_id") && !text.contains(&agent.addr), "nothing a caller could act on");
 }
+
+/// The service's environment, as the kernel holds it.
+fn environment(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_admission_picks_the_device_with_room_tells_the_service_and_refuses_with_numbers() {
+    let scratch = Scratch::new("nvml-admit");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H100", 50_000, 81_920), ("Stand-In-H100", 1_000, 81_920)], &[]);
+    // Auto: the load goes to GPU 1, the one with room, and the service sees only it.
+    let loading =
+        with_nvml(Service::sim(&["nllb:mb=8,download=50ms,hang=loading"]).model_lines("gpu_mb = 40000"), &nvml);
+    let agent = Agent::spawn(BIN, &loading).await;
+    let mut client = ensure(&agent, &["nllb"]).await;
+    let (_, events) =
+        watch_until(&mut client, 0, Duration::from_secs(20), |e| reached(e, "nllb", Stage::LoadingWeights)).await;
+    let started = events.iter().find_map(|e| match &e.kind {
+        Some(event::Kind::ServiceStarted(s)) => Some(s.clone()),
+        _ => None,
+    });
+    let started = started.expect("service started");
+    assert_eq!(started.gpus, [1]);
+    assert!(environment(started.pid).contains(&"CUDA_VISIBLE_DEVICES=1".to_owned()), "{:?}", environment(started.pid));
+    // While it loads, GetInfo tells a controller the 40000 MiB promised on GPU 1.
+    let info = client.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    let rooms: Vec<(u32, u64, u64)> =
+        info.gpus.iter().map(|g| (g.index, g.used_bytes / MIB, g.reserved_bytes / MIB)).collect();
+    assert_eq!(rooms, [(0, 50_000, 0), (1, 1_000, 40_000)]);
+    assert!(info.services[0].gpu_auto && info.services[0].gpus_given == [1], "{:?}", info.services[0]);
+
+    // Pinned to GPU 0, which has 31920 MiB free: refused, every number given, nothing started.
+    let pinned = with_nvml(
+        Service::sim(&["nllb:mb=8,download=50ms,load=50ms"]).model_lines("gpu_mb = 35000").service_lines("gpus = [0]"),
+        &nvml,
+    );
+    let other = Agent::spawn(BIN, &pinned).await;
+    let mut client = other.client().await;
+    let held = lease(&mut client, "gpu").await;
+    let request = proto::EnsureModelsRequest { lease: Some(held), models: vec!["nllb".into()], ..Default::default() };
+    let refused = client.ensure_models(request).await.expect_err("35000 MiB does not fit on GPU 0");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        refused.message(),
+        "cannot load nllb on service translation: not enough GPU memory: needs 35000 MiB (35000 MiB declared + 0 MiB \
+         headroom), 35000 MiB on each of GPUs 0; GPU 0: 31920 MiB free of 81920 MiB (50000 MiB used, 0 MiB reserved)"
+    );
+    let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    assert!(!snapshot.services[0].running, "a refused load starts nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suite_needing_70_gb_of_gpu_goes_to_the_host_that_has_it_free() {
+    use controller::report::Outcome;
+    use controller::{Exit, RunOptions};
+    let scratch = Scratch::new("gpu-placement");
+    let (busy_nvml, roomy_nvml) =
+        (StandInNvml::build(&scratch.path.join("busy")), StandInNvml::build(&scratch.path.join("roomy")));
+    busy_nvml.show(&[("Stand-In-H100", 50_000, 81_920), ("Stand-In-H100", 40_000, 81_920)], &[]);
+    roomy_nvml.show(&[("Stand-In-H100", 2_000, 81_920)], &[]);
+    let spec = ["nllb:mb=8,download=50ms,load=100ms,warmup=50ms"];
+    let agent = |nvml: Option<&StandInNvml>| {
+        let service = Service::sim(&spec).model_lines("gpu_mb = 70000");
+        let service = match nvml {
+            Some(nvml) => with_nvml(service, nvml),
+            None => service.agent_keys("nvml_library = \"/nonexistent/libnvidia-ml.so.1\""),
+        };
+        async move { Agent::spawn(BIN, &service).await }
+    };
+    let (busy, roomy, cpu) = (agent(Some(&busy_nvml)).await, agent(Some(&roomy_nvml)).await, agent(None).await);
+    let mut inventory = String::new();
+    for (name, a) in [("busy", &busy), ("cpu-only", &cpu), ("roomy", &roomy)] {
+        inventory.push_str(&format!("[[agent]]\nname = \"{name}\"\naddress = \"{}\"\n\n", a.addr));
+    }
+    let suite = crate::run::TRANSLATE_SUITE.replace("models: [nllb]", "models: [nllb]\ngpu_headroom_mb: 2048");
+    let opts = RunOptions {
+        inventory: Some(scratch.write("inventory.toml", &inventory)),
+        ..RunOptions::new(vec![], vec![scratch.write("t.yaml", &suite)], scratch.path.join("out"))
+    };
+    let result = controller::run(opts, tokio_util::sync::CancellationToken::new()).await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    assert!(report.cases.iter().all(|c| c.host == "roomy" && c.outcome == Outcome::Passed), "{}", report.summary());
+    // The service there was given the GPU it was placed for.
+    let info = roomy.client().await.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.services[0].gpus_given, [0]);
+}

@@ -127,8 +127,14 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     view.wait_for(|v| !v.incarnation.is_empty()).await.unwrap();
     let lease = remote.acquire("translation", "partition-run", "test", Duration::from_secs(120)).await.unwrap();
     let models = ["nllb".to_owned()];
-    let ask =
-        controller::client::EnsureAsk { models: &models, timeout: None, timeout_source: "", headroom: 0, fresh: false };
+    let ask = controller::client::EnsureAsk {
+        models: &models,
+        timeout: None,
+        timeout_source: "",
+        headroom: 0,
+        gpu_headroom: 0,
+        fresh: false,
+    };
     remote.ensure(&lease, &ask, "").await.unwrap();
     let stage =
         |v: &controller::client::AgentView| v.models.get(&("translation".into(), "nllb".into())).map(|m| m.stage);

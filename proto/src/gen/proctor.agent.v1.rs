@@ -39,6 +39,22 @@ pub struct AgentInfo {
     /// total and the budget, the most its services could ever hold.
     #[prost(uint64, optional, tag = "14")]
     pub cgroup_limit_bytes: ::core::option::Option<u64>,
+    /// GPU admission inputs, per device NVML sees (see proto::admission::gpu).
+    #[prost(message, repeated, tag = "15")]
+    pub gpus: ::prost::alloc::vec::Vec<GpuRoom>,
+}
+/// One GPU as admission sees it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GpuRoom {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    #[prost(uint64, tag = "2")]
+    pub total_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub used_bytes: u64,
+    /// Promised to loads admitted on it and still loading.
+    #[prost(uint64, tag = "4")]
+    pub reserved_bytes: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServiceInfo {
@@ -48,6 +64,16 @@ pub struct ServiceInfo {
     pub readiness_protocol: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "3")]
     pub models: ::prost::alloc::vec::Vec<ModelInfo>,
+    /// Which GPUs the service may use: one chosen at admission (gpu_auto), the
+    /// pinned devices, or neither (the service is given no GPU).
+    #[prost(bool, tag = "4")]
+    pub gpu_auto: bool,
+    #[prost(uint32, repeated, tag = "5")]
+    pub gpu_pinned: ::prost::alloc::vec::Vec<u32>,
+    /// While the service runs: the GPUs it was given (its CUDA_VISIBLE_DEVICES),
+    /// where its later loads go.
+    #[prost(uint32, repeated, tag = "6")]
+    pub gpus_given: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ModelInfo {
@@ -142,6 +168,9 @@ pub struct ModelOverrides {
     /// so a timeout message names where to raise it; empty = not said.
     #[prost(string, tag = "3")]
     pub load_timeout_source: ::prost::alloc::string::String,
+    /// GPU memory to keep free beyond the declared GPU needs, once per request.
+    #[prost(uint64, tag = "4")]
+    pub gpu_headroom_bytes: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnsureModelsResponse {
@@ -382,6 +411,9 @@ pub struct ServiceState {
     /// that left the tree, and page cache.
     #[prost(uint64, tag = "10")]
     pub cgroup_bytes: u64,
+    /// The GPUs the running service was given (its CUDA_VISIBLE_DEVICES).
+    #[prost(uint32, repeated, tag = "11")]
+    pub gpus: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ModelState {
@@ -476,6 +508,9 @@ pub struct ServiceStarted {
     pub pid: u32,
     #[prost(string, tag = "3")]
     pub command: ::prost::alloc::string::String,
+    /// The GPUs it was given (its CUDA_VISIBLE_DEVICES); empty = none.
+    #[prost(uint32, repeated, tag = "4")]
+    pub gpus: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceExited {
