@@ -390,15 +390,10 @@ fn parse_limit(text: &str) -> Option<u64> {
 
 /// ", largest consumers: name (pid) N MiB, …" from /proc, for refusals.
 fn largest_consumers(n: usize) -> String {
-    let mut procs: Vec<(u64, String)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_owned());
-        let rss = field("VmRSS:").and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0);
-        let name = field("Name:").unwrap_or_default();
-        procs.push((rss * 1024, format!("{name} ({pid})")));
-    }
+    let mut procs: Vec<(u64, String)> = crate::sampling::pressure::host_processes()
+        .into_iter()
+        .map(|(pid, name, rss)| (rss, format!("{name} ({pid})")))
+        .collect();
     procs.sort_by_key(|p| std::cmp::Reverse(p.0));
     let list: Vec<String> =
         procs.iter().take(n).map(|(rss, who)| format!("{who} {} MiB", rss / (1024 * 1024))).collect();

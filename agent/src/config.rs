@@ -55,6 +55,24 @@ struct RawConfig {
     auth: Option<Spanned<RawAuth>>,
     nvml_library: Option<PathBuf>,
     metrics_listen: Option<Text>,
+    #[serde(default)]
+    pressure: RawPressure,
+}
+
+/// `[pressure]`: tell of memory pressure while a model loads.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPressure {
+    /// Host MemAvailable below this (MiB); 0 = never.
+    host_available_mb: u64,
+    /// A GPU's free memory below this (MiB); 0 = never.
+    gpu_free_mb: u64,
+}
+
+impl Default for RawPressure {
+    fn default() -> RawPressure {
+        RawPressure { host_available_mb: 1024, gpu_free_mb: 1024 }
+    }
 }
 
 /// `[auth]`: who may call the agent (docs/security.md).
@@ -196,6 +214,8 @@ pub struct Config {
     pub nvml_library: Option<PathBuf>,
     /// Serve Prometheus metrics here (off when absent).
     pub metrics_listen: Option<SocketAddr>,
+    /// Memory pressure is told below these (bytes; 0 = never).
+    pub pressure: crate::sampling::pressure::Thresholds,
 }
 
 #[derive(Clone, Debug)]
@@ -415,6 +435,10 @@ impl Config {
             auth,
             nvml_library: raw.nvml_library.map(|p| base.join(p)),
             metrics_listen,
+            pressure: crate::sampling::pressure::Thresholds {
+                host: raw.pressure.host_available_mb * 1024 * 1024,
+                gpu: raw.pressure.gpu_free_mb * 1024 * 1024,
+            },
         })
     }
 }

@@ -527,7 +527,10 @@ impl State {
                 }
                 self.gpus.clone_from(&t.gpus);
             }
-            event::Kind::CaseFinished(_) | event::Kind::Log(_) | event::Kind::LeaseChanged(_) => {}
+            event::Kind::CaseFinished(_)
+            | event::Kind::Log(_)
+            | event::Kind::LeaseChanged(_)
+            | event::Kind::MemoryPressure(_) => {}
         }
     }
 

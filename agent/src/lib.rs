@@ -124,7 +124,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         journal.clone(),
         roots_rx,
         (samples_tx, gpu_rooms_tx),
-        (config.telemetry_interval, gpus),
+        sampling::Settings { interval: config.telemetry_interval, gpus, pressure: config.pressure },
         sampler_cancel.clone(),
     ));
 

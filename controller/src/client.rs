@@ -965,6 +965,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
                     host: host.to_owned(),
                     service: s.service.clone(),
                     rss_bytes: s.rss_bytes,
+                    gpu_bytes: s.gpu_bytes,
                 });
             }
             view.send_modify(|v| {
@@ -979,6 +980,10 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
                 advance(v, seq);
             });
         }
+        Some(event::Kind::MemoryPressure(p)) => {
+            events.send(RunEvent::MemoryPressure { host: host.to_owned(), pressure: pressure(p) });
+            view.send_modify(|v| advance(v, seq));
+        }
         Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
             if let Some(r) = c.result {
                 v.results.insert(r.case_id.clone(), result_to_report(r));
@@ -986,6 +991,17 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
             advance(v, seq);
         }),
         _ => view.send_modify(|v| advance(v, seq)),
+    }
+}
+
+fn pressure(p: proto::MemoryPressure) -> crate::run::events::Pressure {
+    crate::run::events::Pressure {
+        gpu: (p.resource == "gpu").then_some(p.gpu_index),
+        available_bytes: p.available_bytes,
+        total_bytes: p.total_bytes,
+        threshold_bytes: p.threshold_bytes,
+        loading: p.loading,
+        consumers: p.consumers.into_iter().map(|c| (c.pid, c.name, c.service, c.bytes)).collect(),
     }
 }
 

@@ -43,7 +43,8 @@ pub struct Display<W: Write> {
     out: W,
     began: Instant,
     models: BTreeMap<Key, Model>,
-    rss: BTreeMap<(String, String), u64>,
+    /// (RSS, GPU memory) of each (host, service), as last sampled.
+    memory: BTreeMap<(String, String), (u64, u64)>,
     multi: Option<MultiProgress>,
 }
 
@@ -53,10 +54,11 @@ fn mib(bytes: u64) -> String {
 
 impl<W: Write> Display<W> {
     fn describe(&self, key: &Key, m: &Model) -> String {
-        let rss = self.rss.get(&(key.0.clone(), key.1.clone())).copied().unwrap_or(0);
+        let (rss, gpu) = self.memory.get(&(key.0.clone(), key.1.clone())).copied().unwrap_or_default();
         let progress = if m.progress > 0.0 { format!("  {:>3.0}%", m.progress * 100.0) } else { String::new() };
+        let gpu = if gpu > 0 { format!("  gpu {}", mib(gpu)) } else { String::new() };
         format!(
-            "{:<16} {:>6.1}s (stage {:.1}s){progress}  rss {}",
+            "{:<16} {:>6.1}s (stage {:.1}s){progress}  rss {}{gpu}",
             m.stage.label(),
             m.started.elapsed().as_secs_f64(),
             m.stage_since.elapsed().as_secs_f64(),
@@ -65,7 +67,7 @@ impl<W: Write> Display<W> {
     }
 
     pub fn new(mode: Mode, out: W) -> Display<W> {
-        Display { mode, out, began: Instant::now(), models: BTreeMap::new(), rss: BTreeMap::new(), multi: None }
+        Display { mode, out, began: Instant::now(), models: BTreeMap::new(), memory: BTreeMap::new(), multi: None }
     }
 
     /// How often `tick` should be called.
@@ -104,8 +106,9 @@ impl<W: Write> Display<W> {
         let _ = self.out.flush();
     }
 
-    pub fn memory(&mut self, host: &str, service: &str, rss_bytes: u64) {
-        self.rss.insert((host.to_owned(), service.to_owned()), rss_bytes);
+    /// A service's (RSS, GPU memory) as the agent last sampled it.
+    pub fn memory(&mut self, host: &str, service: &str, memory: (u64, u64)) {
+        self.memory.insert((host.to_owned(), service.to_owned()), memory);
     }
 
     /// A stage change; `message` says why a model FAILED or STOPPED.

@@ -99,6 +99,22 @@ pub struct ModelLoad {
     pub waited: Duration,
     /// Already loaded: nothing was waited for.
     pub reused: bool,
+    /// The service's peak RSS and GPU memory while the model loaded (0:
+    /// not known, or nothing was loaded).
+    pub peak_rss_bytes: u64,
+    pub peak_gpu_bytes: u64,
+}
+
+impl ModelLoad {
+    /// " (peak RSS 812 MiB, GPU 40000 MiB)", GPU only where known; "" when nothing was measured.
+    fn peaks(&self) -> String {
+        let mib = |b: u64| b / (1024 * 1024);
+        match (self.peak_rss_bytes, self.peak_gpu_bytes) {
+            (0, 0) => String::new(),
+            (rss, 0) => format!(" (peak RSS {} MiB)", mib(rss)),
+            (rss, gpu) => format!(" (peak RSS {} MiB, GPU {} MiB)", mib(rss), mib(gpu)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -224,12 +240,13 @@ impl RunReport {
             let name = format!("{}/{}/{}", l.host, l.service, l.model);
             let _ = match &l.failure {
                 None if l.reused => writeln!(out, "  {name}: READY (already loaded)"),
-                None => writeln!(out, "  {name}: READY after {}", fmt_duration(l.waited)),
+                None => writeln!(out, "  {name}: READY after {}{}", fmt_duration(l.waited), l.peaks()),
                 Some(m) => {
                     let _ = writeln!(
                         out,
-                        "  {name}: FAILED after {}: {}",
+                        "  {name}: FAILED after {}{}: {}",
                         fmt_duration(l.waited),
+                        l.peaks(),
                         m.lines().next().unwrap_or("")
                     );
                     m.lines().skip(1).try_for_each(|line| writeln!(out, "      {line}"))
@@ -377,13 +394,19 @@ mod tests {
             failure: failure.map(str::to_owned),
             waited: Duration::from_millis(ms),
             reused,
+            peak_rss_bytes: if reused { 0 } else { 812 << 20 },
+            peak_gpu_bytes: if model == "nllb" { 40_000 << 20 } else { 0 },
         };
         run.loads =
             vec![load("aya", Some(story), 300, false), load("nllb", None, 22_000, false), load("m2", None, 0, true)];
         let text = run.summary();
         assert_eq!(text.matches("401 from the hub").count(), 1, "the story once, under Models:\n{text}");
         assert_eq!(text.matches("(the load of gpu-01/aya: see Models below)").count(), 3, "{text}");
-        assert!(text.contains("gpu-01/translation/nllb: READY after 22.0s"), "{text}");
+        assert!(
+            text.contains("gpu-01/translation/nllb: READY after 22.0s (peak RSS 812 MiB, GPU 40000 MiB)"),
+            "{text}"
+        );
+        assert!(text.contains("gpu-01/translation/aya: FAILED after 300ms (peak RSS 812 MiB): model aya"), "{text}");
         assert!(text.contains("gpu-01/translation/m2: READY (already loaded)"), "{text}");
         assert!(!text.contains("waited 0ms"), "{text}");
     }

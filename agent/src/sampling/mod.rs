@@ -7,6 +7,7 @@
 //! stalled one.
 
 pub mod gpu;
+pub mod pressure;
 mod tree;
 
 use std::collections::{BTreeMap, HashSet};
@@ -50,12 +51,22 @@ pub type Samples = watch::Sender<BTreeMap<String, TreeMemory>>;
 /// Each GPU's memory as last sampled, for admission.
 pub type GpuRooms = watch::Sender<Vec<proto::admission::GpuRoom>>;
 
+/// How the sampler samples.
+#[derive(Debug)]
+pub struct Settings {
+    pub interval: Duration,
+    /// NVML, if found.
+    pub gpus: Option<gpu::Gpus>,
+    /// When to tell of memory pressure.
+    pub pressure: pressure::Thresholds,
+}
+
 /// Runs until cancelled.
 pub async fn run(
     journal: Journal,
     roots: Roots,
     (samples, rooms): (Samples, GpuRooms),
-    (interval, gpus): (Duration, Option<gpu::Gpus>),
+    Settings { interval, gpus, pressure: thresholds }: Settings,
     cancel: CancellationToken,
 ) {
     let Ok(mut system) = System::new() else {
@@ -63,6 +74,7 @@ pub async fn run(
         return;
     };
     let mut peaks: BTreeMap<String, (u32, u64, u64)> = BTreeMap::new();
+    let mut pressure = pressure::Pressure::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -72,20 +84,80 @@ pub async fn run(
         }
         let roots_now = roots.borrow().clone();
         let devices = gpus.as_ref().map(gpu::Gpus::sample).unwrap_or_default();
-        let (telemetry, current) = sample(&mut system, &roots_now, &devices, &mut peaks);
+        let (telemetry, current, owner) = sample(&mut system, &roots_now, &devices, &mut peaks);
         samples.send_replace(current);
         rooms.send_replace(devices.iter().map(gpu::Device::room).collect());
+        let levels = levels(&telemetry);
         journal.append(proto::event::Kind::Telemetry(telemetry));
+        if pressure.could_announce(&levels, thresholds) {
+            let loading = loading(&journal).await;
+            let processes = devices.iter().map(|d| (d.index, d.processes.clone())).collect();
+            for level in pressure.judge(&levels, thresholds, !loading.is_empty()) {
+                let told = told(&level, thresholds, &loading, pressure::consumers(&level, &processes, &owner, 3));
+                tracing::warn!(?level, "memory pressure while a model loads");
+                journal.append(proto::event::Kind::MemoryPressure(told));
+            }
+        }
     }
 }
 
-/// One round: host memory, then each service's tree (and cgroup) and GPU use.
+/// Host memory and each GPU's free memory, as pressure judges them.
+fn levels(t: &proto::Telemetry) -> Vec<pressure::Level> {
+    let host = t.host.iter().map(|h| pressure::Level {
+        resource: pressure::Resource::Host,
+        available: h.available_bytes,
+        total: h.total_bytes,
+    });
+    let gpus = t.gpus.iter().map(|g| pressure::Level {
+        resource: pressure::Resource::Gpu(g.index),
+        available: g.memory_total_bytes.saturating_sub(g.memory_used_bytes),
+        total: g.memory_total_bytes,
+    });
+    host.chain(gpus).collect()
+}
+
+/// The models loading now, as "service/model".
+async fn loading(journal: &Journal) -> Vec<String> {
+    let Ok(snapshot) = journal.snapshot().await else { return Vec::new() };
+    snapshot
+        .services
+        .iter()
+        .flat_map(|s| s.models.iter().map(move |m| (s, m)))
+        .filter(|(_, m)| proto::Stage::try_from(m.stage).is_ok_and(|st| proto::Stage::LOADING.contains(&st)))
+        .map(|(s, m)| format!("{}/{}", s.name, m.name))
+        .collect()
+}
+
+/// The event telling of one level under its threshold.
+fn told(
+    level: &pressure::Level,
+    thresholds: pressure::Thresholds,
+    loading: &[String],
+    consumers: Vec<proto::MemoryConsumer>,
+) -> proto::MemoryPressure {
+    let (resource, gpu_index, threshold) = match level.resource {
+        pressure::Resource::Host => ("host", 0, thresholds.host),
+        pressure::Resource::Gpu(i) => ("gpu", i, thresholds.gpu),
+    };
+    proto::MemoryPressure {
+        resource: resource.into(),
+        gpu_index,
+        available_bytes: level.available,
+        total_bytes: level.total,
+        threshold_bytes: threshold,
+        loading: loading.to_vec(),
+        consumers,
+    }
+}
+
+/// One round: host memory, then each service's tree (and cgroup) and GPU
+/// use; also which service each process seen belongs to.
 fn sample(
     system: &mut System,
     roots: &BTreeMap<String, ServiceRoot>,
     devices: &[gpu::Device],
     peaks: &mut BTreeMap<String, (u32, u64, u64)>,
-) -> (proto::Telemetry, BTreeMap<String, TreeMemory>) {
+) -> (proto::Telemetry, BTreeMap<String, TreeMemory>, BTreeMap<u32, String>) {
     system.refresh_memory();
     // Walk down from each root where the kernel allows; else scan once.
     let walk = tree::children_listed();
@@ -141,7 +213,7 @@ fn sample(
         });
     }
     telemetry.gpus = devices.iter().map(|d| d.to_proto(|pid| owner.get(&pid).cloned())).collect();
-    (telemetry, current)
+    (telemetry, current, owner)
 }
 
 /// (pid, parent, RSS) of every process, threads left out; nothing when no

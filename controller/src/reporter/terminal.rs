@@ -89,7 +89,10 @@ impl Terminal {
                 let key = (host.clone(), service.clone(), model.clone());
                 self.display.stage(key, *from, *to, *progress, message);
             }
-            RunEvent::Telemetry { host, service, rss_bytes } => self.display.memory(host, service, *rss_bytes),
+            RunEvent::MemoryPressure { host, pressure } => self.display.say(&pressure.describe(host)),
+            RunEvent::Telemetry { host, service, rss_bytes, gpu_bytes } => {
+                self.display.memory(host, service, (*rss_bytes, *gpu_bytes))
+            }
             RunEvent::Interrupted => {
                 self.stderr("interrupted: finishing up and writing reports (interrupt again to exit now)");
             }

@@ -34,6 +34,54 @@ pub struct StageSpan {
     pub peak_gpu_bytes: u64,
 }
 
+/// Memory running out on a host while a model loads (the agent's
+/// `MemoryPressure`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pressure {
+    /// `None`: host memory; `Some(i)`: GPU `i`.
+    pub gpu: Option<u32>,
+    pub available_bytes: u64,
+    pub total_bytes: u64,
+    pub threshold_bytes: u64,
+    /// "service/model" of each model loading.
+    pub loading: Vec<String>,
+    /// (pid, process name, service, bytes), largest first.
+    pub consumers: Vec<(u32, String, String, u64)>,
+}
+
+impl Pressure {
+    /// One line: what ran low, while what loaded, who holds the memory.
+    pub fn describe(&self, host: &str) -> String {
+        let mib = |b: u64| b / (1024 * 1024);
+        let what = match self.gpu {
+            None => format!("host memory available {} MiB of {} MiB", mib(self.available_bytes), mib(self.total_bytes)),
+            Some(i) => format!("GPU {i} free {} MiB of {} MiB", mib(self.available_bytes), mib(self.total_bytes)),
+        };
+        let mut line = format!(
+            "memory pressure on {host}: {what} (below {} MiB) while {} loads",
+            mib(self.threshold_bytes),
+            self.loading.join(", ")
+        );
+        let consumers: Vec<String> = self
+            .consumers
+            .iter()
+            .map(|(pid, name, service, bytes)| {
+                let who = match (name.is_empty(), service.is_empty()) {
+                    (true, true) => format!("pid {pid}"),
+                    (true, false) => format!("pid {pid} ({service})"),
+                    (false, true) => format!("{name} ({pid})"),
+                    (false, false) => format!("{name} ({pid}, {service})"),
+                };
+                format!("{who} {} MiB", mib(*bytes))
+            })
+            .collect();
+        if !consumers.is_empty() {
+            line.push_str(&format!("; largest consumers: {}", consumers.join(", ")));
+        }
+        line
+    }
+}
+
 /// Everything that happens in a run, in the order the runner saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunEvent {
@@ -95,11 +143,17 @@ pub enum RunEvent {
         progress: f64,
         message: String,
     },
+    /// Memory ran low on a host while a model loaded.
+    MemoryPressure {
+        host: String,
+        pressure: Pressure,
+    },
     /// A service's memory, as the agent sampled it.
     Telemetry {
         host: String,
         service: String,
         rss_bytes: u64,
+        gpu_bytes: u64,
     },
     /// A model a try waited for is READY or FAILED (or was reused).
     ModelSettled {
@@ -174,5 +228,41 @@ impl Events {
 
     pub fn send(&self, event: RunEvent) {
         let _ = self.0.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_names_what_ran_low_what_loaded_and_who_holds_it() {
+        const MIB: u64 = 1024 * 1024;
+        let host = Pressure {
+            gpu: None,
+            available_bytes: 812 * MIB,
+            total_bytes: 64_000 * MIB,
+            threshold_bytes: 1024 * MIB,
+            loading: vec!["translation/aya".into()],
+            consumers: vec![
+                (4242, "python3".into(), "translation".into(), 14_000 * MIB),
+                (7, "java".into(), String::new(), 9 * MIB),
+            ],
+        };
+        assert_eq!(
+            host.describe("gpu-01"),
+            "memory pressure on gpu-01: host memory available 812 MiB of 64000 MiB (below 1024 MiB) while \
+             translation/aya loads; largest consumers: python3 (4242, translation) 14000 MiB, java (7) 9 MiB"
+        );
+        let gpu = Pressure {
+            gpu: Some(1),
+            consumers: vec![(4242, String::new(), "translation".into(), 70_000 * MIB)],
+            ..host
+        };
+        assert_eq!(
+            gpu.describe("gpu-01"),
+            "memory pressure on gpu-01: GPU 1 free 812 MiB of 64000 MiB (below 1024 MiB) while translation/aya \
+             loads; largest consumers: pid 4242 (translation) 70000 MiB"
+        );
     }
 }

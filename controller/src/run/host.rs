@@ -280,6 +280,7 @@ impl Host<'_> {
             };
             let (stages, peak) = self.stages_since(snapshot, m, asked_ms);
             let settled_ms = stages.last().map_or(asked_ms, |s| s.end_unix_ms);
+            let stage_peak = |f: fn(&StageSpan) -> u64| stages.iter().map(f).max().unwrap_or(0);
             let load = ModelLoad {
                 host: self.agent.name.clone(),
                 service: self.suite.service.clone(),
@@ -287,6 +288,8 @@ impl Host<'_> {
                 failure: failure.clone(),
                 waited: Duration::from_millis((settled_ms - asked_ms).max(0) as u64),
                 reused: stages.is_empty(),
+                peak_rss_bytes: peak.max(stage_peak(|s| s.peak_rss_bytes)),
+                peak_gpu_bytes: stage_peak(|s| s.peak_gpu_bytes),
             };
             self.ctx.events.send(RunEvent::ModelSettled {
                 suite: self.plan.suite,

@@ -330,3 +330,97 @@ async fn a_suite_needing_70_gb_of_gpu_goes_to_the_host_that_has_it_free() {
     let info = roomy.client().await.get_info(proto::GetInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.services[0].gpus_given, [0]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_progress_shows_gpu_memory_next_to_rss_and_the_summary_the_peak() {
+    let scratch = Scratch::new("gpu-progress");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H100", 1_000, 81_920)], &[]);
+    let service = with_nvml(
+        Service::sim(&["nllb:mb=8,download=100ms,load=2500ms,warmup=50ms"]).model_lines("gpu_mb = 4000"),
+        &nvml,
+    );
+    let agent = Agent::spawn(BIN, &service).await;
+    let suite = scratch.write("t.yaml", crate::run::TRANSLATE_SUITE);
+    let run = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--progress-interval", "300ms", "--out"])
+        .arg(scratch.path.join("out"))
+        .arg(&suite)
+        .output();
+    // While it loads, its process holds 3000 MiB on the GPU.
+    let show_gpu = async {
+        let mut client = agent.client().await;
+        let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+            matches!(&e.kind, Some(event::Kind::ServiceStarted(_)))
+        })
+        .await;
+        let pid = started_pid(&events);
+        nvml.show(&[("Stand-In-H100", 4_000, 81_920)], &[(0, pid, 3_000)]);
+    };
+    let (output, ()) = tokio::join!(run, show_gpu);
+    let output = output.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let loading: Vec<&str> = stdout.lines().filter(|l| l.contains("LOADING_WEIGHTS")).collect();
+    assert!(loading.iter().any(|l| l.contains("rss ") && l.contains("gpu 3000 MiB")), "{stdout}");
+    assert!(stdout.contains("/translation/nllb: READY after") && stdout.contains(", GPU 3000 MiB)"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_pressure_while_a_model_loads_is_told_once_with_the_largest_consumers() {
+    let scratch = Scratch::new("pressure");
+    let nvml = StandInNvml::build(&scratch.path);
+    nvml.show(&[("Stand-In-H100", 1_000, 81_920)], &[]);
+    // Any host is "low" under a 100 TB threshold; GPU 0 only once the load fills it.
+    let service = with_nvml(
+        Service::sim(&["nllb:mb=8,download=100ms,load=3s,warmup=50ms"])
+            .agent_lines("[pressure]\nhost_available_mb = 100000000\ngpu_free_mb = 2000"),
+        &nvml,
+    );
+    let agent = Agent::spawn(BIN, &service).await;
+    let mut client = agent.client().await;
+    // Nothing loads: three samples below the threshold, and not a word.
+    let telemetry = |e: &proto::Event| matches!(&e.kind, Some(event::Kind::Telemetry(_)));
+    let mut samples = 0;
+    let (_, seen) = watch_until(&mut client, 0, Duration::from_secs(10), |e| {
+        samples += usize::from(telemetry(e));
+        samples == 3
+    })
+    .await;
+    let pressure = |e: &proto::Event| matches!(&e.kind, Some(event::Kind::MemoryPressure(_)));
+    assert!(!seen.iter().any(pressure), "pressure told while nothing loads: {seen:?}");
+
+    let suite = scratch.write("t.yaml", crate::run::TRANSLATE_SUITE);
+    let run = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--progress", "none", "--out"])
+        .arg(scratch.path.join("out"))
+        .arg(&suite)
+        .output();
+    let fill_gpu = async {
+        let (_, events) = watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+            matches!(&e.kind, Some(event::Kind::ServiceStarted(_)))
+        })
+        .await;
+        let pid = started_pid(&events);
+        nvml.show(&[("Stand-In-H100", 80_000, 81_920)], &[(0, pid, 78_000)]);
+        pid
+    };
+    let (output, pid) = tokio::join!(run, fill_gpu);
+    let output = output.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let host_lines: Vec<&str> =
+        stdout.lines().filter(|l| l.contains("memory pressure") && l.contains("host memory")).collect();
+    assert_eq!(host_lines.len(), 1, "once per episode:\n{stdout}");
+    assert!(
+        host_lines[0].contains("(below 100000000 MiB) while translation/nllb loads; largest consumers: "),
+        "{stdout}"
+    );
+    let gpu_lines: Vec<&str> =
+        stdout.lines().filter(|l| l.contains("memory pressure") && l.contains("GPU 0")).collect();
+    assert_eq!(gpu_lines.len(), 1, "{stdout}");
+    assert!(
+        gpu_lines[0].contains(&format!("GPU 0 free 1920 MiB of 81920 MiB (below 2000 MiB) while translation/nllb loads; largest consumers: pid {pid} (translation) 78000 MiB")),
+        "{stdout}"
+    );
+}

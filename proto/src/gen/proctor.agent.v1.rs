@@ -452,7 +452,7 @@ pub struct Event {
     pub seq: u64,
     #[prost(int64, tag = "3")]
     pub time_unix_ms: i64,
-    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13, 14, 15, 16")]
+    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13, 14, 15, 16, 17")]
     pub kind: ::core::option::Option<event::Kind>,
 }
 /// Nested message and enum types in `Event`.
@@ -473,7 +473,47 @@ pub mod event {
         Log(super::LogLine),
         #[prost(message, tag = "16")]
         LeaseChanged(super::LeaseChanged),
+        #[prost(message, tag = "17")]
+        MemoryPressure(super::MemoryPressure),
     }
+}
+/// Host memory or a GPU's free memory fell below the agent's threshold while
+/// a model was loading (said once until it recovers).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct MemoryPressure {
+    /// "host" or "gpu".
+    #[prost(string, tag = "1")]
+    pub resource: ::prost::alloc::string::String,
+    /// For "gpu": which device.
+    #[prost(uint32, tag = "2")]
+    pub gpu_index: u32,
+    /// What was left (host: MemAvailable; GPU: total - used) and of how much.
+    #[prost(uint64, tag = "3")]
+    pub available_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub total_bytes: u64,
+    /// The agent's threshold (config \[pressure\]).
+    #[prost(uint64, tag = "5")]
+    pub threshold_bytes: u64,
+    /// The models loading then, as "service/model".
+    #[prost(string, repeated, tag = "6")]
+    pub loading: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The largest consumers of that memory, largest first.
+    #[prost(message, repeated, tag = "7")]
+    pub consumers: ::prost::alloc::vec::Vec<MemoryConsumer>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MemoryConsumer {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    /// The process name (host) or empty (GPU: NVML gives no name).
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// The service it belongs to, if any.
+    #[prost(string, tag = "3")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub bytes: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StageChanged {
