@@ -103,9 +103,48 @@ pub struct ModelLoad {
     /// not known, or nothing was loaded).
     pub peak_rss_bytes: u64,
     pub peak_gpu_bytes: u64,
+    /// Each stage the load went through, in order (empty when reused).
+    pub stages: Vec<LoadStage>,
+}
+
+/// One stage of a model load: how long, and the service's peaks meanwhile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadStage {
+    /// `LOADING_WEIGHTS`.
+    pub stage: String,
+    pub duration: Duration,
+    pub peak_rss_bytes: u64,
+    pub peak_gpu_bytes: u64,
 }
 
 impl ModelLoad {
+    /// JUnit properties of this load for a suite that waited for it:
+    /// `proctor.model.<m>.{host,outcome,load_seconds,peak_rss_mib,peak_gpu_mib}`
+    /// and per stage `proctor.model.<m>.stage.<STAGE>.{seconds,peak_rss_mib,peak_gpu_mib}`.
+    fn properties(&self) -> Vec<(String, String)> {
+        let mib = |b: u64| (b / (1024 * 1024)).to_string();
+        let at = format!("proctor.model.{}", self.model);
+        let outcome = match (&self.failure, self.reused) {
+            (Some(_), _) => "failed",
+            (None, true) => "reused",
+            (None, false) => "ready",
+        };
+        let mut props = vec![
+            (format!("{at}.host"), self.host.clone()),
+            (format!("{at}.outcome"), outcome.to_owned()),
+            (format!("{at}.load_seconds"), format!("{:.3}", self.waited.as_secs_f64())),
+            (format!("{at}.peak_rss_mib"), mib(self.peak_rss_bytes)),
+            (format!("{at}.peak_gpu_mib"), mib(self.peak_gpu_bytes)),
+        ];
+        for s in &self.stages {
+            let stage = format!("{at}.stage.{}", s.stage);
+            props.push((format!("{stage}.seconds"), format!("{:.3}", s.duration.as_secs_f64())));
+            props.push((format!("{stage}.peak_rss_mib"), mib(s.peak_rss_bytes)));
+            props.push((format!("{stage}.peak_gpu_mib"), mib(s.peak_gpu_bytes)));
+        }
+        props
+    }
+
     /// " (peak RSS 812 MiB, GPU 40000 MiB)", GPU only where known; "" when nothing was measured.
     fn peaks(&self) -> String {
         let mib = |b: u64| b / (1024 * 1024);
@@ -122,6 +161,8 @@ pub struct RunReport {
     pub run_id: String,
     pub cases: Vec<CaseReport>,
     pub loads: Vec<ModelLoad>,
+    /// (suite, load) for each model load a suite waited for (or reused).
+    pub suite_loads: Vec<(String, ModelLoad)>,
     pub interrupted: bool,
     pub duration: Duration,
 }
@@ -302,6 +343,14 @@ impl RunReport {
             tc.set_time(c.duration);
             suites[idx].add_test_case(tc);
         }
+        for suite in &mut suites {
+            let name = suite.name.to_string();
+            let loads = self.suite_loads.iter().filter(|(s, _)| *s == name);
+            let properties: Vec<(String, String)> = loads.flat_map(|(_, l)| l.properties()).collect();
+            for (name, value) in properties {
+                suite.add_property(quick_junit::Property::new(name, value));
+            }
+        }
         report.add_test_suites(suites);
         report.to_string().unwrap_or_default()
     }
@@ -340,6 +389,7 @@ mod tests {
             reruns: Vec::new(),
         };
         RunReport {
+            suite_loads: vec![],
             run_id: "r".into(),
             cases: vec![
                 case("ok", Outcome::Passed),
@@ -394,6 +444,7 @@ mod tests {
             failure: failure.map(str::to_owned),
             waited: Duration::from_millis(ms),
             reused,
+            stages: vec![],
             peak_rss_bytes: if reused { 0 } else { 812 << 20 },
             peak_gpu_bytes: if model == "nllb" { 40_000 << 20 } else { 0 },
         };

@@ -13,6 +13,8 @@ pub struct Collected {
     /// One slot per case of each suite; the first result wins.
     cases: Vec<Vec<Option<CaseReport>>>,
     loads: Vec<ModelLoad>,
+    /// Per suite, its loads: (suite name, load), the first per model and host.
+    suite_loads: Vec<(String, ModelLoad)>,
     interrupted: bool,
     duration: Duration,
 }
@@ -26,7 +28,10 @@ impl Collected {
                 self.suites = suites.clone();
             }
             RunEvent::CaseFinished { suite, case, report, .. } => self.case(*suite, *case, report),
-            RunEvent::ModelSettled { load, .. } => self.load(load),
+            RunEvent::ModelSettled { suite, load, .. } => {
+                self.load(load);
+                self.suite_load(*suite, load);
+            }
             RunEvent::Interrupted => self.interrupted = true,
             RunEvent::Finished { duration, interrupted } => {
                 self.duration = *duration;
@@ -60,6 +65,14 @@ impl Collected {
         }
     }
 
+    fn suite_load(&mut self, suite: usize, load: &ModelLoad) {
+        let Some(info) = self.suites.get(suite) else { return };
+        let same = |(s, l): &(String, ModelLoad)| s == &info.name && (&l.host, &l.model) == (&load.host, &load.model);
+        if !self.suite_loads.iter().any(same) {
+            self.suite_loads.push((info.name.clone(), load.clone()));
+        }
+    }
+
     /// The report as it stands: cases without a result are errors with `unfinished`.
     pub fn report(&self, unfinished: &str) -> RunReport {
         let cases = self
@@ -76,6 +89,7 @@ impl Collected {
             run_id: self.run_id.clone(),
             cases,
             loads: self.loads.clone(),
+            suite_loads: self.suite_loads.clone(),
             interrupted: self.interrupted,
             duration: self.duration,
         }

@@ -15,7 +15,7 @@ use super::Ctx;
 use super::events::{RunEvent, StageSpan};
 use super::leases::Held;
 use crate::client::{self, Agent, AgentView, CaseToRun, EnsureAsk, Failure, Stage};
-use crate::report::{CaseReport, ModelLoad};
+use crate::report::{CaseReport, LoadStage, ModelLoad};
 use crate::suite::Suite;
 
 /// Time allowed for a batch's results beyond its cases' own timeouts.
@@ -290,6 +290,15 @@ impl Host<'_> {
                 reused: stages.is_empty(),
                 peak_rss_bytes: peak.max(stage_peak(|s| s.peak_rss_bytes)),
                 peak_gpu_bytes: stage_peak(|s| s.peak_gpu_bytes),
+                stages: stages
+                    .iter()
+                    .map(|s| LoadStage {
+                        stage: s.stage.label().to_owned(),
+                        duration: Duration::from_millis((s.end_unix_ms - s.start_unix_ms).max(0) as u64),
+                        peak_rss_bytes: s.peak_rss_bytes,
+                        peak_gpu_bytes: s.peak_gpu_bytes,
+                    })
+                    .collect(),
             };
             self.ctx.events.send(RunEvent::ModelSettled {
                 suite: self.plan.suite,

@@ -51,6 +51,47 @@ async fn a_slow_model_is_waited_for_and_then_its_cases_pass() {
     let junit = std::fs::read_to_string(result.junit.unwrap()).unwrap();
     assert_eq!(junit.matches("<testcase ").count(), 2, "{junit}");
     assert!(!junit.contains("<failure") && !junit.contains("<error") && !junit.contains("<skipped"), "{junit}");
+    // The suite's properties tell its model's load: host, outcome, time, peaks, each stage.
+    let props = suite_properties(&junit, "translate");
+    let prop = |name: &str| props.get(name).unwrap_or_else(|| panic!("no property {name}: {props:?}")).clone();
+    assert_eq!(prop("proctor.model.nllb.outcome"), "ready");
+    assert!(!prop("proctor.model.nllb.host").is_empty());
+    assert!(prop("proctor.model.nllb.load_seconds").parse::<f64>().unwrap() >= 2.5, "{props:?}");
+    let weights: f64 = prop("proctor.model.nllb.stage.LOADING_WEIGHTS.seconds").parse().unwrap();
+    assert!((1.9..3.0).contains(&weights), "the 2 s load stage: {weights}");
+    assert!(prop("proctor.model.nllb.stage.LOADING_WEIGHTS.peak_rss_mib").parse::<u64>().unwrap() >= 16, "{props:?}");
+    for stage in ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "WARMING_UP"] {
+        assert!(props.contains_key(&format!("proctor.model.nllb.stage.{stage}.seconds")), "{stage}: {props:?}");
+    }
+}
+
+/// The `<property>`s of one `<testsuite>` itself (not of its test cases), by name.
+pub fn suite_properties(xml: &str, suite: &str) -> std::collections::BTreeMap<String, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let (mut in_suite, mut in_case) = (false, false);
+    let mut found = std::collections::BTreeMap::new();
+    let attr = |e: &quick_xml::events::BytesStart<'_>, key: &str| {
+        e.attributes()
+            .flatten()
+            .find(|a| a.key.as_ref() == key.as_bytes())
+            .map(|a| a.normalized_value(quick_xml::XmlVersion::Implicit1_0).unwrap().into_owned())
+    };
+    loop {
+        match reader.read_event().expect("well-formed JUnit XML") {
+            Event::Start(e) if e.name().as_ref() == b"testsuite" => {
+                in_suite = attr(&e, "name").as_deref() == Some(suite);
+            }
+            Event::End(e) if e.name().as_ref() == b"testsuite" => in_suite = false,
+            Event::Start(e) if e.name().as_ref() == b"testcase" => in_case = true,
+            Event::End(e) if e.name().as_ref() == b"testcase" => in_case = false,
+            Event::Empty(e) if e.name().as_ref() == b"property" && in_suite && !in_case => {
+                found.insert(attr(&e, "name").unwrap(), attr(&e, "value").unwrap());
+            }
+            Event::Eof => return found,
+            _ => {}
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
