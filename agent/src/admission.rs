@@ -155,6 +155,23 @@ pub struct Standing {
     pub gpus: Vec<GpuRoom>,
 }
 
+impl Standing {
+    /// The wire form, as GetInfo and each telemetry event carry it.
+    pub fn to_proto(&self) -> proto::Standing {
+        proto::Standing {
+            mem_available_bytes: self.capacity.mem_available,
+            cgroup_room_bytes: self.capacity.cgroup_room,
+            budget_room_bytes: self.capacity.budget_room,
+            reserved_bytes: self.reserved,
+            gpus: self.gpus.iter().map(gpu_room_to_proto).collect(),
+        }
+    }
+}
+
+pub fn gpu_room_to_proto(g: &GpuRoom) -> proto::GpuRoom {
+    proto::GpuRoom { index: g.index, total_bytes: g.total, used_bytes: g.used, reserved_bytes: g.reserved }
+}
+
 enum Command {
     Reserve { service: String, ask: Ask, reply: oneshot::Sender<Result<Admitted, Refused>> },
     Release { service: String, model: String },

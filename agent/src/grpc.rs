@@ -105,15 +105,7 @@ impl AgentApi for Service {
             info.host_memory_total_bytes = host.total_bytes;
         }
         let crate::admission::Standing { capacity, reserved, gpus } = self.admission.standing().await;
-        info.gpus = gpus
-            .iter()
-            .map(|g| proto::GpuRoom {
-                index: g.index,
-                total_bytes: g.total,
-                used_bytes: g.used,
-                reserved_bytes: g.reserved,
-            })
-            .collect();
+        info.gpus = gpus.iter().map(crate::admission::gpu_room_to_proto).collect();
         info.host_memory_available_bytes = capacity.mem_available;
         info.cgroup_room_bytes = capacity.cgroup_room;
         // Read now, like the room: a cgroup's limit can be changed while we run.

@@ -120,19 +120,23 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let first_rooms = gpus.as_ref().map(|g| g.sample().iter().map(sampling::gpu::Device::room).collect());
     let (gpu_rooms_tx, gpu_rooms_rx) = watch::channel(first_rooms.unwrap_or_default());
     let nvml = gpus.is_some();
-    tokio::spawn(sampling::run(
-        journal.clone(),
-        roots_rx,
-        (samples_tx, gpu_rooms_tx),
-        sampling::Settings { interval: config.telemetry_interval, gpus, pressure: config.pressure },
-        sampler_cancel.clone(),
-    ));
-
     let admission = admission::Admission::start(
         admission::Admission::host(config.memory_budget_bytes),
         samples_rx.clone(),
         gpu_rooms_rx,
     );
+    tokio::spawn(sampling::run(
+        journal.clone(),
+        roots_rx,
+        (samples_tx, gpu_rooms_tx),
+        sampling::Settings {
+            interval: config.telemetry_interval,
+            gpus,
+            pressure: config.pressure,
+            admission: admission.clone(),
+        },
+        sampler_cancel.clone(),
+    ));
     let wiring = supervisor::Wiring {
         journal: journal.clone(),
         agent_id,

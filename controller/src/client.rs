@@ -299,16 +299,7 @@ impl From<proto::AgentInfo> for AgentInfo {
             reserved: i.reserved_bytes,
             memory_budget: i.memory_budget_bytes,
             now_unix_ms: i.now_unix_ms,
-            gpus: i
-                .gpus
-                .iter()
-                .map(|g| GpuRoom {
-                    index: g.index,
-                    total: g.total_bytes,
-                    used: g.used_bytes,
-                    reserved: g.reserved_bytes,
-                })
-                .collect(),
+            gpus: i.gpus.iter().map(gpu_room).collect(),
         }
     }
 }
@@ -701,9 +692,27 @@ fn lease_view(l: &proto::Lease) -> LeaseView {
     }
 }
 
+/// What the agent's admission would judge a load against, as of its last
+/// telemetry (the same figures GetInfo gives).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Standing {
+    pub capacity: proto::admission::Capacity,
+    pub reserved: u64,
+    pub gpus: Vec<GpuRoom>,
+}
+
+fn gpu_room(g: &proto::GpuRoom) -> GpuRoom {
+    GpuRoom { index: g.index, total: g.total_bytes, used: g.used_bytes, reserved: g.reserved_bytes }
+}
+
 /// The controller's picture of one agent, kept current by `follow`.
 #[derive(Clone, Debug, Default)]
 pub struct AgentView {
+    /// Admission's inputs as of the last telemetry (`None`: not sent yet,
+    /// or an agent that does not send them — then GetInfo is asked).
+    pub standing: Option<Standing>,
+    /// The GPUs each running service was given.
+    pub gpus_given: BTreeMap<String, Vec<u32>>,
     pub incarnation: String,
     /// Highest seq applied.
     pub last_seq: u64,
@@ -900,6 +909,8 @@ fn apply_snapshot(host: &str, v: &mut AgentView, events: &Events, s: &proto::Sna
     v.incarnation = s.incarnation.clone();
     v.heartbeat_unix_ms = s.heartbeat_unix_ms;
     v.leases = s.leases.iter().map(|l| (l.service.clone(), lease_view(l))).collect();
+    v.gpus_given =
+        s.services.iter().filter(|svc| svc.running).map(|svc| (svc.name.clone(), svc.gpus.clone())).collect();
     for svc in &s.services {
         v.rss.insert(svc.name.clone(), svc.rss_bytes);
         for m in &svc.models {
@@ -969,6 +980,17 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
                 });
             }
             view.send_modify(|v| {
+                if let Some(s) = &t.standing {
+                    v.standing = Some(Standing {
+                        capacity: proto::admission::Capacity {
+                            mem_available: s.mem_available_bytes,
+                            cgroup_room: s.cgroup_room_bytes,
+                            budget_room: s.budget_room_bytes,
+                        },
+                        reserved: s.reserved_bytes,
+                        gpus: s.gpus.iter().map(gpu_room).collect(),
+                    });
+                }
                 for s in t.services {
                     if v.rss_log.len() == LOG_CAP {
                         v.rss_log.pop_front();
@@ -980,6 +1002,14 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
                 advance(v, seq);
             });
         }
+        Some(event::Kind::ServiceStarted(s)) => view.send_modify(|v| {
+            v.gpus_given.insert(s.service, s.gpus);
+            advance(v, seq);
+        }),
+        Some(event::Kind::ServiceExited(s)) => view.send_modify(|v| {
+            v.gpus_given.remove(&s.service);
+            advance(v, seq);
+        }),
         Some(event::Kind::MemoryPressure(p)) => {
             events.send(RunEvent::MemoryPressure { host: host.to_owned(), pressure: pressure(p) });
             view.send_modify(|v| advance(v, seq));

@@ -59,6 +59,8 @@ pub struct Settings {
     pub gpus: Option<gpu::Gpus>,
     /// When to tell of memory pressure.
     pub pressure: pressure::Thresholds,
+    /// Whose standing each telemetry event carries.
+    pub admission: crate::admission::Admission,
 }
 
 /// Runs until cancelled.
@@ -66,7 +68,7 @@ pub async fn run(
     journal: Journal,
     roots: Roots,
     (samples, rooms): (Samples, GpuRooms),
-    Settings { interval, gpus, pressure: thresholds }: Settings,
+    Settings { interval, gpus, pressure: thresholds, admission }: Settings,
     cancel: CancellationToken,
 ) {
     let Ok(mut system) = System::new() else {
@@ -84,9 +86,10 @@ pub async fn run(
         }
         let roots_now = roots.borrow().clone();
         let devices = gpus.as_ref().map(gpu::Gpus::sample).unwrap_or_default();
-        let (telemetry, current, owner) = sample(&mut system, &roots_now, &devices, &mut peaks);
+        let (mut telemetry, current, owner) = sample(&mut system, &roots_now, &devices, &mut peaks);
         samples.send_replace(current);
         rooms.send_replace(devices.iter().map(gpu::Device::room).collect());
+        telemetry.standing = Some(admission.standing().await.to_proto());
         let levels = levels(&telemetry);
         journal.append(proto::event::Kind::Telemetry(telemetry));
         if pressure.could_announce(&levels, thresholds) {
@@ -169,6 +172,7 @@ fn sample(
         }),
         services: Vec::new(),
         gpus: Vec::new(),
+        standing: None,
     };
     let mut current = BTreeMap::new();
     let mut owner: BTreeMap<u32, String> = BTreeMap::new();

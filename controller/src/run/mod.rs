@@ -140,18 +140,27 @@ impl Ctx {
                 hosts.push(scheduler::unreachable(name, labels, &reason));
                 continue;
             };
-            let view = view.borrow().clone();
-            if let Some(lost) = &view.lost {
+            let (lost, unseen, streamed) = {
+                let v = view.borrow();
+                (v.lost.clone(), v.incarnation.is_empty(), v.standing.is_some())
+            };
+            if let Some(lost) = &lost {
                 hosts.push(scheduler::lost(name, labels, lost));
                 continue;
             }
-            if view.incarnation.is_empty() || self.cancel.is_cancelled() {
+            if unseen || self.cancel.is_cancelled() {
                 hosts.push(scheduler::slow(name, labels, "no snapshot from its agent yet"));
+                continue;
+            }
+            // The stream carries admission's figures each second: GetInfo
+            // only for an agent whose stream does not (yet).
+            if streamed {
+                hosts.push(scheduler::host_view(name, labels, &agent.info, &view.borrow()));
                 continue;
             }
             let mut agent = agent.clone();
             hosts.push(match tokio::time::timeout(INFO_TIMEOUT, agent.refresh_info()).await {
-                Ok(Ok(())) => scheduler::host_view(name, labels, &agent.info, &view),
+                Ok(Ok(())) => scheduler::host_view(name, labels, &agent.info, &view.borrow()),
                 Ok(Err(e)) => scheduler::slow(name, labels, &e.to_string()),
                 Err(_) => scheduler::slow(name, labels, "no answer within 2s"),
             });

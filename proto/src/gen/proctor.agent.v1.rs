@@ -570,6 +570,24 @@ pub struct Telemetry {
     /// Every GPU NVML sees (empty without NVML).
     #[prost(message, repeated, tag = "3")]
     pub gpus: ::prost::alloc::vec::Vec<GpuDevice>,
+    /// What admission would judge a load against now: a planner following the
+    /// stream needs no GetInfo poll.
+    #[prost(message, optional, tag = "4")]
+    pub standing: ::core::option::Option<Standing>,
+}
+/// The admission inputs of GetInfo, sampled with the telemetry.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Standing {
+    #[prost(uint64, tag = "1")]
+    pub mem_available_bytes: u64,
+    #[prost(uint64, optional, tag = "2")]
+    pub cgroup_room_bytes: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "3")]
+    pub budget_room_bytes: ::core::option::Option<u64>,
+    #[prost(uint64, tag = "4")]
+    pub reserved_bytes: u64,
+    #[prost(message, repeated, tag = "5")]
+    pub gpus: ::prost::alloc::vec::Vec<GpuRoom>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceMemory {
