@@ -342,7 +342,13 @@ fn main() -> ExitCode {
         sim::hold_memory(mb, detach);
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The agent idles on every lab host: one thread, so its 1 Hz work wakes
+    // no other (the controller and the sim fan out over every core).
+    let builder = match cli.command {
+        Command::Agent(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match builder {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
