@@ -929,36 +929,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
         return; // already applied before a reconnect
     }
     match e.kind {
-        Some(event::Kind::StageChanged(c)) => {
-            let (from, to) = (c.from(), c.to());
-            events.send(RunEvent::StageChanged {
-                host: host.to_owned(),
-                service: c.service.clone(),
-                model: c.model.clone(),
-                from,
-                to,
-                progress: c.progress,
-                message: c.message.clone(),
-            });
-            view.send_modify(|v| {
-                if from != to {
-                    if v.stage_log.len() == LOG_CAP {
-                        v.stage_log.pop_front();
-                    }
-                    v.stage_log.push_back(StageMark {
-                        service: c.service.clone(),
-                        model: c.model.clone(),
-                        stage: to,
-                        cause: c.cause.clone(),
-                        time_unix_ms: e.time_unix_ms,
-                        previous_peak: (c.stage_peak_rss_bytes, c.stage_peak_gpu_bytes),
-                    });
-                }
-                v.models
-                    .insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
-                advance(v, seq);
-            });
-        }
+        Some(event::Kind::StageChanged(c)) => apply_stage(host, view, events, (seq, e.time_unix_ms), c),
         Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
             if let Some(l) = &c.lease {
                 if c.released {
@@ -969,39 +940,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
             }
             advance(v, seq);
         }),
-        Some(event::Kind::Telemetry(t)) => {
-            let at = e.time_unix_ms;
-            for s in &t.services {
-                events.send(RunEvent::Telemetry {
-                    host: host.to_owned(),
-                    service: s.service.clone(),
-                    rss_bytes: s.rss_bytes,
-                    gpu_bytes: s.gpu_bytes,
-                });
-            }
-            view.send_modify(|v| {
-                if let Some(s) = &t.standing {
-                    v.standing = Some(Standing {
-                        capacity: proto::admission::Capacity {
-                            mem_available: s.mem_available_bytes,
-                            cgroup_room: s.cgroup_room_bytes,
-                            budget_room: s.budget_room_bytes,
-                        },
-                        reserved: s.reserved_bytes,
-                        gpus: s.gpus.iter().map(gpu_room).collect(),
-                    });
-                }
-                for s in t.services {
-                    if v.rss_log.len() == LOG_CAP {
-                        v.rss_log.pop_front();
-                    }
-                    v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
-                    v.rss.insert(s.service, s.rss_bytes);
-                }
-                v.heartbeat_unix_ms = at;
-                advance(v, seq);
-            });
-        }
+        Some(event::Kind::Telemetry(t)) => apply_telemetry(host, view, events, (seq, e.time_unix_ms), t),
         Some(event::Kind::ServiceStarted(s)) => view.send_modify(|v| {
             v.gpus_given.insert(s.service, s.gpus);
             advance(v, seq);
@@ -1022,6 +961,85 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
         }),
         _ => view.send_modify(|v| advance(v, seq)),
     }
+}
+
+/// A stage change: live progress for the reporters, the model's view and
+/// the stage log (the trace's stage spans) for the runner.
+fn apply_stage(
+    host: &str,
+    view: &watch::Sender<AgentView>,
+    events: &Events,
+    (seq, at): (u64, i64),
+    c: proto::StageChanged,
+) {
+    let (from, to) = (c.from(), c.to());
+    events.send(RunEvent::StageChanged {
+        host: host.to_owned(),
+        service: c.service.clone(),
+        model: c.model.clone(),
+        from,
+        to,
+        progress: c.progress,
+        message: c.message.clone(),
+    });
+    view.send_modify(|v| {
+        if from != to {
+            if v.stage_log.len() == LOG_CAP {
+                v.stage_log.pop_front();
+            }
+            v.stage_log.push_back(StageMark {
+                service: c.service.clone(),
+                model: c.model.clone(),
+                stage: to,
+                cause: c.cause.clone(),
+                time_unix_ms: at,
+                previous_peak: (c.stage_peak_rss_bytes, c.stage_peak_gpu_bytes),
+            });
+        }
+        v.models.insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
+        advance(v, seq);
+    });
+}
+
+/// A telemetry sample: memory for the reporters; admission's standing, the
+/// RSS log and the heartbeat for the runner.
+fn apply_telemetry(
+    host: &str,
+    view: &watch::Sender<AgentView>,
+    events: &Events,
+    (seq, at): (u64, i64),
+    t: proto::Telemetry,
+) {
+    for s in &t.services {
+        events.send(RunEvent::Telemetry {
+            host: host.to_owned(),
+            service: s.service.clone(),
+            rss_bytes: s.rss_bytes,
+            gpu_bytes: s.gpu_bytes,
+        });
+    }
+    view.send_modify(|v| {
+        if let Some(s) = &t.standing {
+            v.standing = Some(Standing {
+                capacity: proto::admission::Capacity {
+                    mem_available: s.mem_available_bytes,
+                    cgroup_room: s.cgroup_room_bytes,
+                    budget_room: s.budget_room_bytes,
+                },
+                reserved: s.reserved_bytes,
+                gpus: s.gpus.iter().map(gpu_room).collect(),
+            });
+        }
+        for s in t.services {
+            if v.rss_log.len() == LOG_CAP {
+                v.rss_log.pop_front();
+            }
+            v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
+            v.rss.insert(s.service, s.rss_bytes);
+        }
+        v.heartbeat_unix_ms = at;
+        advance(v, seq);
+    });
 }
 
 fn pressure(p: proto::MemoryPressure) -> crate::run::events::Pressure {

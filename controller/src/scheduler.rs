@@ -101,7 +101,11 @@ mod tests {
             ram_total: 64_000 * MIB,
             ram_available: 60_000 * MIB,
             reserved: 0,
-            services: vec![ServiceInfo { name: "translation".into(), gpu_pin: Some(GpuPin::Auto), ..Default::default() }],
+            services: vec![ServiceInfo {
+                name: "translation".into(),
+                gpu_pin: Some(GpuPin::Auto),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let handshake_only = host_view("h", &[], &info, &AgentView::default());

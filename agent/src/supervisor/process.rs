@@ -197,28 +197,8 @@ pub(super) fn spawn(
     let user = run_as(service)?;
     let prologue = prologue(cfg.cgroup, user.as_ref());
     let mut command = tokio::process::Command::new("/bin/sh");
-    command.arg("-c").arg(prologue).arg("proctor-service").args(&argv).env_clear();
-    // The service sees only what its config names, plus the basics.
-    for key in ["PATH", "HOME", "LANG", "TZ"] {
-        if let Ok(v) = std::env::var(key) {
-            command.env(key, v);
-        }
-    }
-    if let Some(u) = &user {
-        command.env("HOME", &u.dir).env("USER", &u.name).env("LOGNAME", &u.name);
-    }
-    for (k, v) in &service.env {
-        command.env(k, subst(v));
-    }
-    for (k, path) in &service.secrets {
-        let value = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read secret {k} from {}: {e}", path.display()))?;
-        command.env(k, value.trim());
-    }
-    if service.gpus.is_some() {
-        let devices: Vec<String> = cfg.gpus.iter().map(u32::to_string).collect();
-        command.env(crate::config::CUDA_VISIBLE_DEVICES, devices.join(","));
-    }
+    command.arg("-c").arg(prologue).arg("proctor-service").args(&argv);
+    environment(&mut command, cfg, user.as_ref(), &subst)?;
     if let Some(dir) = &service.workdir {
         command.current_dir(dir);
     }
@@ -257,6 +237,39 @@ pub(super) fn spawn(
         gpus: cfg.gpus.to_vec(),
     };
     Ok((Spawned { pid, base_url }, persisted))
+}
+
+/// The service sees only what its config names (with `{port}` filled in),
+/// its secrets, the GPUs admission gave it, and the basics.
+fn environment(
+    command: &mut tokio::process::Command,
+    cfg: &SpawnArgs<'_>,
+    user: Option<&nix::unistd::User>,
+    subst: &dyn Fn(&str) -> String,
+) -> Result<(), String> {
+    let service = cfg.service;
+    command.env_clear();
+    for key in ["PATH", "HOME", "LANG", "TZ"] {
+        if let Ok(v) = std::env::var(key) {
+            command.env(key, v);
+        }
+    }
+    if let Some(u) = user {
+        command.env("HOME", &u.dir).env("USER", &u.name).env("LOGNAME", &u.name);
+    }
+    for (k, v) in &service.env {
+        command.env(k, subst(v));
+    }
+    for (k, path) in &service.secrets {
+        let value = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read secret {k} from {}: {e}", path.display()))?;
+        command.env(k, value.trim());
+    }
+    if service.gpus.is_some() {
+        let devices: Vec<String> = cfg.gpus.iter().map(u32::to_string).collect();
+        command.env(crate::config::CUDA_VISIBLE_DEVICES, devices.join(","));
+    }
+    Ok(())
 }
 
 /// What `spawn` needs besides the service's own config.

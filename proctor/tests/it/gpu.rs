@@ -274,9 +274,12 @@ async fn gpu_admission_picks_the_device_with_room_tells_the_service_and_refuses_
     assert_eq!(rooms, [(0, 50_000, 0), (1, 1_000, 40_000)]);
     assert!(info.services[0].gpu_auto && info.services[0].gpus_given == [1], "{:?}", info.services[0]);
     // Each telemetry event carries the same figures, so a planner need not poll GetInfo.
-    let (_, seen) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |e| {
-        matches!(&e.kind, Some(event::Kind::Telemetry(t)) if t.standing.is_some())
-    })
+    let (_, seen) = watch_until(
+        &mut client,
+        u64::MAX,
+        Duration::from_secs(5),
+        |e| matches!(&e.kind, Some(event::Kind::Telemetry(t)) if t.standing.is_some()),
+    )
     .await;
     let Some(event::Kind::Telemetry(t)) = &seen.last().unwrap().kind else { unreachable!() };
     let streamed: Vec<(u32, u64)> =
