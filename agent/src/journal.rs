@@ -384,17 +384,37 @@ fn is_retained(kind: &event::Kind) -> bool {
     }
 }
 
+/// Stages one load may enter that a snapshot keeps (a load passes through
+/// at most the seven stages; restarts within a load add a few).
+const LOAD_HISTORY_CAP: usize = 32;
+
+/// Adds a stage change to a model's load history; a load that starts from
+/// rest (STOPPED, READY or FAILED) starts a new history.
+fn remember_stage(history: &mut Vec<proto::StageEntered>, c: &proto::StageChanged, now: i64) {
+    let from_rest = matches!(c.from(), proto::Stage::Stopped | proto::Stage::Ready | proto::Stage::Failed);
+    if from_rest && proto::Stage::LOADING.contains(&c.to()) {
+        history.clear();
+    }
+    if history.len() == LOAD_HISTORY_CAP {
+        history.remove(0);
+    }
+    history.push(proto::StageEntered {
+        stage: c.to,
+        cause: c.cause.clone(),
+        at_unix_ms: now,
+        ended_peak_rss_bytes: c.stage_peak_rss_bytes,
+        ended_peak_gpu_bytes: c.stage_peak_gpu_bytes,
+    });
+}
+
 impl State {
     fn append(&mut self, mut kind: event::Kind) {
-        self.apply(&kind);
+        let now = now_unix_ms();
+        self.apply(&kind, now);
         let retained = is_retained(&kind);
         fit(&mut kind, MAX_EVENT_BYTES);
-        let event = Event {
-            incarnation: self.incarnation.clone(),
-            seq: self.next_seq,
-            time_unix_ms: now_unix_ms(),
-            kind: Some(kind),
-        };
+        let event =
+            Event { incarnation: self.incarnation.clone(), seq: self.next_seq, time_unix_ms: now, kind: Some(kind) };
         self.next_seq += 1;
         if retained {
             self.retain(event.clone());
@@ -478,8 +498,7 @@ impl State {
     }
 
     /// Folds an event into the derived state.
-    fn apply(&mut self, kind: &event::Kind) {
-        let now = now_unix_ms();
+    fn apply(&mut self, kind: &event::Kind, now: i64) {
         match kind {
             event::Kind::StageChanged(c) => {
                 if let Some(model) = self.model_mut(&c.service, &c.model) {
@@ -488,6 +507,7 @@ impl State {
                     model.message = c.message.clone();
                     if c.from != c.to {
                         model.stage_since_unix_ms = now;
+                        remember_stage(&mut model.load_history, c, now);
                     }
                 }
             }

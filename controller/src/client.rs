@@ -914,11 +914,44 @@ fn apply_snapshot(host: &str, v: &mut AgentView, events: &Events, s: &proto::Sna
     for svc in &s.services {
         v.rss.insert(svc.name.clone(), svc.rss_bytes);
         for m in &svc.models {
+            remember_history(v, &svc.name, m);
             v.models.insert(
                 (svc.name.clone(), m.name.clone()),
                 ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
             );
         }
+    }
+}
+
+/// The stages a model's current load entered before this watch began (the
+/// snapshot's history), added to the stage log where not already there, so
+/// a run that attaches mid-load reports the whole load.
+fn remember_history(v: &mut AgentView, service: &str, m: &proto::ModelState) {
+    let known = |v: &AgentView, h: &proto::StageEntered| {
+        v.stage_log.iter().any(|k| {
+            k.service == service && k.model == m.name && k.time_unix_ms == h.at_unix_ms && k.stage as i32 == h.stage
+        })
+    };
+    let missing: Vec<StageMark> = m
+        .load_history
+        .iter()
+        .filter(|h| !known(v, h))
+        .map(|h| StageMark {
+            service: service.to_owned(),
+            model: m.name.clone(),
+            stage: h.stage(),
+            cause: h.cause.clone(),
+            time_unix_ms: h.at_unix_ms,
+            previous_peak: (h.ended_peak_rss_bytes, h.ended_peak_gpu_bytes),
+        })
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    v.stage_log.extend(missing);
+    v.stage_log.make_contiguous().sort_by_key(|k| k.time_unix_ms);
+    while v.stage_log.len() > LOG_CAP {
+        v.stage_log.pop_front();
     }
 }
 

@@ -205,7 +205,9 @@ impl Trace {
             return span.span_context();
         }
         attributes.push(KeyValue::new("proctor.load.peak_rss_bytes", peak as i64));
-        let load = otel::start(tracer, "model.load", Some(parent), Some(at(asked_ms)), attributes, vec![]);
+        // A load already under way when the run asked began before the ask.
+        let began = stages.first().map_or(asked_ms, |s| s.start_unix_ms.min(asked_ms));
+        let load = otel::start(tracer, "model.load", Some(parent), Some(at(began)), attributes, vec![]);
         for s in stages {
             let attributes = vec![
                 KeyValue::new("proctor.stage", s.stage.label()),

@@ -321,11 +321,11 @@ impl Host<'_> {
     fn stages_since(&self, v: &AgentView, model: &str, asked_ms: i64) -> (Vec<StageSpan>, u64) {
         let asked_agent = asked_ms + self.agent.clock_offset_ms;
         let service = &self.suite.service;
-        let marks: Vec<&client::StageMark> = v
-            .stage_log
-            .iter()
-            .filter(|m| &m.service == service && m.model == model && m.time_unix_ms >= asked_agent - 5)
-            .collect();
+        let all: Vec<&client::StageMark> =
+            v.stage_log.iter().filter(|m| &m.service == service && m.model == model).collect();
+        let timeline: Vec<(Stage, i64)> = all.iter().map(|m| (m.stage, m.time_unix_ms)).collect();
+        let marks = &all[load_start(&timeline, asked_agent - 5)..];
+        let asked_agent = marks.first().map_or(asked_agent, |m| m.time_unix_ms.min(asked_agent));
         let stages: Vec<StageSpan> = marks
             .windows(2)
             .map(|w| StageSpan {
@@ -481,8 +481,23 @@ fn fence(result_epoch: u64, held_epoch: u64) -> Result<(), String> {
     }
 }
 
+/// Where the load a run waited for begins in a model's stage marks (stage
+/// entered, agent time; oldest first), asked at `asked`: a load already
+/// under way then began before the ask — at the mark that left rest
+/// (STOPPED, READY, FAILED, or nothing before it) — and all of it is the
+/// run's to report; otherwise its marks start at the ask.
+pub fn load_start(marks: &[(Stage, i64)], asked: i64) -> usize {
+    let after = marks.iter().position(|(_, t)| *t >= asked).unwrap_or(marks.len());
+    let Some(last_before) = after.checked_sub(1) else { return after };
+    if !Stage::LOADING.contains(&marks[last_before].0) {
+        return after;
+    }
+    let at_rest = |s: Stage| matches!(s, Stage::Stopped | Stage::Ready | Stage::Failed);
+    (1..=last_before).rev().find(|&i| at_rest(marks[i - 1].0)).unwrap_or(0)
+}
+
 #[cfg(test)]
-mod tests {
+mod fencing {
     use super::fence;
 
     #[test]
@@ -492,5 +507,34 @@ mod tests {
             assert_eq!(fence(result, held).is_ok(), ok, "result {result}, held {held}");
         }
         assert_eq!(fence(2, 3).unwrap_err(), "result rejected: it came under lease epoch 2, this run holds epoch 3");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (stage entered, agent time)
+    type Mark = (Stage, i64);
+
+    #[test]
+    fn a_load_under_way_at_the_ask_is_reported_from_its_real_start() {
+        use Stage::{Downloading as D, LoadingWeights as L, ProcessStarting as P, Ready as R, WaitingForHttp as W};
+        let first_load = [(P, 10), (W, 20), (D, 30), (L, 40), (R, 50)];
+        let reload = [(P, 10), (W, 20), (R, 50), (Stage::Stopped, 60), (P, 70), (W, 80), (L, 90), (R, 99)];
+        // (marks, asked) -> index of the first mark of the run's load
+        let table: [(&[Mark], i64, usize); 8] = [
+            (&first_load, 5, 0),  // asked before it began: from the start
+            (&first_load, 35, 0), // asked mid-load: still from the start
+            (&first_load, 45, 0), // asked in its last stage
+            (&first_load, 55, 5), // asked once READY: nothing (reused)
+            (&reload, 85, 4),     // the second load, not the first
+            (&reload, 55, 3),     // at rest after READY: the marks after the ask
+            (&[], 10, 0),         // nothing known
+            (&[(L, 40)], 45, 0),  // only part of the load known: all of it
+        ];
+        for (marks, asked, want) in table {
+            assert_eq!(load_start(marks, asked), want, "{marks:?} asked at {asked}");
+        }
     }
 }

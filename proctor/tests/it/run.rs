@@ -94,6 +94,41 @@ pub fn suite_properties(xml: &str, suite: &str) -> std::collections::BTreeMap<St
     }
 }
 
+/// A run that attaches to a load already under way (another client started
+/// it) still reports the whole load: every stage from its real start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_attaching_mid_load_gets_every_stage_of_it() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=300ms,load=3s,warmup=100ms"])).await;
+    let mut client = agent.client().await;
+    let held = crate::lease(&mut client, "earlier-run").await;
+    let request =
+        proto::EnsureModelsRequest { lease: Some(held.clone()), models: vec!["nllb".into()], ..Default::default() };
+    client.ensure_models(request).await.unwrap();
+    crate::watch_until(&mut client, 0, Duration::from_secs(20), |e| {
+        crate::reached(e, "nllb", proto::Stage::LoadingWeights)
+    })
+    .await;
+    client.release_lease(held).await.unwrap();
+    // Now a run asks for the model, mid-load.
+    let out = Scratch::new("mid-load");
+    let suite = out.write("translate.yaml", TRANSLATE_SUITE);
+    let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
+    let report = result.report.expect("a report");
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    let stages: Vec<&str> = report.loads[0].stages.iter().map(|s| s.stage.as_str()).collect();
+    // (A 100 ms warm-up may pass between two probes: WARMING_UP is not asked for.)
+    assert_eq!(
+        stages[..4],
+        ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "LOADING_WEIGHTS"],
+        "the whole load, not only what followed the ask"
+    );
+    let weights = &report.loads[0].stages[3];
+    assert!(weights.duration >= Duration::from_millis(2900), "its real length: {weights:?}");
+    let junit = std::fs::read_to_string(result.junit.unwrap()).unwrap();
+    let props = suite_properties(&junit, "translate");
+    assert!(props.contains_key("proctor.model.nllb.stage.DOWNLOADING.seconds"), "{props:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_that_crashes_while_loading_turns_its_cases_into_errors_with_the_stage() {
     let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=16,download=200ms,load=1s,crash=loading"])).await;

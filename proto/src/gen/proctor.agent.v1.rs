@@ -427,6 +427,25 @@ pub struct ModelState {
     pub stage_since_unix_ms: i64,
     #[prost(string, tag = "5")]
     pub message: ::prost::alloc::string::String,
+    /// Every stage the current (or last) load entered, oldest first, as its
+    /// StageChanged events said: a watcher that arrives mid-load still gets the
+    /// whole timeline.
+    #[prost(message, repeated, tag = "6")]
+    pub load_history: ::prost::alloc::vec::Vec<StageEntered>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StageEntered {
+    #[prost(enumeration = "Stage", tag = "1")]
+    pub stage: i32,
+    #[prost(string, tag = "2")]
+    pub cause: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub at_unix_ms: i64,
+    /// The service's peaks in the stage this one ended (see StageChanged).
+    #[prost(uint64, tag = "4")]
+    pub ended_peak_rss_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub ended_peak_gpu_bytes: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HostMemory {
