@@ -1,11 +1,11 @@
 //! What a run produced, and the views people read: the terminal summary and
-//! JUnit XML (one testcase per case; load failures are errors, never skips).
+//! JUnit XML (`report/junit.rs`: one testcase per case; load failures are errors, never skips).
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+mod junit;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Failure {
@@ -296,63 +296,9 @@ impl RunReport {
         }
     }
 
-    /// JUnit XML: one testsuite per suite, one testcase per case.
+    /// JUnit XML: one testsuite per suite, one testcase per case (`junit`).
     pub fn junit(&self) -> String {
-        let mut report = Report::new("proctor");
-        report.set_time(self.duration);
-        let mut suites: Vec<TestSuite> = Vec::new();
-        for c in &self.cases {
-            let idx = match suites.iter().position(|s| s.name.as_str() == c.suite) {
-                Some(i) => i,
-                None => {
-                    suites.push(TestSuite::new(c.suite.clone()));
-                    suites.len() - 1
-                }
-            };
-            let status = match &c.outcome {
-                Outcome::Passed => TestCaseStatus::success(),
-                Outcome::Failed(failures) => {
-                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
-                    s.set_message(c.headline());
-                    s.set_type("assertion");
-                    let mut text: Vec<String> = failures.iter().map(ToString::to_string).collect();
-                    text.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
-                    s.set_description(text.join("\n"));
-                    s
-                }
-                Outcome::Error(message) => {
-                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
-                    s.set_message(message.lines().next().unwrap_or_default().to_owned());
-                    s.set_type("error");
-                    s.set_description(message.clone());
-                    s
-                }
-            };
-            let mut status = status;
-            // Attempts lost to infrastructure show as flaky (or rerun) errors.
-            for reason in &c.reruns {
-                let mut rerun = quick_junit::TestRerun::new(NonSuccessKind::Error);
-                rerun.set_message(format!("re-run: {reason}"));
-                status.add_rerun(rerun);
-            }
-            let mut tc = TestCase::new(c.name.clone(), status);
-            tc.set_classname(c.suite.clone());
-            if !c.host.is_empty() {
-                tc.add_property(quick_junit::Property::new("host", c.host.clone()));
-            }
-            tc.set_time(c.duration);
-            suites[idx].add_test_case(tc);
-        }
-        for suite in &mut suites {
-            let name = suite.name.to_string();
-            let loads = self.suite_loads.iter().filter(|(s, _)| *s == name);
-            let properties: Vec<(String, String)> = loads.flat_map(|(_, l)| l.properties()).collect();
-            for (name, value) in properties {
-                suite.add_property(quick_junit::Property::new(name, value));
-            }
-        }
-        report.add_test_suites(suites);
-        report.to_string().unwrap_or_default()
+        junit::render(self)
     }
 
     pub fn write_junit(&self, path: &Path) -> std::io::Result<()> {
@@ -420,6 +366,23 @@ mod tests {
         assert!(xml.contains("<failure message=\"case &quot;wrong&quot; failed: equals at /model: expected &quot;aya&quot;, got &quot;nllb&quot;\""), "{xml}");
         assert!(xml.contains("<error message=\"model aya failed in stage AUTHENTICATING after 0.3s\""), "{xml}");
         assert!(!xml.contains("<skipped"), "{xml}");
+    }
+
+    #[test]
+    fn junit_says_where_each_case_ran_and_which_attempts_infrastructure_lost() {
+        let mut run = sample();
+        run.cases[0].host = "gpu-01".into();
+        run.cases[0].reruns = vec!["host gpu-02 lost".into()];
+        run.cases[1].host = "gpu-02".into();
+        run.cases[1].http_status = Some(200);
+        run.cases[1].excerpt = "{\"model\":\"nllb\"}".into();
+        let xml = run.junit();
+        assert!(xml.contains("hostname=\"gpu-01, gpu-02\""), "{xml}");
+        // Passed on its second attempt: flaky, not failed.
+        assert!(xml.contains("<flakyError message=\"re-run: host gpu-02 lost\" type=\"infrastructure\"/>"), "{xml}");
+        assert!(xml.contains("<system-out>host: gpu-02 (attempt 1, lease epoch 1)"), "{xml}");
+        assert!(xml.contains("response (200): {&quot;model&quot;:&quot;nllb&quot;}</system-out>"), "{xml}");
+        assert_eq!(xml.matches("<property name=\"proctor.run_id\" value=\"r\"/>").count(), 1, "{xml}");
     }
 
     #[test]

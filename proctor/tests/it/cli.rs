@@ -38,7 +38,7 @@ async fn a_wrong_expectation_fails_naming_case_pointer_expected_and_actual() {
         stdout.contains("case \"english to spanish\" failed: equals at /translated_text: expected \"bonjour le monde\", got \"hola mundo\""),
         "{stdout}"
     );
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
 }
 
@@ -64,7 +64,7 @@ async fn a_gated_model_without_token_errors_at_authenticating_in_seconds() {
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(2), "exit 2 for a load failure\n{stdout}\n{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "failed in seconds: {:?}", started.elapsed());
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<error").count(), 2, "every case of the model is an error: {junit}");
     assert!(junit.contains("model aya failed in stage AUTHENTICATING"), "{junit}");
     assert!(junit.contains("HF_TOKEN is not set"), "{junit}");
@@ -157,7 +157,7 @@ async fn an_unreachable_agent_is_exit_2_with_every_case_an_error() {
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
     assert!(stderr.contains("cannot reach agent 127.0.0.1:9"), "{stderr}");
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<error").count(), 2, "{junit}");
 }
 
@@ -195,7 +195,7 @@ async fn ctrl_c_writes_partial_reports_and_exits_130() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let status = testkit::within(Duration::from_secs(10), "proctor run to exit", child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(130));
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<error").count(), 2, "unrun cases are errors, not missing: {junit}");
     assert!(junit.contains("interrupted while waiting for models to load"), "{junit}");
     // The lease was released: another run can take the service at once.
@@ -254,7 +254,7 @@ async fn a_second_ctrl_c_exits_within_a_second_and_still_writes_partial_reports(
     })
     .await;
     assert!(rest.contains("interrupted again: partial report written"), "{rest}");
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<testcase ").count(), 2, "every case present: {junit}");
     assert_eq!(junit.matches("<error message=\"interrupted").count(), 2, "{junit}");
 }

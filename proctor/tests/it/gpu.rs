@@ -377,7 +377,7 @@ async fn the_live_progress_shows_gpu_memory_next_to_rss_and_the_summary_the_peak
     assert!(loading.iter().any(|l| l.contains("rss ") && l.contains("gpu 3000 MiB")), "{stdout}");
     assert!(stdout.contains("/translation/nllb: READY after") && stdout.contains(", GPU 3000 MiB)"), "{stdout}");
     // And JUnit keeps the peaks for the suite: the load's and its loading stage's.
-    let junit = std::fs::read_to_string(scratch.path.join("out/junit.xml")).unwrap();
+    let junit = crate::read_junit(&scratch.path.join("out/junit.xml"));
     let props = crate::run::suite_properties(&junit, "translate");
     assert_eq!(props.get("proctor.model.nllb.peak_gpu_mib").map(String::as_str), Some("3000"), "{props:?}");
     assert_eq!(props.get("proctor.model.nllb.stage.LOADING_WEIGHTS.peak_gpu_mib").map(String::as_str), Some("3000"));

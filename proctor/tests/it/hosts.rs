@@ -184,7 +184,7 @@ async fn two_controllers_contend_for_one_service_without_corrupting_each_other()
     assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)), "both finish and pass:\n{a}\n{b}");
     assert!(a.contains("busy:") || b.contains("busy:"), "one of them waited for the other:\n{a}\n{b}");
     for (out, name) in [(&first, "first"), (&second, "second")] {
-        let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+        let junit = crate::read_junit(&out.path.join("junit.xml"));
         assert_eq!(junit.matches("<testcase ").count(), 2, "{junit}");
         assert!(junit.contains(&format!("testsuite name=\"{name}\"")), "each report holds only its own suite: {junit}");
         assert!(!junit.contains("<failure") && !junit.contains("<error"), "{junit}");

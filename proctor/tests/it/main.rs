@@ -21,6 +21,27 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_proctor");
 
+/// A `junit.xml` a run wrote, after checking it against the JUnit schema CI
+/// servers read (`tests/fixtures/junit.xsd`, with `xmllint`; .ci/run
+/// installs it): every test that reads a JUnit file also validates it.
+pub fn read_junit(path: &std::path::Path) -> String {
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/junit.xsd");
+    let checked = std::process::Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(&schema)
+        .arg(path)
+        .output()
+        .expect("xmllint (Debian libxml2-utils) validates junit.xml");
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        checked.status.success(),
+        "{} is not valid JUnit: {}\n{text}",
+        path.display(),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    text
+}
+
 /// Takes a lease on `translation` for a test run.
 pub async fn lease(client: &mut AgentClient<Channel>, run_id: &str) -> proto::LeaseRef {
     let l = client

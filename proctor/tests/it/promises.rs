@@ -151,7 +151,7 @@ async fn max_wait_turns_waiting_cases_into_errors_naming_the_holder() {
     let o = run_suite(&agent, &out, &suite, &["--max-wait", "2s", "--progress", "none"], &[]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(10), "gave up promptly: {:?}", started.elapsed());
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<error").count(), 2, "{junit}");
     assert!(junit.contains("gave up waiting for a host after 2s (max wait 2s)"), "{junit}");
     assert!(junit.contains("held by run crashed-run (ci@elsewhere)"), "names the holder: {junit}");
@@ -233,7 +233,7 @@ async fn one_ctrl_c_with_a_frozen_agent_ends_promptly_and_starts_nothing_new() {
     assert_eq!(status.code(), Some(130), "{after}");
     assert!(took < Duration::from_secs(8), "one Ctrl-C ends the run promptly, not after the 20 s grace: {took:?}");
     assert!(!after.contains("re-running"), "nothing is re-run after an interrupt:\n{after}");
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<testcase ").count(), 4, "every case of both suites is reported: {junit}");
 }
 
@@ -246,7 +246,7 @@ async fn model_loading_timeout_where_proctor_run_runs_limits_the_load() {
     let o = run_suite(&agent, &out, &suite, &["--progress", "none"], &[("MODEL_LOADING_TIMEOUT", "2")]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "the 2 s limit applied: {:?}", started.elapsed());
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert!(
         junit.contains("load timed out after 2s (the limit was set by MODEL_LOADING_TIMEOUT (where `proctor run` ran)"),
         "the message names the source of the limit: {junit}"
@@ -277,7 +277,7 @@ async fn a_suite_timeout_travels_to_the_agent_and_the_message_names_it() {
     let o = run_suite(&agent, &out, &suite, &["--progress", "none"], &[("MODEL_LOADING_TIMEOUT", "300")]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(15), "the suite's 2 s beat the environment's 300 s");
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert!(junit.contains("load timed out after 2s (the limit was set by the suite&apos;s `timeout`"), "{junit}");
 }
 

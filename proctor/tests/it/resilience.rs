@@ -69,7 +69,7 @@ async fn a_host_killed_mid_suite_is_replaced_and_every_case_reported_once() {
         assert_eq!(c.attempt, 1);
         assert!(c.reruns[0].contains("host first lost"), "{:?}", c.reruns);
     }
-    let junit = std::fs::read_to_string(out.path.join("junit.xml")).unwrap();
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<testcase ").count(), 2, "{junit}");
     assert!(junit.contains("flakyError") && junit.contains("re-run: host first lost"), "the re-run shows: {junit}");
     assert!(report.summary().contains("Re-run after infrastructure loss"), "{}", report.summary());

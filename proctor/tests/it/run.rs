@@ -48,7 +48,7 @@ async fn a_slow_model_is_waited_for_and_then_its_cases_pass() {
     let load = &report.loads[0];
     assert_eq!(load.failure, None);
     assert!(load.waited >= Duration::from_millis(2500), "the run waited for the whole load: {:?}", load.waited);
-    let junit = std::fs::read_to_string(result.junit.unwrap()).unwrap();
+    let junit = crate::read_junit(&result.junit.unwrap());
     assert_eq!(junit.matches("<testcase ").count(), 2, "{junit}");
     assert!(!junit.contains("<failure") && !junit.contains("<error") && !junit.contains("<skipped"), "{junit}");
     // The suite's properties tell its model's load: host, outcome, time, peaks, each stage.
@@ -124,7 +124,7 @@ async fn a_run_attaching_mid_load_gets_every_stage_of_it() {
     );
     let weights = &report.loads[0].stages[3];
     assert!(weights.duration >= Duration::from_millis(2900), "its real length: {weights:?}");
-    let junit = std::fs::read_to_string(result.junit.unwrap()).unwrap();
+    let junit = crate::read_junit(&result.junit.unwrap());
     let props = suite_properties(&junit, "translate");
     assert!(props.contains_key("proctor.model.nllb.stage.DOWNLOADING.seconds"), "{props:?}");
 }
@@ -172,4 +172,32 @@ async fn endpoint_models_are_loaded_on_request() {
     let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
     let report = result.report.unwrap();
     assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+}
+
+/// The schema the tests hold junit.xml to is not vacuous: what the JUnit
+/// crate Proctor used before wrote (`skipped` on `<testsuites>`, properties
+/// inside a `<testcase>`, a re-run without its type) is refused.
+#[test]
+fn the_junit_schema_refuses_what_ci_servers_reject() {
+    let out = Scratch::new("junit-schema");
+    let valid = "<testsuites name=\"proctor\" tests=\"1\" failures=\"0\" errors=\"0\" time=\"0.1\">\
+                 <testsuite name=\"s\" tests=\"1\" failures=\"0\" errors=\"0\"><testcase name=\"c\"/></testsuite></testsuites>";
+    let invalid = [
+        valid.replace("time=\"0.1\">", "time=\"0.1\" skipped=\"0\">"),
+        valid.replace(
+            "<testcase name=\"c\"/>",
+            "<testcase name=\"c\"><properties><property name=\"host\" value=\"h\"/></properties></testcase>",
+        ),
+        valid.replace("<testcase name=\"c\"/>", "<testcase name=\"c\"><flakyError message=\"lost\"/></testcase>"),
+        valid.replace(" failures=\"0\" errors=\"0\"><testcase", "><testcase"),
+    ];
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/junit.xsd");
+    let lint = |text: &str| {
+        let file = out.write("junit.xml", text);
+        std::process::Command::new("xmllint").args(["--noout", "--schema"]).arg(&schema).arg(file).output().unwrap()
+    };
+    assert!(lint(valid).status.success(), "{:?}", lint(valid));
+    for text in invalid {
+        assert!(!lint(&text).status.success(), "accepted: {text}");
+    }
 }

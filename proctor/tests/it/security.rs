@@ -375,7 +375,7 @@ async fn a_canary_secret_appears_nowhere_the_agent_or_the_controller_writes() {
     let places = [
         ("the agent's log", agent.logs()),
         ("the event stream", format!("{events:?}")),
-        ("junit.xml", std::fs::read_to_string(result.junit.unwrap()).unwrap()),
+        ("junit.xml", crate::read_junit(&result.junit.unwrap())),
         ("trace.json", std::fs::read_to_string(result.trace.unwrap()).unwrap()),
         ("state files", state),
         ("proctor agents --output json", String::from_utf8_lossy(&agents.stdout).into_owned()),

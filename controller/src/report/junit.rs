@@ -1,0 +1,207 @@
+//! JUnit XML in the dialect CI servers read: Jenkins (xUnit plugin, its
+//! "JUnit 10" schema), GitLab's test reports and the GitHub test-report
+//! actions. Written by hand rather than through a JUnit crate so that every
+//! element and attribute is one that schema allows (checked against
+//! `proctor/tests/fixtures/junit.xsd` with `xmllint` by the tests):
+//! `<testsuites name tests failures errors time>`; per suite `<testsuite>`
+//! with its counts, time, `timestamp` and `hostname`, its model loads as
+//! `<properties>`; per case `<testcase name classname time>` with
+//! `<failure>` / `<error>`, infrastructure re-runs as `<rerunError>` (still
+//! failing) or `<flakyError>` (passed on a later attempt), and the case's
+//! own output — host, request, response — in `<system-out>`.
+
+use std::fmt::Write as _;
+
+use super::{CaseReport, Outcome, RunReport};
+
+/// Escapes text for an attribute value or element content.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' | '\t' | '\r' => out.push(c),
+            // XML 1.0 cannot carry other control characters at all.
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn seconds(d: std::time::Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+/// Passed, failed, errored counts of some cases.
+fn counts<'a>(cases: impl Iterator<Item = &'a CaseReport>) -> (usize, usize, usize) {
+    cases.fold((0, 0, 0), |(n, f, e), c| match c.outcome {
+        Outcome::Passed => (n + 1, f, e),
+        Outcome::Failed(_) => (n + 1, f + 1, e),
+        Outcome::Error(_) => (n + 1, f, e + 1),
+    })
+}
+
+/// RFC 3339 UTC of a Unix time in milliseconds (`timestamp` attributes).
+fn rfc3339(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The whole file.
+pub fn render(report: &RunReport) -> String {
+    let mut suites: Vec<&str> = Vec::new();
+    for c in &report.cases {
+        if !suites.contains(&c.suite.as_str()) {
+            suites.push(&c.suite);
+        }
+    }
+    let (tests, failures, errors) = counts(report.cases.iter());
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"proctor\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{}\">",
+        seconds(report.duration)
+    );
+    for suite in suites {
+        testsuite(&mut out, report, suite);
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
+    let cases: Vec<&CaseReport> = report.cases.iter().filter(|c| c.suite == suite).collect();
+    let (tests, failures, errors) = counts(cases.iter().copied());
+    let time: std::time::Duration = cases.iter().map(|c| c.duration).sum();
+    let mut hosts: Vec<&str> = cases.iter().map(|c| c.host.as_str()).filter(|h| !h.is_empty()).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let _ = write!(
+        out,
+        "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"0\" time=\"{}\"",
+        escape(suite),
+        seconds(time)
+    );
+    if let Some(first) = cases.iter().map(|c| c.started_unix_ms).filter(|t| *t > 0).min() {
+        let _ = write!(out, " timestamp=\"{}\"", rfc3339(first));
+    }
+    if !hosts.is_empty() {
+        let _ = write!(out, " hostname=\"{}\"", escape(&hosts.join(", ")));
+    }
+    out.push_str(">\n");
+    properties(out, report, suite);
+    for c in cases {
+        testcase(out, c);
+    }
+    out.push_str("  </testsuite>\n");
+}
+
+/// The run's id and the suite's model loads (`ModelLoad::properties`).
+fn properties(out: &mut String, report: &RunReport, suite: &str) {
+    let mut props = vec![("proctor.run_id".to_owned(), report.run_id.clone())];
+    props.extend(report.suite_loads.iter().filter(|(s, _)| s == suite).flat_map(|(_, l)| l.properties()));
+    out.push_str("    <properties>\n");
+    for (name, value) in props {
+        let _ = writeln!(out, "      <property name=\"{}\" value=\"{}\"/>", escape(&name), escape(&value));
+    }
+    out.push_str("    </properties>\n");
+}
+
+fn testcase(out: &mut String, c: &CaseReport) {
+    let _ = writeln!(
+        out,
+        "    <testcase name=\"{}\" classname=\"{}\" time=\"{}\">",
+        escape(&c.name),
+        escape(&c.suite),
+        seconds(c.duration)
+    );
+    match &c.outcome {
+        Outcome::Passed => {}
+        Outcome::Failed(failures) => {
+            let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "      <failure message=\"{}\" type=\"assertion\">{}</failure>",
+                escape(&c.headline()),
+                escape(&text.join("\n"))
+            );
+        }
+        Outcome::Error(message) => {
+            let _ = writeln!(
+                out,
+                "      <error message=\"{}\" type=\"error\">{}</error>",
+                escape(message.lines().next().unwrap_or_default()),
+                escape(message)
+            );
+        }
+    }
+    // Attempts lost to infrastructure: flaky if the case then passed.
+    let rerun = if c.outcome == Outcome::Passed { "flakyError" } else { "rerunError" };
+    for reason in &c.reruns {
+        let _ = writeln!(
+            out,
+            "      <{rerun} message=\"{}\" type=\"infrastructure\"/>",
+            escape(&format!("re-run: {reason}"))
+        );
+    }
+    let output = case_output(c);
+    if !output.is_empty() {
+        let _ = writeln!(out, "      <system-out>{}</system-out>", escape(&output));
+    }
+    out.push_str("    </testcase>\n");
+}
+
+/// Where it ran and what the service answered (the response only for a case
+/// that did not pass: a passing case's body is noise in a CI report).
+fn case_output(c: &CaseReport) -> String {
+    let mut lines = Vec::new();
+    if !c.host.is_empty() {
+        lines.push(format!("host: {} (attempt {}, lease epoch {})", c.host, c.attempt, c.lease_epoch));
+    }
+    if !c.url.is_empty() {
+        lines.push(format!("request: {} {}", c.method, c.url));
+    }
+    if c.outcome != Outcome::Passed && c.http_status.is_some() {
+        lines.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
+    }
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_and_control_characters_never_break_the_file() {
+        assert_eq!(escape("a<b & \"c\" 'd'>"), "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;");
+        assert_eq!(escape("line\nnext\u{1b}[31m"), "line\nnext\\u{1b}[31m");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        // (unix ms, text)
+        for (ms, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (1_764_523_200_123, "2025-11-30T17:20:00Z"),
+            (951_782_400_000, "2000-02-29T00:00:00Z"),
+        ] {
+            assert_eq!(rfc3339(ms), want, "{ms}");
+        }
+    }
+}
