@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod junit;
+mod markdown;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Failure {
@@ -299,6 +300,11 @@ impl RunReport {
     /// JUnit XML: one testsuite per suite, one testcase per case (`junit`).
     pub fn junit(&self) -> String {
         junit::render(self)
+    }
+
+    /// The Markdown summary for CI (`markdown`).
+    pub fn markdown(&self) -> String {
+        markdown::render(self)
     }
 
     pub fn write_junit(&self, path: &Path) -> std::io::Result<()> {

@@ -209,7 +209,13 @@ pub async fn run(
     if let Some(j) = &result.junit {
         let _ = writeln!(std::io::stdout(), "  JUnit report   {}", j.display());
     }
-    if let Some(t) = &result.trace {
+    if let Some(j) = &result.files.json {
+        let _ = writeln!(std::io::stdout(), "  JSON report    {} (see docs/reports.md)", j.display());
+    }
+    if let Some(m) = &result.files.markdown {
+        let _ = writeln!(std::io::stdout(), "  summary        {} (Markdown, for CI)", m.display());
+    }
+    if let Some(t) = &result.files.trace {
         let _ = writeln!(std::io::stdout(), "  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
     }
     let _ = writeln!(std::io::stdout(), "  service log    {}", data_dir.join("translation.log").display());

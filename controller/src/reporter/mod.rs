@@ -1,9 +1,12 @@
 //! The reporters: listeners of the run's `RunEvent` stream, each owning its
 //! output — `terminal` (stdout and stderr, alone), `junit` (junit.xml, also
-//! partial on a second Ctrl-C), `trace` (the run's OpenTelemetry trace). One
-//! task feeds them in order; nothing else reaches them.
+//! partial on a second Ctrl-C), `json` (report.json), `trace` (the run's
+//! OpenTelemetry trace); and, from the final report, the Markdown summary
+//! (summary.md, appended to `$GITHUB_STEP_SUMMARY` when set). One task feeds
+//! them in order; nothing else reaches them.
 
 mod collect;
+mod json;
 mod junit;
 mod terminal;
 mod trace;
@@ -37,8 +40,33 @@ pub struct Config {
 #[derive(Debug, Default)]
 pub struct Outputs {
     pub report: RunReport,
+    pub files: Files,
+}
+
+/// The files a run wrote (`None`: not written, and the terminal said why).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Files {
     pub junit: Option<PathBuf>,
+    pub json: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
     pub trace: Option<PathBuf>,
+}
+
+/// Where the Markdown summary is appended in a GitHub Actions job.
+pub const STEP_SUMMARY_ENV: &str = "GITHUB_STEP_SUMMARY";
+
+/// Writes `summary.md` and appends it to `$GITHUB_STEP_SUMMARY` when set.
+fn write_markdown(report: &RunReport, out_dir: &std::path::Path) -> Result<PathBuf, String> {
+    let text = report.markdown();
+    let path = out_dir.join("summary.md");
+    std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    if let Some(step) = std::env::var_os(STEP_SUMMARY_ENV) {
+        use std::io::Write as _;
+        let appended =
+            std::fs::OpenOptions::new().create(true).append(true).open(&step).and_then(|mut f| writeln!(f, "{text}"));
+        appended.map_err(|e| format!("cannot append the summary to ${STEP_SUMMARY_ENV} ({step:?}): {e}"))?;
+    }
+    Ok(path)
 }
 
 /// Feeds every event to every reporter until `Finished`, then lets each
@@ -46,6 +74,7 @@ pub struct Outputs {
 pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) -> Outputs {
     let mut terminal = terminal::Terminal::new(config.progress);
     let mut junit = junit::Junit::new(&config.out_dir);
+    let mut json = json::Json::new(&config.out_dir);
     let mut trace = trace::Trace::new(&config.otel);
     let mut tick = tokio::time::interval(terminal.period());
     let mut refused = false;
@@ -67,6 +96,7 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
         refused |= matches!(event, RunEvent::Refused { .. });
         terminal.on(&event);
         junit.on(&event);
+        json.on(&event);
         trace.on(&event);
         if matches!(event, RunEvent::Finished { .. }) {
             break;
@@ -89,11 +119,14 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
             None
         }
     };
+    let report = junit.report();
+    let json_path = json.finish(&report).inspect_err(|e| terminal.error(e)).ok();
+    let markdown_path = write_markdown(&report, &config.out_dir).inspect_err(|e| terminal.error(e)).ok();
     let (trace_path, warnings) = trace.finish(&config.out_dir).await;
     for w in warnings {
         terminal.warn(&w);
     }
-    let report = junit.report();
-    terminal.summary(&report, junit_path.as_deref(), trace_path.as_deref());
-    Outputs { report, junit: junit_path, trace: trace_path }
+    let files = Files { junit: junit_path, json: json_path, markdown: markdown_path, trace: trace_path };
+    terminal.summary(&report, &files);
+    Outputs { report, files }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::progress::{Display, Mode};
@@ -101,13 +100,18 @@ impl Terminal {
     }
 
     /// The summary, then where the reports are.
-    pub fn summary(&mut self, report: &RunReport, junit: Option<&Path>, trace: Option<&Path>) {
+    pub fn summary(&mut self, report: &RunReport, files: &super::Files) {
         let mut text = format!("\n{}", report.summary());
-        if let Some(j) = junit {
-            text.push_str(&format!("JUnit report: {}\n", j.display()));
-        }
-        if let Some(t) = trace {
-            text.push_str(&format!("Trace (OTLP JSON): {}\n", t.display()));
+        let named = [
+            ("JUnit report", &files.junit),
+            ("JSON report", &files.json),
+            ("Markdown summary", &files.markdown),
+            ("Trace (OTLP JSON)", &files.trace),
+        ];
+        for (what, path) in named {
+            if let Some(p) = path {
+                text.push_str(&format!("{what}: {}\n", p.display()));
+            }
         }
         self.display.print(&text);
     }

@@ -39,7 +39,8 @@ pub struct RunResult {
     pub exit: Exit,
     pub report: Option<RunReport>,
     pub junit: Option<PathBuf>,
-    pub trace: Option<PathBuf>,
+    /// Every file the run wrote (JUnit, JSON, Markdown, trace).
+    pub files: crate::reporter::Files,
 }
 
 /// How long a planning round waits for a host's handshake.
@@ -235,7 +236,7 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
             events.send(RunEvent::Refused { errors });
             events.send(RunEvent::Finished { duration: started.elapsed(), interrupted: false });
             let _ = reporters.await;
-            return RunResult { exit: Exit::BadInput, report: None, junit: None, trace: None };
+            return RunResult { exit: Exit::BadInput, report: None, junit: None, files: Default::default() };
         }
     };
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -268,7 +269,8 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
 }
 
 fn result(outputs: Outputs) -> RunResult {
-    let Outputs { report, junit, trace } = outputs;
+    let Outputs { report, files } = outputs;
+    let junit = files.junit.clone();
     let counts = report.counts();
     let exit = if report.interrupted {
         Exit::Interrupted
@@ -279,7 +281,7 @@ fn result(outputs: Outputs) -> RunResult {
     } else {
         Exit::Passed
     };
-    RunResult { exit, report: Some(report), junit, trace }
+    RunResult { exit, report: Some(report), junit, files }
 }
 
 async fn announce_interrupt(cancel: CancellationToken, stop: CancellationToken, events: Events) {

@@ -40,6 +40,41 @@ async fn a_wrong_expectation_fails_naming_case_pointer_expected_and_actual() {
     );
     let junit = crate::read_junit(&out.path.join("junit.xml"));
     assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+    for (what, file) in [("JSON report", "report.json"), ("Markdown summary", "summary.md")] {
+        let said = format!("{what}: {}", out.path.join(file).display());
+        assert!(stdout.contains(&said), "the run says where its {what} is:\n{stdout}");
+    }
+}
+
+/// In a GitHub Actions job the Markdown summary lands on the job's page.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_markdown_summary_is_appended_to_the_github_step_summary() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=100ms,load=200ms,warmup=100ms"])).await;
+    let out = Scratch::new("step-summary");
+    let step = out.write("step_summary.md", "earlier step's summary\n");
+    let suite = out.write("wrong.yaml", &TRANSLATE_SUITE.replace("equals: hola mundo", "equals: bonjour le monde"));
+    let o = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--progress", "none", "--out"])
+        .arg(&out.path)
+        .arg(&suite)
+        .env("GITHUB_STEP_SUMMARY", &step)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    let page = std::fs::read_to_string(&step).unwrap();
+    assert!(page.starts_with("earlier step's summary\n## Proctor run "), "appended, not replaced:\n{page}");
+    assert!(page.contains(": FAILED\n") && page.contains("| translate | "), "{page}");
+    assert!(
+        page.contains(
+            "- **translate / english to spanish**: case \"english to spanish\" failed: equals at /translated_text"
+        ),
+        "{page}"
+    );
+    assert_eq!(
+        page.trim_start_matches("earlier step's summary\n").trim(),
+        std::fs::read_to_string(out.path.join("summary.md")).unwrap().trim()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

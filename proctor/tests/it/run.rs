@@ -63,6 +63,25 @@ async fn a_slow_model_is_waited_for_and_then_its_cases_pass() {
     for stage in ["PROCESS_STARTING", "WAITING_FOR_HTTP", "DOWNLOADING", "WARMING_UP"] {
         assert!(props.contains_key(&format!("proctor.model.nllb.stage.{stage}.seconds")), "{stage}: {props:?}");
     }
+    // The JSON report holds the same run, in its documented shape.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(result.files.json.unwrap()).unwrap()).unwrap();
+    assert_eq!((json["schema"].as_str(), json["schema_version"].as_u64()), (Some("proctor.report"), Some(1)));
+    assert_eq!(json["totals"]["passed"], 2, "{json:#}");
+    assert_eq!(json["suites"][0]["cases"].as_array().unwrap().len(), 2);
+    assert_eq!(json["cases"][0]["outcome"], "passed");
+    assert_eq!(json["cases"][0]["attempt"], 1);
+    let stages: Vec<&str> =
+        json["loads"][0]["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages.first(), Some(&"PROCESS_STARTING"), "{stages:?}");
+    assert_eq!(json["loads"][0]["outcome"], "ready");
+    let samples = json["memory"].as_array().unwrap();
+    assert!(samples.iter().any(|m| m["service"] == "translation" && m["rss_bytes"].as_u64() > Some(0)), "{samples:?}");
+    assert_eq!(json["hosts"].as_array().unwrap().len(), 1);
+    // And the Markdown summary for CI.
+    let md = std::fs::read_to_string(result.files.markdown.unwrap()).unwrap();
+    assert!(md.contains(": PASSED") && md.contains("| translate | "), "{md}");
+    assert!(md.contains("/translation/nllb | READY | ") && md.contains("LOADING_WEIGHTS 2."), "{md}");
 }
 
 /// The `<property>`s of one `<testsuite>` itself (not of its test cases), by name.
@@ -143,6 +162,18 @@ async fn a_model_that_crashes_while_loading_turns_its_cases_into_errors_with_the
         assert!(message.contains("CRASHED(3)"), "{message}");
         assert!(message.contains("injected crash"), "the last log lines are included: {message}");
     }
+    // A failed load in the reports people read: errors with the story, never skips.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(result.files.json.unwrap()).unwrap()).unwrap();
+    assert_eq!((json["totals"]["errors"].as_u64(), json["loads"][0]["outcome"].as_str()), (Some(2), Some("failed")));
+    assert!(json["cases"][0]["message"].as_str().unwrap().contains("model nllb failed in stage LOADING_WEIGHTS"));
+    assert!(json["loads"][0]["failure"].as_str().unwrap().contains("CRASHED(3)"), "{json:#}");
+    let md = std::fs::read_to_string(result.files.markdown.unwrap()).unwrap();
+    assert!(
+        md.contains(": ERRORS") && md.contains("### Not passed") && md.contains("| FAILED: model nllb failed"),
+        "{md}"
+    );
+    crate::read_junit(&out.path.join("junit.xml"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -376,7 +376,9 @@ async fn a_canary_secret_appears_nowhere_the_agent_or_the_controller_writes() {
         ("the agent's log", agent.logs()),
         ("the event stream", format!("{events:?}")),
         ("junit.xml", crate::read_junit(&result.junit.unwrap())),
-        ("trace.json", std::fs::read_to_string(result.trace.unwrap()).unwrap()),
+        ("trace.json", std::fs::read_to_string(result.files.trace.unwrap()).unwrap()),
+        ("report.json", std::fs::read_to_string(result.files.json.unwrap()).unwrap()),
+        ("summary.md", std::fs::read_to_string(result.files.markdown.unwrap()).unwrap()),
         ("state files", state),
         ("proctor agents --output json", String::from_utf8_lossy(&agents.stdout).into_owned()),
     ];
