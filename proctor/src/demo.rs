@@ -212,6 +212,9 @@ pub async fn run(
     if let Some(j) = &result.files.json {
         let _ = writeln!(std::io::stdout(), "  JSON report    {} (see docs/reports.md)", j.display());
     }
+    if let Some(h) = &result.files.html {
+        let _ = writeln!(std::io::stdout(), "  HTML report    {} (open it in a browser)", h.display());
+    }
     if let Some(m) = &result.files.markdown {
         let _ = writeln!(std::io::stdout(), "  summary        {} (Markdown, for CI)", m.display());
     }

@@ -25,153 +25,153 @@ fn now_ms() -> i64 {
 
 #[derive(Debug, Default)]
 pub struct Json {
-    path: PathBuf,
-    run_id: String,
-    trace_id: String,
-    started_unix_ms: i64,
-    suites: Vec<SuiteInfo>,
-    hosts: BTreeMap<String, Vec<HostEvent>>,
+    pub(super) path: PathBuf,
+    pub(super) run_id: String,
+    pub(super) trace_id: String,
+    pub(super) started_unix_ms: i64,
+    pub(super) suites: Vec<SuiteInfo>,
+    pub(super) hosts: BTreeMap<String, Vec<HostEvent>>,
     /// (suite index, load) with the stage spans the runner measured.
-    loads: Vec<Load>,
-    memory: Vec<Sample>,
-    pressure: Vec<PressureRecord>,
+    pub(super) loads: Vec<Load>,
+    pub(super) memory: Vec<Sample>,
+    pub(super) pressure: Vec<PressureRecord>,
 }
 
 #[derive(Debug, Serialize)]
-struct HostEvent {
-    at_unix_ms: i64,
+pub(super) struct HostEvent {
+    pub(super) at_unix_ms: i64,
     /// `unreachable`, `lost`, `back`, `restarted`.
-    kind: &'static str,
-    reason: String,
+    pub(super) kind: &'static str,
+    pub(super) reason: String,
 }
 
 #[derive(Debug, Serialize)]
-struct Load {
-    suite: String,
-    host: String,
-    service: String,
-    model: String,
+pub(super) struct Load {
+    pub(super) suite: String,
+    pub(super) host: String,
+    pub(super) service: String,
+    pub(super) model: String,
     /// `ready`, `failed`, `reused`.
-    outcome: &'static str,
-    failure: Option<String>,
-    asked_unix_ms: i64,
-    waited_ms: u64,
-    peak_rss_bytes: u64,
-    peak_gpu_bytes: u64,
-    stages: Vec<Stage>,
+    pub(super) outcome: &'static str,
+    pub(super) failure: Option<String>,
+    pub(super) asked_unix_ms: i64,
+    pub(super) waited_ms: u64,
+    pub(super) peak_rss_bytes: u64,
+    pub(super) peak_gpu_bytes: u64,
+    pub(super) stages: Vec<Stage>,
 }
 
 #[derive(Debug, Serialize)]
-struct Stage {
-    stage: &'static str,
-    cause: String,
-    start_unix_ms: i64,
-    end_unix_ms: i64,
-    peak_rss_bytes: u64,
-    peak_gpu_bytes: u64,
+pub(super) struct Stage {
+    pub(super) stage: &'static str,
+    pub(super) cause: String,
+    pub(super) start_unix_ms: i64,
+    pub(super) end_unix_ms: i64,
+    pub(super) peak_rss_bytes: u64,
+    pub(super) peak_gpu_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
-struct Sample {
-    host: String,
-    service: String,
+pub(super) struct Sample {
+    pub(super) host: String,
+    pub(super) service: String,
     /// When the controller received it.
-    at_unix_ms: i64,
-    rss_bytes: u64,
-    gpu_bytes: u64,
+    pub(super) at_unix_ms: i64,
+    pub(super) rss_bytes: u64,
+    pub(super) gpu_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
-struct PressureRecord {
-    host: String,
-    at_unix_ms: i64,
+pub(super) struct PressureRecord {
+    pub(super) host: String,
+    pub(super) at_unix_ms: i64,
     /// `host` or `gpu`.
-    resource: &'static str,
-    gpu: Option<u32>,
-    available_bytes: u64,
-    total_bytes: u64,
-    threshold_bytes: u64,
-    loading: Vec<String>,
-    consumers: Vec<Consumer>,
+    pub(super) resource: &'static str,
+    pub(super) gpu: Option<u32>,
+    pub(super) available_bytes: u64,
+    pub(super) total_bytes: u64,
+    pub(super) threshold_bytes: u64,
+    pub(super) loading: Vec<String>,
+    pub(super) consumers: Vec<Consumer>,
 }
 
 #[derive(Debug, Serialize)]
-struct Consumer {
-    pid: u32,
-    name: String,
-    service: String,
-    bytes: u64,
+pub(super) struct Consumer {
+    pub(super) pid: u32,
+    pub(super) name: String,
+    pub(super) service: String,
+    pub(super) bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
-struct Suite<'a> {
-    name: &'a str,
-    file: String,
-    service: &'a str,
-    models: &'a [String],
-    cases: &'a [String],
+pub(super) struct Suite<'a> {
+    pub(super) name: &'a str,
+    pub(super) file: String,
+    pub(super) service: &'a str,
+    pub(super) models: &'a [String],
+    pub(super) cases: &'a [String],
 }
 
 #[derive(Debug, Serialize)]
-struct Case<'a> {
-    suite: &'a str,
-    name: &'a str,
+pub(super) struct Case<'a> {
+    pub(super) suite: &'a str,
+    pub(super) name: &'a str,
     /// `passed`, `failed`, `error`.
-    outcome: &'static str,
-    failures: Vec<Failure<'a>>,
+    pub(super) outcome: &'static str,
+    pub(super) failures: Vec<Failure<'a>>,
     /// Why it could not be judged (`error`).
-    message: Option<&'a str>,
-    host: &'a str,
-    attempt: u32,
+    pub(super) message: Option<&'a str>,
+    pub(super) host: &'a str,
+    pub(super) attempt: u32,
     /// Earlier attempts lost to infrastructure, with why.
-    reruns: &'a [String],
-    lease_epoch: u64,
-    started_unix_ms: i64,
-    duration_ms: u64,
-    method: &'a str,
-    url: &'a str,
-    http_status: Option<u16>,
-    response_excerpt: &'a str,
+    pub(super) reruns: &'a [String],
+    pub(super) lease_epoch: u64,
+    pub(super) started_unix_ms: i64,
+    pub(super) duration_ms: u64,
+    pub(super) method: &'a str,
+    pub(super) url: &'a str,
+    pub(super) http_status: Option<u16>,
+    pub(super) response_excerpt: &'a str,
 }
 
 #[derive(Debug, Serialize)]
-struct Failure<'a> {
-    check: &'a str,
-    pointer: &'a str,
-    expected: &'a str,
-    actual: &'a str,
+pub(super) struct Failure<'a> {
+    pub(super) check: &'a str,
+    pub(super) pointer: &'a str,
+    pub(super) expected: &'a str,
+    pub(super) actual: &'a str,
 }
 
 #[derive(Debug, Serialize)]
-struct Host<'a> {
-    name: &'a str,
-    events: &'a [HostEvent],
+pub(super) struct Host<'a> {
+    pub(super) name: &'a str,
+    pub(super) events: &'a [HostEvent],
 }
 
 #[derive(Debug, Serialize)]
-struct Totals {
-    cases: usize,
-    passed: usize,
-    failed: usize,
-    errors: usize,
+pub(super) struct Totals {
+    pub(super) cases: usize,
+    pub(super) passed: usize,
+    pub(super) failed: usize,
+    pub(super) errors: usize,
 }
 
 #[derive(Debug, Serialize)]
-struct Document<'a> {
-    schema: &'static str,
-    schema_version: u32,
-    run_id: &'a str,
-    trace_id: &'a str,
-    started_unix_ms: i64,
-    duration_ms: u64,
-    interrupted: bool,
-    totals: Totals,
-    hosts: Vec<Host<'a>>,
-    suites: Vec<Suite<'a>>,
-    cases: Vec<Case<'a>>,
-    loads: &'a [Load],
-    memory: &'a [Sample],
-    pressure: &'a [PressureRecord],
+pub(super) struct Document<'a> {
+    pub(super) schema: &'static str,
+    pub(super) schema_version: u32,
+    pub(super) run_id: &'a str,
+    pub(super) trace_id: &'a str,
+    pub(super) started_unix_ms: i64,
+    pub(super) duration_ms: u64,
+    pub(super) interrupted: bool,
+    pub(super) totals: Totals,
+    pub(super) hosts: Vec<Host<'a>>,
+    pub(super) suites: Vec<Suite<'a>>,
+    pub(super) cases: Vec<Case<'a>>,
+    pub(super) loads: &'a [Load],
+    pub(super) memory: &'a [Sample],
+    pub(super) pressure: &'a [PressureRecord],
 }
 
 impl Json {
@@ -239,7 +239,15 @@ impl Json {
         Ok(self.path.clone())
     }
 
-    fn document<'a>(&'a self, report: &'a RunReport) -> Document<'a> {
+    /// Writes `report.html` (`html::render`) from the same document.
+    pub fn finish_html(&self, report: &RunReport) -> Result<PathBuf, String> {
+        let path = self.path.with_file_name("report.html");
+        let text = super::html::render(&self.document(report));
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    pub(super) fn document<'a>(&'a self, report: &'a RunReport) -> Document<'a> {
         let count = |o: fn(&Outcome) -> bool| report.cases.iter().filter(|c| o(&c.outcome)).count();
         Document {
             schema: "proctor.report",

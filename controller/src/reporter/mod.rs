@@ -1,11 +1,13 @@
 //! The reporters: listeners of the run's `RunEvent` stream, each owning its
 //! output — `terminal` (stdout and stderr, alone), `junit` (junit.xml, also
-//! partial on a second Ctrl-C), `json` (report.json), `trace` (the run's
+//! partial on a second Ctrl-C), `json` (report.json, and report.html drawn
+//! from the same document by `html`), `trace` (the run's
 //! OpenTelemetry trace); and, from the final report, the Markdown summary
 //! (summary.md, appended to `$GITHUB_STEP_SUMMARY` when set). One task feeds
 //! them in order; nothing else reaches them.
 
 mod collect;
+mod html;
 mod json;
 mod junit;
 mod terminal;
@@ -48,6 +50,7 @@ pub struct Outputs {
 pub struct Files {
     pub junit: Option<PathBuf>,
     pub json: Option<PathBuf>,
+    pub html: Option<PathBuf>,
     pub markdown: Option<PathBuf>,
     pub trace: Option<PathBuf>,
 }
@@ -121,12 +124,14 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     };
     let report = junit.report();
     let json_path = json.finish(&report).inspect_err(|e| terminal.error(e)).ok();
+    let html_path = json.finish_html(&report).inspect_err(|e| terminal.error(e)).ok();
     let markdown_path = write_markdown(&report, &config.out_dir).inspect_err(|e| terminal.error(e)).ok();
     let (trace_path, warnings) = trace.finish(&config.out_dir).await;
     for w in warnings {
         terminal.warn(&w);
     }
-    let files = Files { junit: junit_path, json: json_path, markdown: markdown_path, trace: trace_path };
+    let files =
+        Files { junit: junit_path, json: json_path, html: html_path, markdown: markdown_path, trace: trace_path };
     terminal.summary(&report, &files);
     Outputs { report, files }
 }

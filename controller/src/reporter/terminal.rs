@@ -105,6 +105,7 @@ impl Terminal {
         let named = [
             ("JUnit report", &files.junit),
             ("JSON report", &files.json),
+            ("HTML report", &files.html),
             ("Markdown summary", &files.markdown),
             ("Trace (OTLP JSON)", &files.trace),
         ];

@@ -7,6 +7,7 @@ mod gpu;
 mod hosts;
 mod loading;
 mod promises;
+mod reports;
 mod resilience;
 mod run;
 mod security;
