@@ -7,6 +7,8 @@
 //! them in order; nothing else reaches them.
 
 mod collect;
+#[cfg(test)]
+mod golden;
 mod html;
 mod json;
 mod junit;

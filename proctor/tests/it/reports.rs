@@ -71,3 +71,19 @@ async fn the_html_report_renders_in_chromium_with_its_charts_and_every_case() {
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "a real screenshot: {} bytes", png.len());
 }
+
+/// The golden JUnit files (`controller/fixtures/reports/`: a passing run, a
+/// failed load, a re-run) are schema-valid too.
+#[test]
+fn the_golden_junit_files_are_schema_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/fixtures/reports");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".junit.xml") {
+            crate::read_junit(&path);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "passing, failed-load and rerun in {}", dir.display());
+}
