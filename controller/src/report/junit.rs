@@ -46,23 +46,6 @@ fn counts<'a>(cases: impl Iterator<Item = &'a CaseReport>) -> (usize, usize, usi
     })
 }
 
-/// RFC 3339 UTC of a Unix time in milliseconds (`timestamp` attributes).
-fn rfc3339(unix_ms: i64) -> String {
-    let secs = unix_ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 /// The whole file.
 pub fn render(report: &RunReport) -> String {
     let mut suites: Vec<&str> = Vec::new();
@@ -99,7 +82,7 @@ fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
         seconds(time)
     );
     if let Some(first) = cases.iter().map(|c| c.started_unix_ms).filter(|t| *t > 0).min() {
-        let _ = write!(out, " timestamp=\"{}\"", rfc3339(first));
+        let _ = write!(out, " timestamp=\"{}\"", proto::format_unix_ms(first));
     }
     if !hosts.is_empty() {
         let _ = write!(out, " hostname=\"{}\"", escape(&hosts.join(", ")));
@@ -191,17 +174,5 @@ mod tests {
     fn text_is_escaped_and_control_characters_never_break_the_file() {
         assert_eq!(escape("a<b & \"c\" 'd'>"), "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;");
         assert_eq!(escape("line\nnext\u{1b}[31m"), "line\nnext\\u{1b}[31m");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        // (unix ms, text)
-        for (ms, want) in [
-            (0, "1970-01-01T00:00:00Z"),
-            (1_764_523_200_123, "2025-11-30T17:20:00Z"),
-            (951_782_400_000, "2000-02-29T00:00:00Z"),
-        ] {
-            assert_eq!(rfc3339(ms), want, "{ms}");
-        }
     }
 }
