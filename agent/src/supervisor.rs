@@ -12,6 +12,7 @@
 //! service the previous one left running (`process::reattach`).
 
 pub mod cgroup;
+mod history;
 mod logtail;
 mod machine;
 mod process;
@@ -125,6 +126,7 @@ impl Supervisor {
         let secrets = redact::Secrets::default();
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let history = history::History::open(&wiring.data_dir, &cfg);
         let actor = Actor {
             machine: Machine::new(
                 &cfg.models,
@@ -145,6 +147,7 @@ impl Supervisor {
             nudge: Arc::new(Notify::new()),
             probe_cost: ProbeCost::default(),
             stage_peaks: BTreeMap::new(),
+            history,
             stop_reason: None,
             secrets: secrets.clone(),
             last_payload: None,
@@ -282,6 +285,8 @@ struct Actor {
     probe_cost: ProbeCost,
     /// Per loading model: the service's peak (RSS, GPU) in its current stage.
     stage_peaks: BTreeMap<String, (u64, u64)>,
+    /// How long this service's loads took here, for ETAs.
+    history: history::History,
     /// Why the service is being stopped, when it is not a plain stop: told
     /// with every model the stop takes down.
     stop_reason: Option<String>,

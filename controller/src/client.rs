@@ -1014,6 +1014,10 @@ fn apply_stage(
         to,
         progress: c.progress,
         message: c.message.clone(),
+        usual: (c.usual_stage_ms > 0).then(|| crate::run::events::Usual {
+            stage: Duration::from_millis(c.usual_stage_ms),
+            rest: Duration::from_millis(c.usual_rest_ms),
+        }),
     });
     view.send_modify(|v| {
         if from != to {

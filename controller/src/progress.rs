@@ -13,6 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::time::Instant;
 
 use crate::client::Stage;
+use crate::run::events::Usual;
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -36,6 +37,14 @@ struct Model {
     started: Instant,
     stage_since: Instant,
     bar: Option<ProgressBar>,
+    usual: Option<Usual>,
+}
+
+/// ", usually 11.7s here, ETA 4.1s": what the stage usually takes on this
+/// host and what is left of it and the stages after it, given `in_stage`.
+pub fn eta(usual: Usual, in_stage: Duration) -> String {
+    let left = usual.stage.saturating_sub(in_stage) + usual.rest;
+    format!(", usually {:.1}s here, ETA {:.1}s", usual.stage.as_secs_f64(), left.as_secs_f64())
 }
 
 pub struct Display<W: Write> {
@@ -57,8 +66,9 @@ impl<W: Write> Display<W> {
         let (rss, gpu) = self.memory.get(&(key.0.clone(), key.1.clone())).copied().unwrap_or_default();
         let progress = if m.progress > 0.0 { format!("  {:>3.0}%", m.progress * 100.0) } else { String::new() };
         let gpu = if gpu > 0 { format!("  gpu {}", mib(gpu)) } else { String::new() };
+        let eta = m.usual.map(|u| eta(u, m.stage_since.elapsed())).unwrap_or_default();
         format!(
-            "{:<16} {:>6.1}s (stage {:.1}s){progress}  rss {}{gpu}",
+            "{:<16} {:>6.1}s (stage {:.1}s{eta}){progress}  rss {}{gpu}",
             m.stage.label(),
             m.started.elapsed().as_secs_f64(),
             m.stage_since.elapsed().as_secs_f64(),
@@ -112,7 +122,9 @@ impl<W: Write> Display<W> {
     }
 
     /// A stage change; `message` says why a model FAILED or STOPPED.
-    pub fn stage(&mut self, key: Key, from: Stage, to: Stage, progress: f64, message: &str) {
+    /// A stage change; `usual`: how long the stage and what follows usually
+    /// take on that host (shown as "usually …, ETA …").
+    pub fn stage(&mut self, key: Key, from: Stage, to: Stage, (progress, usual): (f64, Option<Usual>), message: &str) {
         let now = Instant::now();
         let entry = self.models.entry(key.clone()).or_insert_with(|| Model {
             stage: from,
@@ -120,7 +132,11 @@ impl<W: Write> Display<W> {
             started: now,
             stage_since: now,
             bar: None,
+            usual: None,
         });
+        if entry.stage != to {
+            entry.usual = usual;
+        }
         // A model becomes interesting when it starts loading.
         if entry.stage.is_terminal() && !to.is_terminal() {
             entry.started = now;

@@ -92,9 +92,16 @@ impl Actor {
             let peak = self.stage_peaks.remove(&c.model).unwrap_or_default();
             (peak.0.max(last.0), peak.1.max(last.1))
         };
+        self.history.changed(&c.model, c.from, c.to, tokio::time::Instant::now());
+        let usual = match Stage::LOADING.contains(&c.to) {
+            true => self.history.usual(&c.model, c.to).unwrap_or_default(),
+            false => Default::default(),
+        };
         self.wiring.journal.append(event::Kind::StageChanged(proto::StageChanged {
             stage_peak_rss_bytes,
             stage_peak_gpu_bytes,
+            usual_stage_ms: usual.stage.as_millis() as u64,
+            usual_rest_ms: usual.rest.as_millis() as u64,
             service: self.cfg.name.clone(),
             model: c.model,
             from: c.from.into(),

@@ -84,9 +84,9 @@ impl Terminal {
                 let text = format!("suite {}: {reason}; re-running its unfinished cases", self.suite(*suite));
                 self.display.say(&text);
             }
-            RunEvent::StageChanged { host, service, model, from, to, progress, message } => {
+            RunEvent::StageChanged { host, service, model, from, to, progress, message, usual } => {
                 let key = (host.clone(), service.clone(), model.clone());
-                self.display.stage(key, *from, *to, *progress, message);
+                self.display.stage(key, *from, *to, (*progress, *usual), message);
             }
             RunEvent::MemoryPressure { host, pressure } => self.display.say(&pressure.describe(host)),
             RunEvent::Telemetry { host, service, rss_bytes, gpu_bytes } => {

@@ -34,6 +34,13 @@ pub struct StageSpan {
     pub peak_gpu_bytes: u64,
 }
 
+/// How long a stage usually takes on a host, and what follows it until READY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usual {
+    pub stage: Duration,
+    pub rest: Duration,
+}
+
 /// Memory running out on a host while a model loads (the agent's
 /// `MemoryPressure`).
 #[derive(Clone, Debug, PartialEq)]
@@ -142,6 +149,9 @@ pub enum RunEvent {
         to: Stage,
         progress: f64,
         message: String,
+        /// How long `to` and the stages after it usually take on that host
+        /// (the agent's load history), when known.
+        usual: Option<Usual>,
     },
     /// Memory ran low on a host while a model loaded.
     MemoryPressure {

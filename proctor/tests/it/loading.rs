@@ -699,3 +699,72 @@ async fn the_agents_own_probes_never_count_as_progress() {
     assert!(took < 7000, "stalled on its 3 s limit, not kept alive by probe CPU: {took} ms");
     assert!(failed.message.contains("stalled: no progress for 3s in LOADING_WEIGHTS"), "{}", failed.message);
 }
+
+/// The `StageChanged` into `stage` of nllb among `events`, with its time.
+fn entered(events: &[Event], stage: Stage) -> (proto::StageChanged, i64) {
+    events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(event::Kind::StageChanged(c)) if c.model == "nllb" && c.to() == stage && c.from != c.to => {
+                Some((c.clone(), e.time_unix_ms))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("nllb never entered {stage:?}"))
+}
+
+/// Loads nllb once (from a stopped service) and returns its events.
+async fn one_load(client: &mut proto::agent_client::AgentClient<tonic::transport::Channel>, run: &str) -> Vec<Event> {
+    let held = lease(client, run).await;
+    let (snapshot, _) = watch_until(client, u64::MAX, Duration::from_secs(5), |_| true).await;
+    let request =
+        proto::EnsureModelsRequest { lease: Some(held.clone()), models: vec!["nllb".into()], ..Default::default() };
+    client.ensure_models(request).await.unwrap();
+    let (_, events) =
+        watch_until(client, snapshot.next_seq, Duration::from_secs(20), |e| reached(e, "nllb", Stage::Ready)).await;
+    client.stop_service(proto::StopServiceRequest { lease: Some(held.clone()) }).await.unwrap();
+    client.release_lease(held).await.unwrap();
+    events
+}
+
+/// The agent remembers how long this model's stages took here: the second
+/// load's stage changes say how long each usually takes and what follows,
+/// within 20 % of what then happens; `proctor run` shows it as an ETA.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_second_load_of_a_model_comes_with_how_long_its_stages_usually_take_here() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,download=600ms,load=2s,warmup=300ms"])).await;
+    let mut client = agent.client().await;
+    let first = one_load(&mut client, "first").await;
+    assert_eq!(entered(&first, Stage::LoadingWeights).0.usual_stage_ms, 0, "no history before the first load");
+    let second = one_load(&mut client, "second").await;
+    let (weights, began) = entered(&second, Stage::LoadingWeights);
+    let (_, ended) = entered(&second, Stage::WarmingUp);
+    let actual = (ended - began) as f64;
+    let usual = weights.usual_stage_ms as f64;
+    assert!((actual - usual).abs() <= 0.2 * actual, "usually {usual} ms, took {actual} ms");
+    assert!((1600.0..2600.0).contains(&usual), "the 2 s load: {usual}");
+    let (_, ready) = entered(&second, Stage::Ready);
+    let rest = (ready - ended) as f64;
+    assert!(
+        (weights.usual_rest_ms as f64 - rest).abs() <= 0.2 * rest + 100.0,
+        "rest {} vs {rest}",
+        weights.usual_rest_ms
+    );
+    // The history is the agent's, on disk: a run shows the ETA as it loads.
+    let out = Scratch::new("eta");
+    let suite = out.write("t.yaml", TRANSLATE_SUITE);
+    let o = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--progress-interval", "300ms", "--out"])
+        .arg(&out.path)
+        .arg(&suite)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("LOADING_WEIGHTS") && l.contains("usually"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("s here, ETA "), "{line}");
+}

@@ -558,6 +558,12 @@ pub struct StageChanged {
     pub stage_peak_rss_bytes: u64,
     #[prost(uint64, tag = "9")]
     pub stage_peak_gpu_bytes: u64,
+    /// How long `to` usually takes on this host, and the stages after it until
+    /// READY (medians of the model's last finished loads here; 0 = no history).
+    #[prost(uint64, tag = "10")]
+    pub usual_stage_ms: u64,
+    #[prost(uint64, tag = "11")]
+    pub usual_rest_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceStarted {
