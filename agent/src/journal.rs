@@ -507,6 +507,7 @@ impl State {
                     model.message = c.message.clone();
                     if c.from != c.to {
                         model.stage_since_unix_ms = now;
+                        (model.usual_stage_ms, model.usual_rest_ms) = (c.usual_stage_ms, c.usual_rest_ms);
                         remember_stage(&mut model.load_history, c, now);
                     }
                 }

@@ -3,6 +3,7 @@
 //! each lease, and how long since the agent's last heartbeat.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -65,6 +66,10 @@ pub struct ModelReport {
     pub stage: String,
     pub progress: f64,
     pub ram_need_bytes: u64,
+    /// How long its current stage usually takes on this host, and the time
+    /// left until READY by that measure (the agent's load history).
+    pub usual_stage_ms: Option<u64>,
+    pub eta_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,6 +119,11 @@ async fn inspect(entry: inventory::Entry) -> HostReport {
                 .models
                 .iter()
                 .map(|(name, m)| ModelReport {
+                    usual_stage_ms: m.usual.map(|u| u.stage.as_millis() as u64),
+                    eta_ms: m.usual.map(|u| {
+                        let in_stage = Duration::from_millis((info.now_unix_ms - m.since_unix_ms).max(0) as u64);
+                        (u.stage.saturating_sub(in_stage) + u.rest).as_millis() as u64
+                    }),
                     name: name.clone(),
                     stage: m.stage.label().to_owned(),
                     progress: m.progress,
@@ -222,8 +232,14 @@ pub fn render(hosts: &[HostReport]) -> String {
             });
             out.push_str(&format!("  service {}: {state}; lease {lease}\n", s.name));
             for m in &s.models {
+                let eta = match (m.usual_stage_ms, m.eta_ms) {
+                    (Some(u), Some(e)) => {
+                        format!(", usually {:.1}s here, ETA {:.1}s", u as f64 / 1000.0, e as f64 / 1000.0)
+                    }
+                    _ => String::new(),
+                };
                 out.push_str(&format!(
-                    "    {:<16} {:<16} {:>4.0}%  needs {} MiB\n",
+                    "    {:<16} {:<16} {:>4.0}%  needs {} MiB{eta}\n",
                     m.name,
                     m.stage,
                     m.progress * 100.0,

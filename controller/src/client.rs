@@ -342,16 +342,7 @@ impl From<proto::Snapshot> for Snapshot {
             .services
             .into_iter()
             .map(|svc| ServiceState {
-                models: svc
-                    .models
-                    .iter()
-                    .map(|m| {
-                        (
-                            m.name.clone(),
-                            ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
-                        )
-                    })
-                    .collect(),
+                models: svc.models.iter().map(|m| (m.name.clone(), model_view(m))).collect(),
                 name: svc.name,
                 running: svc.running,
                 pid: svc.pid,
@@ -670,6 +661,27 @@ pub struct ModelView {
     pub stage: Stage,
     pub progress: f64,
     pub message: String,
+    /// When it entered `stage` (agent clock; 0 = unknown).
+    pub since_unix_ms: i64,
+    /// How long the stage and the rest usually take on that host.
+    pub usual: Option<crate::run::events::Usual>,
+}
+
+fn usual(stage_ms: u64, rest_ms: u64) -> Option<crate::run::events::Usual> {
+    (stage_ms > 0).then(|| crate::run::events::Usual {
+        stage: Duration::from_millis(stage_ms),
+        rest: Duration::from_millis(rest_ms),
+    })
+}
+
+fn model_view(m: &proto::ModelState) -> ModelView {
+    ModelView {
+        stage: m.stage(),
+        progress: m.progress,
+        message: m.message.clone(),
+        since_unix_ms: m.stage_since_unix_ms,
+        usual: usual(m.usual_stage_ms, m.usual_rest_ms),
+    }
 }
 
 /// A lease as watchers see it.
@@ -915,10 +927,7 @@ fn apply_snapshot(host: &str, v: &mut AgentView, events: &Events, s: &proto::Sna
         v.rss.insert(svc.name.clone(), svc.rss_bytes);
         for m in &svc.models {
             remember_history(v, &svc.name, m);
-            v.models.insert(
-                (svc.name.clone(), m.name.clone()),
-                ModelView { stage: m.stage(), progress: m.progress, message: m.message.clone() },
-            );
+            v.models.insert((svc.name.clone(), m.name.clone()), model_view(m));
         }
     }
 }
@@ -1014,10 +1023,7 @@ fn apply_stage(
         to,
         progress: c.progress,
         message: c.message.clone(),
-        usual: (c.usual_stage_ms > 0).then(|| crate::run::events::Usual {
-            stage: Duration::from_millis(c.usual_stage_ms),
-            rest: Duration::from_millis(c.usual_rest_ms),
-        }),
+        usual: usual(c.usual_stage_ms, c.usual_rest_ms),
     });
     view.send_modify(|v| {
         if from != to {
@@ -1033,7 +1039,19 @@ fn apply_stage(
                 previous_peak: (c.stage_peak_rss_bytes, c.stage_peak_gpu_bytes),
             });
         }
-        v.models.insert((c.service, c.model), ModelView { stage: to, progress: c.progress, message: c.message });
+        let since = if from != to {
+            at
+        } else {
+            v.models.get(&(c.service.clone(), c.model.clone())).map_or(at, |m| m.since_unix_ms)
+        };
+        let view = ModelView {
+            stage: to,
+            progress: c.progress,
+            message: c.message,
+            since_unix_ms: since,
+            usual: usual(c.usual_stage_ms, c.usual_rest_ms),
+        };
+        v.models.insert((c.service, c.model), view);
         advance(v, seq);
     });
 }

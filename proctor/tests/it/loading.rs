@@ -753,13 +753,24 @@ async fn the_second_load_of_a_model_comes_with_how_long_its_stages_usually_take_
     // The history is the agent's, on disk: a run shows the ETA as it loads.
     let out = Scratch::new("eta");
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
-    let o = tokio::process::Command::new(BIN)
+    let run = tokio::process::Command::new(BIN)
         .args(["run", "--agent", &agent.addr, "--progress-interval", "300ms", "--out"])
         .arg(&out.path)
         .arg(&suite)
-        .output()
-        .await
-        .unwrap();
+        .output();
+    // While that load is in LOADING_WEIGHTS, `proctor agents` says the same.
+    let shown = async {
+        let (snapshot, _) = watch_until(&mut client, u64::MAX, Duration::from_secs(5), |_| true).await;
+        watch_until(&mut client, snapshot.next_seq, Duration::from_secs(20), |e| {
+            reached(e, "nllb", Stage::LoadingWeights)
+        })
+        .await;
+        tokio::process::Command::new(BIN).args(["agents", "--agent", &agent.addr]).output().await.unwrap()
+    };
+    let (o, shown) = tokio::join!(run, shown);
+    let o = o.unwrap();
+    let listing = String::from_utf8_lossy(&shown.stdout);
+    assert!(listing.contains("LOADING_WEIGHTS") && listing.contains("s here, ETA "), "{listing}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}");
     let line = stdout

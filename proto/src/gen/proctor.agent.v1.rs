@@ -432,6 +432,12 @@ pub struct ModelState {
     /// whole timeline.
     #[prost(message, repeated, tag = "6")]
     pub load_history: ::prost::alloc::vec::Vec<StageEntered>,
+    /// As the last StageChanged said: how long this stage and the rest of the
+    /// load usually take on this host (0 = no history).
+    #[prost(uint64, tag = "7")]
+    pub usual_stage_ms: u64,
+    #[prost(uint64, tag = "8")]
+    pub usual_rest_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StageEntered {
