@@ -235,12 +235,6 @@ impl Admission {
         rx.await.unwrap_or(Ok(fallback))
     }
 
-    /// Admits RAM-only `loads` (model, declared need) plus `headroom` once.
-    pub async fn reserve(&self, service: &str, loads: &[(&str, u64)], headroom: u64) -> Result<(), Refused> {
-        let loads = loads.iter().map(|(model, ram)| Load { model: (*model).to_owned(), ram: *ram, gpu: 0 }).collect();
-        self.admit(service, Ask { loads, headroom, ..Ask::default() }).await.map(|_| ())
-    }
-
     /// The host's capacity now and what loads in progress were promised,
     /// as admission would see them.
     pub async fn standing(&self) -> Standing {
@@ -422,6 +416,15 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1024 * 1024;
+
+    impl Admission {
+        /// Admits RAM-only `loads` (model, declared need) plus `headroom` once.
+        async fn reserve(&self, service: &str, loads: &[(&str, u64)], headroom: u64) -> Result<(), Refused> {
+            let loads =
+                loads.iter().map(|(model, ram)| Load { model: (*model).to_owned(), ram: *ram, gpu: 0 }).collect();
+            self.admit(service, Ask { loads, headroom, ..Ask::default() }).await.map(|_| ())
+        }
+    }
 
     fn no_gpus() -> GpuSource {
         watch::channel(Vec::new()).1

@@ -774,6 +774,14 @@ pub struct StageMark {
 /// How many stage marks and memory samples a view keeps.
 const LOG_CAP: usize = 10_000;
 
+/// Appends to a bounded log, dropping the oldest entry when full.
+fn push_capped<T>(log: &mut VecDeque<T>, item: T) {
+    if log.len() == LOG_CAP {
+        log.pop_front();
+    }
+    log.push_back(item);
+}
+
 fn result_to_report(r: proto::CaseResult) -> CaseReport {
     let outcome = match r.outcome() {
         proto::CaseOutcome::Passed => Outcome::Passed,
@@ -1027,17 +1035,15 @@ fn apply_stage(
     });
     view.send_modify(|v| {
         if from != to {
-            if v.stage_log.len() == LOG_CAP {
-                v.stage_log.pop_front();
-            }
-            v.stage_log.push_back(StageMark {
+            let mark = StageMark {
                 service: c.service.clone(),
                 model: c.model.clone(),
                 stage: to,
                 cause: c.cause.clone(),
                 time_unix_ms: at,
                 previous_peak: (c.stage_peak_rss_bytes, c.stage_peak_gpu_bytes),
-            });
+            };
+            push_capped(&mut v.stage_log, mark);
         }
         let since = if from != to {
             at
@@ -1086,10 +1092,7 @@ fn apply_telemetry(
             });
         }
         for s in t.services {
-            if v.rss_log.len() == LOG_CAP {
-                v.rss_log.pop_front();
-            }
-            v.rss_log.push_back((s.service.clone(), at, s.rss_bytes));
+            push_capped(&mut v.rss_log, (s.service.clone(), at, s.rss_bytes));
             v.rss.insert(s.service, s.rss_bytes);
         }
         v.heartbeat_unix_ms = at;

@@ -119,20 +119,24 @@ pub struct LoadStage {
 }
 
 impl ModelLoad {
+    /// `ready`, `failed` or `reused` (already loaded), as the reports say it.
+    pub fn outcome(&self) -> &'static str {
+        match (&self.failure, self.reused) {
+            (Some(_), _) => "failed",
+            (None, true) => "reused",
+            (None, false) => "ready",
+        }
+    }
+
     /// JUnit properties of this load for a suite that waited for it:
     /// `proctor.model.<m>.{host,outcome,load_seconds,peak_rss_mib,peak_gpu_mib}`
     /// and per stage `proctor.model.<m>.stage.<STAGE>.{seconds,peak_rss_mib,peak_gpu_mib}`.
     fn properties(&self) -> Vec<(String, String)> {
         let mib = |b: u64| (b / (1024 * 1024)).to_string();
         let at = format!("proctor.model.{}", self.model);
-        let outcome = match (&self.failure, self.reused) {
-            (Some(_), _) => "failed",
-            (None, true) => "reused",
-            (None, false) => "ready",
-        };
         let mut props = vec![
             (format!("{at}.host"), self.host.clone()),
-            (format!("{at}.outcome"), outcome.to_owned()),
+            (format!("{at}.outcome"), self.outcome().to_owned()),
             (format!("{at}.load_seconds"), format!("{:.3}", self.waited.as_secs_f64())),
             (format!("{at}.peak_rss_mib"), mib(self.peak_rss_bytes)),
             (format!("{at}.peak_gpu_mib"), mib(self.peak_gpu_bytes)),
@@ -173,6 +177,35 @@ pub struct Counts {
     pub passed: usize,
     pub failed: usize,
     pub errors: usize,
+}
+
+/// A run's one-word verdict, as every report says it.
+pub fn verdict(failed: usize, errors: usize, interrupted: bool) -> &'static str {
+    match (failed, errors, interrupted) {
+        (_, _, true) => "INTERRUPTED",
+        (0, 0, false) => "PASSED",
+        (0, _, false) => "ERRORS",
+        _ => "FAILED",
+    }
+}
+
+/// Text made safe for XML and HTML attribute values and content; control
+/// characters XML cannot carry are written as `\u{..}`.
+pub(crate) fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' | '\t' | '\r' => out.push(c),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl RunReport {

@@ -371,6 +371,20 @@ mod tests {
         at
     }
 
+    /// A fresh cgroup below the v2 root standing for a systemd unit, and the
+    /// controller it was given: (mount, unit folder, controller). Only the
+    /// root may hold processes and hand controllers down, so it gives its
+    /// children one (a v1 host's v2 root hands nothing down by itself).
+    fn unit_cgroup(name: &str) -> (PathBuf, PathBuf, String) {
+        let mount = cgroup2_mount();
+        let root_has = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
+        let first = root_has.split_whitespace().next().expect("the v2 hierarchy has a controller").to_owned();
+        std::fs::write(mount.join("cgroup.subtree_control"), format!("+{first}")).unwrap();
+        let unit = mount.join(format!("proctor-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&unit).unwrap();
+        (mount, unit, first)
+    }
+
     fn v2_path_of(pid: u32) -> String {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
         text.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_owned()
@@ -382,14 +396,7 @@ mod tests {
     /// into a leaf of its own.
     #[test]
     fn a_delegated_v2_unit_gets_the_agent_into_a_leaf_and_its_controllers_handed_down() {
-        let mount = cgroup2_mount();
-        // Only the root may hold processes and hand controllers down: give
-        // its children one (a v1 host's v2 root hands nothing down by itself).
-        let root_has = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
-        let first = root_has.split_whitespace().next().expect("the v2 hierarchy has a controller").to_owned();
-        std::fs::write(mount.join("cgroup.subtree_control"), format!("+{first}")).unwrap();
-        let unit = mount.join(format!("proctor-test-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&unit).unwrap();
+        let (mount, unit, first) = unit_cgroup("unit");
         let mut agent = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         std::fs::write(unit.join("cgroup.procs"), agent.id().to_string()).unwrap();
         let refused = std::fs::write(unit.join("cgroup.subtree_control"), format!("+{first}"));
@@ -428,12 +435,7 @@ mod tests {
     /// cannot free it, and says what to do instead.
     #[test]
     fn a_v2_cgroup_shared_with_other_processes_is_refused_with_the_fix() {
-        let mount = cgroup2_mount();
-        let root_has = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
-        let first = root_has.split_whitespace().next().expect("the v2 hierarchy has a controller").to_owned();
-        std::fs::write(mount.join("cgroup.subtree_control"), format!("+{first}")).unwrap();
-        let unit = mount.join(format!("proctor-test-shared-{}", std::process::id()));
-        std::fs::create_dir_all(&unit).unwrap();
+        let (mount, unit, _) = unit_cgroup("shared");
         let mut shell = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let mut agent = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         for pid in [shell.id(), agent.id()] {

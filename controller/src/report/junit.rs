@@ -12,26 +12,7 @@
 
 use std::fmt::Write as _;
 
-use super::{CaseReport, Outcome, RunReport};
-
-/// Escapes text for an attribute value or element content.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\n' | '\t' | '\r' => out.push(c),
-            // XML 1.0 cannot carry other control characters at all.
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use super::{CaseReport, Outcome, RunReport, escape_markup as escape};
 
 fn seconds(d: std::time::Duration) -> String {
     format!("{:.3}", d.as_secs_f64())

@@ -18,16 +18,8 @@ fn mib(bytes: u64) -> String {
 
 /// The whole summary.
 pub fn render(report: &RunReport) -> String {
-    let count = |f: fn(&CaseReport) -> bool| report.cases.iter().filter(|c| f(c)).count();
-    let passed = count(|c| c.outcome == Outcome::Passed);
-    let failed = count(|c| matches!(c.outcome, Outcome::Failed(_)));
-    let errors = count(|c| matches!(c.outcome, Outcome::Error(_)));
-    let verdict = match (failed, errors, report.interrupted) {
-        (_, _, true) => "INTERRUPTED",
-        (0, 0, false) => "PASSED",
-        (0, _, false) => "ERRORS",
-        _ => "FAILED",
-    };
+    let super::Counts { passed, failed, errors } = report.counts();
+    let verdict = super::verdict(failed, errors, report.interrupted);
     let mut out = format!(
         "## Proctor run {}: {verdict}\n\n{} cases: {passed} passed, {failed} failed, {errors} errors, in {}.\n\n",
         report.run_id,

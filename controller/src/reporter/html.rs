@@ -29,9 +29,7 @@ fn colour(stage: &str) -> &'static str {
     }
 }
 
-fn esc(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
+use crate::report::escape_markup as esc;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
@@ -39,12 +37,7 @@ fn mib(bytes: u64) -> f64 {
 
 /// The whole page.
 pub fn render(doc: &Document<'_>) -> String {
-    let verdict = match (doc.totals.failed, doc.totals.errors, doc.interrupted) {
-        (_, _, true) => "INTERRUPTED",
-        (0, 0, false) => "PASSED",
-        (0, _, false) => "ERRORS",
-        _ => "FAILED",
-    };
+    let verdict = crate::report::verdict(doc.totals.failed, doc.totals.errors, doc.interrupted);
     let mut out = String::new();
     let _ = write!(
         out,

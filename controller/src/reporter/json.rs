@@ -25,16 +25,16 @@ fn now_ms() -> i64 {
 
 #[derive(Debug, Default)]
 pub struct Json {
-    pub(super) path: PathBuf,
-    pub(super) run_id: String,
-    pub(super) trace_id: String,
-    pub(super) started_unix_ms: i64,
-    pub(super) suites: Vec<SuiteInfo>,
-    pub(super) hosts: BTreeMap<String, Vec<HostEvent>>,
+    path: PathBuf,
+    run_id: String,
+    trace_id: String,
+    started_unix_ms: i64,
+    suites: Vec<SuiteInfo>,
+    hosts: BTreeMap<String, Vec<HostEvent>>,
     /// (suite index, load) with the stage spans the runner measured.
-    pub(super) loads: Vec<Load>,
-    pub(super) memory: Vec<Sample>,
-    pub(super) pressure: Vec<PressureRecord>,
+    loads: Vec<Load>,
+    memory: Vec<Sample>,
+    pressure: Vec<PressureRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -200,11 +200,7 @@ impl Json {
                     host: load.host.clone(),
                     service: load.service.clone(),
                     model: load.model.clone(),
-                    outcome: match (&load.failure, load.reused) {
-                        (Some(_), _) => "failed",
-                        (None, true) => "reused",
-                        (None, false) => "ready",
-                    },
+                    outcome: load.outcome(),
                     failure: load.failure.clone(),
                     asked_unix_ms: *asked_unix_ms,
                     waited_ms: load.waited.as_millis() as u64,
@@ -248,7 +244,7 @@ impl Json {
     }
 
     pub(super) fn document<'a>(&'a self, report: &'a RunReport) -> Document<'a> {
-        let count = |o: fn(&Outcome) -> bool| report.cases.iter().filter(|c| o(&c.outcome)).count();
+        let counts = report.counts();
         Document {
             schema: "proctor.report",
             schema_version: SCHEMA_VERSION,
@@ -259,9 +255,9 @@ impl Json {
             interrupted: report.interrupted,
             totals: Totals {
                 cases: report.cases.len(),
-                passed: count(|o| *o == Outcome::Passed),
-                failed: count(|o| matches!(o, Outcome::Failed(_))),
-                errors: count(|o| matches!(o, Outcome::Error(_))),
+                passed: counts.passed,
+                failed: counts.failed,
+                errors: counts.errors,
             },
             hosts: self.hosts.iter().map(|(name, events)| Host { name, events }).collect(),
             suites: self
