@@ -13,6 +13,7 @@ pub mod report;
 pub mod reporter;
 pub mod run;
 pub mod scheduler;
+pub mod store;
 pub mod suite;
 
 pub use run::{Exit, Interrupt, RunOptions, RunResult, run};

@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 mod junit;
 mod markdown;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     pub check: String,
     pub pointer: String,
@@ -26,7 +28,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Passed,
     Failed(Vec<Failure>),
@@ -34,7 +37,7 @@ pub enum Outcome {
     Error(String),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CaseReport {
     pub suite: String,
     pub name: String,
@@ -89,7 +92,7 @@ impl CaseReport {
 }
 
 /// How a requested model ended up, for the summary.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelLoad {
     pub host: String,
     pub service: String,
@@ -109,7 +112,7 @@ pub struct ModelLoad {
 }
 
 /// One stage of a model load: how long, and the service's peaks meanwhile.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadStage {
     /// `LOADING_WEIGHTS`.
     pub stage: String,
@@ -170,6 +173,9 @@ pub struct RunReport {
     pub suite_loads: Vec<(String, ModelLoad)>,
     pub interrupted: bool,
     pub duration: Duration,
+    /// This run's loads against the stored baselines (`None`: no store, or
+    /// nothing to compare).
+    pub baseline: Option<crate::store::baseline::Comparison>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,10 +185,12 @@ pub struct Counts {
     pub errors: usize,
 }
 
-/// A run's one-word verdict, as every report says it.
-pub fn verdict(failed: usize, errors: usize, interrupted: bool) -> &'static str {
+/// A run's one-word verdict, as every report says it: a run whose cases
+/// all passed but whose loads regressed beyond their baseline is `REGRESSED`.
+pub fn verdict(failed: usize, errors: usize, interrupted: bool, regressions: usize) -> &'static str {
     match (failed, errors, interrupted) {
         (_, _, true) => "INTERRUPTED",
+        (0, 0, false) if regressions > 0 => "REGRESSED",
         (0, 0, false) => "PASSED",
         (0, _, false) => "ERRORS",
         _ => "FAILED",
@@ -209,6 +217,17 @@ pub(crate) fn escape_markup(text: &str) -> String {
 }
 
 impl RunReport {
+    /// Loads slower than their baseline beyond tolerance.
+    pub fn regressions(&self) -> usize {
+        self.baseline.as_ref().map_or(0, |b| b.regressions())
+    }
+
+    /// `PASSED`, `FAILED`, `ERRORS`, `REGRESSED` or `INTERRUPTED`.
+    pub fn verdict(&self) -> &'static str {
+        let c = self.counts();
+        verdict(c.failed, c.errors, self.interrupted, self.regressions())
+    }
+
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
         for case in &self.cases {
@@ -258,6 +277,9 @@ impl RunReport {
             }
         }
         self.models(&mut out);
+        if let Some(b) = self.baseline.as_ref().filter(|b| !b.is_empty()) {
+            out.push_str(&b.text());
+        }
         let c = self.counts();
         let _ = writeln!(
             out,
@@ -375,6 +397,7 @@ mod tests {
         };
         RunReport {
             suite_loads: vec![],
+            baseline: None,
             run_id: "r".into(),
             cases: vec![
                 case("ok", Outcome::Passed),

@@ -34,6 +34,9 @@ pub struct Suite {
     /// How long to wait for a free host before the cases become errors
     /// (beats `--max-wait`; `None`: as long as it takes).
     pub max_wait: Option<Duration>,
+    /// How much slower than its baseline a load may be (0.2 = 20 %; beats
+    /// `--baseline-tolerance` for this suite's loads).
+    pub baseline_tolerance: Option<f64>,
     pub cases: Vec<Case>,
 }
 
@@ -103,6 +106,8 @@ struct RawSuite {
     shard: Option<Spanned<String>>,
     #[serde(default)]
     max_wait: Option<Spanned<String>>,
+    #[serde(default)]
+    baseline_tolerance: Option<Spanned<String>>,
     cases: Spanned<Vec<Spanned<RawCase>>>,
 }
 
@@ -207,6 +212,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
     }
     let load_timeout = raw.timeout.as_ref().map(|t| r.duration(t)).transpose()?;
     let max_wait = raw.max_wait.as_ref().map(|t| r.duration(t)).transpose()?;
+    let baseline_tolerance = raw
+        .baseline_tolerance
+        .as_ref()
+        .map(|t| crate::store::baseline::parse_ratio(&t.value).map_err(|e| r.at(t.referenced, e)))
+        .transpose()?;
     if raw.cases.value.is_empty() {
         return Err(r.at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
     }
@@ -227,6 +237,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         fresh: raw.fresh,
         shard: r.shard(raw.shard.as_ref())?,
         max_wait,
+        baseline_tolerance,
         cases,
     })
 }

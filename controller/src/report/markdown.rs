@@ -19,7 +19,7 @@ fn mib(bytes: u64) -> String {
 /// The whole summary.
 pub fn render(report: &RunReport) -> String {
     let super::Counts { passed, failed, errors } = report.counts();
-    let verdict = super::verdict(failed, errors, report.interrupted);
+    let verdict = report.verdict();
     let mut out = format!(
         "## Proctor run {}: {verdict}\n\n{} cases: {passed} passed, {failed} failed, {errors} errors, in {}.\n\n",
         report.run_id,
@@ -29,6 +29,9 @@ pub fn render(report: &RunReport) -> String {
     suites(&mut out, report);
     not_passed(&mut out, report);
     loads(&mut out, &report.loads);
+    if let Some(b) = report.baseline.as_ref().filter(|b| !b.is_empty()) {
+        out.push_str(&b.markdown());
+    }
     out
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::report::{CaseReport, ModelLoad, RunReport};
 use crate::run::events::{RunEvent, SuiteInfo};
+use crate::store::baseline::Comparison;
 
 #[derive(Debug, Default)]
 pub struct Collected {
@@ -17,6 +18,7 @@ pub struct Collected {
     suite_loads: Vec<(String, ModelLoad)>,
     interrupted: bool,
     duration: Duration,
+    baseline: Option<Comparison>,
 }
 
 impl Collected {
@@ -37,6 +39,7 @@ impl Collected {
                 self.duration = *duration;
                 self.interrupted |= *interrupted;
             }
+            RunEvent::BaselineCompared { comparison } => self.baseline = Some(comparison.clone()),
             _ => {}
         }
     }
@@ -92,6 +95,7 @@ impl Collected {
             suite_loads: self.suite_loads.clone(),
             interrupted: self.interrupted,
             duration: self.duration,
+            baseline: self.baseline.clone(),
         }
     }
 }

@@ -29,6 +29,7 @@ fn started() -> RunEvent {
             service: "translation".into(),
             models: vec!["nllb".into()],
             cases: CASES.iter().map(|c| c.to_string()).collect(),
+            baseline_tolerance: None,
         }],
         hosts: vec!["gpu-01".into(), "gpu-02".into()],
     }
@@ -101,7 +102,7 @@ fn finished() -> RunEvent {
     RunEvent::Finished { duration: Duration::from_millis(10_400), interrupted: false }
 }
 
-fn scenarios() -> Vec<(&'static str, Vec<RunEvent>)> {
+pub(crate) fn scenarios() -> Vec<(&'static str, Vec<RunEvent>)> {
     let wrong = Outcome::Failed(vec![Failure {
         check: "equals".into(),
         pointer: "/translated_text".into(),
@@ -184,7 +185,7 @@ fn golden_reports_for_a_passing_run_a_failed_load_and_a_rerun() {
         let mut json = Json::new(std::path::Path::new("/nonexistent"));
         for e in &events {
             collected.on(e);
-            json.on(e);
+            json.on(e, 0);
         }
         let report = collected.report("no result: the run ended before this case ran");
         check(&format!("{name}.junit.xml"), &report.junit());

@@ -37,7 +37,8 @@ fn mib(bytes: u64) -> f64 {
 
 /// The whole page.
 pub fn render(doc: &Document<'_>) -> String {
-    let verdict = crate::report::verdict(doc.totals.failed, doc.totals.errors, doc.interrupted);
+    let regressions = doc.baseline.map_or(0, |b| b.regressions());
+    let verdict = crate::report::verdict(doc.totals.failed, doc.totals.errors, doc.interrupted, regressions);
     let mut out = String::new();
     let _ = write!(
         out,
@@ -52,6 +53,12 @@ pub fn render(doc: &Document<'_>) -> String {
         id = esc(doc.run_id),
         v = verdict.to_lowercase(),
     );
+    if doc.partial {
+        out.push_str(
+            "<p class=\"partial\">Partial run: its controller stopped before the end. What it had received is \
+             shown; cases without a result are errors.</p>\n",
+        );
+    }
     legend(&mut out);
     for host in &doc.hosts {
         memory_chart(&mut out, host.name, doc.loads, doc.memory);
@@ -59,6 +66,9 @@ pub fn render(doc: &Document<'_>) -> String {
     out.push_str("<h2>Model loads</h2>\n");
     for load in doc.loads.iter().filter(|l| !l.stages.is_empty()) {
         waterfall(&mut out, load);
+    }
+    if let Some(b) = doc.baseline.filter(|b| !b.is_empty()) {
+        baseline(&mut out, b);
     }
     cases(&mut out, doc);
     out.push_str("</body></html>\n");
@@ -68,10 +78,41 @@ pub fn render(doc: &Document<'_>) -> String {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:24px;color:#222}code{font-size:90%}\
     .verdict.passed{color:#31a354}.verdict.failed,.verdict.errors{color:#de2d26}.verdict.interrupted{color:#e6550d}\
     table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}\
-    tr.failed td,tr.error td{background:#fff5f0}table.cases{max-width:960px}\
+    tr.failed td,tr.error td,tr.regressed td{background:#fff5f0}tr.improved td{background:#f0fff0}\
+    .verdict.regressed{color:#de2d26}table.cases{max-width:960px}\
     pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0;font-size:85%}\
     .legend span{display:inline-block;padding:2px 8px;margin:2px;border-radius:3px;font-size:85%}\
     svg text{font-size:11px;fill:#333}";
+
+/// The loads against their baselines: old, new, change, verdict.
+fn baseline(out: &mut String, b: &crate::store::baseline::Comparison) {
+    use crate::store::baseline::{Verdict, seconds, verdict_text};
+    out.push_str(
+        "<h2>Baseline</h2>\n<table class=\"baseline\"><tr><th>model</th><th>stage</th><th>baseline</th>\
+                  <th>now</th><th>change</th><th></th></tr>\n",
+    );
+    for c in b.shown() {
+        let class = match c.verdict {
+            Verdict::Regressed => "regressed",
+            Verdict::Improved => "improved",
+            Verdict::Within => "within",
+        };
+        let _ = writeln!(
+            out,
+            "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.key.to_string()),
+            esc(&c.stage),
+            seconds(c.old_ms),
+            seconds(c.new_ms),
+            esc(&c.change_text()),
+            esc(&verdict_text(c))
+        );
+    }
+    out.push_str("</table>\n");
+    for k in &b.without_baseline {
+        let _ = writeln!(out, "<p>{}: no baseline yet.</p>", esc(&k.to_string()));
+    }
+}
 
 fn legend(out: &mut String) {
     out.push_str("<p class=\"legend\">");

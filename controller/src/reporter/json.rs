@@ -19,10 +19,6 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Memory samples kept (1 Hz per service: over 8 hours of one service).
 const SAMPLE_CAP: usize = 30_000;
 
-fn now_ms() -> i64 {
-    crate::client::now_unix_ms()
-}
-
 #[derive(Debug, Default)]
 pub struct Json {
     path: PathBuf,
@@ -35,6 +31,8 @@ pub struct Json {
     loads: Vec<Load>,
     memory: Vec<Sample>,
     pressure: Vec<PressureRecord>,
+    /// Told again from the store, never finished by its controller.
+    partial: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -165,6 +163,9 @@ pub(super) struct Document<'a> {
     pub(super) started_unix_ms: i64,
     pub(super) duration_ms: u64,
     pub(super) interrupted: bool,
+    /// Its controller stopped before the end (told again from the store).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(super) partial: bool,
     pub(super) totals: Totals,
     pub(super) hosts: Vec<Host<'a>>,
     pub(super) suites: Vec<Suite<'a>>,
@@ -172,6 +173,9 @@ pub(super) struct Document<'a> {
     pub(super) loads: &'a [Load],
     pub(super) memory: &'a [Sample],
     pub(super) pressure: &'a [PressureRecord],
+    /// The loads against the stored baselines (absent without a store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) baseline: Option<&'a crate::store::baseline::Comparison>,
 }
 
 impl Json {
@@ -179,19 +183,21 @@ impl Json {
         Json { path: out_dir.join("report.json"), ..Json::default() }
     }
 
-    pub fn on(&mut self, event: &RunEvent) {
+    /// One event, received at `at` (controller clock, Unix ms): live, or
+    /// as the run store recorded it.
+    pub fn on(&mut self, event: &RunEvent, at: i64) {
         match event {
             RunEvent::Started { run_id, trace_id, suites, hosts } => {
                 self.run_id.clone_from(run_id);
                 self.trace_id = trace_id.to_string();
-                self.started_unix_ms = now_ms();
+                self.started_unix_ms = at;
                 self.suites.clone_from(suites);
                 self.hosts = hosts.iter().map(|h| (h.clone(), Vec::new())).collect();
             }
-            RunEvent::Unreachable { host, reason } => self.host_event(host, "unreachable", reason),
-            RunEvent::HostLost { host, reason } => self.host_event(host, "lost", reason),
+            RunEvent::Unreachable { host, reason } => self.host_event(host, "unreachable", reason, at),
+            RunEvent::HostLost { host, reason } => self.host_event(host, "lost", reason, at),
             RunEvent::HostBack { host, restarted } => {
-                self.host_event(host, if *restarted { "restarted" } else { "back" }, "")
+                self.host_event(host, if *restarted { "restarted" } else { "back" }, "", at)
             }
             RunEvent::ModelSettled { suite, load, asked_unix_ms, stages, .. } => {
                 let suite = self.suites.get(*suite).map(|s| s.name.clone()).unwrap_or_default();
@@ -213,19 +219,24 @@ impl Json {
                 self.memory.push(Sample {
                     host: host.clone(),
                     service: service.clone(),
-                    at_unix_ms: now_ms(),
+                    at_unix_ms: at,
                     rss_bytes: *rss_bytes,
                     gpu_bytes: *gpu_bytes,
                 });
             }
-            RunEvent::MemoryPressure { host, pressure } => self.pressure.push(pressure_record(host, pressure)),
+            RunEvent::MemoryPressure { host, pressure } => self.pressure.push(pressure_record(host, pressure, at)),
             _ => {}
         }
     }
 
-    fn host_event(&mut self, host: &str, kind: &'static str, reason: &str) {
-        let event = HostEvent { at_unix_ms: now_ms(), kind, reason: reason.to_owned() };
+    fn host_event(&mut self, host: &str, kind: &'static str, reason: &str, at: i64) {
+        let event = HostEvent { at_unix_ms: at, kind, reason: reason.to_owned() };
         self.hosts.entry(host.to_owned()).or_default().push(event);
+    }
+
+    /// Marks the document as told from a run that never finished.
+    pub fn set_partial(&mut self) {
+        self.partial = true;
     }
 
     /// Writes `report.json` for the run's final `report`.
@@ -253,6 +264,7 @@ impl Json {
             started_unix_ms: self.started_unix_ms,
             duration_ms: report.duration.as_millis() as u64,
             interrupted: report.interrupted,
+            partial: self.partial,
             totals: Totals {
                 cases: report.cases.len(),
                 passed: counts.passed,
@@ -275,6 +287,7 @@ impl Json {
             loads: &self.loads,
             memory: &self.memory,
             pressure: &self.pressure,
+            baseline: report.baseline.as_ref(),
         }
     }
 }
@@ -321,10 +334,10 @@ fn case(c: &CaseReport) -> Case<'_> {
     }
 }
 
-fn pressure_record(host: &str, p: &Pressure) -> PressureRecord {
+fn pressure_record(host: &str, p: &Pressure, at: i64) -> PressureRecord {
     PressureRecord {
         host: host.to_owned(),
-        at_unix_ms: now_ms(),
+        at_unix_ms: at,
         resource: if p.gpu.is_some() { "gpu" } else { "host" },
         gpu: p.gpu,
         available_bytes: p.available_bytes,

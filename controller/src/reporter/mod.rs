@@ -8,7 +8,7 @@
 
 mod collect;
 #[cfg(test)]
-mod golden;
+pub(crate) mod golden;
 mod html;
 mod json;
 mod junit;
@@ -26,7 +26,9 @@ pub use collect::Collected;
 use crate::otel::OtelConfig;
 use crate::progress::Mode;
 use crate::report::RunReport;
-use crate::run::events::RunEvent;
+use crate::run::events::{RunEvent, SuiteInfo};
+use crate::store::baseline::{self, Comparison, Tolerance};
+use crate::store::{Recorder, Store};
 
 /// What the reporters need to know before the first event.
 #[derive(Debug)]
@@ -38,6 +40,21 @@ pub struct Config {
     pub again: CancellationToken,
     /// Where the partial file's path is announced.
     pub partial: Arc<watch::Sender<Option<PathBuf>>>,
+    /// The run store, when the run is kept (`--store`).
+    pub store: Option<StoreSetup>,
+    /// Said before anything else (e.g. the store could not be opened).
+    pub warnings: Vec<String>,
+}
+
+/// The run store and how this run is judged against its baselines.
+#[derive(Debug)]
+pub struct StoreSetup {
+    pub store: Arc<Store>,
+    /// Who runs it (`user@host`), kept with the run.
+    pub controller: String,
+    /// The run's tolerance (`--baseline-tolerance`, `--baseline-slack`);
+    /// a suite's own `baseline_tolerance` beats the ratio for its loads.
+    pub tolerance: Tolerance,
 }
 
 /// What the reporters made of the run.
@@ -74,6 +91,85 @@ fn write_markdown(report: &RunReport, out_dir: &std::path::Path) -> Result<PathB
     Ok(path)
 }
 
+/// A stored run told again by the same reporters that told it live.
+#[derive(Debug)]
+pub struct Replayed {
+    pub report: RunReport,
+    json: json::Json,
+    /// Its controller never finished it: what it holds is what arrived.
+    pub partial: bool,
+}
+
+/// Replays a stored run's events (with when each arrived) into its report;
+/// files go to `out_dir` when written.
+pub fn replay(events: &[(i64, RunEvent)], out_dir: &std::path::Path) -> Replayed {
+    let mut collected = Collected::default();
+    let mut json = json::Json::new(out_dir);
+    let mut finished = false;
+    for (at, event) in events {
+        collected.on(event);
+        json.on(event, *at);
+        finished |= matches!(event, RunEvent::Finished { .. });
+    }
+    if finished {
+        let report = collected.report("no result: the run ended before this case ran");
+        return Replayed { report, json, partial: false };
+    }
+    let mut report = collected.report("no result: the controller stopped before this case finished (partial run)");
+    report.interrupted = true;
+    let first = events.first().map_or(0, |e| e.0);
+    let last = events.last().map_or(0, |e| e.0);
+    report.duration = std::time::Duration::from_millis((last - first).max(0) as u64);
+    json.set_partial();
+    Replayed { report, json, partial: true }
+}
+
+impl Replayed {
+    /// The report.json document.
+    pub fn document(&self) -> serde_json::Value {
+        serde_json::to_value(self.json.document(&self.report)).unwrap_or_default()
+    }
+
+    /// Writes junit.xml, report.json, report.html and summary.md.
+    pub fn write(&self, out_dir: &std::path::Path) -> Result<Files, String> {
+        std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+        let junit = out_dir.join("junit.xml");
+        self.report.write_junit(&junit).map_err(|e| format!("cannot write {}: {e}", junit.display()))?;
+        let markdown = out_dir.join("summary.md");
+        std::fs::write(&markdown, self.report.markdown())
+            .map_err(|e| format!("cannot write {}: {e}", markdown.display()))?;
+        Ok(Files {
+            junit: Some(junit),
+            json: Some(self.json.finish(&self.report)?),
+            html: Some(self.json.finish_html(&self.report)?),
+            markdown: Some(markdown),
+            trace: None,
+        })
+    }
+}
+
+/// This run's loads against the stored baselines, each judged with the
+/// tightest tolerance among the suites that waited for it. Bounded: a store
+/// that stopped answering costs the run 5 s, not its reports.
+async fn compare(setup: &StoreSetup, report: &RunReport, suites: &[SuiteInfo]) -> Result<Comparison, String> {
+    let stored = tokio::time::timeout(std::time::Duration::from_secs(5), setup.store.baselines()).await;
+    let entries = match stored {
+        Ok(Ok(entries)) => entries,
+        Ok(Err(e)) => return Err(format!("{e}; this run was not compared with its baselines")),
+        Err(_) => return Err("the run store did not answer in 5s; this run was not compared with its baselines".into()),
+    };
+    let tolerance_of = |key: &baseline::Key| {
+        let own = report
+            .suite_loads
+            .iter()
+            .filter(|(_, l)| &baseline::Key::of(l) == key)
+            .filter_map(|(name, _)| suites.iter().find(|s| &s.name == name)?.baseline_tolerance)
+            .reduce(f64::min);
+        Tolerance { ratio: own.unwrap_or(setup.tolerance.ratio), ..setup.tolerance }
+    };
+    Ok(baseline::compare(&entries, &report.loads, tolerance_of))
+}
+
 /// Feeds every event to every reporter until `Finished`, then lets each
 /// write its output; the terminal prints the summary last.
 pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) -> Outputs {
@@ -81,6 +177,11 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     let mut junit = junit::Junit::new(&config.out_dir);
     let mut json = json::Json::new(&config.out_dir);
     let mut trace = trace::Trace::new(&config.otel);
+    for w in &config.warnings {
+        terminal.warn(w);
+    }
+    let recorder = config.store.as_ref().map(|s| Recorder::start(s.store.clone(), s.controller.clone()));
+    let mut suites: Vec<SuiteInfo> = Vec::new();
     let mut tick = tokio::time::interval(terminal.period());
     let mut refused = false;
     let mut wrote_partial = false;
@@ -99,9 +200,16 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
         };
         let Some(event) = event else { break };
         refused |= matches!(event, RunEvent::Refused { .. });
+        if let RunEvent::Started { suites: s, .. } = &event {
+            suites.clone_from(s);
+        }
+        let at = crate::client::now_unix_ms();
+        if let Some(r) = &recorder {
+            r.on(&event, at);
+        }
         terminal.on(&event);
         junit.on(&event);
-        json.on(&event);
+        json.on(&event, at);
         trace.on(&event);
         if matches!(event, RunEvent::Finished { .. }) {
             break;
@@ -124,7 +232,22 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
             None
         }
     };
-    let report = junit.report();
+    let mut report = junit.report();
+    if let (Some(setup), Some(recorder)) = (&config.store, recorder) {
+        if let Some(comparison) = compare(setup, &report, &suites).await.inspect_err(|e| terminal.warn(e)).ok() {
+            let event = RunEvent::BaselineCompared { comparison };
+            recorder.on(&event, crate::client::now_unix_ms());
+            junit.on(&event);
+            report = junit.report();
+        }
+        let kept = recorder.close().await;
+        match kept {
+            Ok(store) => {
+                let _ = store.finish_run(&report).await.inspect_err(|e| terminal.warn(&e.to_string()));
+            }
+            Err(e) => terminal.warn(&e),
+        }
+    }
     let json_path = json.finish(&report).inspect_err(|e| terminal.error(e)).ok();
     let html_path = json.finish_html(&report).inspect_err(|e| terminal.error(e)).ok();
     let markdown_path = write_markdown(&report, &config.out_dir).inspect_err(|e| terminal.error(e)).ok();

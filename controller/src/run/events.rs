@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, TraceId};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::client::Stage;
@@ -13,18 +14,22 @@ use crate::report::{CaseReport, ModelLoad};
 
 /// One suite as the run starts: what reporters need to list every case, even
 /// those that never get a result.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SuiteInfo {
     pub name: String,
     pub file: PathBuf,
     pub service: String,
     pub models: Vec<String>,
     pub cases: Vec<String>,
+    /// The suite's `baseline_tolerance` (0.2 = 20 % slower is still fine).
+    #[serde(default)]
+    pub baseline_tolerance: Option<f64>,
 }
 
 /// A stage transition, stamped in the controller's clock.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageSpan {
+    #[serde(with = "stored::stage")]
     pub stage: Stage,
     pub cause: String,
     pub start_unix_ms: i64,
@@ -35,7 +40,7 @@ pub struct StageSpan {
 }
 
 /// How long a stage usually takes on a host, and what follows it until READY.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usual {
     pub stage: Duration,
     pub rest: Duration,
@@ -43,7 +48,7 @@ pub struct Usual {
 
 /// Memory running out on a host while a model loads (the agent's
 /// `MemoryPressure`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pressure {
     /// `None`: host memory; `Some(i)`: GPU `i`.
     pub gpu: Option<u32>,
@@ -89,12 +94,15 @@ impl Pressure {
     }
 }
 
-/// Everything that happens in a run, in the order the runner saw it.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything that happens in a run, in the order the runner saw it. The run
+/// store keeps it as JSON (`store`), so a run can be told again from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum RunEvent {
     /// Inputs are valid; these suites will run on these hosts.
     Started {
         run_id: String,
+        #[serde(with = "stored::trace_id")]
         trace_id: TraceId,
         suites: Vec<SuiteInfo>,
         hosts: Vec<String>,
@@ -121,6 +129,7 @@ pub enum RunEvent {
     /// Cases of a suite were sent to a host (one try).
     Placed {
         suite: usize,
+        #[serde(with = "stored::span_id")]
         try_id: SpanId,
         host: String,
         addr: String,
@@ -129,6 +138,7 @@ pub enum RunEvent {
     /// The try took (or reused) this run's lease on the host's service.
     LeaseTaken {
         suite: usize,
+        #[serde(with = "stored::span_id")]
         try_id: SpanId,
         host: String,
         service: String,
@@ -145,7 +155,9 @@ pub enum RunEvent {
         host: String,
         service: String,
         model: String,
+        #[serde(with = "stored::stage")]
         from: Stage,
+        #[serde(with = "stored::stage")]
         to: Stage,
         progress: f64,
         message: String,
@@ -168,6 +180,7 @@ pub enum RunEvent {
     /// A model a try waited for is READY or FAILED (or was reused).
     ModelSettled {
         suite: usize,
+        #[serde(with = "stored::span_id")]
         try_id: SpanId,
         load: ModelLoad,
         asked_unix_ms: i64,
@@ -180,12 +193,14 @@ pub enum RunEvent {
         case: usize,
         attempt: u32,
         host: String,
+        #[serde(with = "stored::span_id")]
         span: SpanId,
     },
     /// A case has its final result for this attempt.
     CaseFinished {
         suite: usize,
         case: usize,
+        #[serde(with = "stored::opt_span_id")]
         try_id: Option<SpanId>,
         report: CaseReport,
     },
@@ -193,6 +208,7 @@ pub enum RunEvent {
     CaseLost {
         suite: usize,
         case: usize,
+        #[serde(with = "stored::span_id")]
         try_id: SpanId,
         attempt: u32,
         reason: String,
@@ -200,6 +216,7 @@ pub enum RunEvent {
     },
     /// A try on one host ended (`failure`: why it did not complete).
     TryEnded {
+        #[serde(with = "stored::span_id")]
         try_id: SpanId,
         failure: Option<String>,
     },
@@ -223,6 +240,76 @@ pub enum RunEvent {
         duration: Duration,
         interrupted: bool,
     },
+    /// After `Finished`, from the reporters themselves: the run's loads
+    /// against the stored baselines (kept with the run in the store).
+    BaselineCompared {
+        comparison: crate::store::baseline::Comparison,
+    },
+}
+
+/// How the ids and stages inside events are written in the run store: as
+/// people read them (hex ids, stage names).
+mod stored {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        String::deserialize(d)
+    }
+
+    pub mod trace_id {
+        use super::*;
+        use opentelemetry::trace::TraceId;
+        pub fn serialize<S: Serializer>(id: &TraceId, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(id)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TraceId, D::Error> {
+            let t = text(d)?;
+            TraceId::from_hex(&t).map_err(|_| D::Error::custom(format!("not a trace id: {t:?}")))
+        }
+    }
+
+    pub mod span_id {
+        use super::*;
+        use opentelemetry::trace::SpanId;
+        pub fn serialize<S: Serializer>(id: &SpanId, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(id)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SpanId, D::Error> {
+            let t = text(d)?;
+            SpanId::from_hex(&t).map_err(|_| D::Error::custom(format!("not a span id: {t:?}")))
+        }
+    }
+
+    pub mod opt_span_id {
+        use super::*;
+        use opentelemetry::trace::SpanId;
+        pub fn serialize<S: Serializer>(id: &Option<SpanId>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => s.collect_str(id),
+                None => s.serialize_none(),
+            }
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SpanId>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(t) => {
+                    SpanId::from_hex(&t).map(Some).map_err(|_| D::Error::custom(format!("not a span id: {t:?}")))
+                }
+            }
+        }
+    }
+
+    pub mod stage {
+        use super::*;
+        use crate::client::Stage;
+        pub fn serialize<S: Serializer>(stage: &Stage, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(stage.label())
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Stage, D::Error> {
+            let t = text(d)?;
+            Stage::from_str_name(&t).ok_or_else(|| D::Error::custom(format!("not a stage: {t:?}")))
+        }
+    }
 }
 
 /// The runner's end of the stream. Sending never blocks and never fails the

@@ -213,6 +213,7 @@ fn suite_info(s: &Suite) -> SuiteInfo {
         service: s.service.clone(),
         models: s.models.clone(),
         cases: s.cases.iter().map(|c| c.name.clone()).collect(),
+        baseline_tolerance: s.baseline_tolerance,
     }
 }
 
@@ -222,12 +223,15 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
     let interrupt: Interrupt = interrupt.into();
     let started = Instant::now();
     let (events, rx) = Events::channel();
+    let (store, warnings) = open_store(&opts).await;
     let config = reporter::Config {
         progress: opts.progress,
         out_dir: opts.out_dir.clone(),
         otel: opts.otel.clone(),
         again: interrupt.again.clone(),
         partial: interrupt.partial_tx.clone(),
+        store,
+        warnings,
     };
     let reporters = tokio::spawn(reporter::run(rx, config));
     let (suites, entries) = match prepare(&opts) {
@@ -268,6 +272,23 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
     result(outputs)
 }
 
+/// Opens the run store; one that cannot be opened is said and the run goes
+/// on without it (its reports are written as ever).
+async fn open_store(opts: &RunOptions) -> (Option<reporter::StoreSetup>, Vec<String>) {
+    let Some(location) = &opts.store else { return (None, Vec::new()) };
+    match crate::store::Store::open(location).await {
+        Ok(store) => {
+            let setup = reporter::StoreSetup {
+                store: Arc::new(store),
+                controller: holder(),
+                tolerance: opts.baseline_tolerance,
+            };
+            (Some(setup), Vec::new())
+        }
+        Err(e) => (None, vec![format!("{e}; this run is not kept (--no-store to not ask)")]),
+    }
+}
+
 fn result(outputs: Outputs) -> RunResult {
     let Outputs { report, files } = outputs;
     let junit = files.junit.clone();
@@ -278,6 +299,8 @@ fn result(outputs: Outputs) -> RunResult {
         Exit::Infrastructure
     } else if counts.failed > 0 {
         Exit::TestFailures
+    } else if report.regressions() > 0 {
+        Exit::Regression
     } else {
         Exit::Passed
     };

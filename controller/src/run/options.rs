@@ -14,6 +14,9 @@ pub enum Exit {
     Passed = 0,
     TestFailures = 1,
     Infrastructure = 2,
+    /// Every case passed, but a model load was slower than its baseline
+    /// beyond tolerance.
+    Regression = 3,
     BadInput = 64,
     Interrupted = 130,
 }
@@ -80,6 +83,10 @@ pub struct RunOptions {
     /// cases become errors (`None`: as long as it takes). A suite's own
     /// `max_wait` beats it.
     pub max_wait: Option<Duration>,
+    /// Where the run is kept (`--store`; `None`: not kept).
+    pub store: Option<crate::store::Location>,
+    /// How much slower than its baseline a load may be.
+    pub baseline_tolerance: crate::store::baseline::Tolerance,
 }
 
 impl RunOptions {
@@ -99,6 +106,8 @@ impl RunOptions {
             keepalive: client::Keepalive::default(),
             reconnect_grace: client::RECONNECT_GRACE,
             max_wait: None,
+            store: None,
+            baseline_tolerance: Default::default(),
         }
     }
 
