@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod certs;
 pub mod client;
+pub mod history;
 pub mod inventory;
 pub mod otel;
 pub mod progress;

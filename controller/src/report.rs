@@ -122,6 +122,16 @@ pub struct LoadStage {
 }
 
 impl ModelLoad {
+    /// How long the load itself took, from its first stage to READY (the
+    /// sum of its stages), whoever asked for it first; `waited` where no
+    /// stage is known. What baselines and trends compare.
+    pub fn load_time(&self) -> Duration {
+        match self.stages.is_empty() {
+            true => self.waited,
+            false => self.stages.iter().map(|s| s.duration).sum(),
+        }
+    }
+
     /// `ready`, `failed` or `reused` (already loaded), as the reports say it.
     pub fn outcome(&self) -> &'static str {
         match (&self.failure, self.reused) {

@@ -354,7 +354,7 @@ impl Store {
                 &[],
             )
             .await?;
-        Ok(rows
+        let mut entries: Vec<baseline::Entry> = rows
             .iter()
             .map(|r| baseline::Entry {
                 key: baseline::Key { host: r.text(0), service: r.text(1), model: r.text(2) },
@@ -363,7 +363,9 @@ impl Store {
                 run_id: r.text(5),
                 set_unix_ms: r.int(6),
             })
-            .collect())
+            .collect();
+        entries.sort_by_key(|e| (e.key.clone(), baseline::stage_rank(&e.stage)));
+        Ok(entries)
     }
 
     /// Makes these entries the baseline of their (host, service, model):
@@ -467,7 +469,7 @@ fn load_statements(run_id: &str, seq: i64, suite: &str, load: &ModelLoad, at: i6
             load.service.as_str().into(),
             load.model.as_str().into(),
             load.outcome().into(),
-            (load.waited.as_millis() as u64).into(),
+            (load.load_time().as_millis() as u64).into(),
             load.peak_rss_bytes.into(),
             load.peak_gpu_bytes.into(),
             at.into(),

@@ -148,10 +148,46 @@ fn prepare(out: &Path) -> Result<(PathBuf, Vec<PathBuf>), String> {
     Ok((config, suites))
 }
 
+/// Where the demo's runs are kept, and how they are judged against the
+/// baseline the first one sets.
+#[derive(Debug)]
+pub struct Keep {
+    pub store: Option<controller::store::Location>,
+    pub tolerance: controller::store::baseline::Tolerance,
+}
+
+/// The agent by a stable name, so runs of the demo compare with each other
+/// (the address changes every time). The agent's certificate names `localhost`.
+fn inventory(out: &Path, addr: &std::net::SocketAddr) -> Result<PathBuf, String> {
+    let path = out.join("inventory.toml");
+    write(&path, &format!("[[agent]]\nname = \"localhost\"\naddress = \"{addr}\"\n"))?;
+    Ok(path)
+}
+
+/// The first kept demo sets the baseline for the loads that have none; later
+/// ones are compared with it (their summary shows the table).
+async fn first_baseline(keep: &Keep, result: &controller::RunResult) -> Option<String> {
+    let report = result.report.as_ref()?;
+    let missing = &report.baseline.as_ref()?.without_baseline;
+    if missing.is_empty() || result.exit != controller::Exit::Passed {
+        return None;
+    }
+    let store = controller::store::Store::open(keep.store.as_ref()?).await.ok()?;
+    let now = controller::client::now_unix_ms();
+    let entries: Vec<_> = controller::store::baseline::entries(&report.loads, &report.run_id, now)
+        .into_iter()
+        .filter(|e| missing.contains(&e.key))
+        .collect();
+    store.set_baseline(&entries).await.ok()?;
+    let models: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    Some(format!("baseline set from this run for {} (the next demo is compared with it)", models.join(", ")))
+}
+
 pub async fn run(
     out: &Path,
     progress: controller::progress::Mode,
     otel: controller::otel::OtelConfig,
+    keep: Keep,
     cancel: controller::Interrupt,
 ) -> ExitCode {
     let prepared = prepare(out).and_then(|(config, suites)| Ok((config, suites, certificates(out)?)));
@@ -188,13 +224,24 @@ pub async fn run(
         "running {} suites against service `translation` (models nllb, aya)\n",
         suites.len()
     );
+    let inventory = match inventory(out, &agent.addr) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = controller::RunOptions {
         progress,
         otel,
         access,
-        ..controller::RunOptions::new(vec![agent.addr.to_string()], suites, out.to_owned())
+        inventory: Some(inventory),
+        store: keep.store.clone(),
+        baseline_tolerance: keep.tolerance,
+        ..controller::RunOptions::new(Vec::new(), suites, out.to_owned())
     };
     let result = controller::run(opts, cancel).await;
+    let baseline_set = first_baseline(&keep, &result).await;
     if let Err(e) = agent.shutdown().await {
         eprintln!("warning: agent shutdown: {e}");
     }
@@ -222,6 +269,16 @@ pub async fn run(
         let _ = writeln!(std::io::stdout(), "  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
     }
     let _ = writeln!(std::io::stdout(), "  service log    {}", data_dir.join("translation.log").display());
+    if let (Some(store), Some(report)) = (&keep.store, &result.report) {
+        let _ = writeln!(
+            std::io::stdout(),
+            "  run store      {store} (proctor runs show {}; proctor trends)",
+            report.run_id
+        );
+    }
+    if let Some(said) = baseline_set {
+        let _ = writeln!(std::io::stdout(), "\n{said}");
+    }
     ExitCode::from(result.exit as u8)
 }
 

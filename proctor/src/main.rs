@@ -20,7 +20,8 @@ use clap::{Args, Parser, Subcommand};
 stage and memory, and run test cases next to the service; the controller dispatches suites to agents, waits for \
 models instead of skipping tests, and writes reports.\n\nStart with `proctor demo`.",
     after_help = "Exit codes of `run` and `demo`: 0 all passed, 1 test failures, 2 infrastructure or model load failure, \
-64 bad input (suite, config, flags), 130 interrupted."
+3 a model load slower than its baseline beyond tolerance (every case passed), 64 bad input (suite, config, flags), \
+130 interrupted."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +44,16 @@ enum Command {
     /// Make a lab CA and the certificates agents and controllers present to each other (mTLS; docs/security.md).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The runs kept in the run store: list them, or show one (also partial runs whose controller died).
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Write a stored run's reports again (report.html, report.json, junit.xml, summary.md).
+    Report(ReportArgs),
+    /// Baselines of model load times per host: set one from a run, show them, compare a run against them.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+    /// Load time per model and host over the last runs (sparklines; --html for charts) and flaky cases.
+    Trends(TrendsArgs),
     /// Internal: a sim worker process that holds memory (started by `sim --worker-mb`).
     #[command(hide = true)]
     SimWorker {
@@ -74,6 +85,164 @@ enum CertsCommand {
         #[command(flatten)]
         at: CertsAt,
     },
+}
+
+/// Where the run store is (docs/store.md).
+#[derive(Args, Debug, Clone)]
+struct StoreArgs {
+    /// The run store: a SQLite file, or postgres://USER:PASSWORD@HOST/DB for one a lab's runners share
+    /// (default: $XDG_DATA_HOME/proctor/runs.sqlite, else ~/.local/share/proctor/runs.sqlite).
+    #[arg(long, value_name = "PATH|URL", env = "PROCTOR_STORE", hide_env_values = true)]
+    store: Option<String>,
+}
+
+impl StoreArgs {
+    fn location(&self) -> Result<controller::store::Location, String> {
+        use controller::store::Location;
+        match &self.store {
+            Some(s) => Location::parse(s),
+            None => Location::default_sqlite()
+                .map(Location::Sqlite)
+                .ok_or_else(|| "no home folder to keep runs in: give --store PATH or set PROCTOR_STORE".to_owned()),
+        }
+    }
+}
+
+/// Keeping this run (`run`, `demo`).
+#[derive(Args, Debug, Clone)]
+struct KeepArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Do not keep this run in the store (and do not compare it with baselines).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
+    #[command(flatten)]
+    tolerance: ToleranceArgs,
+}
+
+impl KeepArgs {
+    fn location(&self) -> Result<Option<controller::store::Location>, String> {
+        if self.no_store { Ok(None) } else { self.store.location().map(Some) }
+    }
+}
+
+/// How much slower than its baseline a load may be.
+#[derive(Args, Debug, Clone)]
+struct ToleranceArgs {
+    /// A model load (or one of its stages) this much slower than its baseline is a regression (exit 3);
+    /// a suite's `baseline_tolerance` beats it.
+    #[arg(long, value_name = "PERCENT", default_value = "25%", value_parser = parse_ratio)]
+    baseline_tolerance: f64,
+    /// Changes smaller than this never count, whatever their percentage (sub-second noise).
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    baseline_slack: Duration,
+}
+
+impl ToleranceArgs {
+    fn tolerance(&self) -> controller::store::baseline::Tolerance {
+        controller::store::baseline::Tolerance { ratio: self.baseline_tolerance, slack: self.baseline_slack }
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    controller::store::baseline::parse_ratio(s)
+}
+
+#[derive(Subcommand, Debug)]
+enum RunsCommand {
+    /// The newest runs first: status (partial: its controller stopped before the end), cases, suites.
+    List {
+        /// How many runs.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: usize,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// One run's summary as it was printed (cases, problems, model loads, baseline), from the store.
+    Show {
+        /// The run: its id, a unique start of it, or `latest`.
+        #[arg(default_value = "latest")]
+        run: String,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct OutputArgs {
+    /// Output format (json: the run's report.json document for `runs show`).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
+impl OutputArgs {
+    fn json(&self) -> bool {
+        self.output == "json"
+    }
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The run: its id, a unique start of it, or `latest`.
+    #[arg(default_value = "latest")]
+    run: String,
+    /// Where the reports are written.
+    #[arg(long, value_name = "DIR", default_value = "proctor-report")]
+    out: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BaselineCommand {
+    /// Make a run's model loads (each that did the work) the baseline of their host, service and model.
+    Set {
+        /// The run: its id, a unique start of it, or `latest`.
+        #[arg(default_value = "latest")]
+        run: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Every baseline: host/service/model, stage, time, the run it came from.
+    Show {
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Compare a run's loads with the baselines (exit 3 on a regression).
+    Compare {
+        /// The run: its id, a unique start of it, or `latest`.
+        #[arg(default_value = "latest")]
+        run: String,
+        #[command(flatten)]
+        tolerance: ToleranceArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct TrendsArgs {
+    /// How many of the newest runs.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    last: usize,
+    /// Only this model.
+    #[arg(long, value_name = "NAME")]
+    model: Option<String>,
+    /// Also write an HTML page with a chart per model and host.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +333,8 @@ struct DemoArgs {
     progress: ProgressArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    keep: KeepArgs,
 }
 
 #[derive(Args, Debug)]
@@ -224,6 +395,8 @@ struct RunArgs {
     max_wait: Option<Duration>,
     #[command(flatten)]
     progress: ProgressArgs,
+    #[command(flatten)]
+    keep: KeepArgs,
 }
 
 #[derive(Args, Debug)]
@@ -363,11 +536,19 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Demo(args) => {
             init_tracing("warn");
             let mode = args.progress.mode();
-            demo::run(&args.out, mode, args.otlp.config(), interrupt_token()).await
+            let store = match args.keep.location() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            let keep = demo::Keep { store, tolerance: args.keep.tolerance.tolerance() };
+            demo::run(&args.out, mode, args.otlp.config(), keep, interrupt_token()).await
         }
         Command::Run(args) => {
             init_tracing("warn");
-            let env_model_timeout = match env_load_timeout() {
+            let (env_model_timeout, store) = match env_load_timeout().and_then(|t| Ok((t, args.keep.location()?))) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -392,6 +573,8 @@ async fn async_main(command: Command) -> ExitCode {
                 reconnect_grace: args.reconnect_grace,
                 max_wait: args.max_wait,
                 env_model_timeout,
+                store,
+                baseline_tolerance: args.keep.tolerance.tolerance(),
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)
@@ -416,7 +599,45 @@ async fn async_main(command: Command) -> ExitCode {
         }
         Command::SimWorker { .. } => ExitCode::SUCCESS,
         Command::Certs(command) => certs(command),
+        Command::Runs(_) | Command::Report(_) | Command::Baseline(_) | Command::Trends(_) => {
+            init_tracing("warn");
+            history(command).await
+        }
     }
+}
+
+/// The commands that read the run store.
+async fn history(command: Command) -> ExitCode {
+    use controller::history as h;
+    let store = match &command {
+        Command::Runs(RunsCommand::List { store, .. } | RunsCommand::Show { store, .. })
+        | Command::Baseline(
+            BaselineCommand::Set { store, .. } | BaselineCommand::Show { store, .. } | BaselineCommand::Compare { store, .. },
+        ) => store,
+        Command::Report(a) => &a.store,
+        Command::Trends(a) => &a.store,
+        _ => return ExitCode::from(64),
+    };
+    let location = match store.location() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let exit = match command {
+        Command::Runs(RunsCommand::List { last, output, .. }) => h::list(&location, last, output.json()).await,
+        Command::Runs(RunsCommand::Show { run, output, .. }) => h::show(&location, &run, output.json()).await,
+        Command::Report(a) => h::report(&location, &a.run, &a.out).await,
+        Command::Baseline(BaselineCommand::Set { run, .. }) => h::set(&location, &run).await,
+        Command::Baseline(BaselineCommand::Show { output, .. }) => h::show_baselines(&location, output.json()).await,
+        Command::Baseline(BaselineCommand::Compare { run, tolerance, output, .. }) => {
+            h::compare(&location, &run, tolerance.tolerance(), output.json()).await
+        }
+        Command::Trends(a) => h::show_trends(&location, a.last, a.model.as_deref(), a.output.json(), a.html.as_ref()).await,
+        _ => controller::Exit::BadInput,
+    };
+    ExitCode::from(exit as u8)
 }
 
 /// `proctor sim`: the flags as the sim's config, then serve.
