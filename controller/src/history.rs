@@ -203,7 +203,8 @@ pub async fn set(location: &Location, which: &str) -> Exit {
 fn entries_table(entries: &[baseline::Entry]) -> String {
     let key_w = entries.iter().map(|e| e.key.to_string().len()).max().unwrap_or(5).max(5);
     let stage_w = entries.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
-    let mut out = format!("  {:<key_w$}  {:<stage_w$}  {:>9}  {:<36}  {}\n", "MODEL", "STAGE", "TIME", "FROM RUN", "SET (UTC)");
+    let mut out =
+        format!("  {:<key_w$}  {:<stage_w$}  {:>9}  {:<36}  {}\n", "MODEL", "STAGE", "TIME", "FROM RUN", "SET (UTC)");
     for e in entries {
         let _ = writeln!(
             out,
@@ -267,7 +268,13 @@ pub async fn compare(location: &Location, which: &str, tolerance: Tolerance, as_
 }
 
 /// `proctor trends`.
-pub async fn show_trends(location: &Location, last: usize, model: Option<&str>, as_json: bool, html: Option<&PathBuf>) -> Exit {
+pub async fn show_trends(
+    location: &Location,
+    last: usize,
+    model: Option<&str>,
+    as_json: bool,
+    html: Option<&PathBuf>,
+) -> Exit {
     let store = match open(location).await {
         Ok(s) => s,
         Err(e) => return store_failed(&e),
@@ -312,7 +319,12 @@ pub fn trends_text(loads: &[LoadTrend], cases: &[CaseTrend], last: usize) -> Str
         );
     }
     let flaky: Vec<&CaseTrend> = cases.iter().filter(|c| c.flaky()).collect();
-    let _ = writeln!(out, "\nFlaky cases ({} of {} seen; P passed, F failed, E error, oldest first):", flaky.len(), cases.len());
+    let _ = writeln!(
+        out,
+        "\nFlaky cases ({} of {} seen; P passed, F failed, E error, oldest first):",
+        flaky.len(),
+        cases.len()
+    );
     if flaky.is_empty() {
         out.push_str("  none\n");
     }
@@ -382,7 +394,10 @@ fn chart(t: &LoadTrend) -> String {
         line.join(" ")
     );
     for ((x, y), (run, ms)) in points.iter().zip(&t.loads) {
-        let _ = write!(svg, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#3182bd\"><title>run {run}: {ms} ms</title></circle>");
+        let _ = write!(
+            svg,
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#3182bd\"><title>run {run}: {ms} ms</title></circle>"
+        );
     }
     svg.push_str("</svg>");
     svg

@@ -612,7 +612,9 @@ async fn history(command: Command) -> ExitCode {
     let store = match &command {
         Command::Runs(RunsCommand::List { store, .. } | RunsCommand::Show { store, .. })
         | Command::Baseline(
-            BaselineCommand::Set { store, .. } | BaselineCommand::Show { store, .. } | BaselineCommand::Compare { store, .. },
+            BaselineCommand::Set { store, .. }
+            | BaselineCommand::Show { store, .. }
+            | BaselineCommand::Compare { store, .. },
         ) => store,
         Command::Report(a) => &a.store,
         Command::Trends(a) => &a.store,
@@ -634,7 +636,9 @@ async fn history(command: Command) -> ExitCode {
         Command::Baseline(BaselineCommand::Compare { run, tolerance, output, .. }) => {
             h::compare(&location, &run, tolerance.tolerance(), output.json()).await
         }
-        Command::Trends(a) => h::show_trends(&location, a.last, a.model.as_deref(), a.output.json(), a.html.as_ref()).await,
+        Command::Trends(a) => {
+            h::show_trends(&location, a.last, a.model.as_deref(), a.output.json(), a.html.as_ref()).await
+        }
         _ => controller::Exit::BadInput,
     };
     ExitCode::from(exit as u8)

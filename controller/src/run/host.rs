@@ -30,6 +30,11 @@ pub struct TryPlan {
     /// (case index, attempt number)
     pub cases: Vec<(usize, u32)>,
     pub try_id: SpanId,
+    /// Each case's result the moment it arrives (case index, report), so
+    /// the suite records it at once — a controller killed mid-batch still
+    /// leaves every result it received in the store. The outcome repeats
+    /// them; the suite's `CaseBook` keeps the first. (try, case, report).
+    pub early: Option<tokio::sync::mpsc::UnboundedSender<(SpanId, usize, CaseReport)>>,
 }
 
 /// How a try ended, for the suite's `CaseBook`.
@@ -432,7 +437,7 @@ impl Host<'_> {
             _ = ctx.cancel.cancelled() => Some(Stop::Interrupted),
             _ = self.held.ended.cancelled() => Some(lease_ended()),
             _ = tokio::time::sleep_until(deadline) => None,
-            r = view.wait_for(done) => match r { Ok(v) => self.gone(&v).map(Stop::Lost), Err(_) => None },
+            r = self.stream_until(&mut view, ids, done) => r,
         };
         let latest = view.borrow().clone();
         let mut missing = Vec::new();
@@ -454,6 +459,39 @@ impl Host<'_> {
             _ => format!("no result from agent {} within {}s", self.agent.name, budget.as_secs()),
         };
         out.results.extend(missing.iter().map(|i| (*i, error_on(self.agent, &message))));
+    }
+
+    /// Hands each result on as it arrives until `done`; then whether the
+    /// host was lost meanwhile (`None` also when the view closed).
+    async fn stream_until(
+        &self,
+        view: &mut watch::Receiver<AgentView>,
+        ids: &[(usize, String)],
+        done: impl Fn(&AgentView) -> bool,
+    ) -> Option<Stop> {
+        let mut told = vec![false; ids.len()];
+        loop {
+            let fresh = |v: &AgentView| ids.iter().zip(&told).any(|((_, id), t)| !t && v.results.contains_key(id));
+            let (arrived, finished) = {
+                let v = view.wait_for(|v| done(v) || fresh(v)).await.ok()?;
+                let mut arrived = Vec::new();
+                for (n, (i, id)) in ids.iter().enumerate() {
+                    if let (false, Some(r)) = (told[n], v.results.get(id)) {
+                        arrived.push((n, *i, self.fenced(*i, r)));
+                    }
+                }
+                (arrived, done(&v).then(|| self.gone(&v)))
+            };
+            for (n, i, report) in arrived {
+                told[n] = true;
+                if let Some(early) = &self.plan.early {
+                    let _ = early.send((self.plan.try_id, i, report));
+                }
+            }
+            if let Some(gone) = finished {
+                return gone.map(Stop::Lost);
+            }
+        }
     }
 
     /// Fencing: a result under another lease epoch is never merged. Times

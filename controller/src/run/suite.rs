@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::SpanId;
+use tokio::sync::mpsc;
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 
@@ -57,6 +58,8 @@ struct SuiteRun<'a> {
     /// After a try came back (busy, refused), when to plan again.
     retry_at: Option<Instant>,
     refusals: u32,
+    /// Results the tries hand on as they arrive: (try, case, report).
+    early: (mpsc::UnboundedSender<(SpanId, usize, CaseReport)>, mpsc::UnboundedReceiver<(SpanId, usize, CaseReport)>),
 }
 
 /// Places and runs one suite until every case has a result.
@@ -74,6 +77,7 @@ pub async fn run_suite(ctx: Arc<Ctx>, index: usize, suite: Suite) {
         last_said: None,
         retry_at: None,
         refusals: 0,
+        early: mpsc::unbounded_channel(),
     };
     run.drive().await;
     ctx.events.send(RunEvent::SuiteFinished { suite: index });
@@ -99,6 +103,7 @@ impl SuiteRun<'_> {
             }
             let wake = pause.unwrap_or_else(|| Instant::now() + REPLAN_EVERY);
             tokio::select! {
+                Some((try_id, case, report)) = self.early.1.recv() => self.finish(case, report, Some(try_id)),
                 Some(joined) = self.tries.join_next_with_id(), if !self.tries.is_empty() => self.joined(joined),
                 _ = tokio::time::sleep_until(wake), if must_wait => {}
                 _ = self.ctx.cancel.cancelled() => {}
@@ -187,6 +192,7 @@ impl SuiteRun<'_> {
             host,
             cases: cases.iter().map(|i| (*i, self.book.attempt(*i))).collect(),
             try_id: self.ctx.new_span_id(),
+            early: None,
         };
         self.book.dispatch(&cases);
         let slot = &self.ctx.hosts[host];
@@ -198,6 +204,7 @@ impl SuiteRun<'_> {
             cases: cases.clone(),
         });
         let (ctx, suite) = (self.ctx.clone(), self.suite.clone());
+        let plan = TryPlan { early: Some(self.early.0.clone()), ..plan };
         let handle = self.tries.spawn(async move {
             let _claim = claim; // counted until the try ends
             let try_id = plan.try_id;

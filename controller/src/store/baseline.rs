@@ -351,11 +351,7 @@ mod tests {
         reused.reused = true;
         let mut asked_late = load("nllb", 1_200, &[("WAITING_FOR_HTTP", 500), ("LOADING_WEIGHTS", 5_600)]);
         asked_late.waited = Duration::from_millis(1_200); // asked while another suite's load was under way
-        let run = [
-            asked_late,
-            load("aya", 9_000, &[("LOADING_WEIGHTS", 9_000)]),
-            reused,
-        ];
+        let run = [asked_late, load("aya", 9_000, &[("LOADING_WEIGHTS", 9_000)]), reused];
         let c = compare(&base, &run, |_| Tolerance::default());
         let got: Vec<(&str, i64, i64, Verdict)> =
             c.changes.iter().map(|c| (c.stage.as_str(), c.old_ms, c.new_ms, c.verdict)).collect();

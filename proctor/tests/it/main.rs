@@ -11,6 +11,7 @@ mod reports;
 mod resilience;
 mod run;
 mod security;
+mod store;
 mod supervision;
 mod tracing;
 
