@@ -283,10 +283,10 @@ pub async fn show_trends(
         (Ok(l), Ok(c)) => (trends::load_trends(&l), trends::case_trends(&c)),
         (Err(e), _) | (_, Err(e)) => return store_failed(&e),
     };
-    if let Some(path) = html {
-        if let Err(e) = std::fs::write(path, trends_html(&loads, &cases, last)) {
-            return fail(format!("cannot write {}: {e}", path.display()), Exit::Infrastructure);
-        }
+    if let Some(path) = html
+        && let Err(e) = std::fs::write(path, trends_html(&loads, &cases, last))
+    {
+        return fail(format!("cannot write {}: {e}", path.display()), Exit::Infrastructure);
     }
     if as_json {
         json(&serde_json::json!({ "loads": loads, "cases": cases }));

@@ -209,8 +209,9 @@ impl Store {
     /// The statements that record one event (its place in the log, and the
     /// rows queries read).
     fn statements(run: &RunLog, seq: i64, at: i64, event: &RunEvent) -> Result<Vec<Statement>, String> {
-        let body = serde_json::to_string(event).map_err(|e| format!("cannot encode an event: {e}"))?;
-        let kind = kind(event);
+        let value = serde_json::to_value(event).map_err(|e| format!("cannot encode an event: {e}"))?;
+        let kind = value.get("event").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let body = value.to_string();
         let mut out: Vec<Statement> = Vec::new();
         if let RunEvent::Started { run_id, suites, .. } = event {
             let names: Vec<&str> = suites.iter().map(|s| s.name.as_str()).collect();
@@ -398,14 +399,14 @@ impl Store {
         self.write(&statements).await
     }
 
-    /// Bytes the store takes on disk (SQLite: the file and its WAL) or in
-    /// the database (PostgreSQL: Proctor's tables).
+    /// Bytes the store's data takes: SQLite's pages (what the file holds
+    /// once its WAL is checkpointed), PostgreSQL's tables with their indexes.
     pub async fn size_bytes(&self) -> Result<u64, StoreError> {
         match &self.location {
-            Location::Sqlite(path) => {
-                let len = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-                let wal = PathBuf::from(format!("{}-wal", path.display()));
-                Ok(len(path.clone()) + len(wal))
+            Location::Sqlite(_) => {
+                let sql = "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
+                let rows = self.query(sql, &[]).await?;
+                Ok(rows.first().map_or(0, |r| r.int(0)) as u64)
             }
             Location::Postgres(_) => {
                 let sql = "SELECT CAST(SUM(pg_total_relation_size(c.oid)) AS BIGINT) FROM pg_class c \
@@ -418,14 +419,6 @@ impl Store {
             }
         }
     }
-}
-
-/// The event's name in the log (`case_finished`).
-fn kind(event: &RunEvent) -> String {
-    serde_json::to_value(event)
-        .ok()
-        .and_then(|v| v.get("event").and_then(|k| k.as_str()).map(str::to_owned))
-        .unwrap_or_default()
 }
 
 fn outcome_word(outcome: &Outcome) -> &'static str {
@@ -654,6 +647,34 @@ mod kept {
         assert!(listed.iter().all(|r| r.status == "running" && r.partial()), "not finished until finish_run");
         let reopened = Store::open(&location).await.unwrap();
         assert_eq!(reopened.runs(10).await.unwrap().len(), 3, "opening again migrates nothing and loses nothing");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_store_of_an_older_schema_is_migrated_and_keeps_its_runs() {
+        let dir = scratch("migrate");
+        let path = dir.join("runs.sqlite");
+        {
+            // A store as the first release left it: migration 1 only, one run.
+            let mut old = Db::sqlite(&path).unwrap();
+            let (v, name, sql) = schema::MIGRATIONS[0];
+            assert!(old.apply_once(0, "", "").await.is_ok());
+            assert!(old.apply_once(v, name, sql).await.unwrap());
+            old.transaction(&[(
+                "INSERT INTO runs (id, started_unix_ms, finished_unix_ms, status, controller, suites, cases, passed) \
+                 VALUES ('old-run', 1, 2, 'passed', 'ci@lab', 'translate', 2, 2)",
+                vec![],
+            )])
+            .await
+            .unwrap();
+        }
+        let store = Store::open(&Location::Sqlite(path.clone())).await.unwrap();
+        let runs = store.runs(5).await.unwrap();
+        assert_eq!((runs[0].id.as_str(), runs[0].passed, runs[0].regressions), ("old-run", 2, 0));
+        assert!(store.baselines().await.unwrap().is_empty(), "migration 2 made the baselines table");
+        let mut db = Db::sqlite(&path).unwrap();
+        let versions = db.query("SELECT version FROM proctor_migrations ORDER BY version", &[]).await.unwrap();
+        assert_eq!(versions.iter().map(|r| r.int(0)).collect::<Vec<_>>(), [1, 2]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -234,7 +234,7 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     };
     let mut report = junit.report();
     if let (Some(setup), Some(recorder)) = (&config.store, recorder) {
-        if let Some(comparison) = compare(setup, &report, &suites).await.inspect_err(|e| terminal.warn(e)).ok() {
+        if let Ok(comparison) = compare(setup, &report, &suites).await.inspect_err(|e| terminal.warn(e)) {
             let event = RunEvent::BaselineCompared { comparison };
             recorder.on(&event, crate::client::now_unix_ms());
             junit.on(&event);

@@ -44,6 +44,9 @@ fn need(ctx: &Ctx, suite: &Suite) -> Need {
     }
 }
 
+/// A result a try hands on as it arrives: (try, case, report).
+type Early = (SpanId, usize, CaseReport);
+
 /// The state of one suite's loop.
 struct SuiteRun<'a> {
     ctx: &'a Arc<Ctx>,
@@ -59,7 +62,7 @@ struct SuiteRun<'a> {
     retry_at: Option<Instant>,
     refusals: u32,
     /// Results the tries hand on as they arrive: (try, case, report).
-    early: (mpsc::UnboundedSender<(SpanId, usize, CaseReport)>, mpsc::UnboundedReceiver<(SpanId, usize, CaseReport)>),
+    early: (mpsc::UnboundedSender<Early>, mpsc::UnboundedReceiver<Early>),
 }
 
 /// Places and runs one suite until every case has a result.
