@@ -225,3 +225,49 @@ async fn a_load_slower_than_its_baseline_fails_the_run_with_old_new_and_change()
     let (code, _, _) = proctor(&["baseline", "compare", "--baseline-tolerance", "2000%", "--store", store]).await;
     assert_eq!(code, 0, "a looser tolerance passes the same run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_commands_name_what_is_wrong_and_the_fix() {
+    let dir = Scratch::new("store-input");
+    let missing = dir.path.join("none.sqlite");
+    let (code, _, err) = proctor(&["runs", "list", "--store", missing.to_str().unwrap()]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no store here yet") && !missing.exists(), "reading never creates a store: {err}");
+    let (code, _, err) = proctor(&["runs", "list", "--store", "mysql://db/x"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("is not a store: give a file path or a postgres:// URL"), "{err}");
+    let (code, _, err) = proctor(&["runs", "list", "--store", "postgres://ci:hunter2@127.0.0.1:1/x"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("postgres://ci:***@127.0.0.1:1/x") && !err.contains("hunter2"), "{err}");
+
+    // A store with one run: an unknown run is bad input, `--no-store` keeps nothing.
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"])).await;
+    let file = dir.path.join("runs.sqlite");
+    let store = file.to_str().unwrap();
+    let suite = dir.write("t.yaml", TRANSLATE_SUITE);
+    let out = dir.path.join("out");
+    let base = ["run", "--agent", &agent.addr, "--progress", "none", "--out", out.to_str().unwrap()];
+    let (code, _, err) = proctor(&[&base[..], &["--store", store, suite.to_str().unwrap()]].concat()).await;
+    assert_eq!(code, 0, "{err}");
+    let other = dir.path.join("other.sqlite");
+    let no_store = [&base[..], &["--no-store", suite.to_str().unwrap()]].concat();
+    let kept_nothing = tokio::process::Command::new(BIN)
+        .args(&no_store)
+        .env("PROCTOR_STORE", &other)
+        .output()
+        .await
+        .unwrap();
+    assert!(kept_nothing.status.success() && !other.exists(), "--no-store beats PROCTOR_STORE");
+    let (code, _, err) = proctor(&["runs", "show", "0000", "--store", store]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("no run \"0000\" (see `proctor runs list`)"), "{err}");
+    let (code, _, err) = proctor(&["baseline", "set", "0000", "--store", store]).await;
+    assert_eq!(code, 64, "{err}");
+    let (code, shown, _) = proctor(&["baseline", "show", "--store", store]).await;
+    assert_eq!((code, shown.trim()), (0, "no baselines yet: `proctor baseline set [RUN]` takes one from a run"));
+    let html = dir.path.join("trends.html");
+    let (code, said, _) = proctor(&["trends", "--html", html.to_str().unwrap(), "--store", store]).await;
+    assert_eq!(code, 0);
+    assert!(said.contains("/translation/nllb") && said.contains("median"), "{said}");
+    assert!(std::fs::read_to_string(&html).unwrap().contains("<polyline"), "a chart per model and host");
+}
