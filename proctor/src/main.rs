@@ -113,8 +113,9 @@ impl StoreArgs {
 struct KeepArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// Do not keep this run in the store (and do not compare it with baselines).
-    #[arg(long, conflicts_with = "store")]
+    /// Do not keep this run in the store (and do not compare it with baselines); beats --store and
+    /// PROCTOR_STORE.
+    #[arg(long)]
     no_store: bool,
     #[command(flatten)]
     tolerance: ToleranceArgs,

@@ -251,12 +251,8 @@ async fn store_commands_name_what_is_wrong_and_the_fix() {
     assert_eq!(code, 0, "{err}");
     let other = dir.path.join("other.sqlite");
     let no_store = [&base[..], &["--no-store", suite.to_str().unwrap()]].concat();
-    let kept_nothing = tokio::process::Command::new(BIN)
-        .args(&no_store)
-        .env("PROCTOR_STORE", &other)
-        .output()
-        .await
-        .unwrap();
+    let kept_nothing =
+        tokio::process::Command::new(BIN).args(&no_store).env("PROCTOR_STORE", &other).output().await.unwrap();
     assert!(kept_nothing.status.success() && !other.exists(), "--no-store beats PROCTOR_STORE");
     let (code, _, err) = proctor(&["runs", "show", "0000", "--store", store]).await;
     assert_eq!(code, 64);
