@@ -42,9 +42,14 @@ pub async fn open(location: &Location) -> Result<Store, StoreError> {
 }
 
 /// A store error is 2 (infrastructure); a run that is not there is 64.
-fn store_failed(e: &StoreError) -> Exit {
+fn store_failed(e: StoreError) -> Exit {
     let bad_input = e.message.starts_with("no run ") || e.message.contains("names more than one run");
     fail(e, if bad_input { Exit::BadInput } else { Exit::Infrastructure })
+}
+
+/// A command's body answers `Ok(exit)` or, having said why, `Err(exit)`.
+fn exit(result: Result<Exit, Exit>) -> Exit {
+    result.unwrap_or_else(|e| e)
 }
 
 fn when(ms: i64) -> String {
@@ -60,14 +65,12 @@ fn status(r: &RunRow) -> String {
 
 /// `proctor runs list`.
 pub async fn list(location: &Location, last: usize, as_json: bool) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    let runs = match store.runs(last).await {
-        Ok(r) => r,
-        Err(e) => return store_failed(&e),
-    };
+    exit(list_runs(location, last, as_json).await)
+}
+
+async fn list_runs(location: &Location, last: usize, as_json: bool) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let runs = store.runs(last).await.map_err(store_failed)?;
     if as_json {
         let rows: Vec<serde_json::Value> = runs
             .iter()
@@ -78,10 +81,10 @@ pub async fn list(location: &Location, last: usize, as_json: bool) -> Exit {
             })
             .collect();
         json(&rows);
-        return Exit::Passed;
+        return Ok(Exit::Passed);
     }
     say(&runs_table(&runs));
-    Exit::Passed
+    Ok(Exit::Passed)
 }
 
 /// The table `runs list` prints, newest first.
@@ -110,25 +113,24 @@ pub fn runs_table(runs: &[RunRow]) -> String {
     out
 }
 
-async fn told(store: &Store, which: &str, out_dir: &Path) -> Result<(RunRow, Replayed), StoreError> {
-    let row = store.run(which).await?;
-    let events = store.events(&row.id).await?;
+/// A stored run, told again.
+async fn told(store: &Store, which: &str, out_dir: &Path) -> Result<(RunRow, Replayed), Exit> {
+    let row = store.run(which).await.map_err(store_failed)?;
+    let events = store.events(&row.id).await.map_err(store_failed)?;
     Ok((row, replay(&events, out_dir)))
 }
 
 /// `proctor runs show RUN`.
 pub async fn show(location: &Location, which: &str, as_json: bool) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    let (row, told) = match told(&store, which, Path::new(".")).await {
-        Ok(t) => t,
-        Err(e) => return store_failed(&e),
-    };
+    exit(show_run(location, which, as_json).await)
+}
+
+async fn show_run(location: &Location, which: &str, as_json: bool) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let (row, told) = told(&store, which, Path::new(".")).await?;
     if as_json {
         json(&told.document());
-        return Exit::Passed;
+        return Ok(Exit::Passed);
     }
     let finished = row.finished_unix_ms.map_or("never: partial run, what it received is below".into(), when);
     say(&format!(
@@ -140,20 +142,18 @@ pub async fn show(location: &Location, which: &str, as_json: bool) -> Exit {
         status(&row),
         told.report.summary()
     ));
-    Exit::Passed
+    Ok(Exit::Passed)
 }
 
 /// `proctor report RUN --out DIR`: the reports, written again from the store.
 pub async fn report(location: &Location, which: &str, out_dir: &Path) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    let (row, told) = match told(&store, which, out_dir).await {
-        Ok(t) => t,
-        Err(e) => return store_failed(&e),
-    };
-    match told.write(out_dir) {
+    exit(write_report(location, which, out_dir).await)
+}
+
+async fn write_report(location: &Location, which: &str, out_dir: &Path) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let (row, told) = told(&store, which, out_dir).await?;
+    Ok(match told.write(out_dir) {
         Ok(files) => {
             let mut text = format!("run {} ({})\n", row.id, status(&row));
             for (what, path) in [
@@ -170,20 +170,18 @@ pub async fn report(location: &Location, which: &str, out_dir: &Path) -> Exit {
             Exit::Passed
         }
         Err(e) => fail(e, Exit::Infrastructure),
-    }
+    })
 }
 
 /// `proctor baseline set [RUN]`: the run's loads become the baseline of
 /// their host, service and model.
 pub async fn set(location: &Location, which: &str) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    let (row, told) = match told(&store, which, Path::new(".")).await {
-        Ok(t) => t,
-        Err(e) => return store_failed(&e),
-    };
+    exit(set_baseline(location, which).await)
+}
+
+async fn set_baseline(location: &Location, which: &str) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let (row, told) = told(&store, which, Path::new(".")).await?;
     let entries = baseline::entries(&told.report.loads, &row.id, crate::client::now_unix_ms());
     if entries.is_empty() {
         let why = format!(
@@ -191,13 +189,11 @@ pub async fn set(location: &Location, which: &str) -> Exit {
              baseline from a run with cold loads (`proctor run --fresh`)",
             row.id
         );
-        return fail(why, Exit::BadInput);
+        return Err(fail(why, Exit::BadInput));
     }
-    if let Err(e) = store.set_baseline(&entries).await {
-        return store_failed(&e);
-    }
+    store.set_baseline(&entries).await.map_err(store_failed)?;
     say(&format!("baseline set from run {}:\n{}", row.id, entries_table(&entries)));
-    Exit::Passed
+    Ok(Exit::Passed)
 }
 
 fn entries_table(entries: &[baseline::Entry]) -> String {
@@ -221,41 +217,29 @@ fn entries_table(entries: &[baseline::Entry]) -> String {
 
 /// `proctor baseline show`.
 pub async fn show_baselines(location: &Location, as_json: bool) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    match store.baselines().await {
-        Ok(entries) if as_json => {
-            json(&entries);
-            Exit::Passed
-        }
-        Ok(entries) if entries.is_empty() => {
-            say("no baselines yet: `proctor baseline set [RUN]` takes one from a run\n");
-            Exit::Passed
-        }
-        Ok(entries) => {
-            say(&entries_table(&entries));
-            Exit::Passed
-        }
-        Err(e) => store_failed(&e),
+    exit(list_baselines(location, as_json).await)
+}
+
+async fn list_baselines(location: &Location, as_json: bool) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let entries = store.baselines().await.map_err(store_failed)?;
+    match (as_json, entries.is_empty()) {
+        (true, _) => json(&entries),
+        (false, true) => say("no baselines yet: `proctor baseline set [RUN]` takes one from a run\n"),
+        (false, false) => say(&entries_table(&entries)),
     }
+    Ok(Exit::Passed)
 }
 
 /// `proctor baseline compare [RUN]`: exit 3 on a regression.
 pub async fn compare(location: &Location, which: &str, tolerance: Tolerance, as_json: bool) -> Exit {
-    let store = match open(location).await {
-        Ok(s) => s,
-        Err(e) => return store_failed(&e),
-    };
-    let (row, told) = match told(&store, which, Path::new(".")).await {
-        Ok(t) => t,
-        Err(e) => return store_failed(&e),
-    };
-    let entries = match store.baselines().await {
-        Ok(e) => e,
-        Err(e) => return store_failed(&e),
-    };
+    exit(compare_run(location, which, tolerance, as_json).await)
+}
+
+async fn compare_run(location: &Location, which: &str, tolerance: Tolerance, as_json: bool) -> Result<Exit, Exit> {
+    let store = open(location).await.map_err(store_failed)?;
+    let (row, told) = told(&store, which, Path::new(".")).await?;
+    let entries = store.baselines().await.map_err(store_failed)?;
     let comparison = baseline::compare(&entries, &told.report.loads, |_| tolerance);
     if as_json {
         json(&comparison);
@@ -264,7 +248,7 @@ pub async fn compare(location: &Location, which: &str, tolerance: Tolerance, as_
     } else {
         say(&format!("run {}{}", row.id, comparison.text()));
     }
-    if comparison.regressions() > 0 { Exit::Regression } else { Exit::Passed }
+    Ok(if comparison.regressions() > 0 { Exit::Regression } else { Exit::Passed })
 }
 
 /// `proctor trends`.
@@ -277,11 +261,11 @@ pub async fn show_trends(
 ) -> Exit {
     let store = match open(location).await {
         Ok(s) => s,
-        Err(e) => return store_failed(&e),
+        Err(e) => return store_failed(e),
     };
     let (loads, cases) = match (store.loads(last, model).await, store.case_history(last).await) {
         (Ok(l), Ok(c)) => (trends::load_trends(&l), trends::case_trends(&c)),
-        (Err(e), _) | (_, Err(e)) => return store_failed(&e),
+        (Err(e), _) | (_, Err(e)) => return store_failed(e),
     };
     if let Some(path) = html
         && let Err(e) = std::fs::write(path, trends_html(&loads, &cases, last))

@@ -183,6 +183,41 @@ async fn first_baseline(keep: &Keep, result: &controller::RunResult) -> Option<S
     Some(format!("baseline set from this run for {} (the next demo is compared with it)", models.join(", ")))
 }
 
+/// Where the demo's files are.
+fn files(out: &Path, config_path: &Path, data_dir: &Path, result: &controller::RunResult, keep: &Keep) {
+    let _ = writeln!(std::io::stdout(), "\nFiles:");
+    let _ = writeln!(std::io::stdout(), "  agent config   {}", config_path.display());
+    let _ = writeln!(
+        std::io::stdout(),
+        "  certificates   {} (mTLS: lab CA, agent, controller)",
+        out.join("certs").display()
+    );
+    let _ = writeln!(std::io::stdout(), "  suites         {}", out.join("suites").display());
+    if let Some(j) = &result.junit {
+        let _ = writeln!(std::io::stdout(), "  JUnit report   {}", j.display());
+    }
+    if let Some(j) = &result.files.json {
+        let _ = writeln!(std::io::stdout(), "  JSON report    {} (see docs/reports.md)", j.display());
+    }
+    if let Some(h) = &result.files.html {
+        let _ = writeln!(std::io::stdout(), "  HTML report    {} (open it in a browser)", h.display());
+    }
+    if let Some(m) = &result.files.markdown {
+        let _ = writeln!(std::io::stdout(), "  summary        {} (Markdown, for CI)", m.display());
+    }
+    if let Some(t) = &result.files.trace {
+        let _ = writeln!(std::io::stdout(), "  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
+    }
+    let _ = writeln!(std::io::stdout(), "  service log    {}", data_dir.join("translation.log").display());
+    if let (Some(store), Some(report)) = (&keep.store, &result.report) {
+        let _ = writeln!(
+            std::io::stdout(),
+            "  run store      {store} (proctor runs show {}; proctor trends)",
+            report.run_id
+        );
+    }
+}
+
 pub async fn run(
     out: &Path,
     progress: controller::progress::Mode,
@@ -245,37 +280,7 @@ pub async fn run(
     if let Err(e) = agent.shutdown().await {
         eprintln!("warning: agent shutdown: {e}");
     }
-    let _ = writeln!(std::io::stdout(), "\nFiles:");
-    let _ = writeln!(std::io::stdout(), "  agent config   {}", config_path.display());
-    let _ = writeln!(
-        std::io::stdout(),
-        "  certificates   {} (mTLS: lab CA, agent, controller)",
-        out.join("certs").display()
-    );
-    let _ = writeln!(std::io::stdout(), "  suites         {}", out.join("suites").display());
-    if let Some(j) = &result.junit {
-        let _ = writeln!(std::io::stdout(), "  JUnit report   {}", j.display());
-    }
-    if let Some(j) = &result.files.json {
-        let _ = writeln!(std::io::stdout(), "  JSON report    {} (see docs/reports.md)", j.display());
-    }
-    if let Some(h) = &result.files.html {
-        let _ = writeln!(std::io::stdout(), "  HTML report    {} (open it in a browser)", h.display());
-    }
-    if let Some(m) = &result.files.markdown {
-        let _ = writeln!(std::io::stdout(), "  summary        {} (Markdown, for CI)", m.display());
-    }
-    if let Some(t) = &result.files.trace {
-        let _ = writeln!(std::io::stdout(), "  trace          {} (OTLP JSON; see docs/tracing.md)", t.display());
-    }
-    let _ = writeln!(std::io::stdout(), "  service log    {}", data_dir.join("translation.log").display());
-    if let (Some(store), Some(report)) = (&keep.store, &result.report) {
-        let _ = writeln!(
-            std::io::stdout(),
-            "  run store      {store} (proctor runs show {}; proctor trends)",
-            report.run_id
-        );
-    }
+    files(out, &config_path, &data_dir, &result, &keep);
     if let Some(said) = baseline_set {
         let _ = writeln!(std::io::stdout(), "\n{said}");
     }

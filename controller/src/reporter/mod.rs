@@ -170,6 +170,29 @@ async fn compare(setup: &StoreSetup, report: &RunReport, suites: &[SuiteInfo]) -
     Ok(baseline::compare(&entries, &report.loads, tolerance_of))
 }
 
+/// Ends the run's record: its loads compared with their baselines (the
+/// comparison joins the report and the store), every event written, the
+/// run marked finished. What fails is said; the reports are written anyway.
+async fn keep(
+    setup: &StoreSetup,
+    recorder: Recorder,
+    junit: &mut junit::Junit,
+    suites: &[SuiteInfo],
+    terminal: &mut terminal::Terminal,
+) {
+    if let Ok(comparison) = compare(setup, &junit.report(), suites).await.inspect_err(|e| terminal.warn(e)) {
+        let event = RunEvent::BaselineCompared { comparison };
+        recorder.on(&event, crate::client::now_unix_ms());
+        junit.on(&event);
+    }
+    match recorder.close().await {
+        Ok(store) => {
+            let _ = store.finish_run(&junit.report()).await.inspect_err(|e| terminal.warn(&e.to_string()));
+        }
+        Err(e) => terminal.warn(&e),
+    }
+}
+
 /// Feeds every event to every reporter until `Finished`, then lets each
 /// write its output; the terminal prints the summary last.
 pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) -> Outputs {
@@ -232,22 +255,10 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
             None
         }
     };
-    let mut report = junit.report();
     if let (Some(setup), Some(recorder)) = (&config.store, recorder) {
-        if let Ok(comparison) = compare(setup, &report, &suites).await.inspect_err(|e| terminal.warn(e)) {
-            let event = RunEvent::BaselineCompared { comparison };
-            recorder.on(&event, crate::client::now_unix_ms());
-            junit.on(&event);
-            report = junit.report();
-        }
-        let kept = recorder.close().await;
-        match kept {
-            Ok(store) => {
-                let _ = store.finish_run(&report).await.inspect_err(|e| terminal.warn(&e.to_string()));
-            }
-            Err(e) => terminal.warn(&e),
-        }
+        keep(setup, recorder, &mut junit, &suites, &mut terminal).await;
     }
+    let report = junit.report();
     let json_path = json.finish(&report).inspect_err(|e| terminal.error(e)).ok();
     let html_path = json.finish_html(&report).inspect_err(|e| terminal.error(e)).ok();
     let markdown_path = write_markdown(&report, &config.out_dir).inspect_err(|e| terminal.error(e)).ok();

@@ -43,7 +43,7 @@ async fn a_host_killed_mid_suite_is_replaced_and_every_case_reported_once() {
     let suite = out.write("t.yaml", TRANSLATE_SUITE);
     let opts = quick(RunOptions {
         inventory: Some(inventory),
-        store: Some(store.clone()),
+        store: Some(store),
         ..RunOptions::new(vec![], vec![suite.clone()], out.path.clone())
     });
     let run = tokio::spawn(controller::run(opts, CancellationToken::new()));
@@ -77,33 +77,7 @@ async fn a_host_killed_mid_suite_is_replaced_and_every_case_reported_once() {
     assert!(junit.contains("flakyError") && junit.contains("re-run: host first lost"), "the re-run shows: {junit}");
     assert!(report.summary().contains("Re-run after infrastructure loss"), "{}", report.summary());
 
-    // A second, quiet run on the host left: across the two, each case needed
-    // one re-run, and `proctor trends` counts it as flaky.
-    let quiet = RunOptions {
-        store: Some(store.clone()),
-        ..RunOptions::new(vec![second.addr.clone()], vec![suite], out.path.join("quiet"))
-    };
-    assert_eq!(controller::run(quiet, CancellationToken::new()).await.exit, Exit::Passed);
-    let path = out.path.join("runs.sqlite");
-    let trends = tokio::process::Command::new(BIN)
-        .args(["trends", "--output", "json", "--store", path.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    let trends: serde_json::Value = serde_json::from_slice(&trends.stdout).unwrap();
-    let cases = trends["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 2, "{trends}");
-    for c in cases {
-        assert_eq!((c["runs"].as_u64(), c["reruns"].as_u64(), c["flips"].as_u64()), (Some(2), Some(1), Some(0)), "{c}");
-        assert_eq!(c["outcomes"], "PP");
-    }
-    let text =
-        tokio::process::Command::new(BIN).args(["trends", "--store", path.to_str().unwrap()]).output().await.unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
-    assert!(
-        text.contains("Flaky cases (2 of 2 seen") && text.contains("PP  1 re-run, 0 flips in 2 runs (50 %)"),
-        "{text}"
-    );
+    flaky_across_runs(&second, suite, &out).await;
 
     // The killed host's service is not left unsupervised: a new agent takes it back.
     assert!(testkit::process_alive(service_pid));
@@ -117,6 +91,32 @@ async fn a_host_killed_mid_suite_is_replaced_and_every_case_reported_once() {
         !testkit::process_alive(service_pid)
     })
     .await;
+}
+
+/// A second, quiet run on the host left: across the two, each case needed
+/// one re-run, and `proctor trends` counts it as flaky.
+async fn flaky_across_runs(second: &Agent, suite: std::path::PathBuf, out: &Scratch) {
+    let path = out.path.join("runs.sqlite");
+    let quiet = RunOptions {
+        store: Some(controller::store::Location::Sqlite(path.clone())),
+        ..RunOptions::new(vec![second.addr.clone()], vec![suite], out.path.join("quiet"))
+    };
+    assert_eq!(controller::run(quiet, CancellationToken::new()).await.exit, Exit::Passed);
+    let store = path.to_str().unwrap();
+    let trends = tokio::process::Command::new(BIN).args(["trends", "--output", "json", "--store", store]).output();
+    let trends: serde_json::Value = serde_json::from_slice(&trends.await.unwrap().stdout).unwrap();
+    let cases = trends["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2, "{trends}");
+    for c in cases {
+        assert_eq!((c["runs"].as_u64(), c["reruns"].as_u64(), c["flips"].as_u64()), (Some(2), Some(1), Some(0)), "{c}");
+        assert_eq!(c["outcomes"], "PP");
+    }
+    let text = tokio::process::Command::new(BIN).args(["trends", "--store", store]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Flaky cases (2 of 2 seen") && text.contains("PP  1 re-run, 0 flips in 2 runs (50 %)"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
