@@ -171,6 +171,58 @@ const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPT
 /// hand-written lists of cases, and a YAML bomb must not take the runner down.
 pub const MAX_SUITE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// YAML values (scalars, lists, maps) one suite file may hold: a case
+/// written out in full is about 25, so 100,000 cases fit; a file that needs
+/// more is past [`MAX_SUITE_BYTES`] long before.
+pub const MAX_SUITE_NODES: usize = 2_500_000;
+
+/// Nesting of lists and maps in a suite (a case's JSON body included).
+pub const MAX_SUITE_DEPTH: usize = 64;
+
+/// The parser's limits, set for suites rather than left at the YAML crate's
+/// defaults (whose 250,000 values refused a 10,000-case suite). The file
+/// size (`MAX_SUITE_BYTES`) is checked before parsing; anchors and aliases
+/// keep the crate's bounds against alias bombs.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_SUITE_NODES;
+    budget.max_events = 3 * MAX_SUITE_NODES;
+    budget.max_depth = MAX_SUITE_DEPTH;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// The parser limit an error is about, under its snippet and alias wrappers.
+fn budget_breach(mut e: &serde_saphyr::Error) -> Option<&serde_saphyr::budget::BudgetBreach> {
+    loop {
+        match e {
+            serde_saphyr::Error::Budget { breach, .. } => return Some(breach),
+            serde_saphyr::Error::WithSnippet { error, .. } | serde_saphyr::Error::AliasError { error, .. } => e = error,
+            _ => return None,
+        }
+    }
+}
+
+/// A limit the suite went past, named with its fix.
+fn over_budget(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    match breach {
+        B::Nodes { .. } | B::Events { .. } => format!(
+            "the suite holds more than {MAX_SUITE_NODES} YAML values, the limit for one suite file: split its cases \
+             into several suite files (a run takes many)"
+        ),
+        B::Depth { .. } => format!(
+            "the suite nests lists and maps deeper than {MAX_SUITE_DEPTH} levels, the limit for a suite: flatten the \
+             request body (or send it as `body:` text)"
+        ),
+        other => format!(
+            "the suite went past a YAML parser limit ({other:?}); anchors and aliases are limited against alias \
+             bombs — write the cases out, or split the file"
+        ),
+    }
+}
+
 /// Reads and validates a suite file.
 pub fn load(path: &Path) -> Result<Suite, SuiteError> {
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -198,11 +250,14 @@ pub fn load(path: &Path) -> Result<Suite, SuiteError> {
 /// Parses suite text; `path` is used for messages and `Suite::file`.
 pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
     let r = Reader { file: path.display().to_string() };
-    let raw: RawSuite = serde_saphyr::from_str(text).map_err(|e| {
+    let raw: RawSuite = serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        // The first line of saphyr's message is the reason; the rest is a snippet.
-        let first = e.to_string().lines().next().unwrap_or("invalid YAML").to_owned();
-        SuiteError { file: r.file.clone(), line, column, message: strip_location(&first).to_owned() }
+        let message = match budget_breach(&e) {
+            Some(breach) => over_budget(breach),
+            // The first line of saphyr's message is the reason; the rest is a snippet.
+            _ => strip_location(e.to_string().lines().next().unwrap_or("invalid YAML")).to_owned(),
+        };
+        SuiteError { file: r.file.clone(), line, column, message }
     })?;
     let _ = raw.description;
     let name = r.non_empty(&raw.name, "suite name")?;
@@ -502,6 +557,38 @@ cases:
             assert!(GOOD.contains(from), "{from}");
             let err = parse(&GOOD.replace(from, to), Path::new("s.yaml")).unwrap_err().to_string();
             assert!(err.starts_with(want), "{from} -> {to}: got {err:?}, want prefix {want:?}");
+        }
+    }
+
+    /// A generated suite of `n` cases, seven lines each.
+    fn generated(n: usize) -> String {
+        let mut text = String::from("name: big\nservice: translation\nmodels: [nllb]\ncases:\n");
+        for i in 0..n {
+            text.push_str(&format!(
+                "  - name: case {i}\n    request:\n      method: POST\n      path: /translate\n      json: {{text: \
+                 Hello {i}, source_lang: en, target_lang: es, model: nllb}}\n    expect:\n      status: 200\n      \
+                 json: [{{pointer: /model, equals: nllb}}]\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_suite_of_ten_thousand_cases_is_read_and_past_the_limits_is_told_how_to_split() {
+        let big = parse(&generated(10_000), Path::new("k10000.yaml")).expect("10,000 cases are a suite");
+        assert_eq!(big.cases.len(), 10_000);
+        let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        let deep = GOOD.replace("json: {text: Hello world", &format!("json: {{deep: {nested}, text: Hello world"));
+        assert_ne!(deep, GOOD);
+        let err = parse(&deep, Path::new("s.yaml")).unwrap_err().to_string();
+        assert!(err.contains("deeper than 64 levels, the limit for a suite: flatten the request body"), "{err}");
+        use serde_saphyr::budget::BudgetBreach as B;
+        for (breach, says) in [
+            (B::Nodes { nodes: MAX_SUITE_NODES + 1 }, "more than 2500000 YAML values, the limit for one suite file: split"),
+            (B::Events { events: 1 }, "split its cases into several suite files"),
+            (B::Aliases { aliases: 50_001 }, "anchors and aliases are limited"),
+        ] {
+            assert!(over_budget(&breach).contains(says), "{breach:?}: {}", over_budget(&breach));
         }
     }
 
