@@ -36,6 +36,7 @@ pub async fn open(location: &Location) -> Result<Store, StoreError> {
         return Err(StoreError {
             location: location.to_string(),
             message: "no store here yet: runs are kept once `proctor run` or `proctor demo` ran with it".into(),
+            no_such_run: false,
         });
     }
     Store::open(location).await
@@ -43,8 +44,8 @@ pub async fn open(location: &Location) -> Result<Store, StoreError> {
 
 /// A store error is 2 (infrastructure); a run that is not there is 64.
 fn store_failed(e: StoreError) -> Exit {
-    let bad_input = e.message.starts_with("no run ") || e.message.contains("names more than one run");
-    fail(e, if bad_input { Exit::BadInput } else { Exit::Infrastructure })
+    let exit = if e.no_such_run { Exit::BadInput } else { Exit::Infrastructure };
+    fail(e, exit)
 }
 
 /// A command's body answers `Ok(exit)` or, having said why, `Err(exit)`.
@@ -240,7 +241,8 @@ async fn compare_run(location: &Location, which: &str, tolerance: Tolerance, as_
     let store = open(location).await.map_err(store_failed)?;
     let (row, told) = told(&store, which, Path::new(".")).await?;
     let entries = store.baselines().await.map_err(store_failed)?;
-    let comparison = baseline::compare(&entries, &told.report.loads, |_| tolerance);
+    let rule = |key: &baseline::Key| baseline::tolerance_for(key, &told.report.suite_loads, &told.suites, tolerance);
+    let comparison = baseline::compare(&entries, &told.report.loads, rule);
     if as_json {
         json(&comparison);
     } else if comparison.is_empty() {

@@ -19,8 +19,8 @@ use crate::report::{CaseReport, ModelLoad, Outcome, RunReport};
 use crate::run::events::{RunEvent, SuiteInfo};
 use db::{Db, Row, Statement, Val};
 
-/// Where the store lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the store lives. `Debug` and `Display` hide a URL's password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     Sqlite(PathBuf),
     Postgres(String),
@@ -48,7 +48,7 @@ impl Location {
             return Ok(Location::Postgres(text.to_owned()));
         }
         if text.contains("://") {
-            return Err(format!("{text:?} is not a store: give a file path or a postgres:// URL"));
+            return Err(format!("{:?} is not a store: give a file path or a postgres:// URL", hide_password(text)));
         }
         Ok(Location::Sqlite(PathBuf::from(text)))
     }
@@ -60,6 +60,12 @@ impl Location {
             std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| Path::new(&h).join(".local/share"))
         })?;
         Some(data.join("proctor").join("runs.sqlite"))
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
     }
 }
 
@@ -101,6 +107,8 @@ fn hide_query_password(url: &str) -> String {
 pub struct StoreError {
     pub location: String,
     pub message: String,
+    /// The run asked for is not there (or the id names several): bad input.
+    pub no_such_run: bool,
 }
 
 /// One run as `proctor runs list` shows it.
@@ -181,7 +189,7 @@ fn run_row(r: &Row) -> RunRow {
 impl Store {
     /// Opens (creating where it can) and migrates the store.
     pub async fn open(location: &Location) -> Result<Store, StoreError> {
-        let fail = |message: String| StoreError { location: location.to_string(), message };
+        let fail = |message: String| StoreError { location: location.to_string(), message, no_such_run: false };
         let mut db = match location {
             Location::Sqlite(path) => Db::sqlite(path).map_err(fail)?,
             Location::Postgres(url) => Db::postgres(url).await.map_err(|e| fail(hide_password(&e)))?,
@@ -195,7 +203,7 @@ impl Store {
     }
 
     fn fail(&self, message: String) -> StoreError {
-        StoreError { location: self.location.to_string(), message }
+        StoreError { location: self.location.to_string(), message, no_such_run: false }
     }
 
     async fn write(&self, statements: &[Statement]) -> Result<(), StoreError> {
@@ -264,19 +272,29 @@ impl Store {
         Ok(rows.iter().map(run_row).collect())
     }
 
-    /// A run by id, unique id prefix, or `latest`.
+    /// A run by id, unique start of an id (any case), or `latest`.
     pub async fn run(&self, which: &str) -> Result<RunRow, StoreError> {
-        let rows = if which == "latest" {
+        let wanted = which.trim().to_lowercase();
+        let rows: Vec<RunRow> = if wanted == "latest" {
             self.runs(1).await?
         } else {
-            let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id LIKE $1 ORDER BY started_unix_ms DESC LIMIT 3");
-            let pattern = format!("{}%", which.replace(['%', '_'], ""));
-            self.query(&sql, &[pattern.into()]).await?.iter().map(run_row).collect()
+            let exact = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+            let found: Vec<RunRow> = self.query(&exact, &[wanted.as_str().into()]).await?.iter().map(run_row).collect();
+            if found.is_empty() {
+                let prefix = format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE substr(lower(id), 1, length($1)) = $1 \
+                     ORDER BY started_unix_ms DESC LIMIT 3"
+                );
+                self.query(&prefix, &[wanted.as_str().into()]).await?.iter().map(run_row).collect()
+            } else {
+                found
+            }
         };
+        let missing = |message: String| StoreError { no_such_run: true, ..self.fail(message) };
         match rows.as_slice() {
             [one] => Ok(one.clone()),
-            [] => Err(self.fail(format!("no run {which:?} (see `proctor runs list`)"))),
-            _ => Err(self.fail(format!("{which:?} names more than one run: give more of its id"))),
+            [] => Err(missing(format!("no run {which:?} (see `proctor runs list`)"))),
+            _ => Err(missing(format!("{which:?} names more than one run: give more of its id"))),
         }
     }
 
@@ -286,12 +304,21 @@ impl Store {
             .query("SELECT at_unix_ms, body FROM run_events WHERE run_id = $1 ORDER BY seq", &[run_id.into()])
             .await?;
         let mut out = Vec::with_capacity(rows.len());
+        let mut unread = 0;
         for r in &rows {
             // An event this build cannot read (a newer controller wrote it)
-            // is left out rather than losing the whole run.
-            if let Ok(event) = serde_json::from_str::<RunEvent>(&r.text(1)) {
-                out.push((r.int(0), event));
+            // is left out rather than losing the whole run — and said.
+            match serde_json::from_str::<RunEvent>(&r.text(1)) {
+                Ok(event) => out.push((r.int(0), event)),
+                Err(_) => unread += 1,
             }
+        }
+        if unread > 0 {
+            tracing::warn!(
+                run = run_id,
+                unread,
+                "events of this run could not be read (written by a newer Proctor?); the run is told without them"
+            );
         }
         Ok(out)
     }
@@ -326,12 +353,11 @@ impl Store {
         Ok(loads)
     }
 
-    /// Case results of the newest `runs` finished runs, oldest first.
+    /// Case results of the newest `runs` runs (the same runs `loads` reads), oldest first.
     pub async fn case_history(&self, runs: usize) -> Result<Vec<CaseRow>, StoreError> {
         let sql = "SELECT c.run_id, c.suite, c.name, c.outcome, c.reruns, c.at_unix_ms FROM case_results c \
-                   JOIN (SELECT id, started_unix_ms FROM runs WHERE finished_unix_ms IS NOT NULL \
-                   ORDER BY started_unix_ms DESC LIMIT $1) r ON r.id = c.run_id \
-                   ORDER BY r.started_unix_ms, c.suite, c.name";
+                   JOIN (SELECT id, started_unix_ms FROM runs ORDER BY started_unix_ms DESC LIMIT $1) r \
+                   ON r.id = c.run_id ORDER BY r.started_unix_ms, c.suite, c.name";
         let rows = self.query(sql, &[(runs as u64).into()]).await?;
         Ok(rows
             .iter()
@@ -496,12 +522,23 @@ struct RunLog {
 }
 
 /// Writes a run's events as they arrive, on its own task, so a slow
-/// database never holds up the terminal or the other reporters. The first
-/// failure stops the writing and is told at the end; the run goes on.
+/// database never holds up the terminal or the other reporters. A write that
+/// fails is tried once more; one that fails again stops the writing, and is
+/// told at the end (the run's verdict is still written). The run goes on.
 #[derive(Debug)]
 pub struct Recorder {
     tx: tokio::sync::mpsc::UnboundedSender<(i64, RunEvent)>,
-    task: tokio::task::JoinHandle<(std::sync::Arc<Store>, Option<String>)>,
+    task: tokio::task::JoinHandle<Option<String>>,
+}
+
+/// One write's limit (PostgreSQL also bounds each statement and lock wait).
+const WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn write_bounded(store: &Store, statements: &[Statement]) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_LIMIT, store.write(statements)).await {
+        Ok(written) => written.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("run store {}: a write took over {}s", store.location(), WRITE_LIMIT.as_secs())),
+    }
 }
 
 impl Recorder {
@@ -509,11 +546,7 @@ impl Recorder {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, RunEvent)>();
         let task = tokio::spawn(async move {
             let mut run = RunLog { controller, ..RunLog::default() };
-            let mut failure = None;
             while let Some((at, event)) = rx.recv().await {
-                if failure.is_some() {
-                    continue;
-                }
                 if let RunEvent::Started { run_id, suites, .. } = &event {
                     run.id.clone_from(run_id);
                     run.suites.clone_from(suites);
@@ -522,15 +555,18 @@ impl Recorder {
                     continue;
                 }
                 run.seq += 1;
-                let written = match Store::statements(&run, run.seq, at, &event) {
-                    Ok(statements) => store.write(&statements).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
+                let statements = match Store::statements(&run, run.seq, at, &event) {
+                    Ok(s) => s,
+                    Err(e) => return Some(e),
                 };
-                if let Err(e) = written {
-                    failure = Some(format!("{e}; the rest of this run is not in the store (its reports are written)"));
+                if write_bounded(&store, &statements).await.is_err() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    if let Err(e) = write_bounded(&store, &statements).await {
+                        return Some(format!("{e}; the rest of this run's events are not in the store"));
+                    }
                 }
             }
-            (store, failure)
+            None
         });
         Recorder { tx, task }
     }
@@ -539,12 +575,12 @@ impl Recorder {
         let _ = self.tx.send((at, event.clone()));
     }
 
-    /// Waits for every event to be written; the store back, and what went wrong.
-    pub async fn close(self) -> Result<std::sync::Arc<Store>, String> {
+    /// Waits for every event to be written; what went wrong, if anything.
+    pub async fn close(self) -> Result<(), String> {
         drop(self.tx);
         match self.task.await {
-            Ok((store, None)) => Ok(store),
-            Ok((_, Some(failure))) => Err(failure),
+            Ok(None) => Ok(()),
+            Ok(Some(failure)) => Err(failure),
             Err(e) => Err(format!("the run store's writer failed: {e}")),
         }
     }
@@ -577,6 +613,7 @@ mod tests {
         for (bad, says) in [
             ("", "give a file path or a postgres:// URL"),
             ("mysql://db/x", "is not a store"),
+            ("postgre://ci:s3cret@db/x", "is not a store"),
             ("postgres://ci:s3cret@db/x?sslmode=require", "TLS to PostgreSQL is not supported yet"),
         ] {
             let e = Location::parse(bad).unwrap_err();
@@ -644,6 +681,12 @@ mod kept {
         }
         let listed = store.runs(10).await.unwrap();
         assert_eq!(listed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["rerun", "failed-load", "passing"]);
+        for (asked, found) in
+            [("PASS", Ok("passing")), ("rerun", Ok("rerun")), ("latest", Ok("rerun")), ("r_run", Err(true))]
+        {
+            let got = store.run(asked).await.map(|r| r.id).map_err(|e| e.no_such_run);
+            assert_eq!(got, found.map(str::to_owned), "{asked}");
+        }
         assert!(listed.iter().all(|r| r.status == "running" && r.partial()), "not finished until finish_run");
         let reopened = Store::open(&location).await.unwrap();
         assert_eq!(reopened.runs(10).await.unwrap().len(), 3, "opening again migrates nothing and loses nothing");

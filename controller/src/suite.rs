@@ -584,7 +584,10 @@ cases:
         assert!(err.contains("deeper than 64 levels, the limit for a suite: flatten the request body"), "{err}");
         use serde_saphyr::budget::BudgetBreach as B;
         for (breach, says) in [
-            (B::Nodes { nodes: MAX_SUITE_NODES + 1 }, "more than 2500000 YAML values, the limit for one suite file: split"),
+            (
+                B::Nodes { nodes: MAX_SUITE_NODES + 1 },
+                "more than 2500000 YAML values, the limit for one suite file: split",
+            ),
             (B::Events { events: 1 }, "split its cases into several suite files"),
             (B::Aliases { aliases: 50_001 }, "anchors and aliases are limited"),
         ] {

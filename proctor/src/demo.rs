@@ -165,22 +165,29 @@ fn inventory(out: &Path, addr: &std::net::SocketAddr) -> Result<PathBuf, String>
 }
 
 /// The first kept demo sets the baseline for the loads that have none; later
-/// ones are compared with it (their summary shows the table).
+/// ones are compared with it (their summary shows the table). What it says
+/// (or the warning, if the store would not take it).
 async fn first_baseline(keep: &Keep, result: &controller::RunResult) -> Option<String> {
     let report = result.report.as_ref()?;
     let missing = &report.baseline.as_ref()?.without_baseline;
+    let location = keep.store.as_ref()?;
     if missing.is_empty() || result.exit != controller::Exit::Passed {
         return None;
     }
-    let store = controller::store::Store::open(keep.store.as_ref()?).await.ok()?;
     let now = controller::client::now_unix_ms();
     let entries: Vec<_> = controller::store::baseline::entries(&report.loads, &report.run_id, now)
         .into_iter()
         .filter(|e| missing.contains(&e.key))
         .collect();
-    store.set_baseline(&entries).await.ok()?;
+    let set = match controller::store::Store::open(location).await {
+        Ok(store) => store.set_baseline(&entries).await,
+        Err(e) => Err(e),
+    };
     let models: Vec<String> = missing.iter().map(ToString::to_string).collect();
-    Some(format!("baseline set from this run for {} (the next demo is compared with it)", models.join(", ")))
+    Some(match set {
+        Ok(()) => format!("baseline set from this run for {} (the next demo is compared with it)", models.join(", ")),
+        Err(e) => format!("warning: the baseline was not set: {e}"),
+    })
 }
 
 /// Where the demo's files are.

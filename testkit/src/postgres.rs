@@ -62,8 +62,37 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// The server and every backend of it.
+    fn processes(&self) -> Vec<u32> {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+            .expect("the server's postmaster.pid");
+        let mut all = vec![pid];
+        all.extend(crate::children(pid).into_iter().map(|(p, _)| p));
+        all
+    }
+
+    /// Freezes the server (SIGSTOP to it and its backends): it stops
+    /// answering without closing a connection, as across a network
+    /// partition. `resume` (or drop) thaws it.
+    pub fn freeze(&self) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.resume();
         let _ = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("pg_ctl"))

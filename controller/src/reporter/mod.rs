@@ -95,6 +95,8 @@ fn write_markdown(report: &RunReport, out_dir: &std::path::Path) -> Result<PathB
 #[derive(Debug)]
 pub struct Replayed {
     pub report: RunReport,
+    /// The run's suites as it started.
+    pub suites: Vec<SuiteInfo>,
     json: json::Json,
     /// Its controller never finished it: what it holds is what arrived.
     pub partial: bool,
@@ -106,14 +108,18 @@ pub fn replay(events: &[(i64, RunEvent)], out_dir: &std::path::Path) -> Replayed
     let mut collected = Collected::default();
     let mut json = json::Json::new(out_dir);
     let mut finished = false;
+    let mut suites = Vec::new();
     for (at, event) in events {
+        if let RunEvent::Started { suites: s, .. } = event {
+            suites.clone_from(s);
+        }
         collected.on(event);
         json.on(event, *at);
         finished |= matches!(event, RunEvent::Finished { .. });
     }
     if finished {
         let report = collected.report("no result: the run ended before this case ran");
-        return Replayed { report, json, partial: false };
+        return Replayed { report, suites, json, partial: false };
     }
     let mut report = collected.report("no result: the controller stopped before this case finished (partial run)");
     report.interrupted = true;
@@ -121,7 +127,7 @@ pub fn replay(events: &[(i64, RunEvent)], out_dir: &std::path::Path) -> Replayed
     let last = events.last().map_or(0, |e| e.0);
     report.duration = std::time::Duration::from_millis((last - first).max(0) as u64);
     json.set_partial();
-    Replayed { report, json, partial: true }
+    Replayed { report, suites, json, partial: true }
 }
 
 impl Replayed {
@@ -158,24 +164,15 @@ async fn compare(setup: &StoreSetup, report: &RunReport, suites: &[SuiteInfo]) -
         Ok(Err(e)) => return Err(format!("{e}; this run was not compared with its baselines")),
         Err(_) => return Err("the run store did not answer in 5s; this run was not compared with its baselines".into()),
     };
-    let tolerance_of = |key: &baseline::Key| {
-        let own = report
-            .suite_loads
-            .iter()
-            .filter(|(_, l)| &baseline::Key::of(l) == key)
-            .filter_map(|(name, _)| suites.iter().find(|s| &s.name == name)?.baseline_tolerance)
-            .reduce(f64::min);
-        Tolerance { ratio: own.unwrap_or(setup.tolerance.ratio), ..setup.tolerance }
-    };
+    let tolerance_of = |key: &baseline::Key| baseline::tolerance_for(key, &report.suite_loads, suites, setup.tolerance);
     Ok(baseline::compare(&entries, &report.loads, tolerance_of))
 }
 
-/// Ends the run's record: its loads compared with their baselines (the
-/// comparison joins the report and the store), every event written, the
-/// run marked finished. What fails is said; the reports are written anyway.
-async fn keep(
+/// Compares the run's loads with their baselines; the comparison joins the
+/// report and the store's record of the run. Bounded (see `compare`).
+async fn judge(
     setup: &StoreSetup,
-    recorder: Recorder,
+    recorder: &Recorder,
     junit: &mut junit::Junit,
     suites: &[SuiteInfo],
     terminal: &mut terminal::Terminal,
@@ -185,11 +182,30 @@ async fn keep(
         recorder.on(&event, crate::client::now_unix_ms());
         junit.on(&event);
     }
-    match recorder.close().await {
-        Ok(store) => {
-            let _ = store.finish_run(&junit.report()).await.inspect_err(|e| terminal.warn(&e.to_string()));
-        }
-        Err(e) => terminal.warn(&e),
+}
+
+/// After the reports are written: every event committed and the run marked
+/// finished, within 15 s — a store that stopped answering is said, never
+/// waited for. A recorder that failed mid-run still gets the run's verdict.
+async fn keep(setup: &StoreSetup, recorder: Recorder, report: &RunReport, terminal: &mut terminal::Terminal) {
+    let limit = std::time::Duration::from_secs(15);
+    match tokio::time::timeout(limit, recorder.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => terminal.warn(&e),
+        Err(_) => terminal.warn(&format!(
+            "run store {}: not every event was written within {}s; this run is kept in part",
+            setup.store.location(),
+            limit.as_secs()
+        )),
+    }
+    match tokio::time::timeout(limit, setup.store.finish_run(report)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => terminal.warn(&e.to_string()),
+        Err(_) => terminal.warn(&format!(
+            "run store {}: the run's verdict was not written within {}s; it is listed as partial",
+            setup.store.location(),
+            limit.as_secs()
+        )),
     }
 }
 
@@ -255,8 +271,8 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
             None
         }
     };
-    if let (Some(setup), Some(recorder)) = (&config.store, recorder) {
-        keep(setup, recorder, &mut junit, &suites, &mut terminal).await;
+    if let (Some(setup), Some(recorder)) = (&config.store, &recorder) {
+        judge(setup, recorder, &mut junit, &suites, &mut terminal).await;
     }
     let report = junit.report();
     let json_path = json.finish(&report).inspect_err(|e| terminal.error(e)).ok();
@@ -265,6 +281,9 @@ pub async fn run(mut events: mpsc::UnboundedReceiver<RunEvent>, config: Config) 
     let (trace_path, warnings) = trace.finish(&config.out_dir).await;
     for w in warnings {
         terminal.warn(&w);
+    }
+    if let (Some(setup), Some(recorder)) = (&config.store, recorder) {
+        keep(setup, recorder, &report, &mut terminal).await;
     }
     let files =
         Files { junit: junit_path, json: json_path, html: html_path, markdown: markdown_path, trace: trace_path };

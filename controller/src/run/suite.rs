@@ -105,11 +105,20 @@ impl SuiteRun<'_> {
                 continue; // settled without a try (unsatisfiable, gave up): look again
             }
             let wake = pause.unwrap_or_else(|| Instant::now() + REPLAN_EVERY);
+            self.until_next(wake, must_wait).await;
+        }
+    }
+
+    /// Until a try ends, the pause is over or the run is interrupted; the
+    /// results tries hand on meanwhile are recorded as they come, without
+    /// planning again for each.
+    async fn until_next(&mut self, wake: Instant, must_wait: bool) {
+        loop {
             tokio::select! {
                 Some((try_id, case, report)) = self.early.1.recv() => self.finish(case, report, Some(try_id)),
-                Some(joined) = self.tries.join_next_with_id(), if !self.tries.is_empty() => self.joined(joined),
-                _ = tokio::time::sleep_until(wake), if must_wait => {}
-                _ = self.ctx.cancel.cancelled() => {}
+                Some(joined) = self.tries.join_next_with_id(), if !self.tries.is_empty() => return self.joined(joined),
+                _ = tokio::time::sleep_until(wake), if must_wait => return,
+                _ = self.ctx.cancel.cancelled() => return,
             }
         }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::report::ModelLoad;
+use crate::run::events::SuiteInfo;
 
 /// The whole load, next to its stages.
 pub const TOTAL: &str = "load";
@@ -278,17 +279,37 @@ pub fn compare(baseline: &[Entry], loads: &[ModelLoad], tolerance_of: impl Fn(&K
     out
 }
 
-/// `25%` or `0.25` → 0.25.
+/// `25%` or `0.25` → 0.25. A bare number above 1 is refused: `25` is far
+/// more likely meant as 25 % than as 2500 % (which no load could exceed).
 pub fn parse_ratio(text: &str) -> Result<f64, String> {
     let t = text.trim();
-    let value = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
-        None => t.parse::<f64>(),
+    let (value, bare) = match t.strip_suffix('%') {
+        Some(p) => (p.trim().parse::<f64>().map(|v| v / 100.0), false),
+        None => (t.parse::<f64>(), true),
     };
     match value {
+        Ok(v) if bare && v > 1.0 => {
+            Err(format!("{text:?} as a fraction is {:.0} %: write \"{t}%\" if you meant {t} %", v * 100.0))
+        }
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("{text:?} is not a tolerance; write e.g. \"20%\" or \"0.2\"")),
     }
+}
+
+/// The tolerance a load is judged with: the tightest `baseline_tolerance`
+/// among the suites that waited for it, else the run's ratio; the run's slack.
+pub fn tolerance_for(
+    key: &Key,
+    suite_loads: &[(String, ModelLoad)],
+    suites: &[SuiteInfo],
+    run: Tolerance,
+) -> Tolerance {
+    let own = suite_loads
+        .iter()
+        .filter(|(_, l)| &Key::of(l) == key)
+        .filter_map(|(name, _)| suites.iter().find(|s| &s.name == name)?.baseline_tolerance)
+        .reduce(f64::min);
+    Tolerance { ratio: own.unwrap_or(run.ratio), ..run }
 }
 
 #[cfg(test)]
@@ -371,10 +392,35 @@ mod tests {
     }
 
     #[test]
+    fn a_load_is_judged_with_the_tightest_tolerance_of_the_suites_that_waited_for_it() {
+        let suite = |name: &str, tolerance: Option<f64>| SuiteInfo {
+            name: name.into(),
+            file: "s.yaml".into(),
+            service: "translation".into(),
+            models: vec!["nllb".into()],
+            cases: vec![],
+            baseline_tolerance: tolerance,
+        };
+        let suites = [suite("loose", Some(0.5)), suite("tight", Some(0.1)), suite("plain", None)];
+        let run = Tolerance { ratio: 0.25, slack: Duration::from_millis(700) };
+        let nllb = load("nllb", 1, &[]);
+        let key = Key::of(&nllb);
+        for (waited, want) in
+            [(vec!["loose", "tight"], 0.1), (vec!["loose"], 0.5), (vec!["plain"], 0.25), (vec![], 0.25)]
+        {
+            let suite_loads: Vec<(String, ModelLoad)> = waited.iter().map(|s| (s.to_string(), nllb.clone())).collect();
+            let got = tolerance_for(&key, &suite_loads, &suites, run);
+            assert_eq!((got.ratio, got.slack), (want, run.slack), "{waited:?}");
+        }
+    }
+
+    #[test]
     fn tolerances_are_written_as_percentages_or_fractions() {
         assert_eq!(parse_ratio("20%"), Ok(0.2));
         assert_eq!(parse_ratio("0.5"), Ok(0.5));
         assert!(parse_ratio("-3%").unwrap_err().contains("write e.g. \"20%\""));
+        assert_eq!(parse_ratio("25").unwrap_err(), "\"25\" as a fraction is 2500 %: write \"25%\" if you meant 25 %");
+        assert_eq!(parse_ratio("1"), Ok(1.0));
         assert!(parse_ratio("fast").is_err());
     }
 }

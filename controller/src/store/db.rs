@@ -4,6 +4,7 @@
 //! of `rusqlite` and `tokio-postgres`.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::types::{ToSql, Type};
@@ -90,9 +91,30 @@ const MIGRATION_LOCK: i64 = 7_700_151;
 pub type Statement = (&'static str, Vec<Val>);
 
 pub enum Db {
-    Sqlite(rusqlite::Connection),
+    /// Used on the blocking pool only: a writer waiting its turn (busy
+    /// timeout) never stalls the runtime's workers (agent streams, leases).
+    Sqlite(Arc<Mutex<rusqlite::Connection>>),
     Postgres(tokio_postgres::Client),
 }
+
+/// Runs `work` on the SQLite connection, on the blocking pool.
+async fn on_sqlite<T: Send + 'static>(
+    conn: &Arc<Mutex<rusqlite::Connection>>,
+    work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let conn = conn.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut c = conn.lock().map_err(|_| "the SQLite connection is unusable after a failure".to_owned())?;
+        work(&mut c)
+    });
+    done.await.map_err(|e| format!("the SQLite worker failed: {e}"))?
+}
+
+/// How long connecting to PostgreSQL, or waiting for one of its locks or
+/// statements, may take: a store that stopped answering costs the run
+/// seconds, never its reports.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PG_STATEMENT_OPTIONS: &str = "-c statement_timeout=30000 -c lock_timeout=30000";
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,14 +216,24 @@ impl Db {
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
-        Ok(Db::Sqlite(conn))
+        Ok(Db::Sqlite(Arc::new(Mutex::new(conn))))
     }
 
     /// Connects to PostgreSQL (no TLS: `sslmode=require` is refused by the
     /// caller with the fix); the connection runs on its own task.
     pub async fn postgres(url: &str) -> Result<Db, String> {
-        let (client, connection) =
-            tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        if config.get_options().is_none() {
+            config.options(PG_STATEMENT_OPTIONS);
+        }
+        let connecting = tokio::time::timeout(2 * PG_CONNECT_TIMEOUT, config.connect(tokio_postgres::NoTls));
+        let (client, connection) = connecting
+            .await
+            .map_err(|_| format!("no answer within {}s", 2 * PG_CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "run store: the PostgreSQL connection ended");
@@ -214,16 +246,20 @@ impl Db {
     pub async fn transaction(&mut self, statements: &[Statement]) -> Result<(), String> {
         match self {
             Db::Sqlite(conn) => {
-                // IMMEDIATE: a writer waits for the lock up front (busy
-                // timeout) instead of failing when it upgrades mid-way.
-                let behavior = rusqlite::TransactionBehavior::Immediate;
-                let tx = conn.transaction_with_behavior(behavior).map_err(|e| e.to_string())?;
-                for (sql, params) in statements {
-                    let mut stmt = tx.prepare_cached(&sqlite_sql(sql)).map_err(|e| e.to_string())?;
-                    stmt.execute(rusqlite::params_from_iter(sqlite_params(params)))
-                        .map_err(|e| format!("{e} in {sql}"))?;
-                }
-                tx.commit().map_err(|e| e.to_string())
+                let statements = statements.to_vec();
+                on_sqlite(conn, move |conn| {
+                    // IMMEDIATE: a writer waits for the lock up front (busy
+                    // timeout) instead of failing when it upgrades mid-way.
+                    let behavior = rusqlite::TransactionBehavior::Immediate;
+                    let tx = conn.transaction_with_behavior(behavior).map_err(|e| e.to_string())?;
+                    for (sql, params) in &statements {
+                        let mut stmt = tx.prepare_cached(&sqlite_sql(sql)).map_err(|e| e.to_string())?;
+                        stmt.execute(rusqlite::params_from_iter(sqlite_params(params)))
+                            .map_err(|e| format!("{e} in {sql}"))?;
+                    }
+                    tx.commit().map_err(|e| e.to_string())
+                })
+                .await
             }
             Db::Postgres(client) => {
                 let tx = client.transaction().await.map_err(|e| e.to_string())?;
@@ -248,17 +284,22 @@ impl Db {
         let now = crate::client::now_unix_ms();
         match self {
             Db::Sqlite(conn) => {
-                let e = |e: rusqlite::Error| e.to_string();
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(e)?;
-                tx.execute_batch(MIGRATION_BOOK).map_err(e)?;
-                let done = tx.query_row(&sqlite_sql(CHECK), [version], |_| Ok(())).is_ok();
-                if done || version == 0 {
+                let (name, sql) = (name.to_owned(), sql.to_owned());
+                let applied = on_sqlite(conn, move |conn| {
+                    let e = |e: rusqlite::Error| e.to_string();
+                    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(e)?;
+                    tx.execute_batch(MIGRATION_BOOK).map_err(e)?;
+                    let done = tx.query_row(&sqlite_sql(CHECK), [version], |_| Ok(())).is_ok();
+                    if done || version == 0 {
+                        tx.commit().map_err(e)?;
+                        return Ok(false);
+                    }
+                    tx.execute_batch(&sql).map_err(e)?;
+                    tx.execute(&sqlite_sql(RECORD), rusqlite::params![version, name, now]).map_err(e)?;
                     tx.commit().map_err(e)?;
-                    return Ok(false);
-                }
-                tx.execute_batch(sql).map_err(e)?;
-                tx.execute(&sqlite_sql(RECORD), rusqlite::params![version, name, now]).map_err(e)?;
-                tx.commit().map_err(e)?;
+                    Ok(true)
+                });
+                return applied.await;
             }
             Db::Postgres(client) => {
                 let e = |e: tokio_postgres::Error| e.to_string();
@@ -281,7 +322,10 @@ impl Db {
 
     pub async fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>, String> {
         match self {
-            Db::Sqlite(conn) => sqlite_rows(conn, sql, params).map_err(|e| format!("{e} in {sql}")),
+            Db::Sqlite(conn) => {
+                let (sql, params) = (sql.to_owned(), params.to_vec());
+                on_sqlite(conn, move |conn| sqlite_rows(conn, &sql, &params).map_err(|e| format!("{e} in {sql}"))).await
+            }
             Db::Postgres(client) => {
                 let boxed = pg_params(params);
                 let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref() as _).collect();

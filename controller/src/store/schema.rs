@@ -113,10 +113,18 @@ async fn version(db: &mut Db) -> Result<i64, String> {
 }
 
 /// Brings the store to the current schema; returns the versions applied.
+/// A store already current is only read (a read-only file or role can list
+/// runs); the book of migrations is made when there is none yet.
 pub async fn migrate(db: &mut Db) -> Result<Vec<i64>, String> {
-    db.apply_once(0, "", "").await?;
+    let at = match version(db).await {
+        Ok(v) => v,
+        Err(_) => {
+            db.apply_once(0, "", "").await?;
+            version(db).await?
+        }
+    };
     let mut applied = Vec::new();
-    for &(v, name, sql) in pending(version(db).await?)? {
+    for &(v, name, sql) in pending(at)? {
         if db.apply_once(v, name, sql).await.map_err(|e| format!("migration {v} ({name}): {e}"))? {
             applied.push(v);
         }

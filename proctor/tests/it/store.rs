@@ -124,6 +124,38 @@ async fn a_controller_killed_mid_run_leaves_what_it_received_in_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_stops_answering_costs_the_run_seconds_not_its_reports() {
+    let pg = Postgres::start();
+    let location = Location::Postgres(pg.url.clone());
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=300ms"]).flag("--slow-requests=2s")).await;
+    let out = Scratch::new("frozen-store");
+    let suite = out.write("slow.yaml", SLOW_SUITE);
+    let reports = out.path.join("out");
+    let started = std::time::Instant::now();
+    let run = tokio::process::Command::new(BIN)
+        .args(["run", "--store", &pg.url, "--progress", "none", "--agent", &agent.addr, "--out"])
+        .arg(&reports)
+        .arg(&suite)
+        .kill_on_drop(true)
+        .output();
+    let freeze = async {
+        case_results(&location, 0).await; // the run is in the store
+        pg.freeze();
+    };
+    let (o, ()) = tokio::join!(testkit::within(Duration::from_secs(90), "the run with a frozen store", run), freeze);
+    let o = o.unwrap();
+    let took = started.elapsed();
+    pg.resume();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "every case passed; the store is not the run's verdict: {said}");
+    assert!(said.contains("3 cases: 3 passed"), "{said}");
+    assert!(said.contains("run store postgres://proctor@127.0.0.1:"), "the store's trouble is said: {said}");
+    assert!(reports.join("junit.xml").exists() && reports.join("report.html").exists(), "reports written");
+    // Three 2 s cases, a 5 s comparison, a 10 s write tried twice, 15 s bounds at the end.
+    assert!(took < Duration::from_secs(75), "bounded: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_controllers_write_to_one_postgres_store_at_once_and_keep_their_own_results() {
     let pg = Postgres::start();
     let location = Location::Postgres(pg.url.clone());
