@@ -196,11 +196,55 @@ impl Telemetry {
         }
         let spans = std::mem::take(&mut *self.kept.0.lock().expect("span store"));
         let request = to_otlp(spans, &self.resource);
-        let text = serde_json::to_string_pretty(&request).map_err(std::io::Error::other)?;
+        let mut value = serde_json::to_value(&request).map_err(std::io::Error::other)?;
+        without_defaults(&mut value);
+        // One line: a 10,000-case run's trace stays a few MB, and every OTLP
+        // JSON reader (jq, collectors, Jaeger's import) takes it as it is.
+        let text = serde_json::to_string(&value).map_err(std::io::Error::other)? + "\n";
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::write(file, text)
+    }
+}
+
+/// Span fields whose value is the protobuf default say nothing (OTLP JSON
+/// readers fill them back): empty trace states, zero dropped counts, no
+/// events or links, an unset status, an empty schema URL. Attribute values
+/// are kept whatever they hold.
+fn without_defaults(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    const DEFAULTS: [&str; 8] = [
+        "traceState",
+        "droppedAttributesCount",
+        "droppedEventsCount",
+        "droppedLinksCount",
+        "events",
+        "links",
+        "schemaUrl",
+        "status",
+    ];
+    let is_default = |v: &Value| match v {
+        Value::String(s) => s.is_empty(),
+        Value::Number(n) => n.as_u64() == Some(0),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => {
+            o.get("code").and_then(Value::as_u64) == Some(0)
+                && o.get("message").and_then(Value::as_str).is_none_or(str::is_empty)
+        }
+        _ => false,
+    };
+    match value {
+        Value::Object(map) => {
+            map.retain(|k, v| !(DEFAULTS.contains(&k.as_str()) && is_default(v)));
+            for (k, v) in map.iter_mut() {
+                if k != "value" {
+                    without_defaults(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(without_defaults),
+        _ => {}
     }
 }
 

@@ -195,3 +195,62 @@ fn golden_reports_for_a_passing_run_a_failed_load_and_a_rerun() {
         check(&format!("{name}.report.json"), &(serde_json::to_string_pretty(&doc).unwrap() + "\n"));
     }
 }
+
+/// What one case costs the trace file: a case span carries what a reader
+/// of the trace needs (name, attempt, outcome, method, URL, server, status)
+/// and nothing a default already says. Measured at 1,000 cases.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_case_span_costs_the_trace_file_a_few_hundred_bytes() {
+    const N: usize = 1_000;
+    let mut first = started();
+    if let RunEvent::Started { suites, .. } = &mut first {
+        suites[0].cases = (0..N).map(|i| format!("case {i}")).collect();
+    }
+    let mut trace = super::trace::Trace::new(&crate::otel::OtelConfig::default());
+    trace.on(&first);
+    let bare = {
+        let dir = std::env::temp_dir().join(format!("proctor-trace-bare-{}", std::process::id()));
+        let mut empty = super::trace::Trace::new(&crate::otel::OtelConfig::default());
+        empty.on(&first);
+        empty.on(&finished());
+        let (path, _) = empty.finish(&dir).await;
+        let bytes = std::fs::metadata(path.unwrap()).unwrap().len();
+        let _ = std::fs::remove_dir_all(dir);
+        bytes
+    };
+    for i in 0..N {
+        let mut event = case(0, Outcome::Passed, "gpu-01", 1, &[]);
+        if let RunEvent::CaseFinished { case, report, .. } = &mut event {
+            *case = i;
+            report.name = format!("case {i}");
+        }
+        trace.on(&event);
+    }
+    trace.on(&finished());
+    let dir = std::env::temp_dir().join(format!("proctor-trace-{}", std::process::id()));
+    let (path, _) = trace.finish(&dir).await;
+    let text = std::fs::read_to_string(path.unwrap()).unwrap();
+    let per_case = (text.len() as u64 - bare) / N as u64;
+    // 2154 bytes before: pretty-printed, every default written out, the
+    // latency twice. Now 679: the attributes themselves, in OTLP's own JSON.
+    assert!(per_case <= 700, "{per_case} bytes per case span");
+    let back: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
+        serde_json::from_str(&text).unwrap();
+    let spans: Vec<_> = back.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).collect();
+    let one = spans.iter().find(|s| s.name == "case case 7").expect("every case span is there");
+    let keys: Vec<&str> = one.attributes.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "proctor.case.name",
+            "proctor.case.attempt",
+            "proctor.case.outcome",
+            "http.request.method",
+            "url.full",
+            "server.address",
+            "http.response.status_code"
+        ]
+    );
+    assert_eq!(one.end_time_unix_nano - one.start_time_unix_nano, 12_000_000, "the latency is the span's length");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -309,7 +309,6 @@ fn case_attributes(report: &CaseReport) -> Vec<KeyValue> {
         KeyValue::new("proctor.case.name", report.name.clone()),
         KeyValue::new("proctor.case.attempt", i64::from(report.attempt)),
         KeyValue::new("proctor.case.outcome", outcome),
-        KeyValue::new("proctor.case.latency_ms", report.duration.as_secs_f64() * 1000.0),
     ];
     if !report.method.is_empty() {
         attributes.push(KeyValue::new("http.request.method", report.method.clone()));
