@@ -227,22 +227,38 @@ pub(crate) struct Queue {
     pub cancel: CancellationToken,
 }
 
+/// The most cases one `RunCases` call may run at once.
+pub const MAX_PARALLEL: u32 = 64;
+
 impl Queue {
     /// Runs every case, or says why it did not, as a `CaseFinished` each:
-    /// the controller waits for an answer per case id.
-    pub async fn run(self, cases: Vec<proto::Case>) {
+    /// the controller waits for an answer per case id. Up to `parallel` at
+    /// once (started in order; 0 or 1: one after another).
+    pub async fn run(self, cases: Vec<proto::Case>, parallel: u32) {
+        let width = parallel.clamp(1, MAX_PARALLEL) as usize;
+        let queue = std::sync::Arc::new(self);
+        let mut running = tokio::task::JoinSet::new();
         for case in cases {
-            let mut result = match self.target().await {
-                Ok(base_url) => run_case(&self.http, &base_url, &case, self.epoch).await,
-                Err(message) => not_run(&case, self.epoch, message),
-            };
-            self.redact(&mut result);
-            self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
-                run_id: self.claim.run_id.clone(),
-                service: self.claim.service.clone(),
-                result: Some(result),
-            }));
+            if running.len() >= width {
+                running.join_next().await;
+            }
+            let q = queue.clone();
+            running.spawn(async move { q.one(case).await });
         }
+        while running.join_next().await.is_some() {}
+    }
+
+    async fn one(&self, case: proto::Case) {
+        let mut result = match self.target().await {
+            Ok(base_url) => run_case(&self.http, &base_url, &case, self.epoch).await,
+            Err(message) => not_run(&case, self.epoch, message),
+        };
+        self.redact(&mut result);
+        self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
+            run_id: self.claim.run_id.clone(),
+            service: self.claim.service.clone(),
+            result: Some(result),
+        }));
     }
 
     /// A case result quotes the service (its answer, the values that failed

@@ -213,6 +213,13 @@ impl AgentApi for Service {
         if let Some(c) = r.cases.iter().find(|c| c.case_id.is_empty()) {
             return Err(Status::invalid_argument(format!("case {:?} has no case_id", c.name)));
         }
+        if r.parallel > cases::MAX_PARALLEL {
+            return Err(Status::invalid_argument(format!(
+                "parallel {} is more than this agent runs at once; ask at most {}",
+                r.parallel,
+                cases::MAX_PARALLEL
+            )));
+        }
         let accepted = r.cases.len() as u32;
         let queue = cases::Queue {
             journal: self.journal.clone(),
@@ -222,7 +229,7 @@ impl AgentApi for Service {
             http: self.http.clone(),
             cancel: self.cancel.clone(),
         };
-        tokio::spawn(queue.run(r.cases));
+        tokio::spawn(queue.run(r.cases, r.parallel));
         Ok(Response::new(proto::RunCasesResponse { accepted }))
     }
 
@@ -470,6 +477,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn more_cases_at_once_than_the_agent_runs_is_refused_with_its_limit() {
+        let first = HeldService::start(true).await;
+        let (_url, url_rx) = tokio::sync::watch::channel(Some(first.url.clone()));
+        let api = service_with(BTreeMap::from([("svc".to_owned(), Supervisor::serving(url_rx))]));
+        let acquire =
+            proto::AcquireLeaseRequest { service: "svc".into(), run_id: "run-a".into(), ..Default::default() };
+        let lease = api.acquire_lease(Request::new(acquire)).await.unwrap().into_inner();
+        let lease_ref =
+            proto::LeaseRef { service: "svc".into(), run_id: "run-a".into(), lease_id: lease.id, epoch: lease.epoch };
+        let request = proto::RunCasesRequest { lease: Some(lease_ref), cases: vec![http_case(1)], parallel: 65 };
+        let refused = api.run_cases(Request::new(request)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert_eq!(refused.message(), "parallel 65 is more than this agent runs at once; ask at most 64");
+    }
+
+    #[tokio::test]
     async fn queued_cases_run_only_under_a_current_lease_and_at_the_current_url() {
         const ENDED: &str = "lease on service svc ended before the case ran";
         // (what happens during case 1, how cases 2 and 3 end, requests seen at the first and the second port)
@@ -496,7 +519,7 @@ mod tests {
             };
             let mut sub = api.journal.subscribe(u64::MAX).await.unwrap();
             let cases = (1..=3).map(http_case).collect();
-            let request = proto::RunCasesRequest { lease: Some(lease_ref.clone()), cases };
+            let request = proto::RunCasesRequest { lease: Some(lease_ref.clone()), cases, parallel: 0 };
             assert_eq!(api.run_cases(Request::new(request)).await.unwrap().into_inner().accepted, 3);
 
             assert_eq!(first.arrived.recv().await.as_deref(), Some("/case-1"), "{meanwhile:?}");

@@ -559,14 +559,17 @@ impl Agent {
         Ok(response.into_inner().seq_after)
     }
 
+    /// Sends cases to run, up to `parallel` at once (1: in order).
     pub async fn run_cases(
         &self,
         lease: &Lease,
         cases: Vec<CaseToRun<'_>>,
+        parallel: u32,
         traceparent: &str,
     ) -> Result<(), ClientError> {
         let cases = cases.into_iter().map(|c| case_to_proto(c.id, c.attempt, c.case, c.traceparent)).collect();
-        let request = with_trace(proto::RunCasesRequest { lease: Some(lease.to_proto()), cases }, traceparent);
+        let request = proto::RunCasesRequest { lease: Some(lease.to_proto()), cases, parallel };
+        let request = with_trace(request, traceparent);
         let mut client = self.inner.clone();
         bounded(&self.addr, "RunCases", async { client.run_cases(request).await.map_err(|s| self.rpc(s)) }).await?;
         Ok(())

@@ -37,6 +37,8 @@ pub struct Suite {
     /// How much slower than its baseline a load may be (0.2 = 20 %; beats
     /// `--baseline-tolerance` for this suite's loads).
     pub baseline_tolerance: Option<f64>,
+    /// How many of its cases may run at once on a host (1: in order).
+    pub parallel: u32,
     pub cases: Vec<Case>,
 }
 
@@ -108,6 +110,8 @@ struct RawSuite {
     max_wait: Option<Spanned<String>>,
     #[serde(default)]
     baseline_tolerance: Option<Spanned<String>>,
+    #[serde(default)]
+    parallel: Option<Spanned<u32>>,
     cases: Spanned<Vec<Spanned<RawCase>>>,
 }
 
@@ -170,6 +174,10 @@ const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPT
 /// A suite file larger than this is refused before it is read: suites are
 /// hand-written lists of cases, and a YAML bomb must not take the runner down.
 pub const MAX_SUITE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The most cases of a suite that run at once on one host (the agent's own
+/// limit too).
+pub const MAX_PARALLEL: u32 = 64;
 
 /// YAML values (scalars, lists, maps) one suite file may hold: a case
 /// written out in full is about 25, so 100,000 cases fit; a file that needs
@@ -272,6 +280,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         .as_ref()
         .map(|t| crate::store::baseline::parse_ratio(&t.value).map_err(|e| r.at(t.referenced, e)))
         .transpose()?;
+    let parallel = match &raw.parallel {
+        None => 1,
+        Some(p) if (1..=MAX_PARALLEL).contains(&p.value) => p.value,
+        Some(p) => {
+            let why = format!("parallel {} must be from 1 (one case at a time) to {MAX_PARALLEL}", p.value);
+            return Err(r.at(p.referenced, why));
+        }
+    };
     if raw.cases.value.is_empty() {
         return Err(r.at(raw.cases.referenced, "cases is empty: a suite needs at least one case".into()));
     }
@@ -293,6 +309,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Suite, SuiteError> {
         shard: r.shard(raw.shard.as_ref())?,
         max_wait,
         baseline_tolerance,
+        parallel,
         cases,
     })
 }
@@ -552,6 +569,12 @@ cases:
             ("    expect:", "    expected:", "s.yaml:11:5: unknown field `expected`"),
             ("status: 200", "status: [200]", "s.yaml:12:15:"),
             ("timeout: 5m", "timeout: 5m\nshard: many", "s.yaml:5:8: shard \"many\": write a number"),
+            (
+                "timeout: 5m",
+                "timeout: 5m\nparallel: 0",
+                "s.yaml:5:11: parallel 0 must be from 1 (one case at a time) to 64",
+            ),
+            ("timeout: 5m", "timeout: 5m\nparallel: 65", "s.yaml:5:11: parallel 65 must be from 1"),
         ];
         for (from, to, want) in table {
             assert!(GOOD.contains(from), "{from}");

@@ -390,7 +390,7 @@ impl Host<'_> {
                 out.results.extend(sent.iter().map(|i| (*i, error_on(self.agent, "interrupted before the case finished"))));
                 return None;
             }
-            r = self.agent.run_cases(&self.held.lease, to_run, &traceparent) => r,
+            r = self.agent.run_cases(&self.held.lease, to_run, self.suite.parallel, &traceparent) => r,
         };
         if let Err(e) = called {
             match e.kind() {

@@ -305,7 +305,7 @@ async fn a_case_path_cannot_turn_the_agent_into_a_proxy() {
         })
         .collect();
     let last = format!("proxy/{}", cases.len() - 1);
-    client.run_cases(proto::RunCasesRequest { lease: Some(held), cases }).await.unwrap();
+    client.run_cases(proto::RunCasesRequest { lease: Some(held), cases, parallel: 0 }).await.unwrap();
     let (_, events) = watch_until(&mut client, 0, Duration::from_secs(10), |e| {
         matches!(&e.kind, Some(event::Kind::CaseFinished(c)) if c.result.as_ref().is_some_and(|r| r.case_id == last))
     })

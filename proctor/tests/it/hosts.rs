@@ -209,7 +209,10 @@ async fn a_stale_epoch_is_rejected() {
     let new = lease(&mut client, "run-b").await;
     assert!(new.epoch > old.epoch);
     let case = proto::Case { case_id: "c1".into(), attempt: 1, name: "late".into(), ..Default::default() };
-    let status = client.run_cases(proto::RunCasesRequest { lease: Some(old), cases: vec![case] }).await.unwrap_err();
+    let status = client
+        .run_cases(proto::RunCasesRequest { lease: Some(old), cases: vec![case], parallel: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(
         status.message().contains(&format!("is not the current lease; run run-b holds epoch {}", new.epoch)),

@@ -232,3 +232,39 @@ fn the_junit_schema_refuses_what_ci_servers_reject() {
         assert!(!lint(&text).status.success(), "accepted: {text}");
     }
 }
+
+/// Four cases the sim answers after 1 s each.
+fn four_slow_cases(parallel: &str) -> String {
+    let mut text = format!("name: slow\nservice: translation\nmodels: [nllb]\n{parallel}cases:\n");
+    for name in ["one", "two", "three", "four"] {
+        text.push_str(&format!(
+            "  - name: {name}\n    request: {{method: POST, path: /translate, json: {{text: Hello, source_lang: en, \
+             target_lang: es, model: nllb}}}}\n    expect: {{status: 200}}\n"
+        ));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parallel_suite_runs_its_cases_at_once_and_reports_them_in_order() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).flag("--slow-requests=1s")).await;
+    for (parallel, together) in [("parallel: 4\n", true), ("", false)] {
+        let out = Scratch::new("parallel");
+        let suite = out.write("slow.yaml", &four_slow_cases(parallel));
+        let result = controller::run(options(&agent, vec![suite], &out), CancellationToken::new()).await;
+        let report = result.report.unwrap();
+        assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+        let names: Vec<&str> = report.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["one", "two", "three", "four"], "case order, whatever finished first");
+        let starts: Vec<i64> = report.cases.iter().map(|c| c.started_unix_ms).collect();
+        let spread = starts.iter().max().unwrap() - starts.iter().min().unwrap();
+        if together {
+            assert!(spread < 900, "all four sent within the first answer's second: {starts:?}");
+        } else {
+            assert!(spread >= 2_900, "one after another, a second each: {starts:?}");
+        }
+        let junit = crate::read_junit(&out.path.join("junit.xml"));
+        let order: Vec<usize> = names.iter().map(|n| junit.find(&format!("name=\"{n}\"")).unwrap()).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "JUnit in case order");
+    }
+}

@@ -295,7 +295,10 @@ async fn an_oversized_message_is_refused_and_the_agent_serves_on() {
         })),
         ..Default::default()
     };
-    let refused = client.run_cases(proto::RunCasesRequest { lease: Some(held), cases: vec![case] }).await.unwrap_err();
+    let refused = client
+        .run_cases(proto::RunCasesRequest { lease: Some(held), cases: vec![case], parallel: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("limit 16 MiB"), "{refused:?}");
     // Still serving, on the same connection and a new one.

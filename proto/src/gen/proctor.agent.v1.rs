@@ -201,6 +201,10 @@ pub struct RunCasesRequest {
     pub lease: ::core::option::Option<LeaseRef>,
     #[prost(message, repeated, tag = "2")]
     pub cases: ::prost::alloc::vec::Vec<Case>,
+    /// How many of the cases may run at once (0 or 1: one after another, in
+    /// order). At most 64.
+    #[prost(uint32, tag = "3")]
+    pub parallel: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RunCasesResponse {
