@@ -249,9 +249,10 @@ impl Queue {
     }
 
     async fn one(&self, case: proto::Case) {
-        let mut result = match self.target().await {
-            Ok(base_url) => run_case(&self.http, &base_url, &case, self.epoch).await,
-            Err(message) => not_run(&case, self.epoch, message),
+        let mut result = match (self.target().await, &case.kind) {
+            (Ok(base_url), Some(proto::case::Kind::Command(c))) => self.run_command(&base_url, &case, c).await,
+            (Ok(base_url), _) => run_case(&self.http, &base_url, &case, self.epoch).await,
+            (Err(message), _) => not_run(&case, self.epoch, message),
         };
         self.redact(&mut result);
         self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
@@ -294,6 +295,131 @@ impl Queue {
             Err(_closed) => Err(SHUT_DOWN.to_owned()),
         }
     }
+}
+
+impl Queue {
+    /// Runs one of the service's test commands (checked when the case was
+    /// accepted) and reads the JUnit file it wrote: passed on exit 0; failed
+    /// when its tests failed; an error when it timed out, could not start or
+    /// failed without a failing test.
+    async fn run_command(&self, base_url: &str, case: &proto::Case, c: &proto::CommandCase) -> CaseResult {
+        let started = tokio::time::Instant::now();
+        let mut result = not_run(case, self.epoch, String::new());
+        result.started_unix_ms = crate::journal::now_unix_ms();
+        result.url = format!("command {} {}", c.name, c.args.join(" ")).trim_end().to_owned();
+        let known = &self.supervisor.commands;
+        let Some(cmd) = known.commands.iter().find(|k| k.name == c.name) else {
+            result.message = format!("no test command {:?} on service {}", c.name, self.claim.service);
+            return result;
+        };
+        let junit =
+            known.dir.join(format!("{}.xml", case.case_id.replace(|ch: char| !ch.is_ascii_alphanumeric(), "_")));
+        let _ = std::fs::create_dir_all(&known.dir);
+        let _ = std::fs::remove_file(&junit);
+        let ctx = crate::commands::Context {
+            port: reqwest::Url::parse(base_url).ok().and_then(|u| u.port_or_known_default()).unwrap_or(0),
+            url: base_url.to_owned(),
+            models: known.models.clone(),
+            ready: self.ready_models().await,
+            junit: junit.clone(),
+        };
+        let secrets: Vec<(String, String)> = cmd
+            .secrets
+            .iter()
+            .filter_map(|(k, p)| std::fs::read_to_string(p).ok().map(|v| (k.clone(), v.trim().to_owned())))
+            .collect();
+        let (argv, env) = crate::commands::command_line(cmd, &c.args, &ctx, &secrets);
+        let timeout = match case.timeout_ms {
+            0 => cmd.timeout,
+            ms => Duration::from_millis(ms),
+        };
+        let ran = crate::commands::run(&argv, &env, cmd.workdir.as_deref(), timeout).await;
+        result.duration_us = started.elapsed().as_micros() as u64;
+        let hide = |text: &str| hide_values(&self.supervisor.redact(text), &secrets);
+        result.response_excerpt = hide(tail(&ran.output, EXCERPT_BYTES));
+        result.exit_code = ran.exit_code.unwrap_or(-1);
+        let read = std::fs::read_to_string(&junit).ok().map(|x| crate::commands::read_junit(&x));
+        let mut junit_note = String::new();
+        match read {
+            Some(Ok(tests)) => result.tests = tests,
+            Some(Err(e)) => junit_note = format!(" (its JUnit file could not be read: {e})"),
+            None => {}
+        }
+        for t in &mut result.tests {
+            t.message = hide(&t.message);
+        }
+        command_verdict(&mut result, cmd, &ran, timeout);
+        result.message.push_str(&junit_note);
+        result
+    }
+
+    /// The service's models READY now.
+    async fn ready_models(&self) -> Vec<String> {
+        let Ok(snapshot) = self.journal.snapshot().await else { return Vec::new() };
+        snapshot
+            .services
+            .iter()
+            .filter(|s| s.name == self.claim.service)
+            .flat_map(|s| s.models.iter())
+            .filter(|m| m.stage() == proto::Stage::Ready)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+}
+
+/// Outcome, failures and message of a command case from how it ran and the
+/// tests it reported.
+fn command_verdict(
+    result: &mut CaseResult,
+    cmd: &crate::commands::TestCommand,
+    ran: &crate::commands::Ran,
+    timeout: Duration,
+) {
+    use proto::TestOutcome;
+    let bad: Vec<&proto::TestResult> = result
+        .tests
+        .iter()
+        .filter(|t| matches!(t.outcome(), TestOutcome::TestFailed | TestOutcome::TestError))
+        .collect();
+    let failures: Vec<AssertionFailure> = bad
+        .iter()
+        .map(|t| fail("test", &format!("{}::{}", t.classname, t.name), "passed".into(), t.message.clone()))
+        .collect();
+    let name = &cmd.name;
+    let (outcome, message) = match (&ran.spawn_error, ran.timed_out, ran.exit_code) {
+        (Some(e), _, _) => (CaseOutcome::Error, e.clone()),
+        (_, true, _) => (
+            CaseOutcome::Error,
+            format!("command {name} timed out after {}s; its process group was killed", timeout.as_secs()),
+        ),
+        (_, _, Some(0)) if failures.is_empty() => (CaseOutcome::Passed, String::new()),
+        (_, _, _) if !failures.is_empty() => (CaseOutcome::Failed, String::new()),
+        (_, _, Some(code)) => {
+            (CaseOutcome::Error, format!("command {name} exited with code {code} and no failing test"))
+        }
+        (_, _, None) => (CaseOutcome::Error, format!("command {name} was killed by a signal")),
+    };
+    result.set_outcome(outcome);
+    result.failures = failures;
+    result.message = message;
+}
+
+/// Replaces each secret value (six characters or more) in `text`.
+fn hide_values(text: &str, secrets: &[(String, String)]) -> String {
+    let mut out = text.to_owned();
+    for (name, value) in secrets.iter().filter(|(_, v)| v.len() >= 6) {
+        out = out.replace(value.as_str(), &format!("[REDACTED {name}]"));
+    }
+    out
+}
+
+/// The last `max` bytes of `text`, on a character boundary.
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
 }
 
 /// The ERROR result of a case that was not sent.

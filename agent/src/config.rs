@@ -129,6 +129,26 @@ struct RawService {
     #[serde(default = "default_max_log_mb")]
     max_log_mb: u64,
     gpus: Option<Spanned<RawGpus>>,
+    #[serde(default, rename = "test_command")]
+    test_commands: Vec<RawTestCommand>,
+}
+
+/// `[[service.test_command]]`: a test suite a controller may run next to
+/// the service (docs/agent.md, "Test commands").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTestCommand {
+    name: Text,
+    argv: Spanned<Vec<String>>,
+    workdir: Option<PathBuf>,
+    timeout: Option<Text>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    options: Vec<String>,
+    paths: Option<Text>,
 }
 
 /// `gpus = "auto"` or `gpus = [0, 1]`.
@@ -253,6 +273,8 @@ pub struct ServiceConfig {
     /// = the agent gives it none and leaves the variable alone. Defaults to
     /// `auto` when a model declares `gpu_mb`.
     pub gpus: Option<GpuPin>,
+    /// The test commands suites may run next to it.
+    pub test_commands: Vec<crate::commands::TestCommand>,
 }
 
 /// When a service that exited on its own is started again.
@@ -560,8 +582,14 @@ impl Check<'_> {
             models.push(model);
         }
         let gpus = self.gpus(&key("gpus"), &s, models.iter().any(|m| m.gpu_bytes > 0))?;
+        let mut test_commands: Vec<crate::commands::TestCommand> = Vec::new();
+        for c in &s.test_commands {
+            let command = self.test_command(&format!("{at}.test_command"), c, base, &test_commands)?;
+            test_commands.push(command);
+        }
         Ok(ServiceConfig {
             gpus,
+            test_commands,
             base_url: s.base_url.clone().unwrap_or_else(|| "http://127.0.0.1:{port}".into()),
             stop_grace: self.duration(key("stop_grace"), s.stop_grace.as_ref(), DEFAULT_STOP_GRACE)?,
             readiness: self.readiness(&at, &s.readiness)?,
@@ -579,6 +607,50 @@ impl Check<'_> {
             env: s.env,
             stop_signal,
             models,
+        })
+    }
+
+    /// One `[[service.test_command]]`, checked: a unique name, a program,
+    /// a timeout, test paths that stay relative.
+    fn test_command(
+        &self,
+        at: &str,
+        c: &RawTestCommand,
+        base: &Path,
+        earlier: &[crate::commands::TestCommand],
+    ) -> Result<crate::commands::TestCommand, ConfigError> {
+        let name = c.name.get_ref();
+        let key = |k: &str| format!("{at} ({name}).{k}");
+        if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+            return Err(self.invalid(key("name"), &c.name, "must be non-empty letters, digits, '-' or '_'".into()));
+        }
+        if earlier.iter().any(|o| &o.name == name) {
+            return Err(self.invalid(key("name"), &c.name, "is used twice; test command names must be unique".into()));
+        }
+        if c.argv.get_ref().is_empty() {
+            return Err(self.invalid(key("argv"), &c.argv, "is empty; give the program and its arguments".into()));
+        }
+        let paths = match &c.paths {
+            Some(p) => {
+                let path = PathBuf::from(p.get_ref());
+                let plain = path.components().all(|part| matches!(part, std::path::Component::Normal(_)));
+                if !plain {
+                    let why = "must be a relative folder without `..` (test paths are taken under it)".to_owned();
+                    return Err(self.invalid(key("paths"), p, why));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        Ok(crate::commands::TestCommand {
+            name: name.clone(),
+            argv: c.argv.get_ref().clone(),
+            workdir: c.workdir.as_ref().map(|w| base.join(w)),
+            timeout: self.duration(key("timeout"), c.timeout.as_ref(), crate::commands::DEFAULT_TIMEOUT)?,
+            env: c.env.clone(),
+            secrets: c.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect(),
+            options: c.options.clone(),
+            paths,
         })
     }
 

@@ -220,6 +220,9 @@ impl AgentApi for Service {
                 cases::MAX_PARALLEL
             )));
         }
+        for c in &r.cases {
+            check_command(c, &supervisor, &claim.service)?;
+        }
         let accepted = r.cases.len() as u32;
         let queue = cases::Queue {
             journal: self.journal.clone(),
@@ -297,6 +300,26 @@ impl Drop for EndLog {
     fn drop(&mut self) {
         tracing::info!(peer = %self.peer, after = ?self.started.elapsed(), "watch ended");
     }
+}
+
+/// A command case names one of the service's test commands, with arguments
+/// it allows; else the whole call is refused and nothing runs.
+fn check_command(case: &proto::Case, supervisor: &Supervisor, service: &str) -> Result<(), Status> {
+    let Some(proto::case::Kind::Command(asked)) = &case.kind else { return Ok(()) };
+    let known = &supervisor.commands.commands;
+    let Some(command) = known.iter().find(|k| k.name == asked.name) else {
+        let names: Vec<&str> = known.iter().map(|k| k.name.as_str()).collect();
+        let has = match names.is_empty() {
+            true => "its config names none ([[service.test_command]])".to_owned(),
+            false => format!("it has {}", names.join(", ")),
+        };
+        return Err(Status::invalid_argument(format!(
+            "case {:?}: service {service} has no test command {:?} ({has}); nothing was run",
+            case.name, asked.name
+        )));
+    };
+    crate::commands::check_args(command, &asked.args)
+        .map_err(|e| Status::invalid_argument(format!("case {:?}: {e}; nothing was run", case.name)))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod auth;
 pub mod cases;
+pub mod commands;
 pub mod config;
 mod grpc;
 pub mod journal;

@@ -93,6 +93,18 @@ pub struct Supervisor {
     tx: mpsc::Sender<Command>,
     /// The service's secrets, for whoever reports what it said.
     secrets: redact::Secrets,
+    /// What its test commands need, fixed by its config.
+    pub commands: Arc<TestCommands>,
+}
+
+/// A service's test commands, and what their runs are told.
+#[derive(Debug, Default)]
+pub struct TestCommands {
+    pub commands: Vec<crate::commands::TestCommand>,
+    /// The service's models, in config order.
+    pub models: Vec<String>,
+    /// Where their JUnit files go (`<data_dir>/commands/`).
+    pub dir: PathBuf,
 }
 
 impl std::fmt::Debug for Command {
@@ -163,8 +175,13 @@ impl Supervisor {
             pending: Vec::new(),
             cancel: cancel.clone(),
         };
+        let commands = Arc::new(TestCommands {
+            commands: actor.cfg.test_commands.clone(),
+            models: actor.cfg.models.iter().map(|m| m.name.clone()).collect(),
+            dir: actor.wiring.data_dir.join("commands"),
+        });
         let task = tokio::spawn(actor.run(rx, internal_rx, probe_rx, cancel));
-        (Supervisor { tx, secrets }, task)
+        (Supervisor { tx, secrets, commands }, task)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorError> {
@@ -206,7 +223,7 @@ impl Supervisor {
                 }
             }
         });
-        Supervisor { tx, secrets: redact::Secrets::default() }
+        Supervisor { tx, secrets: redact::Secrets::default(), commands: Arc::default() }
     }
 }
 

@@ -648,12 +648,15 @@ fn case_to_proto(case_id: String, attempt: u32, case: &Case, traceparent: String
         traceparent,
         name: case.name.clone(),
         timeout_ms: case.timeout.map_or(0, |t| t.as_millis() as u64),
-        kind: Some(proto::case::Kind::Http(proto::HttpCase {
-            method: case.request.method.clone(),
-            path: case.request.path.clone(),
-            headers: case.request.headers.clone().into_iter().collect(),
-            body: case.request.body.clone(),
-        })),
+        kind: Some(match &case.command {
+            Some(c) => proto::case::Kind::Command(proto::CommandCase { name: c.name.clone(), args: c.args.clone() }),
+            None => proto::case::Kind::Http(proto::HttpCase {
+                method: case.request.method.clone(),
+                path: case.request.path.clone(),
+                headers: case.request.headers.clone().into_iter().collect(),
+                body: case.request.body.clone(),
+            }),
+        }),
         assertions,
     }
 }
@@ -815,6 +818,23 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         method: String::new(),
         url: r.url,
         reruns: Vec::new(),
+        tests: r.tests.iter().map(test_report).collect(),
+    }
+}
+
+fn test_report(t: &proto::TestResult) -> report::TestReport {
+    let outcome = match t.outcome() {
+        proto::TestOutcome::TestFailed => "failed",
+        proto::TestOutcome::TestError => "error",
+        proto::TestOutcome::TestSkipped => "skipped",
+        _ => "passed",
+    };
+    report::TestReport {
+        name: t.name.clone(),
+        classname: t.classname.clone(),
+        outcome: outcome.into(),
+        duration_ms: t.duration_us / 1000,
+        message: t.message.clone(),
     }
 }
 

@@ -307,7 +307,7 @@ pub fn trends_text(loads: &[LoadTrend], cases: &[CaseTrend], last: usize) -> Str
     let flaky: Vec<&CaseTrend> = cases.iter().filter(|c| c.flaky()).collect();
     let _ = writeln!(
         out,
-        "\nFlaky cases ({} of {} seen; P passed, F failed, E error, oldest first):",
+        "\nFlaky cases ({} of {} seen; P passed, F failed, E error, S skipped, oldest first):",
         flaky.len(),
         cases.len()
     );

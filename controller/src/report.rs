@@ -57,6 +57,31 @@ pub struct CaseReport {
     pub url: String,
     /// Earlier attempts lost to infrastructure (a host lost), with why.
     pub reruns: Vec<String>,
+    /// A command case: each test the command reported (its JUnit file).
+    #[serde(default)]
+    pub tests: Vec<TestReport>,
+}
+
+/// One test inside a command case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TestReport {
+    pub name: String,
+    pub classname: String,
+    /// `passed`, `failed`, `error` or `skipped` — a skip inside the command
+    /// is shown as one, never hidden.
+    pub outcome: String,
+    pub duration_ms: u64,
+    pub message: String,
+}
+
+impl TestReport {
+    /// `tests.e2e.test_nllb::test_translate`.
+    pub fn id(&self) -> String {
+        match self.classname.is_empty() {
+            true => self.name.clone(),
+            false => format!("{}::{}", self.classname, self.name),
+        }
+    }
 }
 
 impl CaseReport {
@@ -75,6 +100,7 @@ impl CaseReport {
             method: String::new(),
             url: String::new(),
             reruns: Vec::new(),
+            tests: Vec::new(),
         }
     }
 
@@ -195,6 +221,21 @@ pub struct Counts {
     pub errors: usize,
 }
 
+/// "  (12 tests: 10 passed, 1 failed, 1 skipped)" for a command case.
+fn test_counts(tests: &[TestReport]) -> String {
+    if tests.is_empty() {
+        return String::new();
+    }
+    let n = |o: &str| tests.iter().filter(|t| t.outcome == o).count();
+    let mut parts = vec![format!("{} passed", n("passed"))];
+    for o in ["failed", "error", "skipped"] {
+        if n(o) > 0 {
+            parts.push(format!("{} {o}", n(o)));
+        }
+    }
+    format!("  ({} tests: {})", tests.len(), parts.join(", "))
+}
+
 /// A run's one-word verdict, as every report says it: a run whose cases
 /// all passed but whose loads regressed beyond their baseline is `REGRESSED`.
 pub fn verdict(failed: usize, errors: usize, interrupted: bool, regressions: usize) -> &'static str {
@@ -270,12 +311,13 @@ impl RunReport {
             let host = if c.host.is_empty() { "-" } else { &c.host };
             let _ = writeln!(
                 out,
-                "{:<suite_w$}  {:<case_w$}  {:<host_w$}  {:<6}  {:>9}",
+                "{:<suite_w$}  {:<case_w$}  {:<host_w$}  {:<6}  {:>9}{}",
                 c.suite,
                 c.name,
                 host,
                 result,
-                fmt_duration(c.duration)
+                fmt_duration(c.duration),
+                test_counts(&c.tests)
             );
         }
         self.problems(&mut out);
@@ -286,6 +328,7 @@ impl RunReport {
                 let _ = writeln!(out, "  {} / {} (attempt {}): {}", c.suite, c.name, c.attempt, c.reruns.join("; "));
             }
         }
+        self.skipped_inside(&mut out);
         self.models(&mut out);
         if let Some(b) = self.baseline.as_ref().filter(|b| !b.is_empty()) {
             out.push_str(&b.text());
@@ -302,6 +345,24 @@ impl RunReport {
             fmt_duration(self.duration)
         );
         out
+    }
+
+    /// Tests a command reported skipped: shown, never hidden (and failures
+    /// under `--fail-on-skip`).
+    fn skipped_inside(&self, out: &mut String) {
+        let skipped: Vec<(&CaseReport, &TestReport)> = self
+            .cases
+            .iter()
+            .flat_map(|c| c.tests.iter().map(move |t| (c, t)))
+            .filter(|(_, t)| t.outcome == "skipped")
+            .collect();
+        if skipped.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\nSkipped inside commands ({}; --fail-on-skip makes them failures):", skipped.len());
+        for (c, t) in skipped {
+            let _ = writeln!(out, "  {} / {} :: {}: {}", c.suite, c.name, t.id(), t.message);
+        }
     }
 
     /// Failed and errored cases. A case that failed because its model did
@@ -404,6 +465,7 @@ mod tests {
             method: "POST".into(),
             url: String::new(),
             reruns: Vec::new(),
+            tests: Vec::new(),
         };
         RunReport {
             suite_loads: vec![],

@@ -233,7 +233,7 @@ impl Store {
             vec![run.id.as_str().into(), seq.into(), at.into(), kind.into(), body.into()],
         ));
         match event {
-            RunEvent::CaseFinished { suite, report, .. } => out.push(case_statement(run, *suite, report, at)),
+            RunEvent::CaseFinished { suite, report, .. } => out.extend(case_statements(run, *suite, report, at)),
             RunEvent::ModelSettled { suite, load, .. } => {
                 let suite = run.suites.get(*suite).map(|s| s.name.as_str()).unwrap_or_default();
                 out.extend(load_statements(&run.id, seq, suite, load, at));
@@ -455,25 +455,33 @@ fn outcome_word(outcome: &Outcome) -> &'static str {
     }
 }
 
-/// The first result of a case stays (the reporters keep the first too).
-fn case_statement(run: &RunLog, suite: usize, report: &CaseReport, at: i64) -> Statement {
+/// The first result of a case stays (the reporters keep the first too);
+/// each test of a command case is a row of its own (`case :: test`).
+fn case_statements(run: &RunLog, suite: usize, report: &CaseReport, at: i64) -> Vec<Statement> {
     let info = run.suites.get(suite);
     let suite = info.map(|s| s.name.clone()).unwrap_or_else(|| report.suite.clone());
-    (
-        "INSERT INTO case_results (run_id, suite, name, outcome, host, attempt, reruns, duration_ms, at_unix_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-        vec![
-            run.id.as_str().into(),
-            suite.into(),
-            report.name.as_str().into(),
-            outcome_word(&report.outcome).into(),
-            report.host.as_str().into(),
-            u64::from(report.attempt).into(),
-            (report.reruns.len() as u64).into(),
-            (report.duration.as_millis() as u64).into(),
-            at.into(),
-        ],
-    )
+    let row = |name: String, outcome: &str, duration_ms: u64| -> Statement {
+        (
+            "INSERT INTO case_results (run_id, suite, name, outcome, host, attempt, reruns, duration_ms, at_unix_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+            vec![
+                run.id.as_str().into(),
+                suite.as_str().into(),
+                name.into(),
+                outcome.into(),
+                report.host.as_str().into(),
+                u64::from(report.attempt).into(),
+                (report.reruns.len() as u64).into(),
+                duration_ms.into(),
+                at.into(),
+            ],
+        )
+    };
+    let mut out = vec![row(report.name.clone(), outcome_word(&report.outcome), report.duration.as_millis() as u64)];
+    for t in &report.tests {
+        out.push(row(format!("{} :: {}", report.name, t.id()), &t.outcome, t.duration_ms));
+    }
+    out
 }
 
 fn load_statements(run_id: &str, seq: i64, suite: &str, load: &ModelLoad, at: i64) -> Vec<Statement> {

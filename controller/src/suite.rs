@@ -57,6 +57,15 @@ pub struct Case {
     pub request: HttpRequest,
     pub checks: Vec<Check>,
     pub timeout: Option<Duration>,
+    /// A test command instead of an HTTP request (`request` unused then).
+    pub command: Option<CommandCase>,
+}
+
+/// `command: NAME` with `args`: one of the service's test commands.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandCase {
+    pub name: String,
+    pub args: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -121,7 +130,13 @@ struct RawCase {
     name: Spanned<String>,
     #[serde(default)]
     models: Option<Spanned<Vec<String>>>,
-    request: RawRequest,
+    #[serde(default)]
+    request: Option<RawRequest>,
+    /// A test command of the service (the agent's `[[service.test_command]]`).
+    #[serde(default)]
+    command: Option<Spanned<String>>,
+    #[serde(default)]
+    args: Vec<String>,
     #[serde(default)]
     expect: Option<RawExpect>,
     #[serde(default)]
@@ -360,6 +375,12 @@ impl Reader {
             }
             None => suite_models.to_vec(),
         };
+        let timeout = c.timeout.as_ref().map(|t| self.duration(t)).transpose()?;
+        if let Some(command) = self.command(spanned)? {
+            let request =
+                HttpRequest { method: String::new(), path: String::new(), headers: BTreeMap::new(), body: Vec::new() };
+            return Ok(Case { name, models, request, checks: Vec::new(), timeout, command: Some(command) });
+        }
         let request = self.request(spanned)?;
         let checks = self.checks(c.expect.as_ref())?;
         if checks.is_empty() {
@@ -368,12 +389,36 @@ impl Reader {
                 format!("case {name:?} checks nothing: add `expect` with a status or json checks"),
             ));
         }
-        let timeout = c.timeout.as_ref().map(|t| self.duration(t)).transpose()?;
-        Ok(Case { name, models, request, checks, timeout })
+        Ok(Case { name, models, request, checks, timeout, command: None })
+    }
+
+    /// `command: NAME` (+ `args`): the agent checks the name and arguments
+    /// against its own allow-list; here only its shape.
+    fn command(&self, spanned: &Spanned<RawCase>) -> Result<Option<CommandCase>, SuiteError> {
+        let c = &spanned.value;
+        let Some(name) = &c.command else {
+            if !c.args.is_empty() {
+                return Err(self.at(spanned.referenced, "`args` belong to a `command` case; add `command:`".into()));
+            }
+            return Ok(None);
+        };
+        let why = match (&c.request, &c.expect) {
+            (Some(_), _) => Some("a case runs a `command` or sends a `request`, not both; keep one"),
+            (_, Some(_)) => Some("a command case is judged by its exit code and its tests' results; drop `expect`"),
+            _ if name.value.trim().is_empty() => Some("command is empty: name one of the service's test commands"),
+            _ => None,
+        };
+        match why {
+            Some(why) => Err(self.at(name.referenced, why.into())),
+            None => Ok(Some(CommandCase { name: name.value.clone(), args: c.args.clone() })),
+        }
     }
 
     fn request(&self, spanned: &Spanned<RawCase>) -> Result<HttpRequest, SuiteError> {
-        let r = &spanned.value.request;
+        let Some(r) = &spanned.value.request else {
+            let why = "a case needs a `request` (an HTTP case) or a `command` (a test command of the service)";
+            return Err(self.at(spanned.referenced, why.into()));
+        };
         let method = r.method.value.to_uppercase();
         if !METHODS.contains(&method.as_str()) {
             return Err(self

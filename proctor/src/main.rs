@@ -394,6 +394,9 @@ struct RunArgs {
     /// held the host and what they waited for (default: wait as long as it takes; a suite's `max_wait` beats it).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     max_wait: Option<Duration>,
+    /// A test that a command case (pytest…) reports skipped fails that case: nothing is silently skipped.
+    #[arg(long)]
+    fail_on_skip: bool,
     #[command(flatten)]
     progress: ProgressArgs,
     #[command(flatten)]
@@ -576,6 +579,7 @@ async fn async_main(command: Command) -> ExitCode {
                 env_model_timeout,
                 store,
                 baseline_tolerance: args.keep.tolerance.tolerance(),
+                fail_on_skip: args.fail_on_skip,
             };
             let result = controller::run(opts, interrupt_token()).await;
             ExitCode::from(result.exit as u8)

@@ -8,22 +8,33 @@
 //! `<properties>`; per case `<testcase name classname time>` with
 //! `<failure>` / `<error>`, infrastructure re-runs as `<rerunError>` (still
 //! failing) or `<flakyError>` (passed on a later attempt), and the case's
-//! own output — host, request, response — in `<system-out>`.
+//! own output — host, request, response — in `<system-out>`. A command
+//! case's tests follow it, each a `<testcase>` of its own named
+//! `<case> :: <classname>::<test>`, a skip inside the command as `<skipped>`.
 
 use std::fmt::Write as _;
 
-use super::{CaseReport, Outcome, RunReport, escape_markup as escape};
+use super::{CaseReport, Outcome, RunReport, TestReport, escape_markup as escape};
 
 fn seconds(d: std::time::Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
 }
 
-/// Passed, failed, errored counts of some cases.
-fn counts<'a>(cases: impl Iterator<Item = &'a CaseReport>) -> (usize, usize, usize) {
-    cases.fold((0, 0, 0), |(n, f, e), c| match c.outcome {
-        Outcome::Passed => (n + 1, f, e),
-        Outcome::Failed(_) => (n + 1, f + 1, e),
-        Outcome::Error(_) => (n + 1, f, e + 1),
+/// Test, failure, error and skip counts of some cases and the tests of
+/// their commands.
+fn counts<'a>(cases: impl Iterator<Item = &'a CaseReport>) -> (usize, usize, usize, usize) {
+    cases.fold((0, 0, 0, 0), |(n, f, e, s), c| {
+        let (n, f, e) = match c.outcome {
+            Outcome::Passed => (n + 1, f, e),
+            Outcome::Failed(_) => (n + 1, f + 1, e),
+            Outcome::Error(_) => (n + 1, f, e + 1),
+        };
+        c.tests.iter().fold((n, f, e, s), |(n, f, e, s), t| match t.outcome.as_str() {
+            "failed" => (n + 1, f + 1, e, s),
+            "error" => (n + 1, f, e + 1, s),
+            "skipped" => (n + 1, f, e, s + 1),
+            _ => (n + 1, f, e, s),
+        })
     })
 }
 
@@ -35,7 +46,7 @@ pub fn render(report: &RunReport) -> String {
             suites.push(&c.suite);
         }
     }
-    let (tests, failures, errors) = counts(report.cases.iter());
+    let (tests, failures, errors, _) = counts(report.cases.iter());
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         out,
@@ -51,14 +62,14 @@ pub fn render(report: &RunReport) -> String {
 
 fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
     let cases: Vec<&CaseReport> = report.cases.iter().filter(|c| c.suite == suite).collect();
-    let (tests, failures, errors) = counts(cases.iter().copied());
+    let (tests, failures, errors, skipped) = counts(cases.iter().copied());
     let time: std::time::Duration = cases.iter().map(|c| c.duration).sum();
     let mut hosts: Vec<&str> = cases.iter().map(|c| c.host.as_str()).filter(|h| !h.is_empty()).collect();
     hosts.sort_unstable();
     hosts.dedup();
     let _ = write!(
         out,
-        "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"0\" time=\"{}\"",
+        "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\" time=\"{}\"",
         escape(suite),
         seconds(time)
     );
@@ -72,6 +83,9 @@ fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
     properties(out, report, suite);
     for c in cases {
         testcase(out, c);
+        for t in &c.tests {
+            command_test(out, c, t);
+        }
     }
     out.push_str("  </testsuite>\n");
 }
@@ -131,6 +145,30 @@ fn testcase(out: &mut String, c: &CaseReport) {
     out.push_str("    </testcase>\n");
 }
 
+/// One test a command case reported.
+fn command_test(out: &mut String, c: &CaseReport, t: &TestReport) {
+    let _ = write!(
+        out,
+        "    <testcase name=\"{}\" classname=\"{}\" time=\"{}\"",
+        escape(&format!("{} :: {}", c.name, t.id())),
+        escape(&c.suite),
+        seconds(std::time::Duration::from_millis(t.duration_ms))
+    );
+    let message = escape(&t.message);
+    match t.outcome.as_str() {
+        "failed" => {
+            let _ = write!(out, ">\n      <failure message=\"{message}\" type=\"test\"/>\n    </testcase>\n");
+        }
+        "error" => {
+            let _ = write!(out, ">\n      <error message=\"{message}\" type=\"test\"/>\n    </testcase>\n");
+        }
+        "skipped" => {
+            let _ = write!(out, ">\n      <skipped message=\"{message}\"/>\n    </testcase>\n");
+        }
+        _ => out.push_str("/>\n"),
+    }
+}
+
 /// Where it ran and what the service answered (the response only for a case
 /// that did not pass: a passing case's body is noise in a CI report).
 fn case_output(c: &CaseReport) -> String {
@@ -143,6 +181,9 @@ fn case_output(c: &CaseReport) -> String {
     }
     if c.outcome != Outcome::Passed && c.http_status.is_some() {
         lines.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
+    }
+    if c.outcome != Outcome::Passed && c.url.starts_with("command ") && !c.excerpt.is_empty() {
+        lines.push(format!("output (its end):\n{}", c.excerpt));
     }
     lines.join("\n")
 }

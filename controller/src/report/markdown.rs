@@ -28,6 +28,7 @@ pub fn render(report: &RunReport) -> String {
     );
     suites(&mut out, report);
     not_passed(&mut out, report);
+    skipped(&mut out, report);
     loads(&mut out, &report.loads);
     if let Some(b) = report.baseline.as_ref().filter(|b| !b.is_empty()) {
         out.push_str(&b.markdown());
@@ -75,6 +76,19 @@ fn not_passed(out: &mut String, report: &RunReport) {
         {
             let _ = writeln!(out, "  <details><summary>details</summary>\n\n  ```\n{}\n  ```\n  </details>", message);
         }
+    }
+}
+
+/// Tests a command reported skipped, each with its reason.
+fn skipped(out: &mut String, report: &RunReport) {
+    let lines: Vec<String> = report
+        .cases
+        .iter()
+        .flat_map(|c| c.tests.iter().filter(|t| t.outcome == "skipped").map(move |t| (c, t)))
+        .map(|(c, t)| format!("- **{} / {}** `{}`: {}", c.suite, c.name, t.id(), cell(&t.message)))
+        .collect();
+    if !lines.is_empty() {
+        let _ = write!(out, "\n### Skipped inside commands\n\n{}\n", lines.join("\n"));
     }
 }
 

@@ -78,7 +78,7 @@ pub fn render(doc: &Document<'_>) -> String {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:24px;color:#222}code{font-size:90%}\
     .verdict.passed{color:#31a354}.verdict.failed,.verdict.errors{color:#de2d26}.verdict.interrupted{color:#e6550d}\
     table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}\
-    tr.failed td,tr.error td,tr.regressed td{background:#fff5f0}tr.improved td{background:#f0fff0}\
+    tr.failed td,tr.error td,tr.regressed td{background:#fff5f0}tr.skipped td{background:#fffbe6}tr.test td.case-name{padding-left:24px}tr.improved td{background:#f0fff0}\
     .verdict.regressed{color:#de2d26}table.cases{max-width:960px}\
     pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0;font-size:85%}\
     .legend span{display:inline-block;padding:2px 8px;margin:2px;border-radius:3px;font-size:85%}\
@@ -309,6 +309,19 @@ fn cases(out: &mut String, doc: &Document<'_>) {
             c.duration_ms,
             o = c.outcome
         );
+        for t in c.tests {
+            let message = if t.message.is_empty() { String::new() } else { format!("<pre>{}</pre>", esc(&t.message)) };
+            let _ = writeln!(
+                out,
+                "<tr class=\"{o} test\"><td>{}</td><td class=\"case-name\">{} :: {}</td><td>{o}{message}</td><td>{}</td><td>{} ms</td></tr>",
+                esc(c.suite),
+                esc(c.name),
+                esc(&t.id()),
+                esc(c.host),
+                t.duration_ms,
+                o = esc(&t.outcome)
+            );
+        }
     }
     out.push_str("</table>\n");
 }

@@ -130,6 +130,9 @@ pub(super) struct Case<'a> {
     pub(super) url: &'a str,
     pub(super) http_status: Option<u16>,
     pub(super) response_excerpt: &'a str,
+    /// A command case's tests (absent for HTTP cases).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub(super) tests: &'a [crate::report::TestReport],
 }
 
 #[derive(Debug, Serialize)]
@@ -331,6 +334,7 @@ fn case(c: &CaseReport) -> Case<'_> {
         url: &c.url,
         http_status: c.http_status,
         response_excerpt: &c.excerpt,
+        tests: &c.tests,
     }
 }
 

@@ -12,7 +12,7 @@ use opentelemetry::trace::{Link, SpanContext, SpanId};
 
 use crate::client::now_unix_ms;
 use crate::otel::{self, OtelConfig, Scope, Telemetry};
-use crate::report::{CaseReport, Outcome};
+use crate::report::{CaseReport, Outcome, TestReport};
 use crate::run::events::{RunEvent, StageSpan, SuiteInfo};
 
 type Model = (String, String, String);
@@ -259,6 +259,7 @@ impl Trace {
         if bad {
             span.fail(&report.headline());
         }
+        test_spans(&tracer, &span, start, &report.tests);
         span.end_at(at(start + report.duration.as_millis() as i64));
     }
 
@@ -296,6 +297,29 @@ impl Trace {
                 (None, warnings)
             }
         }
+    }
+}
+
+/// A command case's tests as its child spans, laid end to end from its
+/// start (the JUnit file gives each test's length, not its start).
+fn test_spans(tracer: &opentelemetry_sdk::trace::SdkTracer, case: &otel::Scope, start: i64, tests: &[TestReport]) {
+    let mut at = start;
+    for t in tests {
+        let attributes =
+            vec![KeyValue::new("proctor.test.id", t.id()), KeyValue::new("proctor.test.outcome", t.outcome.clone())];
+        let span = otel::start(
+            tracer,
+            format!("test {}", t.id()),
+            Some(case),
+            Some(otel::unix_ms_to_time(at)),
+            attributes,
+            vec![],
+        );
+        if matches!(t.outcome.as_str(), "failed" | "error") {
+            span.fail(&t.message);
+        }
+        at += t.duration_ms as i64;
+        span.end_at(otel::unix_ms_to_time(at));
     }
 }
 

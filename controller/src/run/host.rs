@@ -15,8 +15,43 @@ use super::Ctx;
 use super::events::{RunEvent, StageSpan};
 use super::leases::Held;
 use crate::client::{self, Agent, AgentView, CaseToRun, EnsureAsk, Failure, Stage};
-use crate::report::{CaseReport, LoadStage, ModelLoad};
+use crate::report::{CaseReport, LoadStage, ModelLoad, Outcome};
 use crate::suite::Suite;
+
+/// A command case without a timeout of its own: the agent ends it at its
+/// command's timeout (10 minutes unless configured); the run waits this long.
+const DEFAULT_COMMAND_WAIT: Duration = Duration::from_secs(3600);
+
+/// How long one case may take before its result is given up on.
+fn case_budget(case: &crate::suite::Case) -> Duration {
+    match (case.timeout, &case.command) {
+        (Some(t), _) => t,
+        (None, Some(_)) => DEFAULT_COMMAND_WAIT,
+        (None, None) => DEFAULT_CASE_TIMEOUT,
+    }
+}
+
+/// A command case whose tests were skipped fails under `--fail-on-skip`:
+/// nothing is silently skipped.
+fn fail_on_skip(report: &mut CaseReport) {
+    let skipped: Vec<crate::report::Failure> = report
+        .tests
+        .iter()
+        .filter(|t| t.outcome == "skipped")
+        .map(|t| crate::report::Failure {
+            check: "skipped".into(),
+            pointer: t.id(),
+            expected: "not skipped (--fail-on-skip)".into(),
+            actual: if t.message.is_empty() { "skipped".into() } else { format!("skipped: {}", t.message) },
+        })
+        .collect();
+    match &mut report.outcome {
+        _ if skipped.is_empty() => {}
+        Outcome::Passed => report.outcome = Outcome::Failed(skipped),
+        Outcome::Failed(f) => f.extend(skipped),
+        Outcome::Error(_) => {}
+    }
+}
 
 /// Time allowed for a batch's results beyond its cases' own timeouts.
 const RESULT_SLACK: Duration = Duration::from_secs(10);
@@ -427,9 +462,7 @@ impl Host<'_> {
         out: &mut TryOutcome,
     ) {
         let ctx = self.ctx;
-        let budget =
-            cases.iter().map(|(i, _)| self.suite.cases[*i].timeout.unwrap_or(DEFAULT_CASE_TIMEOUT)).sum::<Duration>()
-                + RESULT_SLACK;
+        let budget = cases.iter().map(|(i, _)| case_budget(&self.suite.cases[*i])).sum::<Duration>() + RESULT_SLACK;
         let done = |v: &AgentView| self.gone(v).is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id));
         let deadline = Instant::now() + budget;
         let lease_ended = || Stop::Lost(format!("lease on {} ended before every case finished", self.agent.name));
@@ -501,7 +534,12 @@ impl Host<'_> {
             Ok(()) => {
                 let started = if r.started_unix_ms > 0 { self.agent.local_ms(r.started_unix_ms) } else { 0 };
                 let method = self.suite.cases[i].request.method.clone();
-                CaseReport { host: self.agent.name.clone(), started_unix_ms: started, method, ..r.clone() }
+                let mut report =
+                    CaseReport { host: self.agent.name.clone(), started_unix_ms: started, method, ..r.clone() };
+                if self.ctx.opts.fail_on_skip {
+                    fail_on_skip(&mut report);
+                }
+                report
             }
             Err(why) => error_on(self.agent, &why),
         }

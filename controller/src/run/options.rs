@@ -87,6 +87,8 @@ pub struct RunOptions {
     pub store: Option<crate::store::Location>,
     /// How much slower than its baseline a load may be.
     pub baseline_tolerance: crate::store::baseline::Tolerance,
+    /// `--fail-on-skip`: a test a command case reports skipped fails it.
+    pub fail_on_skip: bool,
 }
 
 impl RunOptions {
@@ -108,6 +110,7 @@ impl RunOptions {
             max_wait: None,
             store: None,
             baseline_tolerance: Default::default(),
+            fail_on_skip: false,
         }
     }
 

@@ -55,7 +55,7 @@ pub fn load_trends(rows: &[LoadRow]) -> Vec<LoadTrend> {
 pub struct CaseTrend {
     pub suite: String,
     pub name: String,
-    /// One letter per run, oldest first: P passed, F failed, E error.
+    /// One letter per run, oldest first: P passed, F failed, E error, S skipped.
     pub outcomes: String,
     pub runs: usize,
     /// Runs where it needed a re-run (its host was lost).
@@ -90,6 +90,7 @@ pub fn case_trends(rows: &[CaseRow]) -> Vec<CaseTrend> {
                 .map(|r| match r.outcome.as_str() {
                     "passed" => 'P',
                     "failed" => 'F',
+                    "skipped" => 'S',
                     _ => 'E',
                 })
                 .collect();

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod commands;
 mod gpu;
 mod hosts;
 mod loading;

@@ -227,7 +227,7 @@ pub struct Case {
     pub traceparent: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "20")]
     pub assertions: ::prost::alloc::vec::Vec<Assertion>,
-    #[prost(oneof = "case::Kind", tags = "10")]
+    #[prost(oneof = "case::Kind", tags = "10, 11")]
     pub kind: ::core::option::Option<case::Kind>,
 }
 /// Nested message and enum types in `Case`.
@@ -236,7 +236,35 @@ pub mod case {
     pub enum Kind {
         #[prost(message, tag = "10")]
         Http(super::HttpCase),
+        #[prost(message, tag = "11")]
+        Command(super::CommandCase),
     }
+}
+/// One of the commands the agent's config names for the service (an
+/// existing test suite, e.g. pytest), with the arguments a suite may add.
+/// The agent refuses a name it does not know and any argument outside the
+/// command's allowed options and test paths, before anything runs.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CommandCase {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub args: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// One test of a command case, as the JUnit file the command wrote says it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TestResult {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub classname: ::prost::alloc::string::String,
+    #[prost(enumeration = "TestOutcome", tag = "3")]
+    pub outcome: i32,
+    #[prost(uint64, tag = "4")]
+    pub duration_us: u64,
+    /// Failure, error or skip message (redacted, bounded).
+    #[prost(string, tag = "5")]
+    pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HttpCase {
@@ -324,6 +352,12 @@ pub struct CaseResult {
     /// When the agent started the request (agent clock).
     #[prost(int64, tag = "11")]
     pub started_unix_ms: i64,
+    /// Command cases: each test of the JUnit file it wrote, and its exit code
+    /// (response_excerpt holds the end of its output).
+    #[prost(message, repeated, tag = "13")]
+    pub tests: ::prost::alloc::vec::Vec<TestResult>,
+    #[prost(int32, tag = "14")]
+    pub exit_code: i32,
     /// The URL requested.
     #[prost(string, tag = "12")]
     pub url: ::prost::alloc::string::String,
@@ -858,6 +892,41 @@ impl CaseOutcome {
             "CASE_OUTCOME_PASSED" => Some(Self::Passed),
             "CASE_OUTCOME_FAILED" => Some(Self::Failed),
             "CASE_OUTCOME_ERROR" => Some(Self::Error),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum TestOutcome {
+    Unspecified = 0,
+    TestPassed = 1,
+    TestFailed = 2,
+    TestError = 3,
+    TestSkipped = 4,
+}
+impl TestOutcome {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "TEST_OUTCOME_UNSPECIFIED",
+            Self::TestPassed => "TEST_PASSED",
+            Self::TestFailed => "TEST_FAILED",
+            Self::TestError => "TEST_ERROR",
+            Self::TestSkipped => "TEST_SKIPPED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "TEST_OUTCOME_UNSPECIFIED" => Some(Self::Unspecified),
+            "TEST_PASSED" => Some(Self::TestPassed),
+            "TEST_FAILED" => Some(Self::TestFailed),
+            "TEST_ERROR" => Some(Self::TestError),
+            "TEST_SKIPPED" => Some(Self::TestSkipped),
             _ => None,
         }
     }

@@ -1,0 +1,187 @@
+//! Test commands: the seed team's own pytest suite run by a suite next to
+//! the service — per-test results in every report, a skip shown as one (or
+//! a failure with `--fail-on-skip`), the allow-list refusing before anything
+//! runs, a hung command killed with its process tree at its timeout.
+
+use std::time::Duration;
+
+use controller::{Exit, RunOptions};
+use testkit::{Agent, Scratch, Service};
+use tokio_util::sync::CancellationToken;
+
+use crate::BIN;
+
+fn python() -> String {
+    let found = std::process::Command::new("sh").args(["-c", "command -v python3"]).output().unwrap();
+    String::from_utf8_lossy(&found.stdout).trim().to_owned()
+}
+
+/// The agent's test commands: the e2e suite (a suite may add `-k` and test
+/// paths under tests/e2e) and one that never ends (2 s timeout).
+fn commands() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytest");
+    let python = python();
+    let mut text = String::new();
+    for (name, tests, timeout) in [("e2e-pytest", "tests/e2e", "2m"), ("hang", "tests/hang", "2s")] {
+        text.push_str(&format!(
+            "[[service.test_command]]\nname = \"{name}\"\nargv = [\"{python}\", \"-m\", \"pytest\", \"-q\", \"-p\", \
+             \"no:cacheprovider\", \"--junitxml={{junit}}\", \"{tests}\"]\nworkdir = \"{}\"\ntimeout = \"{timeout}\"\n\
+             env = {{ TRANSLATE_API_URL = \"{{url}}\", PYTHONDONTWRITEBYTECODE = \"1\" }}\noptions = [\"-k\"]\n\
+             paths = \"{tests}\"\n\n",
+            dir.display()
+        ));
+    }
+    text
+}
+
+const E2E_SUITE: &str = "\
+name: e2e
+service: translation
+models: [nllb]
+cases:
+  - name: pytest e2e
+    command: e2e-pytest
+  - name: health
+    request: {method: GET, path: /health}
+    expect: {status: 200}
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_teams_pytest_suite_runs_next_to_the_service_each_test_in_every_report() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
+    let out = Scratch::new("pytest");
+    let suite = out.write("e2e.yaml", E2E_SUITE);
+    let store = controller::store::Location::Sqlite(out.path.join("runs.sqlite"));
+    let opts = RunOptions {
+        store: Some(store.clone()),
+        ..RunOptions::new(vec![agent.addr.clone()], vec![suite.clone()], out.path.clone())
+    };
+    let result = controller::run(opts, CancellationToken::new()).await;
+    let report = result.report.unwrap();
+    let summary = report.summary();
+    assert_eq!(result.exit, Exit::TestFailures, "one test fails on purpose: {summary}");
+    let pytest = &report.cases[0];
+    let tests: Vec<(String, &str)> = pytest.tests.iter().map(|t| (t.id(), t.outcome.as_str())).collect();
+    assert_eq!(tests.len(), 5, "{tests:?}");
+    let outcome = |id: &str| tests.iter().find(|(t, _)| t.ends_with(id)).map(|(_, o)| *o);
+    assert_eq!(outcome("test_english_to_spanish"), Some("passed"));
+    assert_eq!(outcome("test_english_to_french_fails_on_purpose"), Some("failed"));
+    assert_eq!(outcome("test_aya_translates"), Some("skipped"), "a skip inside pytest is shown as one");
+    assert_eq!(outcome("test_proctor_says_which_models_are_ready"), Some("passed"), "PROCTOR_READY_MODELS");
+    assert!(summary.contains("(5 tests: 3 passed, 1 failed, 1 skipped)"), "{summary}");
+    assert!(summary.contains("test_english_to_french_fails_on_purpose: expected passed, got"), "{summary}");
+    assert!(
+        summary.contains("Skipped inside commands (1") && summary.contains("aya is gated: needs HF_TOKEN"),
+        "{summary}"
+    );
+
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
+    assert!(
+        junit.contains("name=\"pytest e2e :: tests.e2e.test_nllb_model_e2e::test_english_to_french_fails_on_purpose\""),
+        "{junit}"
+    );
+    assert!(junit.contains("<skipped message=\"aya is gated: needs HF_TOKEN\"/>"), "{junit}");
+    assert!(
+        junit.contains("tests=\"7\" failures=\"2\" errors=\"0\" skipped=\"1\""),
+        "case + 5 tests + health: {junit}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["cases"][0]["tests"].as_array().map(Vec::len), Some(5));
+    let html = std::fs::read_to_string(out.path.join("report.html")).unwrap();
+    assert!(html.contains("<tr class=\"skipped test\"><td>e2e</td><td class=\"case-name\">pytest e2e :: tests.e2e.test_aya_model_e2e::test_aya_translates"), "a row per test");
+    let trace = std::fs::read_to_string(out.path.join("trace.json")).unwrap();
+    assert!(trace.contains("\"test tests.e2e.test_nllb_model_e2e::test_english_to_spanish\""), "a span per test");
+    let kept = controller::store::Store::open(&store).await.unwrap().case_history(5).await.unwrap();
+    assert!(kept.iter().any(|c| c.name.ends_with("test_aya_translates") && c.outcome == "skipped"), "{kept:?}");
+
+    // -k from the suite (allowed): only the passing test; --fail-on-skip turns the skip into a failure.
+    let only = out.write(
+        "only.yaml",
+        &E2E_SUITE.replace("command: e2e-pytest", "command: e2e-pytest\n    args: [-k, spanish or aya]"),
+    );
+    let opts = RunOptions {
+        fail_on_skip: true,
+        ..RunOptions::new(vec![agent.addr.clone()], vec![only], out.path.join("only"))
+    };
+    let result = controller::run(opts, CancellationToken::new()).await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::TestFailures, "{}", report.summary());
+    assert_eq!(report.cases[0].tests.len(), 2, "-k reached pytest: {:?}", report.cases[0].tests);
+    assert!(report.summary().contains("expected not skipped (--fail-on-skip)"), "{}", report.summary());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_or_argument_outside_the_allow_list_is_refused_before_anything_runs() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
+    for (case, says) in [
+        (
+            "command: rm-rf",
+            "service translation has no test command \"rm-rf\" (it has e2e-pytest, hang); nothing was run",
+        ),
+        (
+            "command: e2e-pytest\n    args: [-p, evil]",
+            "option \"-p\" is not allowed for command e2e-pytest: its options are -k",
+        ),
+        ("command: e2e-pytest\n    args: [../../etc]", "must be relative and under tests/e2e"),
+        ("command: e2e-pytest\n    args: [-k, \"x; touch /tmp/owned\"]", "holds a shell character"),
+    ] {
+        let out = Scratch::new("refused-command");
+        let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", case));
+        let result = controller::run(
+            RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+            CancellationToken::new(),
+        )
+        .await;
+        let report = result.report.unwrap();
+        assert_eq!(result.exit, Exit::Infrastructure, "{}", report.summary());
+        let pytest = &report.cases[0];
+        assert!(pytest.headline().contains(says), "{case}: {}", pytest.headline());
+        assert!(pytest.tests.is_empty() && pytest.duration.is_zero(), "nothing ran: {pytest:?}");
+    }
+    assert!(!agent.logs().contains("pytest"), "no pytest process was started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_that_hangs_is_killed_with_its_process_tree_at_its_timeout() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
+    let out = Scratch::new("hung-command");
+    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", "command: hang"));
+    let started = std::time::Instant::now();
+    let result = controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    let report = result.report.unwrap();
+    let hung = &report.cases[0];
+    assert!(
+        hung.headline().contains("command hang timed out after 2s; its process group was killed"),
+        "{}",
+        hung.headline()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    // The grandchild the test started (sleep 300) went with the group.
+    let pid_file =
+        walk(&agent_dir(&agent)).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")).expect("pid file");
+    let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
+    testkit::until(Duration::from_secs(5), "the command's grandchild to be gone", || !testkit::process_alive(pid))
+        .await;
+}
+
+fn agent_dir(agent: &Agent) -> std::path::PathBuf {
+    agent.scratch.path.join("data")
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
