@@ -18,6 +18,10 @@ use crate::lease::LeaseClaim;
 use crate::supervisor::Supervisor;
 
 const EXCERPT_BYTES: usize = 512;
+
+/// The end of a test command's output a result keeps (pytest's summary of
+/// failures sits there).
+const COMMAND_OUTPUT_BYTES: usize = 4096;
 pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Checks every assertion against a response; returns the failures.
@@ -336,7 +340,7 @@ impl Queue {
         let ran = crate::commands::run(&argv, &env, cmd.workdir.as_deref(), timeout).await;
         result.duration_us = started.elapsed().as_micros() as u64;
         let hide = |text: &str| hide_values(&self.supervisor.redact(text), &secrets);
-        result.response_excerpt = hide(tail(&ran.output, EXCERPT_BYTES));
+        result.response_excerpt = hide(tail(&ran.output, COMMAND_OUTPUT_BYTES));
         result.exit_code = ran.exit_code.unwrap_or(-1);
         let read = std::fs::read_to_string(&junit).ok().map(|x| crate::commands::read_junit(&x));
         let mut junit_note = String::new();
