@@ -242,14 +242,43 @@ impl Queue {
         let width = parallel.clamp(1, MAX_PARALLEL) as usize;
         let queue = std::sync::Arc::new(self);
         let mut running = tokio::task::JoinSet::new();
+        let mut which = std::collections::HashMap::new();
         for case in cases {
             if running.len() >= width {
-                running.join_next().await;
+                queue.reap(running.join_next_with_id().await, &mut which);
             }
             let q = queue.clone();
-            running.spawn(async move { q.one(case).await });
+            let blank = not_run(&case, q.epoch, String::new());
+            let id = running.spawn(async move { q.one(case).await }).id();
+            which.insert(id, blank);
         }
-        while running.join_next().await.is_some() {}
+        while let Some(done) = running.join_next_with_id().await {
+            queue.reap(Some(done), &mut which);
+        }
+    }
+
+    /// A case's task ended; one that panicked still answers, as an error.
+    fn reap(
+        &self,
+        done: Option<Result<(tokio::task::Id, ()), tokio::task::JoinError>>,
+        which: &mut std::collections::HashMap<tokio::task::Id, CaseResult>,
+    ) {
+        match done {
+            Some(Ok((id, ()))) => {
+                which.remove(&id);
+            }
+            Some(Err(e)) => {
+                if let Some(mut result) = which.remove(&e.id()) {
+                    result.message = format!("the agent failed running this case: {e}");
+                    self.journal.append(proto::event::Kind::CaseFinished(proto::CaseFinished {
+                        run_id: self.claim.run_id.clone(),
+                        service: self.claim.service.clone(),
+                        result: Some(result),
+                    }));
+                }
+            }
+            None => {}
+        }
     }
 
     async fn one(&self, case: proto::Case) {
@@ -327,22 +356,30 @@ impl Queue {
             ready: self.ready_models().await,
             junit: junit.clone(),
         };
-        let secrets: Vec<(String, String)> = cmd
-            .secrets
-            .iter()
-            .filter_map(|(k, p)| std::fs::read_to_string(p).ok().map(|v| (k.clone(), v.trim().to_owned())))
-            .collect();
+        let mut secrets = Vec::new();
+        for (k, path) in &cmd.secrets {
+            match std::fs::read_to_string(path) {
+                Ok(v) => secrets.push((k.clone(), v.trim().to_owned())),
+                Err(e) => {
+                    result.message =
+                        format!("command {}: cannot read secret {k} from {}: {e}", cmd.name, path.display());
+                    return result;
+                }
+            }
+        }
         let (argv, env) = crate::commands::command_line(cmd, &c.args, &ctx, &secrets);
+        // The case may shorten the command's time, never lengthen it.
         let timeout = match case.timeout_ms {
             0 => cmd.timeout,
-            ms => Duration::from_millis(ms),
+            ms => Duration::from_millis(ms).min(cmd.timeout),
         };
-        let ran = crate::commands::run(&argv, &env, cmd.workdir.as_deref(), timeout).await;
+        let ran = crate::commands::run(&argv, &env, cmd.workdir.as_deref(), timeout, self.until_stopped()).await;
         result.duration_us = started.elapsed().as_micros() as u64;
         let hide = |text: &str| hide_values(&self.supervisor.redact(text), &secrets);
-        result.response_excerpt = hide(tail(&ran.output, COMMAND_OUTPUT_BYTES));
+        result.response_excerpt = tail(&hide(&ran.output), COMMAND_OUTPUT_BYTES).to_owned();
         result.exit_code = ran.exit_code.unwrap_or(-1);
         let read = std::fs::read_to_string(&junit).ok().map(|x| crate::commands::read_junit(&x));
+        let _ = std::fs::remove_file(&junit);
         let mut junit_note = String::new();
         match read {
             Some(Ok(tests)) => result.tests = tests,
@@ -351,10 +388,29 @@ impl Queue {
         }
         for t in &mut result.tests {
             t.message = hide(&t.message);
+            t.name = hide(&t.name);
+            t.classname = hide(&t.classname);
         }
         command_verdict(&mut result, cmd, &ran, timeout);
         result.message.push_str(&junit_note);
         result
+    }
+
+    /// Resolves, with why, when the command must stop before its end: the
+    /// agent shuts down, or this run's lease on the service ends (another run
+    /// may hold the service now).
+    async fn until_stopped(&self) -> String {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return "the agent shut down".to_owned(),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match self.journal.check(self.claim.clone()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return format!("the lease on service {} ended ({e})", self.claim.service),
+                Err(_) => return "the agent shut down".to_owned(),
+            }
+        }
     }
 
     /// The service's models READY now.
@@ -392,6 +448,13 @@ fn command_verdict(
     let name = &cmd.name;
     let (outcome, message) = match (&ran.spawn_error, ran.timed_out, ran.exit_code) {
         (Some(e), _, _) => (CaseOutcome::Error, e.clone()),
+        _ if ran.stopped.is_some() => (
+            CaseOutcome::Error,
+            format!(
+                "command {name} was stopped: {}; its process group was killed",
+                ran.stopped.as_deref().unwrap_or("")
+            ),
+        ),
         (_, true, _) => (
             CaseOutcome::Error,
             format!("command {name} timed out after {}s; its process group was killed", timeout.as_secs()),

@@ -29,6 +29,8 @@ pub struct TestCommand {
     /// Options a suite may add, each followed by one value (`-k EXPR`), or
     /// written `--opt=value`.
     pub options: Vec<String>,
+    /// Options a suite may add that take no value (`-x`, `-v`).
+    pub flags: Vec<String>,
     /// Test paths a suite may add: relative, under this folder (relative to
     /// the workdir). `None`: none.
     pub paths: Option<PathBuf>,
@@ -53,22 +55,44 @@ pub fn check_args(cmd: &TestCommand, args: &[String]) -> Result<(), String> {
              commands run without a shell and take none"
         ));
     }
-    let allowed = || match cmd.options.is_empty() {
-        true => "it takes no options".to_owned(),
-        false => format!("its options are {}", cmd.options.join(", ")),
+    if let Some(bad) = args.iter().find(|a| a.starts_with('@')) {
+        return Err(format!(
+            "argument {bad:?} for command {name} starts with '@', which makes pytest read arguments from a file; \
+             not allowed"
+        ));
+    }
+    let allowed = || {
+        let all: Vec<&str> = cmd.options.iter().chain(&cmd.flags).map(String::as_str).collect();
+        match all.is_empty() {
+            true => "it takes no options".to_owned(),
+            false => format!("its options are {}", all.join(", ")),
+        }
     };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
-        if arg.starts_with('-') {
-            let (option, inline) = arg.split_once('=').map_or((arg.as_str(), false), |(o, _)| (o, true));
-            if !cmd.options.iter().any(|o| o == option) {
-                return Err(format!("option {option:?} is not allowed for command {name}: {}", allowed()));
-            }
-            if !inline && rest.next().is_none() {
-                return Err(format!("option {option} for command {name} needs a value after it"));
-            }
-        } else {
+        if !arg.starts_with('-') {
             check_path(cmd, arg)?;
+            continue;
+        }
+        if cmd.flags.iter().any(|f| f == arg) {
+            continue;
+        }
+        let (option, value) = match arg.split_once('=') {
+            Some((o, v)) => (o, Some(v.as_ref())),
+            None => (arg.as_str(), rest.next().map(String::as_str)),
+        };
+        if !cmd.options.iter().any(|o| o == option) {
+            return Err(format!("option {option:?} is not allowed for command {name}: {}", allowed()));
+        }
+        match value {
+            None => return Err(format!("option {option} for command {name} needs a value after it")),
+            Some(v) if v.starts_with('-') || v.starts_with('@') => {
+                return Err(format!(
+                    "the value {v:?} of option {option} for command {name} starts with '{}'; values may not",
+                    &v[..1]
+                ));
+            }
+            Some(_) => {}
         }
     }
     Ok(())
@@ -139,73 +163,94 @@ pub fn command_line(
 /// How a run ended.
 #[derive(Debug, Default, PartialEq)]
 pub struct Ran {
-    /// `None`: it did not exit by itself (timed out, or never started).
+    /// `None`: it did not exit by itself (timed out, stopped, never started).
     pub exit_code: Option<i32>,
     pub timed_out: bool,
+    /// Why it was stopped before its end (its lease ended, the agent shut down).
+    pub stopped: Option<String>,
     /// Why it could not start.
     pub spawn_error: Option<String>,
-    /// The end of its output (stdout and stderr together).
+    /// The end of its output (stdout and stderr as they interleaved).
     pub output: String,
 }
 
-/// Runs a command line in its own process group; at the timeout the whole
-/// group is killed (SIGKILL) and waited for.
-pub async fn run(argv: &[String], env: &BTreeMap<String, String>, workdir: Option<&Path>, timeout: Duration) -> Ran {
-    use tokio::io::AsyncReadExt;
+/// Kills a command's whole process group when dropped: however the case
+/// ends (the agent's task cancelled included), nothing of it runs on.
+struct Group(i32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// How long output still in the pipe is read once the command has ended
+/// (a process it left behind may hold the pipe open).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs a command line in its own process group, its stdout and stderr one
+/// pipe whose last `OUTPUT_TAIL` bytes are kept as they come. It ends at its
+/// exit, at the timeout or when `stop` says why; then the whole group is
+/// SIGKILLed and what was read within `DRAIN_GRACE` is its output.
+pub async fn run(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    workdir: Option<&Path>,
+    timeout: Duration,
+    stop: impl std::future::Future<Output = String>,
+) -> Ran {
     let Some((program, args)) = argv.split_first() else {
         return Ran { spawn_error: Some("the command is empty".into()), ..Ran::default() };
     };
+    let (reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return Ran { spawn_error: Some(format!("cannot make a pipe: {e}")), ..Ran::default() },
+    };
     let mut command = tokio::process::Command::new(program);
     command.args(args).env_clear().envs(env).process_group(0).kill_on_drop(true);
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    let err = writer.try_clone().map(std::process::Stdio::from).unwrap_or_else(|_| std::process::Stdio::null());
+    command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::from(writer)).stderr(err);
     if let Some(dir) = workdir {
         command.current_dir(dir);
     }
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    drop(command); // the agent's copies of the pipe's write end
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return Ran { spawn_error: Some(format!("cannot start {program:?}: {e}")), ..Ran::default() },
     };
-    let pgid = child.id().unwrap_or(0) as i32;
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
-    let read = async {
-        let mut text = Vec::new();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(
-            async {
-                if let Some(o) = out.as_mut() {
-                    let _ = o.read_to_end(&mut a).await;
-                }
-            },
-            async {
-                if let Some(e) = err.as_mut() {
-                    let _ = e.read_to_end(&mut b).await;
-                }
-            }
-        );
-        text.extend(a);
-        text.extend(b);
-        text
+    let group = Group(child.id().map_or(0, |id| id as i32));
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<u8>::new()));
+    let reading = tokio::task::spawn_blocking({
+        let tail = tail.clone();
+        move || keep_tail(reader, &tail)
+    });
+    let (exit_code, timed_out, stopped) = tokio::select! {
+        status = child.wait() => (status.ok().and_then(|s| s.code()), false, None),
+        _ = tokio::time::sleep(timeout) => (None, true, None),
+        why = stop => (None, false, Some(why)),
     };
-    let finished = tokio::time::timeout(timeout, async { tokio::join!(child.wait(), read) }).await;
-    let (status, bytes, timed_out) = match finished {
-        Ok((status, bytes)) => (status.ok(), bytes, false),
-        Err(_) => {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait().await;
-            (None, Vec::new(), true)
+    drop(group);
+    let _ = child.wait().await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, reading).await;
+    let bytes: Vec<u8> = tail.lock().map(|t| t.iter().copied().collect()).unwrap_or_default();
+    Ran { exit_code, timed_out, stopped, spawn_error: None, output: String::from_utf8_lossy(&bytes).into_owned() }
+}
+
+/// Reads until the pipe closes, keeping its last `OUTPUT_TAIL` bytes.
+fn keep_tail(mut reader: std::io::PipeReader, tail: &std::sync::Mutex<std::collections::VecDeque<u8>>) {
+    use std::io::Read;
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 {
+            return;
         }
-    };
-    // The group is killed either way: nothing it started outlives the case.
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
-    let start = bytes.len().saturating_sub(OUTPUT_TAIL);
-    Ran {
-        exit_code: status.and_then(|s| s.code()),
-        timed_out,
-        spawn_error: None,
-        output: String::from_utf8_lossy(&bytes[start..]).into_owned(),
+        let Ok(mut t) = tail.lock() else { return };
+        t.extend(&buf[..n]);
+        let over = t.len().saturating_sub(OUTPUT_TAIL);
+        t.drain(..over);
     }
 }
 
@@ -277,6 +322,7 @@ mod tests {
             env: BTreeMap::from([("TRANSLATE_API_URL".into(), "{url}".into())]),
             secrets: BTreeMap::new(),
             options: vec!["-k".into(), "-m".into()],
+            flags: vec!["-x".into()],
             paths: Some("tests/e2e".into()),
         }
     }
@@ -291,7 +337,16 @@ mod tests {
             (vec!["-k=nllb", "-m", "smoke"], Ok(())),
             (vec!["tests/e2e/test_nllb_model_e2e.py"], Ok(())),
             (vec!["tests/e2e/sub/./test_x.py", "-k", "x"], Ok(())),
-            (vec!["-x"], Err("option \"-x\" is not allowed for command e2e-pytest: its options are -k, -m")),
+            (vec!["-x", "tests/e2e/test_a.py"], Ok(())),
+            (vec!["-x", "/tmp/evil"], Err("must be relative and under tests/e2e")),
+            (vec!["-p", "x"], Err("option \"-p\" is not allowed for command e2e-pytest: its options are -k, -m, -x")),
+            (vec!["-k", "@/etc/proctor/ca.key"], Err("starts with '@'")),
+            (vec!["@args.txt"], Err("starts with '@'")),
+            (
+                vec!["-k", "--rootdir=/"],
+                Err("the value \"--rootdir=/\" of option -k for command e2e-pytest starts with '-'"),
+            ),
+            (vec!["-k=-p"], Err("starts with '-'")),
             (vec!["--junitxml=/tmp/other.xml"], Err("option \"--junitxml\" is not allowed")),
             (vec!["-k"], Err("option -k for command e2e-pytest needs a value after it")),
             (vec!["tests/e2e/../../etc/passwd"], Err("must be relative and under tests/e2e")),
@@ -307,7 +362,7 @@ mod tests {
                 Err(says) => assert!(got.as_ref().is_err_and(|e| e.contains(says)), "{given:?}: {got:?}"),
             }
         }
-        let bare = TestCommand { options: vec![], paths: None, ..pytest() };
+        let bare = TestCommand { options: vec![], flags: vec![], paths: None, ..pytest() };
         assert!(check_args(&bare, &args(&["-k", "x"])).unwrap_err().contains("it takes no options"));
         assert!(check_args(&bare, &args(&["t.py"])).unwrap_err().contains("takes no test paths"));
     }
@@ -329,6 +384,38 @@ mod tests {
         assert_eq!((env["PROCTOR_MODELS"].as_str(), env["PROCTOR_READY_MODELS"].as_str()), ("nllb,aya", "nllb"));
         assert_eq!(env["HF_TOKEN"], "hf_secret");
         assert!(!env.contains_key("CARGO"), "nothing else of the agent's environment");
+    }
+
+    #[tokio::test]
+    async fn output_is_one_stream_of_which_the_last_bytes_are_kept() {
+        let argv: Vec<String> =
+            ["sh", "-c", "echo first; echo to-stderr >&2; head -c 100000 /dev/zero | tr '\\0' x; echo; echo END"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let env = BTreeMap::from([("PATH".to_owned(), std::env::var("PATH").unwrap_or_default())]);
+        let ran = run(&argv, &env, None, Duration::from_secs(10), std::future::pending()).await;
+        assert_eq!((ran.exit_code, ran.timed_out), (Some(0), false));
+        assert_eq!(ran.output.len(), OUTPUT_TAIL, "bounded while read");
+        assert!(ran.output.ends_with("xxx\nEND\n"), "the end is kept");
+        let both = run(
+            &argv[..2].iter().cloned().chain(["echo out; echo err >&2".to_owned()]).collect::<Vec<_>>(),
+            &env,
+            None,
+            Duration::from_secs(10),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(both.output, "out\nerr\n", "stdout and stderr as they interleaved");
+        let stopped = run(
+            &argv[..2].iter().cloned().chain(["sleep 30".to_owned()]).collect::<Vec<_>>(),
+            &env,
+            None,
+            Duration::from_secs(10),
+            async { "its lease ended".to_owned() },
+        )
+        .await;
+        assert_eq!((stopped.exit_code, stopped.stopped.as_deref()), (None, Some("its lease ended")));
     }
 
     #[test]

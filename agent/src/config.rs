@@ -148,6 +148,8 @@ struct RawTestCommand {
     secrets: BTreeMap<String, PathBuf>,
     #[serde(default)]
     options: Vec<String>,
+    #[serde(default)]
+    flags: Vec<String>,
     paths: Option<Text>,
 }
 
@@ -650,6 +652,7 @@ impl Check<'_> {
             env: c.env.clone(),
             secrets: c.secrets.iter().map(|(k, p)| (k.clone(), base.join(p))).collect(),
             options: c.options.clone(),
+            flags: c.flags.clone(),
             paths,
         })
     }

@@ -612,9 +612,37 @@ fn fit(kind: &mut event::Kind, max: usize) {
                     cut_text(&mut f.actual, each / 2);
                 }
                 r.failures.truncate(64);
+                fit_tests(r, max, &size_of_result);
             }
         }
         _ => {}
+    }
+}
+
+fn size_of_result(r: &proto::CaseResult) -> usize {
+    prost::Message::encoded_len(r)
+}
+
+/// A command case's tests within the event limit: their messages cut
+/// first, then the list (the ones that did not pass kept first), saying so.
+fn fit_tests(r: &mut proto::CaseResult, max: usize, size: &dyn Fn(&proto::CaseResult) -> usize) {
+    if size(r) <= max || r.tests.is_empty() {
+        return;
+    }
+    for t in &mut r.tests {
+        cut_text(&mut t.message, 256);
+    }
+    let all = r.tests.len();
+    r.tests.sort_by_key(|t| t.outcome() == proto::TestOutcome::TestPassed);
+    while size(r) > max * 9 / 10 && !r.tests.is_empty() {
+        let keep = r.tests.len() * 3 / 4;
+        r.tests.truncate(keep);
+    }
+    if r.tests.len() < all {
+        r.message.push_str(&format!(
+            " ({} of its {all} tests are not in this result: the event limit; the ones that did not pass come first)",
+            all - r.tests.len()
+        ));
     }
 }
 
@@ -634,6 +662,31 @@ fn cut_text(text: &mut String, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_case_with_thousands_of_tests_fits_an_event_keeping_those_that_did_not_pass() {
+        let test = |i: usize, outcome: proto::TestOutcome| {
+            let mut t = proto::TestResult {
+                name: format!("test_{i}"),
+                classname: "tests.e2e.test_big".into(),
+                message: "m".repeat(2000),
+                ..Default::default()
+            };
+            t.set_outcome(outcome);
+            t
+        };
+        let mut tests: Vec<proto::TestResult> = (0..5000).map(|i| test(i, proto::TestOutcome::TestPassed)).collect();
+        tests[4321] = test(4321, proto::TestOutcome::TestFailed);
+        let result = proto::CaseResult { tests, ..Default::default() };
+        let mut kind = event::Kind::CaseFinished(proto::CaseFinished { result: Some(result), ..Default::default() });
+        let max = 256 * 1024;
+        fit(&mut kind, max);
+        let event::Kind::CaseFinished(c) = kind else { unreachable!() };
+        let r = c.result.unwrap();
+        assert!(prost::Message::encoded_len(&r) <= max);
+        assert_eq!(r.tests[0].name, "test_4321", "the failing test first");
+        assert!(r.message.contains("tests are not in this result: the event limit"), "{}", r.message);
+    }
 
     fn log(line: &str) -> event::Kind {
         event::Kind::Log(proto::LogLine { service: "svc".into(), stream: "stdout".into(), line: line.into() })

@@ -19,8 +19,9 @@ use crate::report::{CaseReport, LoadStage, ModelLoad, Outcome};
 use crate::suite::Suite;
 
 /// A command case without a timeout of its own: the agent ends it at its
-/// command's timeout (10 minutes unless configured); the run waits this long.
-const DEFAULT_COMMAND_WAIT: Duration = Duration::from_secs(3600);
+/// command's timeout (10 minutes unless configured) and answers; the run
+/// waits up to this long for that answer.
+const DEFAULT_COMMAND_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// How long one case may take before its result is given up on.
 fn case_budget(case: &crate::suite::Case) -> Duration {

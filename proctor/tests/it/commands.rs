@@ -22,7 +22,9 @@ fn commands() -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytest");
     let python = python();
     let mut text = String::new();
-    for (name, tests, timeout) in [("e2e-pytest", "tests/e2e", "2m"), ("hang", "tests/hang", "2s")] {
+    for (name, tests, timeout) in
+        [("e2e-pytest", "tests/e2e", "2m"), ("hang", "tests/hang", "2s"), ("linger", "tests/linger", "60s")]
+    {
         text.push_str(&format!(
             "[[service.test_command]]\nname = \"{name}\"\nargv = [\"{python}\", \"-m\", \"pytest\", \"-q\", \"-p\", \
              \"no:cacheprovider\", \"--junitxml={{junit}}\", \"{tests}\"]\nworkdir = \"{}\"\ntimeout = \"{timeout}\"\n\
@@ -117,8 +119,9 @@ async fn a_command_or_argument_outside_the_allow_list_is_refused_before_anything
     for (case, says) in [
         (
             "command: rm-rf",
-            "service translation has no test command \"rm-rf\" (it has e2e-pytest, hang); nothing was run",
+            "service translation has no test command \"rm-rf\" (it has e2e-pytest, hang, linger); nothing was run",
         ),
+        ("command: e2e-pytest\n    args: [-k, \"@/etc/passwd\"]", "starts with '@'"),
         (
             "command: e2e-pytest\n    args: [-p, evil]",
             "option \"-p\" is not allowed for command e2e-pytest: its options are -k",
@@ -167,6 +170,26 @@ async fn a_command_that_hangs_is_killed_with_its_process_tree_at_its_timeout() {
     let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
     testkit::until(Duration::from_secs(5), "the command's grandchild to be gone", || !testkit::process_alive(pid))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_left_holding_the_output_neither_hangs_the_case_nor_outlives_it() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
+    let out = Scratch::new("lingering-command");
+    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", "command: linger"));
+    let started = std::time::Instant::now();
+    let result = controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    let report = result.report.unwrap();
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    assert!(started.elapsed() < Duration::from_secs(15), "not its 60 s timeout: {:?}", started.elapsed());
+    let pid_file =
+        walk(&agent_dir(&agent)).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")).expect("pid file");
+    let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
+    testkit::until(Duration::from_secs(5), "the process it left to be gone", || !testkit::process_alive(pid)).await;
 }
 
 fn agent_dir(agent: &Agent) -> std::path::PathBuf {
