@@ -78,7 +78,7 @@ pub fn check_args(cmd: &TestCommand, args: &[String]) -> Result<(), String> {
             continue;
         }
         let (option, value) = match arg.split_once('=') {
-            Some((o, v)) => (o, Some(v.as_ref())),
+            Some((o, v)) => (o, Some(v)),
             None => (arg.as_str(), rest.next().map(String::as_str)),
         };
         if !cmd.options.iter().any(|o| o == option) {
