@@ -1241,6 +1241,27 @@ load = "endpoint"
         let models = &c.services[0].models;
         assert_eq!(models[0].timeout, Some(Duration::from_secs(5 * 60)), "NLLB: 5 min");
         assert_eq!(models[1].timeout, Some(Duration::from_secs(60 * 60)), "Aya: 60 min");
+        let pytest = &c.services[0].test_commands[0];
+        assert_eq!((pytest.name.as_str(), pytest.timeout), ("e2e-pytest", Duration::from_secs(30 * 60)));
+        assert_eq!(pytest.paths.as_deref(), Some(Path::new("tests/e2e")));
+        assert_eq!(pytest.secrets["HF_TOKEN"], PathBuf::from("/etc/proctor/hf.token"));
+    }
+
+    #[test]
+    fn a_test_command_that_could_not_be_run_safely_is_refused_with_its_line() {
+        let base = "[[service]]\nname = \"s\"\ncommand = [\"x\"]\n\n[[service.test_command]]\nname = \"e2e\"\nargv = [\"pytest\"]\n";
+        for (extra, says) in [
+            ("paths = \"../tests\"\n", "service[0] (s).test_command (e2e).paths"),
+            ("paths = \"/abs\"\n", "must be a relative folder without `..`"),
+            ("timeout = \"0s\"\n", "test_command (e2e).timeout"),
+            ("shell = true\n", "unknown field `shell`"),
+        ] {
+            let err =
+                Config::parse(&format!("{base}{extra}"), Path::new("/etc/proctor/agent.toml")).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        let empty = base.replace("argv = [\"pytest\"]", "argv = []");
+        assert!(Config::parse(&empty, Path::new("a.toml")).unwrap_err().to_string().contains("argv"));
     }
 
     #[test]
