@@ -22,9 +22,12 @@ fn commands() -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytest");
     let python = python();
     let mut text = String::new();
-    for (name, tests, timeout) in
-        [("e2e-pytest", "tests/e2e", "2m"), ("hang", "tests/hang", "2s"), ("linger", "tests/linger", "60s")]
-    {
+    for (name, tests, timeout) in [
+        ("e2e-pytest", "tests/e2e", "2m"),
+        ("hang", "tests/hang", "2s"),
+        ("linger", "tests/linger", "60s"),
+        ("hang-long", "tests/hang", "5m"),
+    ] {
         text.push_str(&format!(
             "[[service.test_command]]\nname = \"{name}\"\nargv = [\"{python}\", \"-m\", \"pytest\", \"-q\", \"-p\", \
              \"no:cacheprovider\", \"--junitxml={{junit}}\", \"{tests}\"]\nworkdir = \"{}\"\ntimeout = \"{timeout}\"\n\
@@ -119,7 +122,8 @@ async fn a_command_or_argument_outside_the_allow_list_is_refused_before_anything
     for (case, says) in [
         (
             "command: rm-rf",
-            "service translation has no test command \"rm-rf\" (it has e2e-pytest, hang, linger); nothing was run",
+            "service translation has no test command \"rm-rf\" (it has e2e-pytest, hang, linger, hang-long); nothing \
+             was run",
         ),
         ("command: e2e-pytest\n    args: [-k, \"@/etc/passwd\"]", "starts with '@'"),
         (
@@ -190,6 +194,41 @@ async fn a_process_left_holding_the_output_neither_hangs_the_case_nor_outlives_i
         walk(&agent_dir(&agent)).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")).expect("pid file");
     let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
     testkit::until(Duration::from_secs(5), "the process it left to be gone", || !testkit::process_alive(pid)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_still_running_when_its_run_lets_go_of_the_service_is_killed() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
+    let out = Scratch::new("released-command");
+    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", "command: hang-long"));
+    let interrupt = CancellationToken::new();
+    let run = tokio::spawn(controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        interrupt.clone(),
+    ));
+    // The command is running once its test wrote the grandchild's pid.
+    let dir = agent_dir(&agent);
+    let pid_file = testkit::within(Duration::from_secs(30), "the command to start", async {
+        loop {
+            if let Some(p) = walk(&dir).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")) {
+                if let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<u32>() {
+                    return pid;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Ctrl-C: the run releases its lease; the agent must not let the command go on using the service.
+    interrupt.cancel();
+    let result = testkit::within(Duration::from_secs(30), "the interrupted run", run).await.unwrap();
+    assert_eq!(result.exit, Exit::Interrupted);
+    testkit::until(Duration::from_secs(5), "the command's tree to be killed once the lease ended", || {
+        !testkit::process_alive(pid_file)
+    })
+    .await;
+    let logs = agent.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
 }
 
 fn agent_dir(agent: &Agent) -> std::path::PathBuf {
