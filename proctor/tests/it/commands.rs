@@ -210,10 +210,10 @@ async fn a_command_still_running_when_its_run_lets_go_of_the_service_is_killed()
     let dir = agent_dir(&agent);
     let pid_file = testkit::within(Duration::from_secs(30), "the command to start", async {
         loop {
-            if let Some(p) = walk(&dir).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")) {
-                if let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<u32>() {
-                    return pid;
-                }
+            if let Some(p) = walk(&dir).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid"))
+                && let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<u32>()
+            {
+                return pid;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
