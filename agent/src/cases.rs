@@ -375,7 +375,8 @@ impl Queue {
         };
         let ran = crate::commands::run(&argv, &env, cmd.workdir.as_deref(), timeout, self.until_stopped()).await;
         result.duration_us = started.elapsed().as_micros() as u64;
-        let hide = |text: &str| hide_values(&self.supervisor.redact(text), &secrets);
+        let own = crate::supervisor::redact::Secrets::of(secrets);
+        let hide = |text: &str| own.redact(&self.supervisor.redact(text)).into_owned();
         result.response_excerpt = tail(&hide(&ran.output), COMMAND_OUTPUT_BYTES).to_owned();
         result.exit_code = ran.exit_code.unwrap_or(-1);
         let read = std::fs::read_to_string(&junit).ok().map(|x| crate::commands::read_junit(&x));
@@ -469,15 +470,6 @@ fn command_verdict(
     result.set_outcome(outcome);
     result.failures = failures;
     result.message = message;
-}
-
-/// Replaces each secret value (six characters or more) in `text`.
-fn hide_values(text: &str, secrets: &[(String, String)]) -> String {
-    let mut out = text.to_owned();
-    for (name, value) in secrets.iter().filter(|(_, v)| v.len() >= 6) {
-        out = out.replace(value.as_str(), &format!("[REDACTED {name}]"));
-    }
-    out
 }
 
 /// The last `max` bytes of `text`, on a character boundary.
