@@ -152,14 +152,7 @@ async fn a_command_or_argument_outside_the_allow_list_is_refused_before_anything
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_hangs_is_killed_with_its_process_tree_at_its_timeout() {
     let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
-    let out = Scratch::new("hung-command");
-    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", "command: hang"));
-    let started = std::time::Instant::now();
-    let result = controller::run(
-        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
-        CancellationToken::new(),
-    )
-    .await;
+    let (result, took) = run_command(&agent, "hang", "hung-command").await;
     let report = result.report.unwrap();
     let hung = &report.cases[0];
     assert!(
@@ -167,11 +160,9 @@ async fn a_command_that_hangs_is_killed_with_its_process_tree_at_its_timeout() {
         "{}",
         hung.headline()
     );
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(took < Duration::from_secs(20), "{took:?}");
     // The grandchild the test started (sleep 300) went with the group.
-    let pid_file =
-        walk(&agent_dir(&agent)).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")).expect("pid file");
-    let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
+    let pid = left_pid(&agent).expect("pid file");
     testkit::until(Duration::from_secs(5), "the command's grandchild to be gone", || !testkit::process_alive(pid))
         .await;
 }
@@ -179,20 +170,11 @@ async fn a_command_that_hangs_is_killed_with_its_process_tree_at_its_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_left_holding_the_output_neither_hangs_the_case_nor_outlives_it() {
     let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&commands())).await;
-    let out = Scratch::new("lingering-command");
-    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", "command: linger"));
-    let started = std::time::Instant::now();
-    let result = controller::run(
-        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
-        CancellationToken::new(),
-    )
-    .await;
+    let (result, took) = run_command(&agent, "linger", "lingering-command").await;
     let report = result.report.unwrap();
     assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
-    assert!(started.elapsed() < Duration::from_secs(15), "not its 60 s timeout: {:?}", started.elapsed());
-    let pid_file =
-        walk(&agent_dir(&agent)).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid")).expect("pid file");
-    let pid: u32 = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
+    assert!(took < Duration::from_secs(15), "not its 60 s timeout: {took:?}");
+    let pid = left_pid(&agent).expect("pid file");
     testkit::until(Duration::from_secs(5), "the process it left to be gone", || !testkit::process_alive(pid)).await;
 }
 
@@ -207,12 +189,9 @@ async fn a_command_still_running_when_its_run_lets_go_of_the_service_is_killed()
         interrupt.clone(),
     ));
     // The command is running once its test wrote the grandchild's pid.
-    let dir = agent_dir(&agent);
     let pid_file = testkit::within(Duration::from_secs(30), "the command to start", async {
         loop {
-            if let Some(p) = walk(&dir).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid"))
-                && let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<u32>()
-            {
+            if let Some(pid) = left_pid(&agent) {
                 return pid;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -231,8 +210,48 @@ async fn a_command_still_running_when_its_run_lets_go_of_the_service_is_killed()
     assert!(!logs.contains("panicked"), "{logs}");
 }
 
-fn agent_dir(agent: &Agent) -> std::path::PathBuf {
-    agent.scratch.path.join("data")
+/// Runs `E2E_SUITE` with its command case set to `command`; the result and how long it took.
+async fn run_command(agent: &Agent, command: &str, name: &str) -> (controller::RunResult, Duration) {
+    let out = Scratch::new(name);
+    let suite = out.write("s.yaml", &E2E_SUITE.replace("command: e2e-pytest", &format!("command: {command}")));
+    let started = std::time::Instant::now();
+    let result = controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    (result, started.elapsed())
+}
+
+/// The pid a fixture test left in `<junit>.pid` (a process it started), once written.
+fn left_pid(agent: &Agent) -> Option<u32> {
+    let file =
+        walk(&agent.scratch.path.join("data")).into_iter().find(|p| p.to_string_lossy().ends_with(".xml.pid"))?;
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commands_secret_never_reaches_a_report() {
+    const TOKEN: &str = "hf_command_secret_123";
+    let dir = Scratch::new("command-secret");
+    let token = dir.write("hf.token", &format!("{TOKEN}\n"));
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytest");
+    let secret = format!(
+        "[[service.test_command]]\nname = \"secret\"\nargv = [\"{}\", \"-m\", \"pytest\", \"-q\", \"-p\", \
+         \"no:cacheprovider\", \"--junitxml={{junit}}\", \"tests/secret\"]\nworkdir = \"{}\"\n\
+         env = {{ PYTHONDONTWRITEBYTECODE = \"1\" }}\nsecrets = {{ HF_TOKEN = \"{}\" }}\n",
+        python(),
+        fixtures.display(),
+        token.display()
+    );
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=200ms"]).agent_lines(&secret)).await;
+    let (result, _) = run_command(&agent, "secret", "command-secret-run").await;
+    let report = result.report.unwrap();
+    let case = &report.cases[0];
+    let said = format!("{}\n{}\n{:?}", report.summary(), case.excerpt, case.tests);
+    assert!(!said.contains(TOKEN), "the command's secret leaked: {said}");
+    assert!(case.excerpt.contains("using token [REDACTED: HF_TOKEN]"), "{}", case.excerpt);
+    assert!(case.tests[0].message.contains("[REDACTED: HF_TOKEN]"), "{:?}", case.tests);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
