@@ -146,8 +146,6 @@ pub struct LoadRow {
     pub outcome: String,
     pub load_ms: i64,
     pub at_unix_ms: i64,
-    /// (stage, ms) in order.
-    pub stages: Vec<(String, i64)>,
 }
 
 /// A case's result in one run.
@@ -324,22 +322,16 @@ impl Store {
     }
 
     /// Finished loads (outcome `ready`) of the newest `runs` runs, oldest
-    /// first, optionally of one model; with their stages.
+    /// first, optionally of one model.
     pub async fn loads(&self, runs: usize, model: Option<&str>) -> Result<Vec<LoadRow>, StoreError> {
-        let sql = "SELECT l.run_id, l.host, l.service, l.model, l.outcome, l.load_ms, l.at_unix_ms, l.seq \
+        let sql = "SELECT l.run_id, l.host, l.service, l.model, l.outcome, l.load_ms, l.at_unix_ms \
                    FROM model_loads l JOIN (SELECT id FROM runs ORDER BY started_unix_ms DESC LIMIT $1) r \
                    ON r.id = l.run_id WHERE l.outcome = 'ready' AND ($2 = '' OR l.model = $2) \
                    ORDER BY l.at_unix_ms, l.seq";
         let rows = self.query(sql, &[(runs as u64).into(), model.unwrap_or_default().into()]).await?;
-        let mut loads = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let stages = self
-                .query(
-                    "SELECT stage, duration_ms FROM load_stages WHERE run_id = $1 AND seq = $2 ORDER BY position",
-                    &[r.text(0).into(), r.int(7).into()],
-                )
-                .await?;
-            loads.push(LoadRow {
+        Ok(rows
+            .iter()
+            .map(|r| LoadRow {
                 run_id: r.text(0),
                 host: r.text(1),
                 service: r.text(2),
@@ -347,10 +339,8 @@ impl Store {
                 outcome: r.text(4),
                 load_ms: r.int(5),
                 at_unix_ms: r.int(6),
-                stages: stages.iter().map(|s| (s.text(0), s.int(1))).collect(),
-            });
-        }
-        Ok(loads)
+            })
+            .collect())
     }
 
     /// Case results of the newest `runs` runs (the same runs `loads` reads), oldest first.

@@ -166,7 +166,6 @@ mod tests {
             outcome: "ready".into(),
             load_ms: ms,
             at_unix_ms: 0,
-            stages: vec![],
         };
         let t = load_trends(&[row("r1", "a", 3000), row("r1", "b", 9000), row("r2", "a", 5000), row("r3", "a", 4000)]);
         assert_eq!(t.len(), 2);
