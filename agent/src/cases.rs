@@ -284,6 +284,7 @@ impl Queue {
     async fn one(&self, case: proto::Case) {
         let mut result = match (self.target().await, &case.kind) {
             (Ok(base_url), Some(proto::case::Kind::Command(c))) => self.run_command(&base_url, &case, c).await,
+            (Ok(base_url), Some(proto::case::Kind::Load(l))) => self.run_load(&base_url, &case, l).await,
             (Ok(base_url), _) => run_case(&self.http, &base_url, &case, self.epoch).await,
             (Err(message), _) => not_run(&case, self.epoch, message),
         };
@@ -394,6 +395,65 @@ impl Queue {
         }
         command_verdict(&mut result, cmd, &ran, timeout);
         result.message.push_str(&junit_note);
+        result
+    }
+
+    /// Runs a load case on the engine's own threads, its progress into the
+    /// journal about once a second; stopped like a command when the lease
+    /// ends or the agent shuts down (an ERROR with the figures so far).
+    async fn run_load(&self, base_url: &str, case: &proto::Case, load: &proto::LoadCase) -> CaseResult {
+        let mut result = not_run(case, self.epoch, String::new());
+        result.started_unix_ms = crate::journal::now_unix_ms();
+        result.url = base_url.to_owned();
+        let plan = match crate::load::Plan::new(case, load, base_url) {
+            Ok(p) => p,
+            Err(e) => {
+                result.message = e;
+                return result;
+            }
+        };
+        let cancel = CancellationToken::new();
+        let (journal, claim, id, name) =
+            (self.journal.clone(), self.claim.clone(), case.case_id.clone(), case.name.clone());
+        let engine_cancel = cancel.clone();
+        let engine = tokio::task::spawn_blocking(move || {
+            crate::load::run(plan, &engine_cancel, |p| {
+                journal.append(proto::event::Kind::LoadProgress(proto::LoadProgress {
+                    run_id: claim.run_id.clone(),
+                    service: claim.service.clone(),
+                    case_id: id.clone(),
+                    name: name.clone(),
+                    elapsed_ms: p.elapsed.as_millis() as u64,
+                    warming_up: p.warming_up,
+                    requests: p.requests,
+                    errors: p.errors,
+                    rps: p.rps,
+                    p99_us: p.p99_us,
+                }));
+            })
+        });
+        let mut engine = std::pin::pin!(engine);
+        let mut stopped = None;
+        let measured = tokio::select! {
+            m = &mut engine => m,
+            why = self.until_stopped() => {
+                cancel.cancel();
+                stopped = Some(why);
+                engine.await
+            }
+        };
+        let measured = match measured {
+            Ok(m) => m,
+            Err(e) => {
+                result.message = format!("the load engine failed: {e}");
+                return result;
+            }
+        };
+        let mut result = crate::load::case_result(result, measured, &load.thresholds);
+        if let Some(why) = stopped {
+            result.set_outcome(CaseOutcome::Error);
+            result.message = format!("load case stopped: {why}");
+        }
         result
     }
 

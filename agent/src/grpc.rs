@@ -303,8 +303,13 @@ impl Drop for EndLog {
 }
 
 /// A command case names one of the service's test commands, with arguments
-/// it allows; else the whole call is refused and nothing runs.
+/// it allows, and a load case stays within the limits and on the service;
+/// else the whole call is refused and nothing runs.
 fn check_command(case: &proto::Case, supervisor: &Supervisor, service: &str) -> Result<(), Status> {
+    if let Some(proto::case::Kind::Load(load)) = &case.kind {
+        return crate::load::check(load)
+            .map_err(|e| Status::invalid_argument(format!("case {:?}: {e}; nothing was run", case.name)));
+    }
     let Some(proto::case::Kind::Command(asked)) = &case.kind else { return Ok(()) };
     let known = &supervisor.commands.commands;
     let Some(command) = known.iter().find(|k| k.name == asked.name) else {

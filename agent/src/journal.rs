@@ -49,7 +49,7 @@ pub struct Subscription {
 }
 
 enum Command {
-    Append(event::Kind),
+    Append(Box<event::Kind>),
     Subscribe {
         from_seq: u64,
         reply: oneshot::Sender<Subscription>,
@@ -145,7 +145,7 @@ impl Journal {
 
     /// Records an event. Never blocks.
     pub fn append(&self, kind: event::Kind) {
-        let _ = self.tx.send(Command::Append(kind));
+        let _ = self.tx.send(Command::Append(Box::new(kind)));
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Closed> {
@@ -297,7 +297,7 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
 
 fn handle(state: &mut State, cmd: Command, now: Instant) {
     match cmd {
-        Command::Append(kind) => state.append(kind),
+        Command::Append(kind) => state.append(*kind),
         Command::Subscribe { from_seq, reply } => {
             let (tx, live) = mpsc::channel(WATCHER_BUFFER);
             let sub = Subscription { snapshot: state.snapshot(), backlog: state.backlog(from_seq), live };
@@ -551,7 +551,8 @@ impl State {
             event::Kind::CaseFinished(_)
             | event::Kind::Log(_)
             | event::Kind::LeaseChanged(_)
-            | event::Kind::MemoryPressure(_) => {}
+            | event::Kind::MemoryPressure(_)
+            | event::Kind::LoadProgress(_) => {}
         }
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 mod grpc;
 pub mod journal;
 pub mod lease;
+pub mod load;
 pub mod metrics;
 pub mod probe;
 pub mod sampling;

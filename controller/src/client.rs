@@ -642,22 +642,71 @@ fn case_to_proto(case_id: String, attempt: u32, case: &Case, traceparent: String
             }),
         })
         .collect();
+    let kind = match (&case.command, &case.load) {
+        (Some(c), _) => proto::case::Kind::Command(proto::CommandCase { name: c.name.clone(), args: c.args.clone() }),
+        (None, Some(l)) => proto::case::Kind::Load(load_to_proto(l, &case.checks)),
+        (None, None) => proto::case::Kind::Http(http_to_proto(&case.request)),
+    };
     proto::Case {
         case_id,
         attempt,
         traceparent,
         name: case.name.clone(),
         timeout_ms: case.timeout.map_or(0, |t| t.as_millis() as u64),
-        kind: Some(match &case.command {
-            Some(c) => proto::case::Kind::Command(proto::CommandCase { name: c.name.clone(), args: c.args.clone() }),
-            None => proto::case::Kind::Http(proto::HttpCase {
-                method: case.request.method.clone(),
-                path: case.request.path.clone(),
-                headers: case.request.headers.clone().into_iter().collect(),
-                body: case.request.body.clone(),
-            }),
-        }),
+        kind: Some(kind),
         assertions,
+    }
+}
+
+fn http_to_proto(r: &crate::suite::HttpRequest) -> proto::HttpCase {
+    proto::HttpCase {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        headers: r.headers.clone().into_iter().collect(),
+        body: r.body.clone(),
+    }
+}
+
+/// A load case; its `expect.status` is the status every response must have.
+fn load_to_proto(l: &crate::suite::LoadSpec, checks: &[Check]) -> proto::LoadCase {
+    use crate::suite::load::{Metric, Op};
+    use proto::threshold::{Metric as M, Op as O};
+    let status = checks.iter().find_map(|c| if let Check::Status(s) = c { Some(u32::from(*s)) } else { None });
+    let thresholds = l
+        .thresholds
+        .iter()
+        .map(|t| {
+            let metric = match t.metric {
+                Metric::P50 => M::P50,
+                Metric::P90 => M::P90,
+                Metric::P95 => M::P95,
+                Metric::P99 => M::P99,
+                Metric::P999 => M::P999,
+                Metric::Max => M::Max,
+                Metric::Mean => M::Mean,
+                Metric::Rps => M::Rps,
+                Metric::Errors => M::ErrorRate,
+            };
+            let op = match t.op {
+                Op::Lt => O::Lt,
+                Op::Le => O::Le,
+                Op::Gt => O::Gt,
+                Op::Ge => O::Ge,
+            };
+            proto::Threshold { metric: metric.into(), op: op.into(), value: t.value, text: t.text.clone() }
+        })
+        .collect();
+    proto::LoadCase {
+        requests: l.requests.iter().map(http_to_proto).collect(),
+        connections: l.connections,
+        rate_per_s: l.rate.unwrap_or(0.0),
+        duration_ms: l.duration.map_or(0, |d| d.as_millis() as u64),
+        request_count: l.count.unwrap_or(0),
+        warmup_ms: l.warmup.as_millis() as u64,
+        status: status.unwrap_or(0),
+        check_every: l.check_every,
+        request_timeout_ms: l.request_timeout.map_or(0, |d| d.as_millis() as u64),
+        thresholds,
     }
 }
 
@@ -819,6 +868,32 @@ fn result_to_report(r: proto::CaseResult) -> CaseReport {
         url: r.url,
         reruns: Vec::new(),
         tests: r.tests.iter().map(test_report).collect(),
+        load: r.load.map(|l| Box::new(load_report(l))),
+    }
+}
+
+fn load_report(l: proto::LoadResult) -> report::LoadReport {
+    report::LoadReport {
+        mode: l.mode,
+        requests: l.requests,
+        errors: l.errors,
+        errors_by_kind: l.errors_by_kind.into_iter().collect(),
+        measured_ms: l.measured_us / 1000,
+        rps: l.rps,
+        p50_us: l.p50_us,
+        p90_us: l.p90_us,
+        p95_us: l.p95_us,
+        p99_us: l.p99_us,
+        p999_us: l.p999_us,
+        max_us: l.max_us,
+        mean_us: l.mean_us,
+        checked: l.checked,
+        warmup_requests: l.warmup_requests,
+        thresholds: l
+            .thresholds
+            .into_iter()
+            .map(|t| report::ThresholdReport { text: t.text, actual: t.actual, held: t.held })
+            .collect(),
     }
 }
 
@@ -1024,6 +1099,19 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
         }),
         Some(event::Kind::MemoryPressure(p)) => {
             events.send(RunEvent::MemoryPressure { host: host.to_owned(), pressure: pressure(p) });
+            view.send_modify(|v| advance(v, seq));
+        }
+        Some(event::Kind::LoadProgress(p)) => {
+            events.send(RunEvent::LoadProgress {
+                host: host.to_owned(),
+                case: p.name,
+                elapsed_ms: p.elapsed_ms,
+                warming_up: p.warming_up,
+                requests: p.requests,
+                errors: p.errors,
+                rps: p.rps,
+                p99_us: p.p99_us,
+            });
             view.send_modify(|v| advance(v, seq));
         }
         Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {

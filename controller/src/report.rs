@@ -60,7 +60,80 @@ pub struct CaseReport {
     /// A command case: each test the command reported (its JUnit file).
     #[serde(default)]
     pub tests: Vec<TestReport>,
+    /// A load case: what it measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Box<LoadReport>>,
 }
+
+/// What a load case measured after its warm-up (latencies in microseconds).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// `closed loop, 16 connections` / `open loop, 500/s over 16 connections`.
+    pub mode: String,
+    pub requests: u64,
+    pub errors: u64,
+    /// `timeout`, `status 503`, `check`, `connect`, `closed`, `malformed`.
+    pub errors_by_kind: std::collections::BTreeMap<String, u64>,
+    pub measured_ms: u64,
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: u64,
+    /// Responses judged by the case's JSON checks.
+    pub checked: u64,
+    pub warmup_requests: u64,
+    pub thresholds: Vec<ThresholdReport>,
+}
+
+/// A threshold as judged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdReport {
+    pub text: String,
+    pub actual: String,
+    pub held: bool,
+}
+
+impl LoadReport {
+    /// `52310 requests in 10.0s, 5231/s; p50 1.20ms p90 … max 12.0ms; 0 errors`.
+    pub fn line(&self) -> String {
+        let errors = match self.errors {
+            0 => "0 errors".to_owned(),
+            n => {
+                let kinds: Vec<String> = self.errors_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                format!("{n} errors ({})", kinds.join(", "))
+            }
+        };
+        format!(
+            "{} requests in {:.1}s, {:.0}/s; p50 {} p90 {} p95 {} p99 {} p99.9 {} max {}; {errors}",
+            self.requests,
+            self.measured_ms as f64 / 1000.0,
+            self.rps,
+            latency(self.p50_us),
+            latency(self.p90_us),
+            latency(self.p95_us),
+            latency(self.p99_us),
+            latency(self.p999_us),
+            latency(self.max_us),
+        )
+    }
+
+    /// `p99 < 250ms (3.40ms) ok; rps > 100 (5231/s) ok`.
+    pub fn thresholds_line(&self) -> String {
+        let each: Vec<String> = self
+            .thresholds
+            .iter()
+            .map(|t| format!("{} ({}) {}", t.text, t.actual, if t.held { "ok" } else { "FAILED" }))
+            .collect();
+        each.join("; ")
+    }
+}
+
+/// Microseconds as a person reads them.
+pub use proto::format_latency_us as latency;
 
 /// One test inside a command case.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +174,7 @@ impl CaseReport {
             url: String::new(),
             reruns: Vec::new(),
             tests: Vec::new(),
+            load: None,
         }
     }
 
@@ -319,6 +393,10 @@ impl RunReport {
                 fmt_duration(c.duration),
                 test_counts(&c.tests)
             );
+            if let Some(l) = &c.load {
+                let _ = writeln!(out, "    load ({}): {}", l.mode, l.line());
+                let _ = writeln!(out, "    thresholds: {}", l.thresholds_line());
+            }
         }
         self.problems(&mut out);
         let rerun: Vec<&CaseReport> = self.cases.iter().filter(|c| !c.reruns.is_empty()).collect();
@@ -466,6 +544,7 @@ mod tests {
             url: String::new(),
             reruns: Vec::new(),
             tests: Vec::new(),
+            load: None,
         };
         RunReport {
             suite_loads: vec![],

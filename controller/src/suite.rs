@@ -12,6 +12,9 @@ use serde_saphyr::Spanned;
 
 pub use proto::parse_duration;
 
+pub mod load;
+pub use load::{LoadSpec, Threshold};
+
 /// A validated suite.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Suite {
@@ -59,6 +62,9 @@ pub struct Case {
     pub timeout: Option<Duration>,
     /// A test command instead of an HTTP request (`request` unused then).
     pub command: Option<CommandCase>,
+    /// A load test: its requests sent many times, judged by thresholds
+    /// (`checks` judge its status and, sampled, its responses' JSON).
+    pub load: Option<LoadSpec>,
 }
 
 /// `command: NAME` with `args`: one of the service's test commands.
@@ -137,6 +143,9 @@ struct RawCase {
     command: Option<Spanned<String>>,
     #[serde(default)]
     args: Vec<String>,
+    /// A load test of the request(s).
+    #[serde(default)]
+    load: Option<Spanned<load::RawLoad>>,
     #[serde(default)]
     expect: Option<RawExpect>,
     #[serde(default)]
@@ -145,7 +154,7 @@ struct RawCase {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRequest {
+pub(crate) struct RawRequest {
     method: Spanned<String>,
     path: Spanned<String>,
     #[serde(default)]
@@ -379,7 +388,12 @@ impl Reader {
         if let Some(command) = self.command(spanned)? {
             let request =
                 HttpRequest { method: String::new(), path: String::new(), headers: BTreeMap::new(), body: Vec::new() };
-            return Ok(Case { name, models, request, checks: Vec::new(), timeout, command: Some(command) });
+            return Ok(Case { name, models, request, checks: Vec::new(), timeout, command: Some(command), load: None });
+        }
+        if let Some(raw) = &c.load {
+            let (request, load) = self.load(spanned, raw)?;
+            let checks = self.checks(c.expect.as_ref())?;
+            return Ok(Case { name, models, request, checks, timeout, command: None, load: Some(load) });
         }
         let request = self.request(spanned)?;
         let checks = self.checks(c.expect.as_ref())?;
@@ -389,7 +403,7 @@ impl Reader {
                 format!("case {name:?} checks nothing: add `expect` with a status or json checks"),
             ));
         }
-        Ok(Case { name, models, request, checks, timeout, command: None })
+        Ok(Case { name, models, request, checks, timeout, command: None, load: None })
     }
 
     /// `command: NAME` (+ `args`): the agent checks the name and arguments
@@ -404,6 +418,7 @@ impl Reader {
         };
         let why = match (&c.request, &c.expect) {
             (Some(_), _) => Some("a case runs a `command` or sends a `request`, not both; keep one"),
+            _ if c.load.is_some() => Some("a case runs a `command` or a `load` test, not both; keep one"),
             (_, Some(_)) => Some("a command case is judged by its exit code and its tests' results; drop `expect`"),
             _ if name.value.trim().is_empty() => Some("command is empty: name one of the service's test commands"),
             _ => None,
@@ -416,9 +431,15 @@ impl Reader {
 
     fn request(&self, spanned: &Spanned<RawCase>) -> Result<HttpRequest, SuiteError> {
         let Some(r) = &spanned.value.request else {
-            let why = "a case needs a `request` (an HTTP case) or a `command` (a test command of the service)";
+            let why =
+                "a case needs a `request` (an HTTP case), a `command` (a test command of the service) or a `load`";
             return Err(self.at(spanned.referenced, why.into()));
         };
+        self.http(r, spanned.referenced)
+    }
+
+    /// One HTTP request as written (`at`: where, for an error about the whole request).
+    fn http(&self, r: &RawRequest, at: serde_saphyr::Location) -> Result<HttpRequest, SuiteError> {
         let method = r.method.value.to_uppercase();
         if !METHODS.contains(&method.as_str()) {
             return Err(self
@@ -430,7 +451,7 @@ impl Reader {
         let mut headers = r.headers.clone();
         let body = match (&r.json, &r.body) {
             (Some(_), Some(_)) => {
-                return Err(self.at(spanned.referenced, "request has both `json` and `body`; keep one".into()));
+                return Err(self.at(at, "request has both `json` and `body`; keep one".into()));
             }
             (Some(json), None) => {
                 headers.entry("content-type".into()).or_insert_with(|| "application/json".into());

@@ -443,6 +443,15 @@ struct SimArgs {
     /// Fault: every health answer (/health, /v2/...) burns this much CPU and writes an access-log line.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     costly_health: Option<Duration>,
+    /// Fault: AFTER+FOR, e.g. 2s+1s: AFTER past the first /translate request, every /translate answer is held
+    /// until FOR has passed (a stall, as a GC pause would make).
+    #[arg(long, value_name = "AFTER+FOR", value_parser = parse_stall)]
+    stall: Option<(Duration, Duration)>,
+}
+
+fn parse_stall(s: &str) -> Result<(Duration, Duration), String> {
+    let (after, length) = s.split_once('+').ok_or_else(|| format!("{s:?}: write AFTER+FOR, e.g. 2s+1s"))?;
+    Ok((parse_duration(after)?, parse_duration(length)?))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -669,6 +678,7 @@ async fn run_sim(args: SimArgs) -> ExitCode {
         exit_with_worker: args.exit_with_worker,
         slow_requests: args.slow_requests,
         costly_health: args.costly_health,
+        stall: args.stall,
     };
     match sim::serve(config).await {
         Ok(()) => ExitCode::SUCCESS,

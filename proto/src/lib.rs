@@ -43,6 +43,17 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(secs).ok()
 }
 
+/// Microseconds as a person reads them: `850µs`, `1.23ms`, `12.3ms`, `1.52s`
+/// (load-case latencies, on the agent and in the controller's reports).
+pub fn format_latency_us(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}µs"),
+        1_000..10_000 => format!("{:.2}ms", us as f64 / 1e3),
+        10_000..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
 /// A `*_unix_ms` field of the contract as RFC 3339 UTC, second precision
 /// (no date-time dependency needed).
 pub fn format_unix_ms(ms: i64) -> String {

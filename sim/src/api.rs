@@ -21,6 +21,28 @@ pub struct AppState {
     /// Fault: every health answer (either protocol) burns this much CPU and
     /// writes an access-log line, as a heavy health handler behind uvicorn would.
     pub costly_health: Option<std::time::Duration>,
+    /// Fault: a stall of every /translate answer, once.
+    pub stall: Option<Stall>,
+}
+
+/// `length` long, starting `after` the first /translate request.
+#[derive(Clone)]
+pub struct Stall {
+    pub after: std::time::Duration,
+    pub length: std::time::Duration,
+    pub first: std::sync::Arc<std::sync::OnceLock<tokio::time::Instant>>,
+}
+
+impl Stall {
+    /// Holds a request that arrives during the stall until its end.
+    async fn hold(&self) {
+        let first = *self.first.get_or_init(tokio::time::Instant::now);
+        let (from, to) = (first + self.after, first + self.after + self.length);
+        let now = tokio::time::Instant::now();
+        if now >= from && now < to {
+            tokio::time::sleep_until(to).await;
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -106,6 +128,9 @@ async fn translate(State(state): State<AppState>, headers: HeaderMap, Json(req):
     let started = Instant::now();
     if let Some(delay) = state.slow {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(stall) = &state.stall {
+        stall.hold().await;
     }
     let Some(model) = state.models.get(&req.model) else {
         let known: Vec<&String> = state.models.keys().collect();

@@ -33,6 +33,10 @@ pub struct SimConfig {
     pub slow_requests: Option<std::time::Duration>,
     /// Fault: every health answer burns this much CPU and logs a line.
     pub costly_health: Option<std::time::Duration>,
+    /// Fault: (after, for): `after` past the first /translate request, every
+    /// /translate answer is held until `for` has passed (a stall, as a GC
+    /// pause or a swapped-out process would make).
+    pub stall: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +78,12 @@ pub async fn serve(config: SimConfig) -> Result<(), SimError> {
             std::process::exit(0);
         });
     }
-    let state =
-        api::AppState { models: Arc::new(models), slow: config.slow_requests, costly_health: config.costly_health };
+    let state = api::AppState {
+        models: Arc::new(models),
+        slow: config.slow_requests,
+        costly_health: config.costly_health,
+        stall: config.stall.map(|(after, length)| api::Stall { after, length, first: Arc::default() }),
+    };
     if !config.lazy {
         for m in state.models.values() {
             model::start_loading(m);

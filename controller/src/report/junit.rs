@@ -182,6 +182,13 @@ fn case_output(c: &CaseReport) -> String {
     if c.outcome != Outcome::Passed && c.http_status.is_some() {
         lines.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
     }
+    if let Some(l) = &c.load {
+        lines.push(format!("load ({}): {}", l.mode, l.line()));
+        lines.push(format!("thresholds: {}", l.thresholds_line()));
+        if !c.excerpt.is_empty() {
+            lines.push(format!("first error of each kind:\n{}", c.excerpt));
+        }
+    }
     if c.outcome != Outcome::Passed && c.url.starts_with("command ") && !c.excerpt.is_empty() {
         lines.push(format!("output (its end):\n{}", c.excerpt));
     }

@@ -309,6 +309,16 @@ fn cases(out: &mut String, doc: &Document<'_>) {
             c.duration_ms,
             o = c.outcome
         );
+        if let Some(l) = c.load {
+            let _ = writeln!(
+                out,
+                "<tr class=\"{o} load\"><td></td><td colspan=\"4\"><pre>load ({}): {}\nthresholds: {}</pre></td></tr>",
+                esc(&l.mode),
+                esc(&l.line()),
+                esc(&l.thresholds_line()),
+                o = c.outcome
+            );
+        }
         for t in c.tests {
             let message = if t.message.is_empty() { String::new() } else { format!("<pre>{}</pre>", esc(&t.message)) };
             let _ = writeln!(

@@ -133,6 +133,9 @@ pub(super) struct Case<'a> {
     /// A command case's tests (absent for HTTP cases).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub(super) tests: &'a [crate::report::TestReport],
+    /// A load case's figures (absent for other cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) load: Option<&'a crate::report::LoadReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -335,6 +338,7 @@ fn case(c: &CaseReport) -> Case<'_> {
         http_status: c.http_status,
         response_excerpt: &c.excerpt,
         tests: &c.tests,
+        load: c.load.as_deref(),
     }
 }
 

@@ -346,5 +346,17 @@ fn case_attributes(report: &CaseReport) -> Vec<KeyValue> {
     if let Some(status) = report.http_status {
         attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
     }
+    if let Some(l) = &report.load {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        attributes.extend([
+            KeyValue::new("proctor.load.mode", l.mode.clone()),
+            KeyValue::new("proctor.load.requests", n(l.requests)),
+            KeyValue::new("proctor.load.errors", n(l.errors)),
+            KeyValue::new("proctor.load.rps", l.rps),
+            KeyValue::new("proctor.load.p50_us", n(l.p50_us)),
+            KeyValue::new("proctor.load.p99_us", n(l.p99_us)),
+            KeyValue::new("proctor.load.max_us", n(l.max_us)),
+        ]);
+    }
     attributes
 }

@@ -170,6 +170,17 @@ pub enum RunEvent {
         host: String,
         pressure: Pressure,
     },
+    /// A load case's figures so far (about once a second while it runs).
+    LoadProgress {
+        host: String,
+        case: String,
+        elapsed_ms: u64,
+        warming_up: bool,
+        requests: u64,
+        errors: u64,
+        rps: f64,
+        p99_us: u64,
+    },
     /// A service's memory, as the agent sampled it.
     Telemetry {
         host: String,

@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod gpu;
 mod hosts;
+mod load;
 mod loading;
 mod promises;
 mod reports;

@@ -225,9 +225,11 @@ pub struct Case {
     /// so the service's own spans join the run's trace.
     #[prost(string, tag = "5")]
     pub traceparent: ::prost::alloc::string::String,
+    /// HTTP cases: judged on the response. Load cases: judged on every
+    /// `check_every`-th response (a failure counts as an error of kind "check").
     #[prost(message, repeated, tag = "20")]
     pub assertions: ::prost::alloc::vec::Vec<Assertion>,
-    #[prost(oneof = "case::Kind", tags = "10, 11")]
+    #[prost(oneof = "case::Kind", tags = "10, 11, 12")]
     pub kind: ::core::option::Option<case::Kind>,
 }
 /// Nested message and enum types in `Case`.
@@ -238,7 +240,222 @@ pub mod case {
         Http(super::HttpCase),
         #[prost(message, tag = "11")]
         Command(super::CommandCase),
+        #[prost(message, tag = "12")]
+        Load(super::LoadCase),
     }
+}
+/// A load test of the service, run on the agent next to it. Closed loop
+/// (`rate_per_s` 0): `connections` each send their next request as soon as
+/// the last is answered. Open loop (`rate_per_s` > 0): requests are due at a
+/// fixed rate, spread over the connections, and each latency is measured from
+/// when the request was due, not when it could be sent, so a stall of the
+/// service shows in the percentiles (no coordinated omission).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LoadCase {
+    /// The requests, sent in turn (e.g. texts and language pairs). At least one.
+    #[prost(message, repeated, tag = "1")]
+    pub requests: ::prost::alloc::vec::Vec<HttpCase>,
+    #[prost(uint32, tag = "2")]
+    pub connections: u32,
+    #[prost(double, tag = "3")]
+    pub rate_per_s: f64,
+    /// Stop after this long, or after this many requests (measured ones, after
+    /// the warm-up); whichever comes first. One of them is set.
+    #[prost(uint64, tag = "4")]
+    pub duration_ms: u64,
+    #[prost(uint64, tag = "5")]
+    pub request_count: u64,
+    /// Requests sent during the warm-up are not measured.
+    #[prost(uint64, tag = "6")]
+    pub warmup_ms: u64,
+    /// The status every response must have (0: any 2xx).
+    #[prost(uint32, tag = "7")]
+    pub status: u32,
+    /// Judge the case's assertions on every Nth response (0: never).
+    #[prost(uint32, tag = "8")]
+    pub check_every: u32,
+    /// One request's limit (0: 10 s); a request past it is an error "timeout".
+    #[prost(uint64, tag = "9")]
+    pub request_timeout_ms: u64,
+    #[prost(message, repeated, tag = "10")]
+    pub thresholds: ::prost::alloc::vec::Vec<Threshold>,
+}
+/// A pass/fail rule on a load case's figures, e.g. `p99 < 250ms`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Threshold {
+    #[prost(enumeration = "threshold::Metric", tag = "1")]
+    pub metric: i32,
+    #[prost(enumeration = "threshold::Op", tag = "2")]
+    pub op: i32,
+    /// Latencies in microseconds, RPS per second, ERROR_RATE a fraction.
+    #[prost(double, tag = "3")]
+    pub value: f64,
+    /// As the suite wrote it, for messages.
+    #[prost(string, tag = "4")]
+    pub text: ::prost::alloc::string::String,
+}
+/// Nested message and enum types in `Threshold`.
+pub mod threshold {
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Metric {
+        Unspecified = 0,
+        P50 = 1,
+        P90 = 2,
+        P95 = 3,
+        P99 = 4,
+        P999 = 5,
+        Max = 6,
+        Mean = 7,
+        /// Measured requests per second.
+        Rps = 8,
+        /// Errors as a fraction of measured requests (0.001 = 0.1 %).
+        ErrorRate = 9,
+    }
+    impl Metric {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Unspecified => "METRIC_UNSPECIFIED",
+                Self::P50 => "P50",
+                Self::P90 => "P90",
+                Self::P95 => "P95",
+                Self::P99 => "P99",
+                Self::P999 => "P999",
+                Self::Max => "MAX",
+                Self::Mean => "MEAN",
+                Self::Rps => "RPS",
+                Self::ErrorRate => "ERROR_RATE",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "METRIC_UNSPECIFIED" => Some(Self::Unspecified),
+                "P50" => Some(Self::P50),
+                "P90" => Some(Self::P90),
+                "P95" => Some(Self::P95),
+                "P99" => Some(Self::P99),
+                "P999" => Some(Self::P999),
+                "MAX" => Some(Self::Max),
+                "MEAN" => Some(Self::Mean),
+                "RPS" => Some(Self::Rps),
+                "ERROR_RATE" => Some(Self::ErrorRate),
+                _ => None,
+            }
+        }
+    }
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Op {
+        Unspecified = 0,
+        Lt = 1,
+        Le = 2,
+        Gt = 3,
+        Ge = 4,
+    }
+    impl Op {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Unspecified => "OP_UNSPECIFIED",
+                Self::Lt => "LT",
+                Self::Le => "LE",
+                Self::Gt => "GT",
+                Self::Ge => "GE",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "OP_UNSPECIFIED" => Some(Self::Unspecified),
+                "LT" => Some(Self::Lt),
+                "LE" => Some(Self::Le),
+                "GT" => Some(Self::Gt),
+                "GE" => Some(Self::Ge),
+                _ => None,
+            }
+        }
+    }
+}
+/// What a load case measured (after its warm-up).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LoadResult {
+    /// "closed loop, 16 connections" or "open loop, 500/s over 16 connections".
+    #[prost(string, tag = "1")]
+    pub mode: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub requests: u64,
+    #[prost(uint64, tag = "3")]
+    pub errors: u64,
+    /// "connect", "timeout", "closed", "malformed", "status 503", "check".
+    #[prost(map = "string, uint64", tag = "4")]
+    pub errors_by_kind: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    #[prost(uint64, tag = "5")]
+    pub measured_us: u64,
+    #[prost(double, tag = "6")]
+    pub rps: f64,
+    /// Latency of every measured request, answered or not (microseconds).
+    #[prost(uint64, tag = "7")]
+    pub p50_us: u64,
+    #[prost(uint64, tag = "8")]
+    pub p90_us: u64,
+    #[prost(uint64, tag = "9")]
+    pub p95_us: u64,
+    #[prost(uint64, tag = "10")]
+    pub p99_us: u64,
+    #[prost(uint64, tag = "11")]
+    pub p999_us: u64,
+    #[prost(uint64, tag = "12")]
+    pub max_us: u64,
+    #[prost(uint64, tag = "13")]
+    pub mean_us: u64,
+    #[prost(uint64, tag = "14")]
+    pub min_us: u64,
+    /// Responses judged by the case's assertions.
+    #[prost(uint64, tag = "15")]
+    pub checked: u64,
+    #[prost(uint64, tag = "16")]
+    pub warmup_requests: u64,
+    /// Each threshold as judged: text, the measured value, whether it held.
+    #[prost(message, repeated, tag = "17")]
+    pub thresholds: ::prost::alloc::vec::Vec<ThresholdVerdict>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ThresholdVerdict {
+    #[prost(string, tag = "1")]
+    pub text: ::prost::alloc::string::String,
+    /// The measured value, written like the threshold ("312ms", "1520/s", "0.20%").
+    #[prost(string, tag = "2")]
+    pub actual: ::prost::alloc::string::String,
+    #[prost(bool, tag = "3")]
+    pub held: bool,
 }
 /// One of the commands the agent's config names for the service (an
 /// existing test suite, e.g. pytest), with the arguments a suite may add.
@@ -361,6 +578,9 @@ pub struct CaseResult {
     /// The URL requested.
     #[prost(string, tag = "12")]
     pub url: ::prost::alloc::string::String,
+    /// Load cases: what was measured.
+    #[prost(message, optional, tag = "15")]
+    pub load: ::core::option::Option<LoadResult>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AssertionFailure {
@@ -515,7 +735,7 @@ pub struct Event {
     pub seq: u64,
     #[prost(int64, tag = "3")]
     pub time_unix_ms: i64,
-    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13, 14, 15, 16, 17")]
+    #[prost(oneof = "event::Kind", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18")]
     pub kind: ::core::option::Option<event::Kind>,
 }
 /// Nested message and enum types in `Event`.
@@ -538,7 +758,36 @@ pub mod event {
         LeaseChanged(super::LeaseChanged),
         #[prost(message, tag = "17")]
         MemoryPressure(super::MemoryPressure),
+        #[prost(message, tag = "18")]
+        LoadProgress(super::LoadProgress),
     }
+}
+/// A load case running: its figures so far (about once a second; not kept
+/// past the ring, like telemetry).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LoadProgress {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub case_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub elapsed_ms: u64,
+    #[prost(bool, tag = "6")]
+    pub warming_up: bool,
+    #[prost(uint64, tag = "7")]
+    pub requests: u64,
+    #[prost(uint64, tag = "8")]
+    pub errors: u64,
+    /// Over the last interval.
+    #[prost(double, tag = "9")]
+    pub rps: f64,
+    /// Of the measured requests so far.
+    #[prost(uint64, tag = "10")]
+    pub p99_us: u64,
 }
 /// Host memory or a GPU's free memory fell below the agent's threshold while
 /// a model was loading (said once until it recovers).

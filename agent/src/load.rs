@@ -1,0 +1,607 @@
+//! Load cases: the engine that sends a suite's requests to the service at a
+//! fixed concurrency (closed loop) or a fixed rate (open loop), measures
+//! every request into an HDR histogram and judges the thresholds.
+//!
+//! The engine runs on its own threads (one current-thread runtime each, as
+//! many as there are cores, connections spread over them) so a load test
+//! neither slows the agent's gRPC service nor is slowed by it. Each thread
+//! keeps its own histogram and error counts; they are merged for progress
+//! (once a second) and at the end. In open loop every latency is measured
+//! from when the request was due, so a stall shows in the percentiles.
+
+pub mod verdict;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use proto::{CaseOutcome, CaseResult, LoadResult};
+use tokio_util::sync::CancellationToken;
+
+/// Limits a load case is held to (a suite past them is refused with them).
+pub const MAX_CONNECTIONS: u32 = 1024;
+pub const MAX_RATE: f64 = 1_000_000.0;
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+pub const DEFAULT_CONNECTIONS: u32 = 16;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A load case bounded only by its request count stops here at the latest.
+const COUNT_ONLY_DEADLINE: Duration = Duration::from_secs(600);
+/// How long a connection that could not connect waits before trying again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Highest latency the histograms hold (longer ones are counted as this).
+const HIGHEST_US: u64 = 3_600_000_000;
+
+/// A load case, checked and ready to run.
+#[derive(Debug)]
+pub struct Plan {
+    pub addr: SocketAddr,
+    pub requests: Vec<wire::Prepared>,
+    pub connections: u32,
+    /// Requests per second in open loop; 0 in closed loop.
+    pub rate: f64,
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+    pub warmup: Duration,
+    /// 0: any 2xx.
+    pub status: u16,
+    pub check_every: u32,
+    pub request_timeout: Duration,
+    pub assertions: Vec<proto::Assertion>,
+    /// From the start, when the engine stops whatever is left.
+    pub deadline: Duration,
+}
+
+impl Plan {
+    /// Checks a load case against the service's base URL: the requests must
+    /// stay on the service (as HTTP cases'), the numbers within the limits.
+    pub fn new(case: &proto::Case, load: &proto::LoadCase, base_url: &str) -> Result<Plan, String> {
+        let url = reqwest::Url::parse(base_url).map_err(|e| format!("service URL {base_url:?}: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!("load cases speak plain HTTP/1.1; service URL {base_url} is not http://"));
+        }
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("cannot resolve the service's address {host}:{port}"))?;
+        let host_header = format!("{}:{port}", url.host_str().unwrap_or_default());
+        let requests = prepare_requests(load, base_url, &host_header)?;
+        check_numbers(load)?;
+        let duration = (load.duration_ms > 0).then(|| Duration::from_millis(load.duration_ms));
+        let warmup = Duration::from_millis(load.warmup_ms);
+        let request_timeout = match load.request_timeout_ms {
+            0 => DEFAULT_REQUEST_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        let natural = duration.map_or(COUNT_ONLY_DEADLINE, |d| warmup + d + request_timeout + Duration::from_secs(5));
+        let deadline = match case.timeout_ms {
+            0 => natural,
+            ms => Duration::from_millis(ms),
+        };
+        Ok(Plan {
+            addr,
+            requests,
+            connections: if load.connections == 0 { DEFAULT_CONNECTIONS } else { load.connections },
+            rate: load.rate_per_s,
+            duration,
+            count: (load.request_count > 0).then_some(load.request_count),
+            warmup,
+            status: u16::try_from(load.status).unwrap_or(0),
+            check_every: load.check_every,
+            request_timeout,
+            assertions: case.assertions.clone(),
+            deadline,
+        })
+    }
+
+    /// `closed loop, 16 connections` / `open loop, 500/s over 16 connections`.
+    pub fn mode(&self) -> String {
+        match self.rate > 0.0 {
+            true => format!("open loop, {}/s over {} connections", self.rate, self.connections),
+            false => format!("closed loop, {} connections", self.connections),
+        }
+    }
+}
+
+fn prepare_requests(load: &proto::LoadCase, base_url: &str, host: &str) -> Result<Vec<wire::Prepared>, String> {
+    if load.requests.is_empty() {
+        return Err("a load case needs at least one request".into());
+    }
+    let mut out = Vec::with_capacity(load.requests.len());
+    for r in &load.requests {
+        crate::cases::check_headers(&r.headers)?;
+        let url = crate::cases::case_url(base_url, &r.path)?;
+        let target = reqwest::Url::parse(&url).map_err(|e| format!("case path {:?}: {e}", r.path))?;
+        let path = match target.query() {
+            Some(q) => format!("{}?{q}", target.path()),
+            None => target.path().to_owned(),
+        };
+        let method = r.method.to_uppercase();
+        if !method.bytes().all(|b| b.is_ascii_alphabetic()) || method.is_empty() {
+            return Err(format!("invalid HTTP method {:?}", r.method));
+        }
+        let mut headers: Vec<(String, String)> = r.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        headers.sort();
+        out.push(wire::prepare(&method, host, &path, &headers, &r.body));
+    }
+    Ok(out)
+}
+
+/// Checks a load case before any case of its call runs: its numbers and its
+/// requests' paths and headers (the service's address is looked up later).
+pub fn check(load: &proto::LoadCase) -> Result<(), String> {
+    check_numbers(load)?;
+    prepare_requests(load, "http://127.0.0.1:1", "127.0.0.1:1").map(|_| ())
+}
+
+fn check_numbers(load: &proto::LoadCase) -> Result<(), String> {
+    if load.connections > MAX_CONNECTIONS {
+        return Err(format!("a load case opens at most {MAX_CONNECTIONS} connections, not {}", load.connections));
+    }
+    if !(0.0..=MAX_RATE).contains(&load.rate_per_s) || load.rate_per_s.is_nan() {
+        return Err(format!("a load case's rate is between 0 and {MAX_RATE}/s, not {}", load.rate_per_s));
+    }
+    if load.duration_ms == 0 && load.request_count == 0 {
+        return Err("a load case needs a duration or a request count".into());
+    }
+    if Duration::from_millis(load.duration_ms.saturating_add(load.warmup_ms)) > MAX_DURATION {
+        return Err(format!("a load case runs at most {}s including its warm-up", MAX_DURATION.as_secs()));
+    }
+    Ok(())
+}
+
+/// The figures so far, for progress.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub elapsed: Duration,
+    pub warming_up: bool,
+    pub requests: u64,
+    pub errors: u64,
+    /// Measured requests per second over the last interval.
+    pub rps: f64,
+    pub p99_us: u64,
+}
+
+/// What one engine thread measured.
+struct Tally {
+    latency: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    /// The first message of each error kind (what a person needs to see).
+    first: BTreeMap<String, String>,
+    finished: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let latency = Histogram::new_with_bounds(1, HIGHEST_US, 3).expect("valid histogram bounds");
+        Tally { latency, errors: BTreeMap::new(), first: BTreeMap::new(), finished: None }
+    }
+}
+
+/// State every connection of a run reads; each piece has one writer kind.
+struct Shared {
+    plan: Plan,
+    start: Instant,
+    warm_end: Instant,
+    end: Option<Instant>,
+    hard_end: Instant,
+    stop: AtomicBool,
+    tickets: AtomicU64,
+    measured: AtomicU64,
+    errors: AtomicU64,
+    warmup: AtomicU64,
+    checked: AtomicU64,
+    answered: AtomicU64,
+    tallies: Vec<Mutex<Tally>>,
+}
+
+impl Shared {
+    fn tally(&self, worker: usize) -> std::sync::MutexGuard<'_, Tally> {
+        self.tallies[worker].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a request due at `due` is past the run's end.
+    fn over(&self, due: Instant) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|e| due >= e) || due >= self.hard_end
+    }
+
+    /// A measured request may go (the request count is not used up yet).
+    fn ticket(&self) -> bool {
+        self.plan.count.is_none_or(|n| self.tickets.fetch_add(1, Ordering::Relaxed) < n)
+    }
+}
+
+/// What the engine measured, and why it stopped early if it did.
+#[derive(Debug)]
+pub struct Measured {
+    pub result: LoadResult,
+    /// The first message of each error kind.
+    pub first_errors: BTreeMap<String, String>,
+    /// The run's deadline passed before its duration or count was done.
+    pub hit_deadline: bool,
+}
+
+/// Runs a plan to its end (duration, count, deadline) or until `cancel`,
+/// calling `progress` about once a second. Blocks: call it on a blocking
+/// thread.
+pub fn run(plan: Plan, cancel: &CancellationToken, mut progress: impl FnMut(Snapshot)) -> Measured {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(plan.connections.max(1) as usize);
+    let start = Instant::now();
+    let warm_end = start + plan.warmup;
+    let shared = Arc::new(Shared {
+        end: plan.duration.map(|d| warm_end + d),
+        hard_end: start + plan.deadline,
+        plan,
+        start,
+        warm_end,
+        stop: AtomicBool::new(false),
+        tickets: AtomicU64::new(0),
+        measured: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        warmup: AtomicU64::new(0),
+        checked: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
+        tallies: (0..threads).map(|_| Mutex::new(Tally::new())).collect(),
+    });
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut handles = Vec::with_capacity(threads);
+    for w in 0..threads {
+        let (s, done) = (shared.clone(), done_tx.clone());
+        let spawned = std::thread::Builder::new().name(format!("proctor-load-{w}")).spawn(move || {
+            worker(&s, w, threads);
+            s.tally(w).finished = Some(Instant::now());
+            let _ = done.send(());
+        });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => tracing::error!("load engine: cannot start thread {w}: {e}"),
+        }
+    }
+    drop(done_tx);
+    watch(&shared, handles.len(), &done_rx, cancel, &mut progress);
+    for h in handles {
+        let _ = h.join();
+    }
+    finish(&shared)
+}
+
+/// Waits for the engine threads, giving progress and passing on a cancel.
+fn watch(
+    s: &Shared,
+    mut running: usize,
+    done: &std::sync::mpsc::Receiver<()>,
+    cancel: &CancellationToken,
+    progress: &mut impl FnMut(Snapshot),
+) {
+    let mut next = Instant::now() + PROGRESS_EVERY;
+    let mut last = (Instant::now(), 0u64);
+    while running > 0 {
+        let wait = next.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        match done.recv_timeout(wait) {
+            Ok(()) => running -= 1,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if cancel.is_cancelled() {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        if now >= next && running > 0 {
+            let requests = s.measured.load(Ordering::Relaxed);
+            let rps = (requests - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
+            last = (now, requests);
+            let p99_us = merged(s).value_at_quantile(0.99);
+            progress(Snapshot {
+                elapsed: now.duration_since(s.start),
+                warming_up: now < s.warm_end,
+                requests,
+                errors: s.errors.load(Ordering::Relaxed),
+                rps,
+                p99_us,
+            });
+            next = now + PROGRESS_EVERY;
+        }
+    }
+}
+
+fn merged(s: &Shared) -> Histogram<u64> {
+    let mut all = Tally::new().latency;
+    for w in 0..s.tallies.len() {
+        let _ = all.add(&s.tally(w).latency);
+    }
+    all
+}
+
+/// The run's figures from every thread's tally.
+fn finish(s: &Shared) -> Measured {
+    let latency = merged(s);
+    let mut errors_by_kind = BTreeMap::new();
+    let mut first_errors = BTreeMap::new();
+    let mut finished = s.warm_end;
+    for w in 0..s.tallies.len() {
+        let t = s.tally(w);
+        for (k, n) in &t.errors {
+            *errors_by_kind.entry(k.clone()).or_insert(0) += n;
+        }
+        for (k, m) in &t.first {
+            first_errors.entry(k.clone()).or_insert_with(|| m.clone());
+        }
+        finished = finished.max(t.finished.unwrap_or(finished));
+    }
+    let requests = s.measured.load(Ordering::Relaxed);
+    let measured = finished.saturating_duration_since(s.warm_end);
+    let q = |x: f64| if latency.is_empty() { 0 } else { latency.value_at_quantile(x) };
+    let result = LoadResult {
+        mode: s.plan.mode(),
+        requests,
+        errors: s.errors.load(Ordering::Relaxed),
+        errors_by_kind: errors_by_kind.into_iter().collect(),
+        measured_us: measured.as_micros() as u64,
+        rps: if measured.is_zero() { 0.0 } else { requests as f64 / measured.as_secs_f64() },
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p95_us: q(0.95),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: latency.max(),
+        mean_us: latency.mean() as u64,
+        min_us: latency.min(),
+        checked: s.checked.load(Ordering::Relaxed),
+        warmup_requests: s.warmup.load(Ordering::Relaxed),
+        thresholds: Vec::new(),
+    };
+    let short_of_count = s.plan.count.is_some_and(|n| requests < n) && s.plan.duration.is_none_or(|d| measured < d);
+    let hit_deadline = finished >= s.hard_end || short_of_count && !s.stop.load(Ordering::Relaxed);
+    Measured { result, first_errors, hit_deadline }
+}
+
+/// One engine thread: its share of the connections on a current-thread runtime.
+fn worker(s: &Arc<Shared>, w: usize, threads: usize) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("load engine: no runtime for thread {w}: {e}");
+            return;
+        }
+    };
+    runtime.block_on(async {
+        let mut conns = tokio::task::JoinSet::new();
+        for c in (w..s.plan.connections as usize).step_by(threads) {
+            let s = s.clone();
+            conns.spawn(async move { connection(&s, w, c).await });
+        }
+        while conns.join_next().await.is_some() {}
+    });
+}
+
+/// How one request ended.
+enum Ended {
+    Answered,
+    /// `answered`: a response came (or the request timed out), so the
+    /// request has a latency.
+    Failed {
+        kind: String,
+        message: String,
+        answered: bool,
+    },
+}
+
+fn failed(kind: impl Into<String>, message: String, answered: bool) -> Ended {
+    Ended::Failed { kind: kind.into(), message, answered }
+}
+
+/// One connection's loop: send, read, measure, until the run ends.
+async fn connection(s: &Shared, w: usize, c: usize) {
+    let conns = s.plan.connections as usize;
+    let interval = (s.plan.rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / s.plan.rate));
+    let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
+    let mut conn: Option<wire::Conn> = None;
+    let mut turn: u64 = 0;
+    loop {
+        let due = match interval {
+            Some(i) => s.start + offset + i.mul_f64(turn as f64),
+            None => Instant::now(),
+        };
+        if s.over(due) {
+            break;
+        }
+        // Waiting for its time: the timer's own lateness (up to a
+        // millisecond) is the engine's, not the service's, so the latency
+        // counts from the send. A connection already late because the last
+        // answer was slow counts from when the request was due.
+        let from = if due > Instant::now() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            Instant::now()
+        } else {
+            due
+        };
+        let measured = due >= s.warm_end;
+        if measured && !s.ticket() {
+            break;
+        }
+        let request = &s.plan.requests[(c + turn as usize * conns) % s.plan.requests.len()];
+        turn += 1;
+        let ended = exchange(s, &mut conn, request).await;
+        let latency = from.elapsed();
+        if !measured {
+            s.warmup.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        record(s, w, latency, ended);
+    }
+}
+
+fn record(s: &Shared, w: usize, latency: Duration, ended: Ended) {
+    s.measured.fetch_add(1, Ordering::Relaxed);
+    let mut t = s.tally(w);
+    // A request that got no answer because the connection failed has no latency.
+    if !matches!(&ended, Ended::Failed { answered: false, .. }) {
+        let _ = t.latency.record((latency.as_micros() as u64).clamp(1, HIGHEST_US));
+    }
+    if let Ended::Failed { kind, message, .. } = ended {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        *t.errors.entry(kind.clone()).or_insert(0) += 1;
+        t.first.entry(kind).or_insert(message);
+    }
+}
+
+/// Sends one request on the connection (opening one if needed) and judges
+/// the response.
+async fn exchange(s: &Shared, conn: &mut Option<wire::Conn>, request: &wire::Prepared) -> Ended {
+    let sent = tokio::time::timeout(s.plan.request_timeout, async {
+        if conn.is_none() {
+            *conn = Some(wire::Conn::open(s.plan.addr).await.map_err(|e| ("connect", e.to_string()))?);
+        }
+        let c = conn.as_mut().expect("opened above");
+        let r = c.exchange(request).await.map_err(|b| match b {
+            wire::Broken::Closed => ("closed", "the service closed the connection".to_owned()),
+            wire::Broken::Malformed => ("malformed", "the response is not HTTP/1.1 this engine can read".to_owned()),
+        })?;
+        Ok::<_, (&str, String)>((judge(s, c, &r), r.close))
+    })
+    .await;
+    match sent {
+        Ok(Ok((ended, close))) => {
+            if close {
+                *conn = None;
+            }
+            ended
+        }
+        Err(_elapsed) => {
+            *conn = None;
+            failed("timeout", format!("no answer within {}ms", s.plan.request_timeout.as_millis()), true)
+        }
+        Ok(Err((kind, message))) => {
+            *conn = None;
+            if kind == "connect" {
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+            failed(kind, message, false)
+        }
+    }
+}
+
+/// The status check on every response, the case's assertions on every
+/// `check_every`-th.
+fn judge(s: &Shared, c: &wire::Conn, r: &wire::Response) -> Ended {
+    let status_ok = match s.plan.status {
+        0 => (200..300).contains(&r.status),
+        want => r.status == want,
+    };
+    if !status_ok {
+        let body = c.body(r);
+        let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        return failed(format!("status {}", r.status), format!("status {}: {excerpt}", r.status), true);
+    }
+    let n = s.answered.fetch_add(1, Ordering::Relaxed);
+    if s.plan.check_every == 0 || s.plan.assertions.is_empty() || !n.is_multiple_of(u64::from(s.plan.check_every)) {
+        return Ended::Answered;
+    }
+    s.checked.fetch_add(1, Ordering::Relaxed);
+    let failures = crate::cases::evaluate(&s.plan.assertions, r.status, c.body(r));
+    match failures.first() {
+        None => Ended::Answered,
+        Some(f) => {
+            failed("check", format!("{} {}: expected {}, got {}", f.assertion, f.pointer, f.expected, f.actual), true)
+        }
+    }
+}
+
+/// A load case's result: figures, thresholds, outcome.
+pub fn case_result(mut result: CaseResult, measured: Measured, thresholds: &[proto::Threshold]) -> CaseResult {
+    let Measured { result: mut load, first_errors, hit_deadline } = measured;
+    load.thresholds = verdict::judge(thresholds, &load);
+    result.duration_us = load.measured_us;
+    result.failures = load
+        .thresholds
+        .iter()
+        .filter(|v| !v.held)
+        .map(|v| proto::AssertionFailure {
+            assertion: "threshold".into(),
+            pointer: String::new(),
+            expected: v.text.clone(),
+            actual: v.actual.clone(),
+        })
+        .collect();
+    let examples: Vec<String> = first_errors.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+    result.response_excerpt = examples.join("\n");
+    let outcome = match (hit_deadline, result.failures.is_empty()) {
+        (true, _) => {
+            result.message = format!(
+                "the load case reached its time limit after {} measured requests; give it a longer `timeout`",
+                load.requests
+            );
+            CaseOutcome::Error
+        }
+        (false, true) => CaseOutcome::Passed,
+        (false, false) => CaseOutcome::Failed,
+    };
+    result.set_outcome(outcome);
+    result.load = Some(load);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(f: impl FnOnce(&mut proto::LoadCase)) -> proto::LoadCase {
+        let mut l = proto::LoadCase {
+            requests: vec![proto::HttpCase { method: "GET".into(), path: "/health".into(), ..Default::default() }],
+            duration_ms: 1000,
+            ..Default::default()
+        };
+        f(&mut l);
+        l
+    }
+
+    #[test]
+    fn a_load_case_past_a_limit_or_off_the_service_is_refused_with_why() {
+        let base = "http://127.0.0.1:8000";
+        let case = proto::Case::default();
+        // (case, expected error fragment, or "" when accepted)
+        let table: Vec<(proto::LoadCase, &str)> = vec![
+            (load(|_| {}), ""),
+            (load(|l| l.requests.clear()), "at least one request"),
+            (load(|l| l.connections = 5000), "at most 1024 connections"),
+            (load(|l| l.rate_per_s = -1.0), "rate is between"),
+            (load(|l| l.duration_ms = 0), "a duration or a request count"),
+            (load(|l| l.duration_ms = 7_200_000), "at most 3600s"),
+            (load(|l| l.requests[0].path = "//169.254.169.254/x".into()), "would leave the service"),
+            (
+                load(|l| l.requests[0].headers.insert("Host".into(), "evil".into()).map_or((), |_| ())),
+                "set by the agent",
+            ),
+            (load(|l| l.requests[0].method = "GE T".into()), "invalid HTTP method"),
+        ];
+        for (l, want) in table {
+            match Plan::new(&case, &l, base) {
+                Ok(_) => assert_eq!(want, "", "{l:?} was accepted"),
+                Err(e) => assert!(!want.is_empty() && e.contains(want), "{l:?}: {e}"),
+            }
+        }
+        let https = Plan::new(&case, &load(|_| {}), "https://127.0.0.1:8443").unwrap_err();
+        assert!(https.contains("plain HTTP/1.1"), "{https}");
+    }
+
+    #[test]
+    fn the_plan_says_its_mode_and_deadline() {
+        let case = proto::Case::default();
+        let closed = Plan::new(&case, &load(|l| l.warmup_ms = 500), "http://127.0.0.1:8000").unwrap();
+        assert_eq!(closed.mode(), "closed loop, 16 connections");
+        assert_eq!(closed.deadline, Duration::from_millis(500 + 1000 + 10_000 + 5000));
+        let open = Plan::new(&case, &load(|l| l.rate_per_s = 500.0), "http://127.0.0.1:8000").unwrap();
+        assert_eq!(open.mode(), "open loop, 500/s over 16 connections");
+        let bounded = proto::Case { timeout_ms: 2000, ..Default::default() };
+        assert_eq!(
+            Plan::new(&bounded, &load(|_| {}), "http://127.0.0.1:8000").unwrap().deadline,
+            Duration::from_secs(2)
+        );
+    }
+}

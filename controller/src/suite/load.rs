@@ -1,0 +1,244 @@
+//! A suite's load cases (`load:`): their shape in YAML, the checked domain
+//! type, and the threshold rules (`p99 < 250ms`, `rps > 100`,
+//! `errors < 0.1%`) read into numbers the agent judges.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{HttpRequest, RawCase, RawRequest, Reader, SuiteError};
+
+/// A load case as the suite asks it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadSpec {
+    /// Sent in turn; at least one.
+    pub requests: Vec<HttpRequest>,
+    pub connections: u32,
+    /// Open loop at this many requests per second; `None`: closed loop.
+    pub rate: Option<f64>,
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+    pub warmup: Duration,
+    /// The case's `expect.json` checks on every Nth response.
+    pub check_every: u32,
+    pub request_timeout: Option<Duration>,
+    pub thresholds: Vec<Threshold>,
+}
+
+/// One pass/fail rule on a load case's figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Threshold {
+    pub metric: Metric,
+    pub op: Op,
+    /// Latencies in microseconds, `Rps` per second, `Errors` a fraction.
+    pub value: f64,
+    /// As written.
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    P50,
+    P90,
+    P95,
+    P99,
+    P999,
+    Max,
+    Mean,
+    Rps,
+    Errors,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLoad {
+    #[serde(default)]
+    pub requests: Vec<Spanned<RawRequest>>,
+    #[serde(default)]
+    pub connections: Option<u32>,
+    #[serde(default)]
+    pub rate: Option<Spanned<String>>,
+    #[serde(default)]
+    pub duration: Option<Spanned<String>>,
+    #[serde(default)]
+    pub count: Option<u64>,
+    #[serde(default)]
+    pub warmup: Option<Spanned<String>>,
+    #[serde(default)]
+    pub check_every: Option<u32>,
+    #[serde(default)]
+    pub request_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub thresholds: Vec<Spanned<String>>,
+}
+
+/// How often a load case judges its JSON checks when the suite does not say.
+pub const DEFAULT_CHECK_EVERY: u32 = 100;
+/// The agent's limits, said here too so a suite past them never runs.
+pub const MAX_CONNECTIONS: u32 = 1024;
+pub const MAX_RATE: f64 = 1_000_000.0;
+
+const METRICS: &str = "p50, p90, p95, p99, p99.9, max, mean, rps, errors";
+
+/// `rps > 100`, `p99 < 250ms`, `errors < 0.1%` → a threshold, or why not.
+pub fn parse_threshold(text: &str) -> Result<Threshold, String> {
+    let example = "write e.g. \"p99 < 250ms\", \"rps > 100\" or \"errors < 0.1%\"";
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let [metric, op, value] = words[..] else {
+        return Err(format!("threshold {text:?} is not METRIC OP VALUE; {example}"));
+    };
+    let metric = match metric {
+        "p50" => Metric::P50,
+        "p90" => Metric::P90,
+        "p95" => Metric::P95,
+        "p99" => Metric::P99,
+        "p99.9" | "p999" => Metric::P999,
+        "max" => Metric::Max,
+        "mean" => Metric::Mean,
+        "rps" => Metric::Rps,
+        "errors" => Metric::Errors,
+        other => return Err(format!("threshold {text:?}: unknown metric {other:?}; use one of {METRICS}")),
+    };
+    let op = match op {
+        "<" => Op::Lt,
+        "<=" => Op::Le,
+        ">" => Op::Gt,
+        ">=" => Op::Ge,
+        other => return Err(format!("threshold {text:?}: unknown comparison {other:?}; use <, <=, > or >=")),
+    };
+    let value = match metric {
+        Metric::Rps => rate(value).map_err(|e| format!("threshold {text:?}: {e}"))?,
+        Metric::Errors => percent(value).ok_or_else(|| {
+            format!("threshold {text:?}: errors are a percentage of the requests, e.g. \"errors < 0.1%\"")
+        })?,
+        _ => latency_us(value).ok_or_else(|| {
+            format!("threshold {text:?}: {value:?} is not a latency; write e.g. \"250ms\", \"1.5s\", \"800us\"")
+        })?,
+    };
+    Ok(Threshold { metric, op, value, text: words.join(" ") })
+}
+
+/// `200`, `200/s` → requests per second.
+pub fn rate(text: &str) -> Result<f64, String> {
+    let n = text.trim().trim_end_matches("/s");
+    match n.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= MAX_RATE => Ok(r),
+        _ => Err(format!("{text:?} is not a rate; write requests per second, e.g. \"200/s\" (at most {MAX_RATE})")),
+    }
+}
+
+fn percent(text: &str) -> Option<f64> {
+    let n: f64 = text.strip_suffix('%')?.parse().ok()?;
+    (n.is_finite() && (0.0..=100.0).contains(&n)).then_some(n / 100.0)
+}
+
+fn latency_us(text: &str) -> Option<f64> {
+    let micros = text.strip_suffix("us").or_else(|| text.strip_suffix("µs"));
+    if let Some(n) = micros {
+        return n.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    }
+    super::parse_duration(text).map(|d| d.as_secs_f64() * 1e6)
+}
+
+impl Reader {
+    /// A `load:` case: its requests (the case's one `request` or the
+    /// load's `requests` list), how it runs and its thresholds.
+    pub(super) fn load(
+        &self,
+        spanned: &Spanned<RawCase>,
+        raw: &Spanned<RawLoad>,
+    ) -> Result<(HttpRequest, LoadSpec), SuiteError> {
+        let (c, l, at) = (&spanned.value, &raw.value, raw.referenced);
+        let requests = match (&c.request, l.requests.is_empty()) {
+            (Some(_), false) => {
+                let why = "a load case sends its `request` or its `load.requests`, not both; keep one";
+                return Err(self.at(at, why.into()));
+            }
+            (Some(r), true) => vec![self.http(r, spanned.referenced)?],
+            (None, false) => l.requests.iter().map(|r| self.http(&r.value, r.referenced)).collect::<Result<_, _>>()?,
+            (None, true) => {
+                let why = "a load case needs a `request` (or `load.requests`, sent in turn) to send";
+                return Err(self.at(at, why.into()));
+            }
+        };
+        let duration = l.duration.as_ref().map(|d| self.duration(d)).transpose()?;
+        if duration.is_none() && l.count.is_none_or(|n| n == 0) {
+            return Err(self.at(at, "a load case needs a `duration` (e.g. \"30s\") or a `count` of requests".into()));
+        }
+        let connections = l.connections.unwrap_or(16);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(self.at(at, format!("connections {connections} must be from 1 to {MAX_CONNECTIONS}")));
+        }
+        let rate = l.rate.as_ref().map(|r| rate(&r.value).map_err(|e| self.at(r.referenced, e))).transpose()?;
+        let thresholds = l
+            .thresholds
+            .iter()
+            .map(|t| parse_threshold(&t.value).map_err(|e| self.at(t.referenced, e)))
+            .collect::<Result<_, _>>()?;
+        let spec = LoadSpec {
+            requests: requests.clone(),
+            connections,
+            rate,
+            duration,
+            count: l.count.filter(|n| *n > 0),
+            warmup: l.warmup.as_ref().map(|w| self.duration(w)).transpose()?.unwrap_or_default(),
+            check_every: l.check_every.unwrap_or(DEFAULT_CHECK_EVERY),
+            request_timeout: l.request_timeout.as_ref().map(|t| self.duration(t)).transpose()?,
+            thresholds,
+        };
+        Ok((requests[0].clone(), spec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_read_as_numbers_or_say_what_to_write() {
+        // (text, expected "metric op value" or an error fragment)
+        let table = [
+            ("p99 < 250ms", "P99 Lt 250000"),
+            ("p99.9 <= 1.5s", "P999 Le 1500000"),
+            ("p50 < 800us", "P50 Lt 800"),
+            ("max   <  2s", "Max Lt 2000000"),
+            ("rps > 100", "Rps Gt 100"),
+            ("rps >= 2500/s", "Rps Ge 2500"),
+            ("errors < 0.1%", "Errors Lt 0.001"),
+            ("errors <= 0%", "Errors Le 0"),
+            ("p99<250ms", "is not METRIC OP VALUE"),
+            ("p98 < 1s", "unknown metric \"p98\""),
+            ("p99 == 1s", "unknown comparison \"==\""),
+            ("p99 < 250", "is not a latency"),
+            ("rps > fast", "is not a rate"),
+            ("errors < 0.1", "a percentage of the requests"),
+            ("errors < 120%", "a percentage of the requests"),
+        ];
+        for (text, want) in table {
+            let got = match parse_threshold(text) {
+                Ok(t) => format!("{:?} {:?} {}", t.metric, t.op, (t.value * 1e6).round() / 1e6),
+                Err(e) => e,
+            };
+            assert!(got.contains(want), "{text:?}: {got}");
+        }
+        assert_eq!(parse_threshold("max   <  2s").unwrap().text, "max < 2s");
+    }
+
+    #[test]
+    fn rates_are_per_second_and_bounded() {
+        assert_eq!(rate("200/s"), Ok(200.0));
+        assert_eq!(rate("0.5"), Ok(0.5));
+        for bad in ["0", "-3/s", "2e7", "many", "inf"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Load cases against a real sim with known faults: exact request counts,
+//! percentiles near a fixed delay, thresholds that pass and fail, a stall
+//! that open loop shows and closed loop hides, progress while it runs.
+
+use controller::report::{CaseReport, LoadReport, Outcome};
+use controller::{Exit, RunOptions};
+use testkit::{Agent, Scratch, Service};
+use tokio_util::sync::CancellationToken;
+
+use crate::BIN;
+
+fn suite(parallel: &str, cases: &str) -> String {
+    format!("name: load\nservice: translation\nmodels: [nllb]\n{parallel}cases:\n{cases}")
+}
+
+const TRANSLATE: &str = "    request:
+      method: POST
+      path: /translate
+      json: {text: Hello world, source_lang: en, target_lang: es, model: nllb}
+";
+
+fn load_of(c: &CaseReport) -> &LoadReport {
+    c.load.as_ref().unwrap_or_else(|| panic!("case {} has no load figures: {c:?}", c.name))
+}
+
+async fn run(agent: &Agent, name: &str, text: &str) -> (controller::RunResult, Scratch) {
+    let out = Scratch::new(name);
+    let file = out.write("load.yaml", text);
+    let options = RunOptions::new(vec![agent.addr.clone()], vec![file], out.path.clone());
+    (controller::run(options, CancellationToken::new()).await, out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_case_against_a_fixed_delay_counts_every_request_and_judges_its_thresholds() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--slow-requests=20ms")).await;
+    let cases = format!(
+        "  - name: steady
+{TRANSLATE}    load:
+      connections: 4
+      count: 200
+      check_every: 10
+      thresholds: [\"p50 < 40ms\", \"rps > 50\", \"errors < 1%\"]
+    expect:
+      status: 200
+      json:
+        - pointer: /translated_text
+          equals: hola mundo
+  - name: too strict
+{TRANSLATE}    load:
+      connections: 2
+      duration: 1s
+      warmup: 200ms
+      thresholds: [\"p99 < 5ms\"]
+"
+    );
+    let (result, out) = run(&agent, "load-fixed", &suite("", &cases)).await;
+    let report = result.report.expect("a report");
+    assert_eq!(result.exit, Exit::TestFailures, "{}", report.summary());
+    let steady = &report.cases[0];
+    assert_eq!(steady.outcome, Outcome::Passed, "{}", report.summary());
+    let l = load_of(steady);
+    assert_eq!((l.requests, l.errors, l.checked), (200, 0, 20), "exact count, every 10th response checked: {l:?}");
+    assert!((20_000..=30_000).contains(&l.p50_us), "p50 near the 20ms delay: {l:?}");
+    assert!((20_000..=60_000).contains(&l.p99_us), "p99 near the delay: {l:?}");
+    assert!(l.rps > 100.0 && l.rps <= 200.0, "4 connections at 20ms each: at most 200/s: {l:?}");
+    assert_eq!(l.mode, "closed loop, 4 connections");
+    assert!(l.thresholds.iter().all(|t| t.held) && l.thresholds.len() == 3, "{:?}", l.thresholds);
+
+    let strict = &report.cases[1];
+    let Outcome::Failed(failures) = &strict.outcome else { panic!("{}", report.summary()) };
+    assert_eq!(failures[0].check, "threshold");
+    assert_eq!(failures[0].expected, "p99 < 5ms");
+    assert!(failures[0].actual.ends_with("ms"), "{failures:?}");
+    let l = load_of(strict);
+    assert!(l.warmup_requests > 0 && l.requests > 0, "warm-up measured apart: {l:?}");
+    assert!((900..1_300).contains(&l.measured_ms), "measured over the 1s after the warm-up: {l:?}");
+
+    let summary = report.summary();
+    assert!(summary.contains("load (closed loop, 4 connections): 200 requests in "), "{summary}");
+    assert!(summary.contains("thresholds: p50 < 40ms ("), "{summary}");
+    let junit = crate::read_junit(&out.path.join("junit.xml"));
+    assert!(junit.contains("thresholds: p99 &lt; 5ms (") && junit.contains("FAILED"), "{junit}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["cases"][0]["load"]["requests"], 200, "{json}");
+    assert_eq!(json["cases"][1]["load"]["thresholds"][0]["held"], false, "{json}");
+    let html = std::fs::read_to_string(out.path.join("report.html")).unwrap();
+    assert!(html.contains("load (closed loop, 2 connections)"), "the HTML shows the figures");
+}
+
+/// The sim holds every answer for 1 s, 1 s into the run. Both loops run at
+/// once against it: open loop's p99 shows the stall (the requests due during
+/// it are late, measured from when they were due); closed loop's does not
+/// (each connection simply waited: a few slow requests among thousands),
+/// though its max does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_second_stall_shows_in_open_loop_percentiles_and_hides_in_closed_loop() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--stall=1s+1s")).await;
+    let cases = format!(
+        "  - name: open
+{TRANSLATE}    load:
+      rate: 200/s
+      connections: 4
+      duration: 3s
+  - name: closed
+{TRANSLATE}    load:
+      connections: 2
+      duration: 3s
+"
+    );
+    let out = Scratch::new("load-stall");
+    let file = out.write("load.yaml", &suite("parallel: 2\n", &cases));
+    let o = tokio::process::Command::new(BIN)
+        .args(["run", "--agent", &agent.addr, "--no-store", "--out"])
+        .arg(&out.path)
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path.join("report.json")).unwrap()).unwrap();
+    let figure = |case: usize, key: &str| json["cases"][case]["load"][key].as_u64().unwrap();
+    assert!(figure(0, "p99_us") >= 900_000, "open loop's p99 shows the 1s stall: {}", json["cases"][0]["load"]);
+    assert!((550..=650).contains(&figure(0, "requests")), "200/s for 3s: {}", json["cases"][0]["load"]);
+    assert!(figure(1, "p99_us") < 300_000, "closed loop's p99 hides it: {}", json["cases"][1]["load"]);
+    assert!(figure(1, "max_us") >= 900_000, "closed loop's max alone shows it: {}", json["cases"][1]["load"]);
+    // Progress while it ran, about once a second per case.
+    let progress: Vec<&str> = stdout.lines().filter(|l| l.starts_with("load open on ")).collect();
+    assert!(progress.len() >= 2, "{stdout}");
+    assert!(progress.iter().any(|l| l.contains("/s, p99 ")), "{progress:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_case_past_the_agents_limits_is_refused_before_anything_runs() {
+    use proto::agent_client::AgentClient;
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"])).await;
+    let mut client = AgentClient::connect(format!("http://{}", agent.addr)).await.unwrap();
+    let lease = crate::lease(&mut client, "run-load-limits").await;
+    let request = proto::HttpCase { method: "GET".into(), path: "/health".into(), ..Default::default() };
+    // (load case, what the refusal says)
+    let table = [
+        (
+            proto::LoadCase {
+                requests: vec![request.clone()],
+                connections: 5000,
+                duration_ms: 1000,
+                ..Default::default()
+            },
+            "at most 1024 connections",
+        ),
+        (proto::LoadCase { requests: vec![request.clone()], ..Default::default() }, "a duration or a request count"),
+        (
+            proto::LoadCase {
+                requests: vec![proto::HttpCase { path: "@169.254.169.254/latest".into(), ..request.clone() }],
+                duration_ms: 1000,
+                ..Default::default()
+            },
+            "would leave the service",
+        ),
+    ];
+    for (load, why) in table {
+        let case = proto::Case {
+            case_id: "c1".into(),
+            name: "bad load".into(),
+            kind: Some(proto::case::Kind::Load(load)),
+            ..Default::default()
+        };
+        let e = client
+            .run_cases(proto::RunCasesRequest { lease: Some(lease.clone()), cases: vec![case], parallel: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(why) && e.message().contains("nothing was run"), "{}", e.message());
+    }
+}
