@@ -171,6 +171,11 @@ pub struct Snapshot {
 /// What one engine thread measured.
 struct Tally {
     latency: Histogram<u64>,
+    /// Measured requests, their errors, warm-up requests, checked responses.
+    requests: u64,
+    errors_total: u64,
+    warmup: u64,
+    checked: u64,
     errors: BTreeMap<String, u64>,
     /// The first message of each error kind (what a person needs to see).
     first: BTreeMap<String, String>,
@@ -180,7 +185,16 @@ struct Tally {
 impl Tally {
     fn new() -> Tally {
         let latency = Histogram::new_with_bounds(1, HIGHEST_US, 3).expect("valid histogram bounds");
-        Tally { latency, errors: BTreeMap::new(), first: BTreeMap::new(), finished: None }
+        Tally {
+            latency,
+            requests: 0,
+            errors_total: 0,
+            warmup: 0,
+            checked: 0,
+            errors: BTreeMap::new(),
+            first: BTreeMap::new(),
+            finished: None,
+        }
     }
 }
 
@@ -193,11 +207,8 @@ struct Shared {
     hard_end: Instant,
     stop: AtomicBool,
     tickets: AtomicU64,
-    measured: AtomicU64,
-    errors: AtomicU64,
-    warmup: AtomicU64,
-    checked: AtomicU64,
-    answered: AtomicU64,
+    /// One per engine thread: only its connections and the progress
+    /// watcher (once a second) take its lock, so it is never contended.
     tallies: Vec<Mutex<Tally>>,
 }
 
@@ -242,11 +253,6 @@ pub fn run(plan: Plan, cancel: &CancellationToken, mut progress: impl FnMut(Snap
         warm_end,
         stop: AtomicBool::new(false),
         tickets: AtomicU64::new(0),
-        measured: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        warmup: AtomicU64::new(0),
-        checked: AtomicU64::new(0),
-        answered: AtomicU64::new(0),
         tallies: (0..threads).map(|_| Mutex::new(Tally::new())).collect(),
     });
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -293,7 +299,10 @@ fn watch(
         }
         let now = Instant::now();
         if now >= next && running > 0 {
-            let requests = s.measured.load(Ordering::Relaxed);
+            let (requests, errors) = (0..s.tallies.len()).fold((0, 0), |(r, e), w| {
+                let t = s.tally(w);
+                (r + t.requests, e + t.errors_total)
+            });
             let rps = (requests - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
             last = (now, requests);
             let p99_us = merged(s).value_at_quantile(0.99);
@@ -301,7 +310,7 @@ fn watch(
                 elapsed: now.duration_since(s.start),
                 warming_up: now < s.warm_end,
                 requests,
-                errors: s.errors.load(Ordering::Relaxed),
+                errors,
                 rps,
                 p99_us,
             });
@@ -324,8 +333,13 @@ fn finish(s: &Shared) -> Measured {
     let mut errors_by_kind = BTreeMap::new();
     let mut first_errors = BTreeMap::new();
     let mut finished = s.warm_end;
+    let (mut requests, mut errors, mut warmup, mut checked) = (0, 0, 0, 0);
     for w in 0..s.tallies.len() {
         let t = s.tally(w);
+        requests += t.requests;
+        errors += t.errors_total;
+        warmup += t.warmup;
+        checked += t.checked;
         for (k, n) in &t.errors {
             *errors_by_kind.entry(k.clone()).or_insert(0) += n;
         }
@@ -334,13 +348,12 @@ fn finish(s: &Shared) -> Measured {
         }
         finished = finished.max(t.finished.unwrap_or(finished));
     }
-    let requests = s.measured.load(Ordering::Relaxed);
     let measured = finished.saturating_duration_since(s.warm_end);
     let q = |x: f64| if latency.is_empty() { 0 } else { latency.value_at_quantile(x) };
     let result = LoadResult {
         mode: s.plan.mode(),
         requests,
-        errors: s.errors.load(Ordering::Relaxed),
+        errors,
         errors_by_kind: errors_by_kind.into_iter().collect(),
         measured_us: measured.as_micros() as u64,
         rps: if measured.is_zero() { 0.0 } else { requests as f64 / measured.as_secs_f64() },
@@ -352,8 +365,8 @@ fn finish(s: &Shared) -> Measured {
         max_us: latency.max(),
         mean_us: latency.mean() as u64,
         min_us: latency.min(),
-        checked: s.checked.load(Ordering::Relaxed),
-        warmup_requests: s.warmup.load(Ordering::Relaxed),
+        checked,
+        warmup_requests: warmup,
         thresholds: Vec::new(),
     };
     let short_of_count = s.plan.count.is_some_and(|n| requests < n) && s.plan.duration.is_none_or(|d| measured < d);
@@ -396,12 +409,24 @@ fn failed(kind: impl Into<String>, message: String, answered: bool) -> Ended {
     Ended::Failed { kind: kind.into(), message, answered }
 }
 
+/// One connection of the run and what only it touches.
+struct Link<'s> {
+    s: &'s Shared,
+    /// Its engine thread (whose tally it writes).
+    w: usize,
+    conn: Option<wire::Conn>,
+    /// Responses it had, for sampling the JSON checks.
+    answered: u64,
+}
+
 /// One connection's loop: send, read, measure, until the run ends.
 async fn connection(s: &Shared, w: usize, c: usize) {
     let conns = s.plan.connections as usize;
     let interval = (s.plan.rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / s.plan.rate));
     let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
-    let mut conn: Option<wire::Conn> = None;
+    let mut link = Link { s, w, conn: None, answered: 0 };
+    // One timer for every request's limit, reset each time (not one per request).
+    let mut limit = std::pin::pin!(tokio::time::sleep(s.plan.request_timeout));
     let mut turn: u64 = 0;
     loop {
         let due = match interval {
@@ -427,10 +452,21 @@ async fn connection(s: &Shared, w: usize, c: usize) {
         }
         let request = &s.plan.requests[(c + turn as usize * conns) % s.plan.requests.len()];
         turn += 1;
-        let ended = exchange(s, &mut conn, request).await;
+        limit.as_mut().reset(tokio::time::Instant::now() + s.plan.request_timeout);
+        let ended = tokio::select! {
+            biased;
+            ended = link.exchange(request) => ended,
+            () = limit.as_mut() => {
+                link.conn = None;
+                failed("timeout", format!("no answer within {}ms", s.plan.request_timeout.as_millis()), true)
+            }
+        };
+        if let Ended::Failed { answered: false, .. } = ended {
+            link.conn = None;
+        }
         let latency = from.elapsed();
         if !measured {
-            s.warmup.fetch_add(1, Ordering::Relaxed);
+            s.tally(w).warmup += 1;
             continue;
         }
         record(s, w, latency, ended);
@@ -438,77 +474,75 @@ async fn connection(s: &Shared, w: usize, c: usize) {
 }
 
 fn record(s: &Shared, w: usize, latency: Duration, ended: Ended) {
-    s.measured.fetch_add(1, Ordering::Relaxed);
     let mut t = s.tally(w);
+    t.requests += 1;
     // A request that got no answer because the connection failed has no latency.
     if !matches!(&ended, Ended::Failed { answered: false, .. }) {
         let _ = t.latency.record((latency.as_micros() as u64).clamp(1, HIGHEST_US));
     }
     if let Ended::Failed { kind, message, .. } = ended {
-        s.errors.fetch_add(1, Ordering::Relaxed);
+        t.errors_total += 1;
         *t.errors.entry(kind.clone()).or_insert(0) += 1;
         t.first.entry(kind).or_insert(message);
     }
 }
 
-/// Sends one request on the connection (opening one if needed) and judges
-/// the response.
-async fn exchange(s: &Shared, conn: &mut Option<wire::Conn>, request: &wire::Prepared) -> Ended {
-    let sent = tokio::time::timeout(s.plan.request_timeout, async {
-        if conn.is_none() {
-            *conn = Some(wire::Conn::open(s.plan.addr).await.map_err(|e| ("connect", e.to_string()))?);
-        }
-        let c = conn.as_mut().expect("opened above");
-        let r = c.exchange(request).await.map_err(|b| match b {
-            wire::Broken::Closed => ("closed", "the service closed the connection".to_owned()),
-            wire::Broken::Malformed => ("malformed", "the response is not HTTP/1.1 this engine can read".to_owned()),
-        })?;
-        Ok::<_, (&str, String)>((judge(s, c, &r), r.close))
-    })
-    .await;
-    match sent {
-        Ok(Ok((ended, close))) => {
-            if close {
-                *conn = None;
+impl Link<'_> {
+    /// Sends one request on the connection (opening one if needed) and
+    /// judges the response.
+    async fn exchange(&mut self, request: &wire::Prepared) -> Ended {
+        if self.conn.is_none() {
+            match wire::Conn::open(self.s.plan.addr).await {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    return failed("connect", e.to_string(), false);
+                }
             }
-            ended
         }
-        Err(_elapsed) => {
-            *conn = None;
-            failed("timeout", format!("no answer within {}ms", s.plan.request_timeout.as_millis()), true)
-        }
-        Ok(Err((kind, message))) => {
-            *conn = None;
-            if kind == "connect" {
-                tokio::time::sleep(RECONNECT_PAUSE).await;
+        let Some(c) = self.conn.as_mut() else { return failed("connect", "no connection".into(), false) };
+        match c.exchange(request).await {
+            Ok(r) => {
+                let ended = self.judge(&r);
+                if r.close {
+                    self.conn = None;
+                }
+                ended
             }
-            failed(kind, message, false)
+            Err(wire::Broken::Closed) => failed("closed", "the service closed the connection".into(), false),
+            Err(wire::Broken::Malformed) => {
+                failed("malformed", "the response is not HTTP/1.1 this engine can read".into(), false)
+            }
         }
     }
-}
 
-/// The status check on every response, the case's assertions on every
-/// `check_every`-th.
-fn judge(s: &Shared, c: &wire::Conn, r: &wire::Response) -> Ended {
-    let status_ok = match s.plan.status {
-        0 => (200..300).contains(&r.status),
-        want => r.status == want,
-    };
-    if !status_ok {
-        let body = c.body(r);
-        let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-        return failed(format!("status {}", r.status), format!("status {}: {excerpt}", r.status), true);
-    }
-    let n = s.answered.fetch_add(1, Ordering::Relaxed);
-    if s.plan.check_every == 0 || s.plan.assertions.is_empty() || !n.is_multiple_of(u64::from(s.plan.check_every)) {
-        return Ended::Answered;
-    }
-    s.checked.fetch_add(1, Ordering::Relaxed);
-    let failures = crate::cases::evaluate(&s.plan.assertions, r.status, c.body(r));
-    match failures.first() {
-        None => Ended::Answered,
-        Some(f) => {
-            failed("check", format!("{} {}: expected {}, got {}", f.assertion, f.pointer, f.expected, f.actual), true)
+    /// The status check on every response, the case's assertions on this
+    /// connection's first response and every `check_every`-th after it.
+    fn judge(&mut self, r: &wire::Response) -> Ended {
+        let (s, Some(c)) = (self.s, self.conn.as_ref()) else { return Ended::Answered };
+        let status_ok = match s.plan.status {
+            0 => (200..300).contains(&r.status),
+            want => r.status == want,
+        };
+        if !status_ok {
+            let body = c.body(r);
+            let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return failed(format!("status {}", r.status), format!("status {}: {excerpt}", r.status), true);
+        }
+        let n = self.answered;
+        self.answered += 1;
+        if s.plan.check_every == 0 || s.plan.assertions.is_empty() || !n.is_multiple_of(u64::from(s.plan.check_every)) {
+            return Ended::Answered;
+        }
+        s.tally(self.w).checked += 1;
+        let failures = crate::cases::evaluate(&s.plan.assertions, r.status, c.body(r));
+        match failures.first() {
+            None => Ended::Answered,
+            Some(f) => failed(
+                "check",
+                format!("{} {}: expected {}, got {}", f.assertion, f.pointer, f.expected, f.actual),
+                true,
+            ),
         }
     }
 }

@@ -241,4 +241,59 @@ mod tests {
             assert!(rate(bad).is_err(), "{bad}");
         }
     }
+
+    fn suite(case: &str) -> String {
+        format!("name: s\nservice: translation\nmodels: [nllb]\ncases:\n  - name: load\n{case}")
+    }
+
+    const ONE: &str = "    request: {method: GET, path: /health}\n";
+
+    #[test]
+    fn a_load_case_is_read_or_refused_where_it_is_wrong() {
+        let path = std::path::Path::new("load.yaml");
+        // (case body, expected error "line:column: fragment", or "" when valid)
+        let table = [
+            (format!("{ONE}    load: {{duration: 5s}}\n"), ""),
+            (format!("{ONE}    load: {{count: 1000, rate: 200/s}}\n"), ""),
+            (
+                "    load:\n      requests: [{method: GET, path: /a}, {method: POST, path: /b, json: {x: 1}}]\n      duration: 1s\n".into(),
+                "",
+            ),
+            (format!("{ONE}    load: {{connections: 4}}\n"), "7:11: a load case needs a `duration`"),
+            (format!("{ONE}    load: {{duration: 1s, connections: 0}}\n"), "7:11: connections 0 must be from 1 to 1024"),
+            (format!("{ONE}    load: {{duration: 1s, rate: lots}}\n"), "7:32: \"lots\" is not a rate"),
+            (
+                format!("{ONE}    load:\n      duration: 1s\n      thresholds: [\"p99 < 250\"]\n"),
+                "9:20: threshold \"p99 < 250\": \"250\" is not a latency",
+            ),
+            (
+                format!("{ONE}    load: {{duration: 1s, requests: [{{method: GET, path: /x}}]}}\n"),
+                "7:11: a load case sends its `request` or its `load.requests`, not both",
+            ),
+            ("    load: {duration: 1s}\n".into(), "6:11: a load case needs a `request`"),
+            ("    command: e2e\n    load: {duration: 1s}\n".into(), "6:14: a case runs a `command` or a `load` test"),
+            (format!("{ONE}    load: {{duration: 1s, conections: 3}}\n"), "7:26: unknown field `conections`"),
+        ];
+        for (case, want) in table {
+            match crate::suite::parse(&suite(&case), path) {
+                Ok(_) => assert_eq!(want, "", "{case}"),
+                Err(e) => assert!(!want.is_empty() && e.to_string().contains(want), "{case}\n{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_load_case_has_its_defaults_and_its_status_check() {
+        let text = suite(&format!(
+            "{ONE}    load: {{duration: 2s, thresholds: [\"errors < 1%\"]}}\n    expect: {{status: 204}}\n"
+        ));
+        let s = crate::suite::parse(&text, std::path::Path::new("load.yaml")).unwrap();
+        let case = &s.cases[0];
+        let l = case.load.as_ref().unwrap();
+        assert_eq!((l.connections, l.rate, l.count, l.check_every), (16, None, None, DEFAULT_CHECK_EVERY));
+        assert_eq!(l.duration, Some(Duration::from_secs(2)));
+        assert_eq!(l.requests[0].path, "/health");
+        assert_eq!(case.checks, [crate::suite::Check::Status(204)]);
+        assert_eq!(l.thresholds[0].metric, Metric::Errors);
+    }
 }

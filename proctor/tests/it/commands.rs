@@ -266,3 +266,34 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The seed team's workflow — wait for NLLB, run our pytest e2e suite, then a
+/// load test with a p99 gate — is one run of one suite file, the example in
+/// `suites/seed-workflow.yaml` as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_workflow_is_one_run_of_the_example_suite() {
+    let service = Service::sim(&["nllb:mb=8,download=200ms,load=500ms"]).agent_lines(&commands());
+    let agent = Agent::spawn(BIN, &service).await;
+    let out = Scratch::new("seed-workflow");
+    let suite = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../suites/seed-workflow.yaml");
+    let result = controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![suite], out.path.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    let report = result.report.unwrap();
+    let summary = report.summary();
+    assert_eq!(result.exit, Exit::Passed, "{summary}");
+    let load = &report.loads[0];
+    let pytest = &report.cases[0];
+    assert!(load.failure.is_none() && !load.reused, "NLLB was loaded and waited for: {summary}");
+    assert!(load.waited >= Duration::from_millis(700), "the whole load was waited for: {:?}", load.waited);
+    let tests: Vec<(String, &str)> = pytest.tests.iter().map(|t| (t.id(), t.outcome.as_str())).collect();
+    assert_eq!(tests.len(), 3, "the NLLB and basic tests, nothing skipped: {tests:?}");
+    assert!(tests.iter().all(|(_, o)| *o == "passed"), "{tests:?}");
+    let l = report.cases[1].load.as_ref().expect("load figures");
+    let gates: Vec<(&str, bool)> = l.thresholds.iter().map(|t| (t.text.as_str(), t.held)).collect();
+    assert_eq!(gates, [("p99 < 250ms", true), ("rps > 100", true), ("errors < 0.1%", true)], "{summary}");
+    assert!(l.requests > 500 && l.checked > 0 && l.warmup_requests > 0, "{l:?}");
+    assert!(report.cases[1].started_unix_ms >= pytest.started_unix_ms, "in the suite's order");
+}
