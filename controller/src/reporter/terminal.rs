@@ -90,12 +90,16 @@ impl Terminal {
             }
             RunEvent::MemoryPressure { host, pressure } => self.display.say(&pressure.describe(host)),
             RunEvent::LoadProgress { host, case, elapsed_ms, warming_up, requests, errors, rps, p99_us } => {
-                let phase = if *warming_up { " (warming up)" } else { "" };
-                self.display.say(&format!(
-                    "load {case} on {host}{phase}: {:.0}s, {requests} requests, {rps:.0}/s, p99 {}, {errors} errors",
-                    *elapsed_ms as f64 / 1000.0,
-                    crate::report::latency(*p99_us)
-                ));
+                let at = format!("load {case} on {host}: {:.0}s", *elapsed_ms as f64 / 1000.0);
+                let line = match (*warming_up, *requests) {
+                    (true, _) => format!("{at}, warming up"),
+                    (false, 0) => format!("{at}, {errors} errors"),
+                    (false, _) => format!(
+                        "{at}, {requests} requests, {rps:.0}/s, p99 {}, {errors} errors",
+                        crate::report::latency(*p99_us)
+                    ),
+                };
+                self.display.say(&line);
             }
             RunEvent::Telemetry { host, service, rss_bytes, gpu_bytes } => {
                 self.display.memory(host, service, (*rss_bytes, *gpu_bytes))

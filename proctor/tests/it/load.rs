@@ -2,6 +2,8 @@
 //! percentiles near a fixed delay, thresholds that pass and fail, a stall
 //! that open loop shows and closed loop hides, progress while it runs.
 
+use std::time::Duration;
+
 use controller::report::{CaseReport, LoadReport, Outcome};
 use controller::{Exit, RunOptions};
 use testkit::{Agent, Scratch, Service};
@@ -174,4 +176,38 @@ async fn a_load_case_past_the_agents_limits_is_refused_before_anything_runs() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains(why) && e.message().contains("nothing was run"), "{}", e.message());
     }
+}
+
+/// Ctrl-C mid-load: the run lets go of the service, and the agent stops
+/// sending its traffic at once (not at the case's 60 s end), the case ending
+/// as an error with the figures so far.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_still_running_when_its_run_lets_go_of_the_service_stops() {
+    use proto::agent_client::AgentClient;
+    use proto::event::Kind;
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"])).await;
+    let mut client = AgentClient::connect(format!("http://{}", agent.addr)).await.unwrap();
+    let out = Scratch::new("load-released");
+    let cases = format!("  - name: long\n{TRANSLATE}    load: {{connections: 2, rate: 100/s, duration: 60s}}\n");
+    let file = out.write("load.yaml", &suite("", &cases));
+    let interrupt = CancellationToken::new();
+    let run = tokio::spawn(controller::run(
+        RunOptions::new(vec![agent.addr.clone()], vec![file], out.path.clone()),
+        interrupt.clone(),
+    ));
+    let started = |e: &proto::Event| matches!(&e.kind, Some(Kind::LoadProgress(p)) if p.requests > 0);
+    let (_, seen) = crate::watch_until(&mut client, 0, Duration::from_secs(30), started).await;
+    let from = seen.last().map_or(0, |e| e.seq);
+    interrupt.cancel();
+    let released = std::time::Instant::now();
+    let stopped = |e: &proto::Event| matches!(&e.kind, Some(Kind::CaseFinished(c)) if c.result.as_ref().is_some_and(|r| r.name == "long"));
+    let (_, events) = crate::watch_until(&mut client, from + 1, Duration::from_secs(10), stopped).await;
+    assert!(released.elapsed() < Duration::from_secs(5), "stopped within seconds of the release");
+    let Some(Kind::CaseFinished(c)) = &events.last().unwrap().kind else { unreachable!() };
+    let r = c.result.as_ref().unwrap();
+    assert_eq!(r.outcome(), proto::CaseOutcome::Error);
+    assert!(r.message.starts_with("load case stopped: the lease on service translation ended"), "{}", r.message);
+    assert!(r.load.as_ref().is_some_and(|l| l.requests > 0 && l.requests < 6000), "the figures so far: {r:?}");
+    let result = testkit::within(Duration::from_secs(30), "the interrupted run", run).await.unwrap();
+    assert_eq!(result.exit, Exit::Interrupted);
 }
