@@ -183,18 +183,46 @@ pub async fn set(location: &Location, which: &str) -> Exit {
 async fn set_baseline(location: &Location, which: &str) -> Result<Exit, Exit> {
     let store = open(location).await.map_err(store_failed)?;
     let (row, told) = told(&store, which, Path::new(".")).await?;
-    let entries = baseline::entries(&told.report.loads, &row.id, crate::client::now_unix_ms());
-    if entries.is_empty() {
+    let now = crate::client::now_unix_ms();
+    let entries = baseline::entries(&told.report.loads, &row.id, now);
+    let cases = baseline::cases::entries(&told.report.cases, &row.id, now);
+    if entries.is_empty() && cases.is_empty() {
         let why = format!(
-            "run {} has no model load that did the work (every model was already loaded, or failed): set the \
-             baseline from a run with cold loads (`proctor run --fresh`)",
+            "run {} has no model load that did the work (every model was already loaded, or failed) and no load \
+             case that ran to its end: set the baseline from a run with cold loads (`proctor run --fresh`)",
             row.id
         );
         return Err(fail(why, Exit::BadInput));
     }
-    store.set_baseline(&entries).await.map_err(store_failed)?;
-    say(&format!("baseline set from run {}:\n{}", row.id, entries_table(&entries)));
+    if !entries.is_empty() {
+        store.set_baseline(&entries).await.map_err(store_failed)?;
+    }
+    if !cases.is_empty() {
+        store.set_case_baseline(&cases).await.map_err(store_failed)?;
+    }
+    say(&format!("baseline set from run {}:\n{}{}", row.id, entries_table(&entries), case_entries_table(&cases)));
     Ok(Exit::Passed)
+}
+
+fn case_entries_table(entries: &[baseline::cases::CaseEntry]) -> String {
+    if entries.is_empty() {
+        return String::new();
+    }
+    let key_w = entries.iter().map(|e| e.key.to_string().len()).max().unwrap_or(9).max(9);
+    let mut out =
+        format!("  {:<key_w$}  {:<6}  {:>9}  {:<36}  {}\n", "LOAD CASE", "METRIC", "VALUE", "FROM RUN", "SET (UTC)");
+    for e in entries {
+        let _ = writeln!(
+            out,
+            "  {:<key_w$}  {:<6}  {:>9}  {:<36}  {}",
+            e.key.to_string(),
+            e.metric.trim_end_matches("_us"),
+            baseline::cases::show(&e.metric, e.value),
+            e.run_id,
+            when(e.set_unix_ms)
+        );
+    }
+    out
 }
 
 fn entries_table(entries: &[baseline::Entry]) -> String {
@@ -224,10 +252,14 @@ pub async fn show_baselines(location: &Location, as_json: bool) -> Exit {
 async fn list_baselines(location: &Location, as_json: bool) -> Result<Exit, Exit> {
     let store = open(location).await.map_err(store_failed)?;
     let entries = store.baselines().await.map_err(store_failed)?;
-    match (as_json, entries.is_empty()) {
-        (true, _) => json(&entries),
+    let cases = store.case_baselines().await.map_err(store_failed)?;
+    match (as_json, entries.is_empty() && cases.is_empty()) {
+        (true, _) => json(&serde_json::json!({ "loads": entries, "load_cases": cases })),
         (false, true) => say("no baselines yet: `proctor baseline set [RUN]` takes one from a run\n"),
-        (false, false) => say(&entries_table(&entries)),
+        (false, false) => {
+            let loads = if entries.is_empty() { String::new() } else { entries_table(&entries) };
+            say(&format!("{loads}{}", case_entries_table(&cases)));
+        }
     }
     Ok(Exit::Passed)
 }
@@ -242,7 +274,11 @@ async fn compare_run(location: &Location, which: &str, tolerance: Tolerance, as_
     let (row, told) = told(&store, which, Path::new(".")).await?;
     let entries = store.baselines().await.map_err(store_failed)?;
     let rule = |key: &baseline::Key| baseline::tolerance_for(key, &told.report.suite_loads, &told.suites, tolerance);
-    let comparison = baseline::compare(&entries, &told.report.loads, rule);
+    let mut comparison = baseline::compare(&entries, &told.report.loads, rule);
+    let cases = store.case_baselines().await.map_err(store_failed)?;
+    comparison.load_cases = baseline::cases::compare(&cases, &told.report.cases, |suite| {
+        baseline::suite_tolerance(suite, &told.suites, tolerance)
+    });
     if as_json {
         json(&comparison);
     } else if comparison.is_empty() {
@@ -269,20 +305,38 @@ pub async fn show_trends(
         (Ok(l), Ok(c)) => (trends::load_trends(&l), trends::case_trends(&c)),
         (Err(e), _) | (_, Err(e)) => return store_failed(e),
     };
+    let load_cases = match store.load_results(last).await {
+        Ok(rows) => trends::load_case_trends(&rows),
+        Err(e) => return store_failed(e),
+    };
     if let Some(path) = html
         && let Err(e) = std::fs::write(path, trends_html(&loads, &cases, last))
     {
         return fail(format!("cannot write {}: {e}", path.display()), Exit::Infrastructure);
     }
     if as_json {
-        json(&serde_json::json!({ "loads": loads, "cases": cases }));
+        json(&serde_json::json!({ "loads": loads, "cases": cases, "load_cases": load_cases }));
     } else {
         say(&trends_text(&loads, &cases, last));
+        say(&load_cases_text(&load_cases));
         if let Some(path) = html {
             say(&format!("HTML: {}\n", path.display()));
         }
     }
     Exit::Passed
+}
+
+/// Load cases' throughput and p99, one line each (nothing when none ran).
+pub fn load_cases_text(trends: &[trends::LoadCaseTrend]) -> String {
+    if trends.is_empty() {
+        return String::new();
+    }
+    let key_w = trends.iter().map(|t| t.key.to_string().len()).max().unwrap_or(5);
+    let mut out = String::from("\nLoad cases (oldest first):\n");
+    for t in trends {
+        let _ = writeln!(out, "  {:<key_w$}  {}", t.key.to_string(), t.line());
+    }
+    out
 }
 
 /// Load times with sparklines, then the flaky cases.

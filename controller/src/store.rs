@@ -148,6 +148,18 @@ pub struct LoadRow {
     pub at_unix_ms: i64,
 }
 
+/// A load case's figures in one run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LoadResultRow {
+    pub run_id: String,
+    pub suite: String,
+    pub name: String,
+    pub host: String,
+    pub rps: i64,
+    pub p99_us: i64,
+    pub at_unix_ms: i64,
+}
+
 /// A case's result in one run.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct CaseRow {
@@ -415,6 +427,81 @@ impl Store {
         self.write(&statements).await
     }
 
+    /// Every load case's baseline figures.
+    pub async fn case_baselines(&self) -> Result<Vec<baseline::cases::CaseEntry>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT host, suite, name, metric, value, run_id, set_unix_ms FROM load_baselines \
+                 ORDER BY host, suite, name, metric DESC",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| baseline::cases::CaseEntry {
+                key: baseline::cases::CaseKey { host: r.text(0), suite: r.text(1), case: r.text(2) },
+                metric: r.text(3),
+                value: r.int(4),
+                run_id: r.text(5),
+                set_unix_ms: r.int(6),
+            })
+            .collect())
+    }
+
+    /// Makes these entries the baseline of their load cases (each case's
+    /// figures replaced as a whole).
+    pub async fn set_case_baseline(&self, entries: &[baseline::cases::CaseEntry]) -> Result<(), StoreError> {
+        let mut statements: Vec<Statement> = Vec::new();
+        let mut keys: Vec<&baseline::cases::CaseKey> = entries.iter().map(|e| &e.key).collect();
+        keys.dedup();
+        for k in keys {
+            statements.push((
+                "DELETE FROM load_baselines WHERE host = $1 AND suite = $2 AND name = $3",
+                vec![k.host.as_str().into(), k.suite.as_str().into(), k.case.as_str().into()],
+            ));
+        }
+        for e in entries {
+            statements.push((
+                "INSERT INTO load_baselines (host, suite, name, metric, value, run_id, set_unix_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                vec![
+                    e.key.host.as_str().into(),
+                    e.key.suite.as_str().into(),
+                    e.key.case.as_str().into(),
+                    e.metric.as_str().into(),
+                    e.value.into(),
+                    e.run_id.as_str().into(),
+                    e.set_unix_ms.into(),
+                ],
+            ));
+        }
+        self.write(&statements).await
+    }
+
+    /// Load cases' figures over the last `runs` runs, oldest first.
+    pub async fn load_results(&self, runs: usize) -> Result<Vec<LoadResultRow>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT l.run_id, l.suite, l.name, l.host, l.rps, l.p99_us, l.at_unix_ms FROM load_results l \
+                 JOIN (SELECT id FROM runs ORDER BY started_unix_ms DESC LIMIT $1) recent ON recent.id = l.run_id \
+                 ORDER BY l.at_unix_ms",
+                &[(runs as u64).into()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LoadResultRow {
+                run_id: r.text(0),
+                suite: r.text(1),
+                name: r.text(2),
+                host: r.text(3),
+                rps: r.int(4),
+                p99_us: r.int(5),
+                at_unix_ms: r.int(6),
+            })
+            .collect())
+    }
+
     /// Bytes the store's data takes: SQLite's pages (what the file holds
     /// once its WAL is checkpointed), PostgreSQL's tables with their indexes.
     pub async fn size_bytes(&self) -> Result<u64, StoreError> {
@@ -470,6 +557,25 @@ fn case_statements(run: &RunLog, suite: usize, report: &CaseReport, at: i64) -> 
     let mut out = vec![row(report.name.clone(), outcome_word(&report.outcome), report.duration.as_millis() as u64)];
     for t in &report.tests {
         out.push(row(format!("{} :: {}", report.name, t.id()), &t.outcome, t.duration_ms));
+    }
+    if let Some(l) = &report.load {
+        out.push((
+            "INSERT INTO load_results (run_id, suite, name, host, requests, errors, rps, p50_us, p99_us, max_us, \
+             at_unix_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+            vec![
+                run.id.as_str().into(),
+                suite.as_str().into(),
+                report.name.as_str().into(),
+                report.host.as_str().into(),
+                l.requests.into(),
+                l.errors.into(),
+                (l.rps.round() as u64).into(),
+                l.p50_us.into(),
+                l.p99_us.into(),
+                l.max_us.into(),
+                at.into(),
+            ],
+        ));
     }
     out
 }
@@ -713,9 +819,10 @@ mod kept {
         let runs = store.runs(5).await.unwrap();
         assert_eq!((runs[0].id.as_str(), runs[0].passed, runs[0].regressions), ("old-run", 2, 0));
         assert!(store.baselines().await.unwrap().is_empty(), "migration 2 made the baselines table");
+        assert!(store.case_baselines().await.unwrap().is_empty(), "migration 3 made the load baselines table");
         let mut db = Db::sqlite(&path).unwrap();
         let versions = db.query("SELECT version FROM proctor_migrations ORDER BY version", &[]).await.unwrap();
-        assert_eq!(versions.iter().map(|r| r.int(0)).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(versions.iter().map(|r| r.int(0)).collect::<Vec<_>>(), [1, 2, 3]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

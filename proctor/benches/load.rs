@@ -27,6 +27,7 @@ const FIXED: &str = r#"{"translated_text":"hola mundo","model":"nllb"}"#;
 #[derive(Clone, Copy, Debug, Default)]
 struct Figures {
     rps: f64,
+    mean: f64,
     p50: f64,
     p90: f64,
     p99: f64,
@@ -119,6 +120,7 @@ fn wrk(dir: &Path, t: &Target) -> Figures {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words[..] {
             ["Requests/sec:", n] => f.rps = n.parse().unwrap_or(0.0),
+            ["Latency", avg, ..] => f.mean = wrk_latency(avg),
             ["50%", v] => f.p50 = wrk_latency(v),
             ["90%", v] => f.p90 = wrk_latency(v),
             ["99%", v] => f.p99 = wrk_latency(v),
@@ -146,6 +148,7 @@ fn oha(bin: &str, t: &Target) -> Figures {
     let p = |k: &str| json["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
     Figures {
         rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        mean: json["summary"]["average"].as_f64().unwrap_or(0.0) * 1e6,
         p50: p("p50"),
         p90: p("p90"),
         p99: p("p99"),
@@ -181,7 +184,7 @@ fn proctor(dir: &Path, agent: &str, t: &Target) -> Figures {
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
     let l = &json["cases"][0]["load"];
     let us = |k: &str| l[k].as_f64().unwrap_or(0.0);
-    Figures { rps: us("rps"), p50: us("p50_us"), p90: us("p90_us"), p99: us("p99_us") }
+    Figures { rps: us("rps"), mean: us("mean_us"), p50: us("p50_us"), p90: us("p90_us"), p99: us("p99_us") }
 }
 
 fn median(mut v: Vec<Figures>) -> Figures {
@@ -191,6 +194,7 @@ fn median(mut v: Vec<Figures>) -> Figures {
     };
     Figures {
         rps: mid(|f| f.rps, &mut v),
+        mean: mid(|f| f.mean, &mut v),
         p50: mid(|f| f.p50, &mut v),
         p90: mid(|f| f.p90, &mut v),
         p99: mid(|f| f.p99, &mut v),
@@ -204,10 +208,11 @@ fn ms(us: f64) -> String {
 fn rows(target: &Target, wrk: Figures, oha: Option<Figures>, proctor: Figures) -> String {
     let row = |tool: &str, f: Figures| {
         format!(
-            "| {} | {tool} | {:.0} | {:.2}× | {} | {} | {} |\n",
+            "| {} | {tool} | {:.0} | {:.2}× | {} | {} | {} | {} |\n",
             target.name,
             f.rps,
             f.rps / wrk.rps,
+            ms(f.mean),
             ms(f.p50),
             ms(f.p90),
             ms(f.p99)
@@ -216,7 +221,7 @@ fn rows(target: &Target, wrk: Figures, oha: Option<Figures>, proctor: Figures) -
     let mut out = row("wrk 4.1", wrk);
     match oha {
         Some(o) => out.push_str(&row("oha", o)),
-        None => out.push_str(&format!("| {} | oha | not installed | | | | |\n", target.name)),
+        None => out.push_str(&format!("| {} | oha | not installed | | | | | |\n", target.name)),
     }
     out.push_str(&row("Proctor load case", proctor));
     out
@@ -260,16 +265,22 @@ fn main() {
         let (w, p) = (median(w), median(p));
         let o = (!o.is_empty()).then(|| median(o));
         eprintln!("{}: wrk {w:?}\noha {o:?}\nproctor {p:?}", t.name);
-        ratios.push((t.name, p.rps / w.rps, o.map(|o| o.rps / w.rps)));
+        ratios.push((t.name, p.rps / w.rps, p.p50 / w.p50, p.p99 / w.p99));
         table.push_str(&rows(t, w, o, p));
     }
     // SIGTERM: the agent stops its services (nginx, the sim) on the way out.
     let _ = Command::new("kill").arg(agent.id().to_string()).status();
     let _ = agent.wait();
     let _ = Command::new("pkill").args(["-f", &format!("nginx -c {}", dir.join("nginx.conf").display())]).status();
-    let verdict: Vec<String> = ratios
+    let met = |ok: bool| if ok { "met" } else { "not met" };
+    let verdict: Vec<String> =
+        ratios.iter().map(|(name, rps, _, _)| format!("{name} {rps:.2}× wrk ({})", met(*rps >= 0.9))).collect();
+    let close = |r: f64| (0.9..=1.1).contains(&r);
+    let percentiles: Vec<String> = ratios
         .iter()
-        .map(|(name, p, _)| format!("{name} {p:.2}× wrk ({})", if *p >= 0.9 { "met" } else { "not met" }))
+        .map(|(name, _, p50, p99)| {
+            format!("{name} p50 {p50:.2}×, p99 {p99:.2}× wrk's ({})", met(close(*p50) && close(*p99)))
+        })
         .collect();
     let body = format!(
         "## Load engine: Proctor, wrk and oha\n\n`cargo bench -p proctor --bench load`, {machine}: {CONNECTIONS} \
@@ -277,8 +288,9 @@ fn main() {
          the target share the machine's cores. Targets: nginx (1 worker) returning a fixed JSON answer, and \
          `proctor sim` (`POST /translate`). Proctor's figures are its load case's own (report.json), run by the \
          agent supervising the target; wrk with 2 threads and `--latency`.\n\n{table}\nThe target is ≥ 0.9× \
-         wrk's requests/s: {}.\n",
+         wrk's requests/s: {}. Percentiles within 10 % of wrk's: {}.\n",
         verdict.join(", "),
+        percentiles.join("; "),
         machine = common::machine(),
     );
     common::write_section("load", &body);

@@ -108,6 +108,24 @@ fn baseline(out: &mut String, b: &crate::store::baseline::Comparison) {
             esc(&verdict_text(c))
         );
     }
+    for c in &b.load_cases {
+        use crate::store::baseline::cases;
+        let class = match c.verdict {
+            Verdict::Regressed => "regressed",
+            Verdict::Improved => "improved",
+            Verdict::Within => "within",
+        };
+        let _ = writeln!(
+            out,
+            "<tr class=\"{class}\"><td>load case {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.key.to_string()),
+            esc(c.metric.trim_end_matches("_us")),
+            esc(&cases::show(&c.metric, c.old)),
+            esc(&cases::show(&c.metric, c.new)),
+            esc(&cases::change_text(c)),
+            esc(&cases::verdict_text(c))
+        );
+    }
     out.push_str("</table>\n");
     for k in &b.without_baseline {
         let _ = writeln!(out, "<p>{}: no baseline yet.</p>", esc(&k.to_string()));

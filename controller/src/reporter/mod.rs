@@ -165,7 +165,19 @@ async fn compare(setup: &StoreSetup, report: &RunReport, suites: &[SuiteInfo]) -
         Err(_) => return Err("the run store did not answer in 5s; this run was not compared with its baselines".into()),
     };
     let tolerance_of = |key: &baseline::Key| baseline::tolerance_for(key, &report.suite_loads, suites, setup.tolerance);
-    Ok(baseline::compare(&entries, &report.loads, tolerance_of))
+    let mut comparison = baseline::compare(&entries, &report.loads, tolerance_of);
+    if report.cases.iter().any(|c| c.load.is_some()) {
+        let stored = tokio::time::timeout(std::time::Duration::from_secs(5), setup.store.case_baselines()).await;
+        let cases = stored
+            .map_err(|_| {
+                "the run store did not answer in 5s; load cases were not compared with their baselines".to_owned()
+            })?
+            .map_err(|e| format!("{e}; load cases were not compared with their baselines"))?;
+        comparison.load_cases = baseline::cases::compare(&cases, &report.cases, |suite| {
+            baseline::suite_tolerance(suite, suites, setup.tolerance)
+        });
+    }
+    Ok(comparison)
 }
 
 /// Compares the run's loads with their baselines; the comparison joins the

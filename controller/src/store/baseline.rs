@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::report::ModelLoad;
 use crate::run::events::SuiteInfo;
 
+pub mod cases;
+
 /// The whole load, next to its stages.
 pub const TOTAL: &str = "load";
 
@@ -128,16 +130,20 @@ pub struct Comparison {
     pub changes: Vec<Change>,
     /// Loads of this run with no baseline yet.
     pub without_baseline: Vec<Key>,
+    /// Load cases' throughput and p99 against theirs.
+    #[serde(default)]
+    pub load_cases: Vec<cases::CaseChange>,
 }
 
 impl Comparison {
     pub fn regressions(&self) -> usize {
-        self.changes.iter().filter(|c| c.verdict == Verdict::Regressed).count()
+        let cases = self.load_cases.iter().filter(|c| c.verdict == Verdict::Regressed).count();
+        self.changes.iter().filter(|c| c.verdict == Verdict::Regressed).count() + cases
     }
 
     /// Nothing was compared and nothing was new: nothing to show.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.without_baseline.is_empty()
+        self.changes.is_empty() && self.without_baseline.is_empty() && self.load_cases.is_empty()
     }
 
     /// What a summary shows: every whole load, and each stage that moved
@@ -171,6 +177,7 @@ impl Comparison {
         for k in &self.without_baseline {
             out.push_str(&format!("  {k}: no baseline yet (`proctor baseline set` takes one from a run)\n"));
         }
+        out.push_str(&cases::text(&self.load_cases));
         out
     }
 
@@ -194,6 +201,7 @@ impl Comparison {
         for k in &self.without_baseline {
             out.push_str(&format!("\n{k}: no baseline yet.\n"));
         }
+        out.push_str(&cases::markdown(&self.load_cases));
         out
     }
 }
@@ -309,6 +317,13 @@ pub fn tolerance_for(
         .filter(|(_, l)| &Key::of(l) == key)
         .filter_map(|(name, _)| suites.iter().find(|s| &s.name == name)?.baseline_tolerance)
         .reduce(f64::min);
+    Tolerance { ratio: own.unwrap_or(run.ratio), ..run }
+}
+
+/// The tolerance a suite's load cases are judged with: its own
+/// `baseline_tolerance`, else the run's.
+pub fn suite_tolerance(suite: &str, suites: &[SuiteInfo], run: Tolerance) -> Tolerance {
+    let own = suites.iter().find(|s| s.name == suite).and_then(|s| s.baseline_tolerance);
     Tolerance { ratio: own.unwrap_or(run.ratio), ..run }
 }
 

@@ -86,6 +86,34 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         );
         ALTER TABLE runs ADD COLUMN regressions BIGINT NOT NULL DEFAULT 0;",
     ),
+    (
+        3,
+        "load cases: their figures per run, and baselines per host, suite and case",
+        "CREATE TABLE load_results (
+            run_id TEXT NOT NULL,
+            suite TEXT NOT NULL,
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            errors BIGINT NOT NULL,
+            rps BIGINT NOT NULL,
+            p50_us BIGINT NOT NULL,
+            p99_us BIGINT NOT NULL,
+            max_us BIGINT NOT NULL,
+            at_unix_ms BIGINT NOT NULL,
+            PRIMARY KEY (run_id, suite, name)
+        );
+        CREATE TABLE load_baselines (
+            host TEXT NOT NULL,
+            suite TEXT NOT NULL,
+            name TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            value BIGINT NOT NULL,
+            run_id TEXT NOT NULL,
+            set_unix_ms BIGINT NOT NULL,
+            PRIMARY KEY (host, suite, name, metric)
+        );",
+    ),
 ];
 
 /// The newest schema this build knows.
@@ -140,7 +168,7 @@ mod tests {
     fn migrations_are_dense_and_a_store_from_a_newer_proctor_is_refused() {
         let versions: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
         assert_eq!(versions, (1..=current()).collect::<Vec<_>>());
-        for (at, want) in [(0, vec![1, 2]), (1, vec![2]), (2, vec![])] {
+        for (at, want) in [(0, vec![1, 2, 3]), (1, vec![2, 3]), (3, vec![])] {
             let got: Vec<i64> = pending(at).unwrap().iter().map(|m| m.0).collect();
             assert_eq!(got, want, "at {at}");
         }

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::baseline::Key;
-use super::{CaseRow, LoadRow};
+use super::baseline::cases::CaseKey;
+use super::{CaseRow, LoadResultRow, LoadRow};
 
 const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
@@ -48,6 +49,39 @@ pub fn load_trends(rows: &[LoadRow]) -> Vec<LoadTrend> {
             LoadTrend { median_ms: sorted[sorted.len() / 2], last_ms: loads.last().map_or(0, |l| l.1), key, loads }
         })
         .collect()
+}
+
+/// A load case's throughput and p99 over runs, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LoadCaseTrend {
+    pub key: CaseKey,
+    pub rps: Vec<i64>,
+    pub p99_us: Vec<i64>,
+}
+
+pub fn load_case_trends(rows: &[LoadResultRow]) -> Vec<LoadCaseTrend> {
+    let mut by: BTreeMap<CaseKey, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    for r in rows {
+        let key = CaseKey { host: r.host.clone(), suite: r.suite.clone(), case: r.name.clone() };
+        let (rps, p99) = by.entry(key).or_default();
+        rps.push(r.rps);
+        p99.push(r.p99_us);
+    }
+    by.into_iter().map(|(key, (rps, p99_us))| LoadCaseTrend { key, rps, p99_us }).collect()
+}
+
+impl LoadCaseTrend {
+    /// `rps ▁▅█ last 6807/s; p99 █▃▁ last 4.60ms (3 runs)`.
+    pub fn line(&self) -> String {
+        format!(
+            "rps {} last {}/s; p99 {} last {} ({} runs)",
+            sparkline(&self.rps),
+            self.rps.last().copied().unwrap_or(0),
+            sparkline(&self.p99_us),
+            crate::report::latency(self.p99_us.last().copied().unwrap_or(0).max(0) as u64),
+            self.rps.len()
+        )
+    }
 }
 
 /// How one case fared across runs.

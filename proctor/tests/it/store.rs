@@ -299,3 +299,67 @@ async fn store_commands_name_what_is_wrong_and_the_fix() {
     assert!(said.contains("/translation/nllb") && said.contains("median"), "{said}");
     assert!(std::fs::read_to_string(&html).unwrap().contains("<polyline"), "a chart per model and host");
 }
+
+/// A load case's throughput and p99 get baselines like model loads: the same
+/// case against a service now 20 ms slower per request fails the run (exit
+/// 3) with both figures, old and new; `proctor trends` shows them per run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_case_slower_than_its_baseline_fails_the_run() {
+    let dir = Scratch::new("load-baseline");
+    let store = dir.path.join("runs.sqlite");
+    let store = store.to_str().unwrap();
+    let suite = dir.write(
+        "load.yaml",
+        "name: perf\nservice: translation\nmodels: [nllb]\ncases:\n  - name: steady\n    request: {method: POST, \
+         path: /translate, json: {text: Hello world, source_lang: en, target_lang: es, model: nllb}}\n    load: \
+         {connections: 2, duration: 1s}\n",
+    );
+    let run = |agent: &Agent, out: &str| {
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--store".into(),
+            store.into(),
+            "--progress".into(),
+            "none".into(),
+            "--inventory".into(),
+            named(&dir, agent).display().to_string(),
+            "--out".into(),
+            dir.path.join(out).display().to_string(),
+            suite.display().to_string(),
+        ];
+        async move {
+            let o = tokio::process::Command::new(BIN).args(&args).output().await.unwrap();
+            (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+        }
+    };
+    {
+        let quick = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"])).await;
+        let (code, said) = run(&quick, "first").await;
+        assert_eq!(code, 0, "{said}");
+    }
+    let (code, set, err) = proctor(&["baseline", "set", "--store", store]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(set.contains("gpu-01/perf/steady  rps") && set.contains("gpu-01/perf/steady  p99"), "{set}");
+    let (_, shown, _) = proctor(&["baseline", "show", "--store", store]).await;
+    assert!(shown.contains("LOAD CASE") && shown.contains("gpu-01/perf/steady"), "{shown}");
+
+    let slow = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--slow-requests=20ms")).await;
+    let (code, said) = run(&slow, "second").await;
+    assert_eq!(code, Exit::Regression as i32, "the case passed, its figures regressed: {said}");
+    let row =
+        |metric: &str| said.lines().find(|l| l.contains("gpu-01/perf/steady") && l.contains(metric)).map(str::to_owned);
+    let rps = row(" rps ").unwrap_or_else(|| panic!("{said}"));
+    assert!(rps.contains("REGRESSED (over 25 %)") && rps.contains("/s"), "{rps}");
+    let p99 = row(" p99 ").unwrap_or_else(|| panic!("{said}"));
+    assert!(p99.contains("REGRESSED") && p99.contains("ms"), "{p99}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path.join("second/report.json")).unwrap()).unwrap();
+    assert_eq!(doc["baseline"]["load_cases"][0]["verdict"], "regressed", "{}", doc["baseline"]);
+    let html = std::fs::read_to_string(dir.path.join("second/report.html")).unwrap();
+    assert!(html.contains("<tr class=\"regressed\"><td>load case gpu-01/perf/steady</td><td>rps</td>"), "HTML table");
+
+    let (code, trends, err) = proctor(&["trends", "--store", store]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = trends.lines().find(|l| l.contains("gpu-01/perf/steady")).unwrap_or_else(|| panic!("{trends}"));
+    assert!(line.contains("2 runs") && line.contains("/s") && line.contains("p99"), "{line}");
+}

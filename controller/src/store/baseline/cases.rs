@@ -1,0 +1,244 @@
+//! Baselines of load cases: per host, suite and case, the throughput (`rps`)
+//! and the p99 latency (`p99_us`) a run measured; and the pure comparison of
+//! a run's load cases against them. Slower p99 or fewer requests per second
+//! beyond the tolerance is a regression; p99 changes under 1 ms never count.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Tolerance, Verdict};
+use crate::report::{CaseReport, Outcome};
+
+/// p99 changes smaller than this are noise, whatever their percentage.
+pub const P99_SLACK_US: i64 = 1_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CaseKey {
+    pub host: String,
+    pub suite: String,
+    pub case: String,
+}
+
+impl std::fmt::Display for CaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.host, self.suite, self.case)
+    }
+}
+
+/// `rps` (higher is better) or `p99_us` (lower is better).
+pub const METRICS: [&str; 2] = ["rps", "p99_us"];
+
+/// One baseline figure of a load case.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CaseEntry {
+    pub key: CaseKey,
+    pub metric: String,
+    pub value: i64,
+    pub run_id: String,
+    pub set_unix_ms: i64,
+}
+
+/// One load case's figure next to its baseline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaseChange {
+    pub key: CaseKey,
+    pub metric: String,
+    pub old: i64,
+    pub new: i64,
+    pub verdict: Verdict,
+    pub tolerance_percent: f64,
+}
+
+/// The figures a run's load case gives a baseline: only one that ran to its
+/// end (passed or failed its thresholds; an error may have been cut short).
+pub fn figures(case: &CaseReport) -> Vec<(&'static str, i64)> {
+    let Some(load) = case.load.as_ref().filter(|_| !matches!(case.outcome, Outcome::Error(_))) else {
+        return Vec::new();
+    };
+    if load.requests == 0 {
+        return Vec::new();
+    }
+    vec![("rps", load.rps.round() as i64), ("p99_us", load.p99_us as i64)]
+}
+
+fn key(case: &CaseReport) -> CaseKey {
+    CaseKey { host: case.host.clone(), suite: case.suite.clone(), case: case.name.clone() }
+}
+
+/// The baseline entries a run's load cases would set.
+pub fn entries(cases: &[CaseReport], run_id: &str, now_unix_ms: i64) -> Vec<CaseEntry> {
+    cases
+        .iter()
+        .flat_map(|c| {
+            figures(c).into_iter().map(move |(metric, value)| CaseEntry {
+                key: key(c),
+                metric: metric.to_owned(),
+                value,
+                run_id: run_id.to_owned(),
+                set_unix_ms: now_unix_ms,
+            })
+        })
+        .collect()
+}
+
+/// The pure rule for one figure.
+pub fn judge(metric: &str, old: i64, new: i64, ratio: f64) -> Verdict {
+    let limit = old as f64 * ratio;
+    // Worse is higher for latency, lower for throughput.
+    let worse = if metric == "rps" { old - new } else { new - old };
+    if metric != "rps" && worse.abs() <= P99_SLACK_US {
+        return Verdict::Within;
+    }
+    match worse {
+        w if w > 0 && w as f64 > limit => Verdict::Regressed,
+        w if w < 0 && (-w) as f64 > limit => Verdict::Improved,
+        _ => Verdict::Within,
+    }
+}
+
+/// Each load case of the run with a baseline, judged with its suite's
+/// tolerance (`tolerance_of(suite)`).
+pub fn compare(
+    baseline: &[CaseEntry],
+    cases: &[CaseReport],
+    tolerance_of: impl Fn(&str) -> Tolerance,
+) -> Vec<CaseChange> {
+    let mut out = Vec::new();
+    for case in cases {
+        let key = key(case);
+        let ratio = tolerance_of(&case.suite).ratio;
+        for (metric, new) in figures(case) {
+            let Some(old) = baseline.iter().find(|e| e.key == key && e.metric == metric).map(|e| e.value) else {
+                continue;
+            };
+            out.push(CaseChange {
+                key: key.clone(),
+                metric: metric.to_owned(),
+                old,
+                new,
+                verdict: judge(metric, old, new, ratio),
+                tolerance_percent: ratio * 100.0,
+            });
+        }
+    }
+    out
+}
+
+/// `4.60ms` or `6807/s`.
+pub fn show(metric: &str, value: i64) -> String {
+    match metric {
+        "rps" => format!("{value}/s"),
+        _ => crate::report::latency(value.max(0) as u64),
+    }
+}
+
+pub fn change_text(c: &CaseChange) -> String {
+    match c.old {
+        0 => "new".into(),
+        old => format!("{:+.0} %", (c.new - old) as f64 * 100.0 / old as f64),
+    }
+}
+
+pub fn verdict_text(c: &CaseChange) -> String {
+    match c.verdict {
+        Verdict::Regressed => format!("REGRESSED (over {:.0} %)", c.tolerance_percent),
+        Verdict::Improved => "improved".into(),
+        Verdict::Within => "ok".into(),
+    }
+}
+
+/// The terminal's rows (after the model loads').
+pub fn text(changes: &[CaseChange]) -> String {
+    if changes.is_empty() {
+        return String::new();
+    }
+    let key_w = changes.iter().map(|c| c.key.to_string().len()).max().unwrap_or(9).max(9);
+    let mut out =
+        format!("  {:<key_w$}  {:<6}  {:>9}  {:>9}  {:>7}\n", "LOAD CASE", "METRIC", "BASELINE", "NOW", "CHANGE");
+    for c in changes {
+        out.push_str(&format!(
+            "  {:<key_w$}  {:<6}  {:>9}  {:>9}  {:>7}  {}\n",
+            c.key.to_string(),
+            c.metric.trim_end_matches("_us"),
+            show(&c.metric, c.old),
+            show(&c.metric, c.new),
+            change_text(c),
+            verdict_text(c)
+        ));
+    }
+    out
+}
+
+/// The Markdown summary's rows.
+pub fn markdown(changes: &[CaseChange]) -> String {
+    if changes.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n| load case | metric | baseline | now | change | |\n|---|---|---|---|---|---|\n");
+    for c in changes {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            c.key,
+            c.metric.trim_end_matches("_us"),
+            show(&c.metric, c.old),
+            show(&c.metric, c.new),
+            change_text(c),
+            verdict_text(c)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::LoadReport;
+
+    #[test]
+    fn throughput_regresses_when_lower_and_latency_when_higher() {
+        // (metric, old, new, ratio, expected)
+        let table = [
+            ("rps", 1000, 800, 0.25, Verdict::Within),
+            ("rps", 1000, 740, 0.25, Verdict::Regressed),
+            ("rps", 1000, 1300, 0.25, Verdict::Improved),
+            ("p99_us", 10_000, 12_000, 0.25, Verdict::Within),
+            ("p99_us", 10_000, 13_000, 0.25, Verdict::Regressed),
+            ("p99_us", 10_000, 7_000, 0.25, Verdict::Improved),
+            ("p99_us", 500, 1_400, 0.25, Verdict::Within), // +180 %, but under a millisecond
+            ("p99_us", 500, 1_600, 0.25, Verdict::Regressed),
+        ];
+        for (metric, old, new, ratio, want) in table {
+            assert_eq!(judge(metric, old, new, ratio), want, "{metric} {old} → {new}");
+        }
+    }
+
+    fn case(name: &str, outcome: Outcome, rps: f64, p99_us: u64) -> CaseReport {
+        let mut c = CaseReport::error("s", name, String::new());
+        c.outcome = outcome;
+        c.host = "gpu-01".into();
+        c.load = Some(Box::new(LoadReport { requests: 100, rps, p99_us, ..Default::default() }));
+        c
+    }
+
+    #[test]
+    fn a_run_sets_and_is_compared_on_its_finished_load_cases() {
+        let base = entries(
+            &[case("steady", Outcome::Passed, 5000.4, 4_000), case("cut", Outcome::Error("x".into()), 10.0, 1)],
+            "run-1",
+            7,
+        );
+        let got: Vec<(String, &str, i64)> =
+            base.iter().map(|e| (e.key.to_string(), e.metric.as_str(), e.value)).collect();
+        assert_eq!(got, [("gpu-01/s/steady".to_owned(), "rps", 5000), ("gpu-01/s/steady".to_owned(), "p99_us", 4_000)]);
+        let now = [case("steady", Outcome::Failed(vec![]), 3000.0, 9_000), case("new", Outcome::Passed, 1.0, 1)];
+        let changes = compare(&base, &now, |_| Tolerance::default());
+        let got: Vec<(&str, i64, i64, Verdict)> =
+            changes.iter().map(|c| (c.metric.as_str(), c.old, c.new, c.verdict)).collect();
+        assert_eq!(got, [("rps", 5000, 3000, Verdict::Regressed), ("p99_us", 4_000, 9_000, Verdict::Regressed)]);
+        let table = text(&changes);
+        assert!(
+            table.contains("gpu-01/s/steady  rps        5000/s     3000/s    -40 %  REGRESSED (over 25 %)"),
+            "{table}"
+        );
+        assert!(table.contains("p99        4.00ms     9.00ms   +125 %  REGRESSED"), "{table}");
+    }
+}
