@@ -212,7 +212,11 @@ fn serve(
                 result
             }
             None => {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                // Small gRPC frames go out at once (see tls::incoming).
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |tcp: std::io::Result<tokio::net::TcpStream>| tcp.inspect(|t| drop(t.set_nodelay(true))),
+                );
                 router.serve_with_incoming_shutdown(incoming, shutdown).await
             }
         };

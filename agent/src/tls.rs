@@ -78,6 +78,9 @@ pub fn incoming(
                 a = listener.accept() => a,
             };
             let Ok((tcp, peer)) = accepted else { continue };
+            // Small gRPC frames go out at once (tonic sets this only on
+            // listeners it makes itself): Nagle cost every call ~20 ms.
+            let _ = tcp.set_nodelay(true);
             let Ok(permit) = gate.clone().acquire_owned().await else { return };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {

@@ -31,6 +31,8 @@ struct Slot {
     held: Mutex<Option<Held>>,
     /// Tries of this run placed here and not finished.
     claims: AtomicUsize,
+    /// Bumped when a turn here is passed on (the book's `freed`).
+    freed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// One try placed on a (host, service), counted from the moment it is
@@ -48,8 +50,17 @@ impl Drop for Claim {
 /// The right to use one service of one host now. Dropping it passes the turn on.
 #[derive(Debug)]
 pub struct Turn {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     slot: Arc<Slot>,
+}
+
+impl Drop for Turn {
+    /// The turn is free before the suites waiting for it are woken, so the
+    /// first to look takes it at once.
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.slot.freed.send_modify(|generation| *generation += 1);
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +69,9 @@ pub struct LeaseBook {
     /// Held while a suite plans and claims, so two suites never plan on the
     /// same counts.
     placing: Mutex<()>,
+    /// Changes whenever a turn of this run is passed on: a suite waiting for
+    /// one plans again then, not at its next periodic look.
+    freed: Arc<tokio::sync::watch::Sender<u64>>,
     run_id: String,
     holder: String,
     ttl: Duration,
@@ -70,6 +84,7 @@ impl LeaseBook {
         LeaseBook {
             slots: Mutex::default(),
             placing: Mutex::default(),
+            freed: Arc::new(tokio::sync::watch::Sender::new(0)),
             run_id: run_id.to_owned(),
             holder: holder.to_owned(),
             ttl,
@@ -87,9 +102,15 @@ impl LeaseBook {
                     turn: Arc::new(Semaphore::new(1)),
                     held: Mutex::default(),
                     claims: AtomicUsize::new(0),
+                    freed: self.freed.clone(),
                 })
             })
             .clone()
+    }
+
+    /// Tells when a turn of this run is passed on.
+    pub fn freed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.freed.subscribe()
     }
 
     /// Planning and claiming happen under this guard (synchronous code only).
@@ -115,7 +136,7 @@ impl LeaseBook {
     pub fn try_turn(&self, host: usize, service: &str) -> Option<Turn> {
         let slot = self.slot(host, service);
         let permit = slot.turn.clone().try_acquire_owned().ok()?;
-        Some(Turn { _permit: permit, slot })
+        Some(Turn { permit: Some(permit), slot })
     }
 
     /// The lease for this turn: the one held (if the agent that granted it

@@ -63,6 +63,8 @@ struct SuiteRun<'a> {
     refusals: u32,
     /// Results the tries hand on as they arrive: (try, case, report).
     early: (mpsc::UnboundedSender<Early>, mpsc::UnboundedReceiver<Early>),
+    /// Changes when another suite of the run passes its turn on a service.
+    freed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Places and runs one suite until every case has a result.
@@ -81,6 +83,7 @@ pub async fn run_suite(ctx: Arc<Ctx>, index: usize, suite: Suite) {
         retry_at: None,
         refusals: 0,
         early: mpsc::unbounded_channel(),
+        freed: ctx.leases.freed(),
     };
     run.drive().await;
     ctx.events.send(RunEvent::SuiteFinished { suite: index });
@@ -99,6 +102,8 @@ impl SuiteRun<'_> {
                 self.fill("no result: the run ended before this case ran");
                 return;
             }
+            // A turn passed on from here on wakes the wait below.
+            self.freed.borrow_and_update();
             let pause = self.retry_at.filter(|at| *at > Instant::now());
             let must_wait = !pending.is_empty() && (pause.is_some() || !self.place(&pending).await);
             if !must_wait && self.tries.is_empty() {
@@ -118,6 +123,10 @@ impl SuiteRun<'_> {
                 Some((try_id, case, report)) = self.early.1.recv() => self.finish(case, report, Some(try_id)),
                 Some(joined) = self.tries.join_next_with_id(), if !self.tries.is_empty() => return self.joined(joined),
                 _ = tokio::time::sleep_until(wake), if must_wait => return,
+                Ok(()) = self.freed.changed(), if must_wait => {
+                    self.retry_at = None; // the turn it waited for may be free now
+                    return;
+                }
                 _ = self.ctx.cancel.cancelled() => return,
             }
         }
