@@ -786,6 +786,9 @@ pub struct AgentView {
     pub models: BTreeMap<(String, String), ModelView>,
     pub rss: BTreeMap<String, u64>,
     pub results: HashMap<String, CaseReport>,
+    /// The case ids of `results` in the order they arrived: a try waiting
+    /// for its results reads only the new ones on each change.
+    pub arrived: Vec<String>,
     /// Live leases by service.
     pub leases: BTreeMap<String, LeaseView>,
     /// Stage transitions seen, oldest first (bounded): the trace's stage spans.
@@ -1116,7 +1119,10 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
         }
         Some(event::Kind::CaseFinished(c)) => view.send_modify(|v| {
             if let Some(r) = c.result {
-                v.results.insert(r.case_id.clone(), result_to_report(r));
+                let id = r.case_id.clone();
+                if v.results.insert(id.clone(), result_to_report(r)).is_none() {
+                    v.arrived.push(id);
+                }
             }
             advance(v, seq);
         }),

@@ -196,16 +196,67 @@ impl Telemetry {
         }
         let spans = std::mem::take(&mut *self.kept.0.lock().expect("span store"));
         let request = to_otlp(spans, &self.resource);
-        let mut value = serde_json::to_value(&request).map_err(std::io::Error::other)?;
-        without_defaults(&mut value);
-        // One line: a 10,000-case run's trace stays a few MB, and every OTLP
-        // JSON reader (jq, collectors, Jaeger's import) takes it as it is.
-        let text = serde_json::to_string(&value).map_err(std::io::Error::other)? + "\n";
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(file, text)
+        let mut out = std::io::BufWriter::new(std::fs::File::create(file)?);
+        write_compact(&mut out, request)?;
+        std::io::Write::flush(&mut out)
     }
+}
+
+/// Writes the request as OTLP JSON on one line — a 10,000-case run's trace
+/// stays a few MB, and every OTLP JSON reader (jq, collectors, Jaeger's
+/// import) takes it as it is — without protobuf defaults, one span at a
+/// time: the whole document never sits in memory as a JSON tree.
+fn write_compact(
+    out: &mut impl std::io::Write,
+    request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> std::io::Result<()> {
+    out.write_all(b"{\"resourceSpans\":[")?;
+    for (i, mut resource) in request.resource_spans.into_iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        let scopes = std::mem::take(&mut resource.scope_spans);
+        open_object(out, &resource, "scopeSpans")?;
+        for (j, mut scope) in scopes.into_iter().enumerate() {
+            if j > 0 {
+                out.write_all(b",")?;
+            }
+            let spans = std::mem::take(&mut scope.spans);
+            open_object(out, &scope, "spans")?;
+            for (k, span) in spans.iter().enumerate() {
+                if k > 0 {
+                    out.write_all(b",")?;
+                }
+                let mut value = serde_json::to_value(span).map_err(std::io::Error::other)?;
+                without_defaults(&mut value);
+                serde_json::to_writer(&mut *out, &value).map_err(std::io::Error::other)?;
+            }
+            out.write_all(b"]}")?;
+        }
+        out.write_all(b"]}")?;
+    }
+    out.write_all(b"]}\n")
+}
+
+/// Writes `item`'s fields (defaults left out, `list` among them skipped)
+/// and opens its `list` array: `{"a":1,"list":[`.
+fn open_object(out: &mut impl std::io::Write, item: &impl serde::Serialize, list: &str) -> std::io::Result<()> {
+    let mut value = serde_json::to_value(item).map_err(std::io::Error::other)?;
+    without_defaults(&mut value);
+    out.write_all(b"{")?;
+    if let serde_json::Value::Object(fields) = value {
+        for (name, field) in fields.iter().filter(|(name, _)| name.as_str() != list) {
+            serde_json::to_writer(&mut *out, name).map_err(std::io::Error::other)?;
+            out.write_all(b":")?;
+            serde_json::to_writer(&mut *out, field).map_err(std::io::Error::other)?;
+            out.write_all(b",")?;
+        }
+    }
+    serde_json::to_writer(&mut *out, list).map_err(std::io::Error::other)?;
+    out.write_all(b":[")
 }
 
 /// Span fields whose value is the protobuf default say nothing (OTLP JSON
@@ -414,5 +465,53 @@ mod tests {
         let spans = &back.resource_spans[0].scope_spans[0].spans;
         assert_eq!(spans.len(), 2);
         std::fs::remove_file(&file).ok();
+    }
+
+    /// The file written span by span is the same document as the whole
+    /// request turned into JSON with its defaults left out.
+    #[test]
+    fn the_trace_written_span_by_span_is_the_whole_document_without_defaults() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        let attr = |k: &str, v: &str| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.into())) }),
+            ..Default::default()
+        };
+        let span = |name: &str| Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: name.into(),
+            start_time_unix_nano: 5,
+            end_time_unix_nano: 9,
+            attributes: vec![attr("proctor.case.name", name), attr("empty", "")],
+            ..Default::default()
+        };
+        let scope = |n: usize| ScopeSpans {
+            scope: Some(InstrumentationScope { name: "proctor".into(), ..Default::default() }),
+            spans: (0..n).map(|i| span(&format!("case {i}"))).collect(),
+            schema_url: String::new(),
+        };
+        let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                        attributes: vec![attr("service.name", "proctor")],
+                        ..Default::default()
+                    }),
+                    scope_spans: vec![scope(3), scope(0)],
+                    schema_url: "x".into(),
+                },
+                ResourceSpans::default(),
+            ],
+        };
+        let mut whole = serde_json::to_value(&request).unwrap();
+        without_defaults(&mut whole);
+        let mut written = Vec::new();
+        write_compact(&mut written, request).unwrap();
+        assert!(written.ends_with(b"}\n") && !written[..written.len() - 1].contains(&b'\n'), "one line");
+        let read: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(read, whole);
+        assert!(!String::from_utf8(written).unwrap().contains("droppedAttributesCount"), "defaults left out");
     }
 }

@@ -4,7 +4,7 @@
 //! Everything the try learns goes out as `RunEvent`s; what it leaves
 //! undone comes back to the suite as a `TryOutcome`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use opentelemetry::trace::SpanId;
@@ -464,21 +464,23 @@ impl Host<'_> {
     ) {
         let ctx = self.ctx;
         let budget = cases.iter().map(|(i, _)| case_budget(&self.suite.cases[*i])).sum::<Duration>() + RESULT_SLACK;
-        let done = |v: &AgentView| self.gone(v).is_some() || ids.iter().all(|(_, id)| v.results.contains_key(id));
         let deadline = Instant::now() + budget;
         let lease_ended = || Stop::Lost(format!("lease on {} ended before every case finished", self.agent.name));
         let ended = tokio::select! {
             _ = ctx.cancel.cancelled() => Some(Stop::Interrupted),
             _ = self.held.ended.cancelled() => Some(lease_ended()),
             _ = tokio::time::sleep_until(deadline) => None,
-            r = self.stream_until(&mut view, ids, done) => r,
+            r = self.stream_until(&mut view, ids) => r,
         };
-        let latest = view.borrow().clone();
         let mut missing = Vec::new();
-        for (i, id) in ids {
-            match latest.results.get(id) {
-                Some(r) => out.results.push((*i, self.fenced(*i, r))),
-                None => missing.push(*i),
+        {
+            // Read in place: the view holds every result of the run so far.
+            let latest = view.borrow();
+            for (i, id) in ids {
+                match latest.results.get(id) {
+                    Some(r) => out.results.push((*i, self.fenced(*i, r))),
+                    None => missing.push(*i),
+                }
             }
         }
         let message = match ended {
@@ -495,26 +497,33 @@ impl Host<'_> {
         out.results.extend(missing.iter().map(|i| (*i, error_on(self.agent, &message))));
     }
 
-    /// Hands each result on as it arrives until `done`; then whether the
-    /// host was lost meanwhile (`None` also when the view closed).
+    /// Hands each result on as it arrives until all are in or the host is
+    /// lost (then `Some`; `None` also when the view closed). Each
+    /// change is read from where the last one ended (`arrived`), so a try of
+    /// n cases costs O(n) in all, not O(n) per result.
     async fn stream_until(
         &self,
         view: &mut watch::Receiver<AgentView>,
         ids: &[(usize, String)],
-        done: impl Fn(&AgentView) -> bool,
     ) -> Option<Stop> {
+        let mine: HashMap<&str, usize> = ids.iter().enumerate().map(|(n, (_, id))| (id.as_str(), n)).collect();
         let mut told = vec![false; ids.len()];
+        let (mut read, mut left) = (0, ids.len());
         loop {
-            let fresh = |v: &AgentView| ids.iter().zip(&told).any(|((_, id), t)| !t && v.results.contains_key(id));
             let (arrived, finished) = {
-                let v = view.wait_for(|v| done(v) || fresh(v)).await.ok()?;
+                let v = view.wait_for(|v| v.arrived.len() > read || left == 0 || self.gone(v).is_some()).await.ok()?;
                 let mut arrived = Vec::new();
-                for (n, (i, id)) in ids.iter().enumerate() {
-                    if let (false, Some(r)) = (told[n], v.results.get(id)) {
-                        arrived.push((n, *i, self.fenced(*i, r)));
+                for id in &v.arrived[read.min(v.arrived.len())..] {
+                    if let (Some(&n), Some(r)) = (mine.get(id.as_str()), v.results.get(id))
+                        && !told[n]
+                    {
+                        arrived.push((n, ids[n].0, self.fenced(ids[n].0, r)));
                     }
                 }
-                (arrived, done(&v).then(|| self.gone(&v)))
+                read = v.arrived.len();
+                left -= arrived.len();
+                let lost = self.gone(&v);
+                (arrived, (left == 0 || lost.is_some()).then_some(lost))
             };
             for (n, i, report) in arrived {
                 told[n] = true;
