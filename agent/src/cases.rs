@@ -436,7 +436,7 @@ impl Queue {
         let mut stopped = None;
         let measured = tokio::select! {
             m = &mut engine => m,
-            why = self.until_stopped() => {
+            why = self.until_stopped_or_moved(base_url) => {
                 cancel.cancel();
                 stopped = Some(why);
                 engine.await
@@ -471,6 +471,26 @@ impl Queue {
                 Ok(Err(e)) => return format!("the lease on service {} ended ({e})", self.claim.service),
                 Err(_) => return "the agent shut down".to_owned(),
             }
+        }
+    }
+
+    /// As `until_stopped`, and also when the service is no longer at
+    /// `base_url` (it restarted, perhaps on another port): a load must not
+    /// go on at an address that may be someone else's now.
+    async fn until_stopped_or_moved(&self, base_url: &str) -> String {
+        let moved = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match self.supervisor.base_url().await {
+                    Ok(Some(url)) if url == base_url => {}
+                    Ok(Some(url)) => return format!("service {} moved to {url} (it restarted)", self.claim.service),
+                    _ => return format!("service {} stopped", self.claim.service),
+                }
+            }
+        };
+        tokio::select! {
+            why = self.until_stopped() => why,
+            why = moved => why,
         }
     }
 

@@ -14,7 +14,7 @@ pub mod wire;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 /// Limits a load case is held to (a suite past them is refused with them).
 pub const MAX_CONNECTIONS: u32 = 1024;
 pub const MAX_RATE: f64 = 1_000_000.0;
+/// The lowest open-loop rate (one request per 100 s).
+pub const MIN_RATE: f64 = 0.01;
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECTIONS: u32 = 16;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,7 +41,8 @@ const HIGHEST_US: u64 = 3_600_000_000;
 /// A load case, checked and ready to run.
 #[derive(Debug)]
 pub struct Plan {
-    pub addr: SocketAddr,
+    /// The service's addresses, tried in turn when a connection opens.
+    pub addrs: Vec<SocketAddr>,
     pub requests: Vec<wire::Prepared>,
     pub connections: u32,
     /// Requests per second in open loop; 0 in closed loop.
@@ -64,12 +67,11 @@ impl Plan {
         if url.scheme() != "http" {
             return Err(format!("load cases speak plain HTTP/1.1; service URL {base_url} is not http://"));
         }
-        let host = url.host_str().unwrap_or_default().to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("cannot resolve the service's address {host}:{port}"))?;
+        let addrs = url.socket_addrs(|| None).unwrap_or_default();
+        if addrs.is_empty() {
+            return Err(format!("cannot resolve the service's address {base_url}"));
+        }
         let host_header = format!("{}:{port}", url.host_str().unwrap_or_default());
         let requests = prepare_requests(load, base_url, &host_header)?;
         check_numbers(load)?;
@@ -85,7 +87,7 @@ impl Plan {
             ms => Duration::from_millis(ms),
         };
         Ok(Plan {
-            addr,
+            addrs,
             requests,
             connections: if load.connections == 0 { DEFAULT_CONNECTIONS } else { load.connections },
             rate: load.rate_per_s,
@@ -144,8 +146,14 @@ fn check_numbers(load: &proto::LoadCase) -> Result<(), String> {
     if load.connections > MAX_CONNECTIONS {
         return Err(format!("a load case opens at most {MAX_CONNECTIONS} connections, not {}", load.connections));
     }
-    if !(0.0..=MAX_RATE).contains(&load.rate_per_s) || load.rate_per_s.is_nan() {
-        return Err(format!("a load case's rate is between 0 and {MAX_RATE}/s, not {}", load.rate_per_s));
+    let rate = load.rate_per_s;
+    if rate != 0.0 && !(MIN_RATE..=MAX_RATE).contains(&rate) {
+        return Err(format!(
+            "a load case's rate is between {MIN_RATE} and {MAX_RATE}/s (or none: closed loop), not {rate}"
+        ));
+    }
+    if Duration::from_millis(load.request_timeout_ms) > MAX_DURATION {
+        return Err(format!("a load case's request_timeout is at most {}s", MAX_DURATION.as_secs()));
     }
     if load.duration_ms == 0 && load.request_count == 0 {
         return Err("a load case needs a duration or a request count".into());
@@ -205,7 +213,9 @@ struct Shared {
     warm_end: Instant,
     end: Option<Instant>,
     hard_end: Instant,
-    stop: AtomicBool,
+    /// Fires on cancel (lease ended, shutdown) and at the deadline: reaches
+    /// connections asleep until their next request and requests in flight.
+    stop: CancellationToken,
     tickets: AtomicU64,
     /// One per engine thread: only its connections and the progress
     /// watcher (once a second) take its lock, so it is never contended.
@@ -217,9 +227,14 @@ impl Shared {
         self.tallies[worker].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether a request due at `due` is past the run's end.
+    /// Whether a request due at `due` must not go: the run is stopped, or
+    /// it (or, for a connection behind schedule, now) is past the end.
     fn over(&self, due: Instant) -> bool {
-        self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|e| due >= e) || due >= self.hard_end
+        let now = Instant::now();
+        self.stop.is_cancelled()
+            || self.end.is_some_and(|e| due >= e || now >= e)
+            || due >= self.hard_end
+            || now >= self.hard_end
     }
 
     /// A measured request may go (the request count is not used up yet).
@@ -251,7 +266,7 @@ pub fn run(plan: Plan, cancel: &CancellationToken, mut progress: impl FnMut(Snap
         plan,
         start,
         warm_end,
-        stop: AtomicBool::new(false),
+        stop: CancellationToken::new(),
         tickets: AtomicU64::new(0),
         tallies: (0..threads).map(|_| Mutex::new(Tally::new())).collect(),
     });
@@ -274,7 +289,7 @@ pub fn run(plan: Plan, cancel: &CancellationToken, mut progress: impl FnMut(Snap
     for h in handles {
         let _ = h.join();
     }
-    finish(&shared)
+    finish(&shared, cancel.is_cancelled())
 }
 
 /// Waits for the engine threads, giving progress and passing on a cancel.
@@ -294,10 +309,10 @@ fn watch(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if cancel.is_cancelled() {
-            s.stop.store(true, Ordering::Relaxed);
-        }
         let now = Instant::now();
+        if cancel.is_cancelled() || now >= s.hard_end {
+            s.stop.cancel();
+        }
         if now >= next && running > 0 {
             let (requests, errors) = (0..s.tallies.len()).fold((0, 0), |(r, e), w| {
                 let t = s.tally(w);
@@ -327,8 +342,9 @@ fn merged(s: &Shared) -> Histogram<u64> {
     all
 }
 
-/// The run's figures from every thread's tally.
-fn finish(s: &Shared) -> Measured {
+/// The run's figures from every thread's tally (`cancelled`: stopped from
+/// outside, not by its own end or deadline).
+fn finish(s: &Shared, cancelled: bool) -> Measured {
     let latency = merged(s);
     let mut errors_by_kind = BTreeMap::new();
     let mut first_errors = BTreeMap::new();
@@ -370,7 +386,7 @@ fn finish(s: &Shared) -> Measured {
         thresholds: Vec::new(),
     };
     let short_of_count = s.plan.count.is_some_and(|n| requests < n) && s.plan.duration.is_none_or(|d| measured < d);
-    let hit_deadline = finished >= s.hard_end || short_of_count && !s.stop.load(Ordering::Relaxed);
+    let hit_deadline = finished >= s.hard_end || short_of_count && !cancelled;
     Measured { result, first_errors, hit_deadline }
 }
 
@@ -422,7 +438,8 @@ struct Link<'s> {
 /// One connection's loop: send, read, measure, until the run ends.
 async fn connection(s: &Shared, w: usize, c: usize) {
     let conns = s.plan.connections as usize;
-    let interval = (s.plan.rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / s.plan.rate));
+    let interval =
+        (s.plan.rate > 0.0).then(|| Duration::try_from_secs_f64(conns as f64 / s.plan.rate).unwrap_or(MAX_DURATION));
     let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
     let mut link = Link { s, w, conn: None, answered: 0 };
     // One timer for every request's limit, reset each time (not one per request).
@@ -441,11 +458,17 @@ async fn connection(s: &Shared, w: usize, c: usize) {
         // counts from the send. A connection already late because the last
         // answer was slow counts from when the request was due.
         let from = if due > Instant::now() {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {}
+                () = s.stop.cancelled() => break,
+            }
             Instant::now()
         } else {
             due
         };
+        if s.over(due) {
+            break;
+        }
         let measured = due >= s.warm_end;
         if measured && !s.ticket() {
             break;
@@ -460,6 +483,8 @@ async fn connection(s: &Shared, w: usize, c: usize) {
                 link.conn = None;
                 failed("timeout", format!("no answer within {}ms", s.plan.request_timeout.as_millis()), true)
             }
+            // Stopped mid-request: not measured, the service is not ours any more.
+            () = s.stop.cancelled() => break,
         };
         if let Ended::Failed { answered: false, .. } = ended {
             link.conn = None;
@@ -489,30 +514,49 @@ fn record(s: &Shared, w: usize, latency: Duration, ended: Ended) {
 
 impl Link<'_> {
     /// Sends one request on the connection (opening one if needed) and
-    /// judges the response.
+    /// judges the response. A kept-alive connection the service closed
+    /// while it sat idle is opened again and the request sent once more:
+    /// that is not the service failing the request.
     async fn exchange(&mut self, request: &wire::Prepared) -> Ended {
-        if self.conn.is_none() {
-            match wire::Conn::open(self.s.plan.addr).await {
-                Ok(c) => self.conn = Some(c),
-                Err(e) => {
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    return failed("connect", e.to_string(), false);
+        let mut reused = self.conn.is_some();
+        loop {
+            if self.conn.is_none() {
+                match wire::Conn::open(&self.s.plan.addrs).await {
+                    Ok(c) => self.conn = Some(c),
+                    Err(e) => {
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                        return failed("connect", e.to_string(), false);
+                    }
                 }
             }
-        }
-        let Some(c) = self.conn.as_mut() else { return failed("connect", "no connection".into(), false) };
-        match c.exchange(request).await {
-            Ok(r) => {
-                let ended = self.judge(&r);
+            let Some(c) = self.conn.as_mut() else { return failed("connect", "no connection".into(), false) };
+            let answer = c.exchange(request).await;
+            if let Ok(r) = &answer {
+                let ended = self.judge(r);
                 if r.close {
                     self.conn = None;
                 }
-                ended
+                return ended;
             }
-            Err(wire::Broken::Closed) => failed("closed", "the service closed the connection".into(), false),
-            Err(wire::Broken::Malformed) => {
-                failed("malformed", "the response is not HTTP/1.1 this engine can read".into(), false)
-            }
+            self.conn = None;
+            let message = |m: &str| m.to_owned();
+            return match answer {
+                Err(wire::Broken::ClosedIdle) if reused => {
+                    reused = false;
+                    continue;
+                }
+                Err(wire::Broken::Closed | wire::Broken::ClosedIdle) => {
+                    failed("closed", message("the service closed the connection"), false)
+                }
+                Err(wire::Broken::TooLarge) => failed(
+                    "too large",
+                    format!("a response body is larger than {} MiB", wire::MAX_BODY / (1024 * 1024)),
+                    true,
+                ),
+                Err(wire::Broken::Malformed) | Ok(_) => {
+                    failed("malformed", message("the response is not HTTP/1.1 this engine can read"), false)
+                }
+            };
         }
     }
 
@@ -566,6 +610,14 @@ pub fn case_result(mut result: CaseResult, measured: Measured, thresholds: &[pro
     let examples: Vec<String> = first_errors.iter().map(|(k, m)| format!("{k}: {m}")).collect();
     result.response_excerpt = examples.join("\n");
     let outcome = match (hit_deadline, result.failures.is_empty()) {
+        _ if load.requests == 0 => {
+            result.message = format!(
+                "the load case measured no request ({} in its warm-up): its warm-up took the whole run, or its rate \
+                 is too low for its duration",
+                load.warmup_requests
+            );
+            CaseOutcome::Error
+        }
         (true, _) => {
             result.message = format!(
                 "the load case reached its time limit after {} measured requests; give it a longer `timeout`",
@@ -637,5 +689,101 @@ mod tests {
             Plan::new(&bounded, &load(|_| {}), "http://127.0.0.1:8000").unwrap().deadline,
             Duration::from_secs(2)
         );
+    }
+
+    /// A real HTTP server of known behaviour on loopback: each connection
+    /// answers `answers` requests (then closes without saying so), each
+    /// after `delay`, each answer prefixed with `interim` (e.g. a 100 Continue).
+    async fn server(answers: usize, delay: Duration, interim: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..answers {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        tokio::time::sleep(delay).await;
+                        let answer = format!("{interim}HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                        if tcp.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    async fn engine(url: &str, f: impl FnOnce(&mut proto::LoadCase), cancel: CancellationToken) -> Measured {
+        let plan = Plan::new(&proto::Case::default(), &load(f), url).unwrap();
+        tokio::task::spawn_blocking(move || run(plan, &cancel, |_| {})).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_kept_alive_connection_the_service_closed_while_idle_is_not_an_error() {
+        let url = server(1, Duration::ZERO, "").await; // one answer per connection, then a silent close
+        let m =
+            engine(&url, |l| (l.duration_ms, l.request_count, l.connections) = (0, 50, 1), CancellationToken::new())
+                .await;
+        assert_eq!((m.result.requests, m.result.errors), (50, 0), "{:?}", m.result.errors_by_kind);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_interim_100_continue_is_read_past_not_taken_for_the_answer() {
+        let url = server(usize::MAX, Duration::ZERO, "HTTP/1.1 100 Continue\r\n\r\n").await;
+        let m =
+            engine(&url, |l| (l.duration_ms, l.request_count, l.connections) = (0, 20, 1), CancellationToken::new())
+                .await;
+        assert_eq!((m.result.requests, m.result.errors), (20, 0), "{:?}", m.first_errors);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_open_loop_behind_schedule_stops_at_its_end_not_after_its_backlog() {
+        // Due 1000/s, answered 5/s: 500 requests fall due in the 0.5 s run.
+        let url = server(usize::MAX, Duration::from_millis(200), "").await;
+        let started = Instant::now();
+        let m =
+            engine(&url, |l| (l.duration_ms, l.rate_per_s, l.connections) = (500, 1000.0, 1), CancellationToken::new())
+                .await;
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert!((2..=4).contains(&m.result.requests), "{:?}", m.result);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cancel_reaches_a_connection_asleep_until_its_next_request() {
+        let url = server(usize::MAX, Duration::ZERO, "").await;
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.cancel();
+        });
+        let started = Instant::now();
+        // One request every 20 s: the connection sleeps after the first.
+        let m = engine(&url, |l| (l.duration_ms, l.rate_per_s, l.connections) = (60_000, 0.05, 1), cancel).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert_eq!(m.result.requests, 1);
+    }
+
+    #[test]
+    fn a_load_that_measured_nothing_is_an_error_not_a_pass() {
+        let measured = Measured {
+            result: LoadResult { warmup_requests: 3, ..Default::default() },
+            first_errors: BTreeMap::new(),
+            hit_deadline: false,
+        };
+        let r = case_result(CaseResult::default(), measured, &[]);
+        assert_eq!(r.outcome(), CaseOutcome::Error);
+        assert!(r.message.starts_with("the load case measured no request (3 in its warm-up)"), "{}", r.message);
     }
 }

@@ -37,8 +37,14 @@ pub fn prepare(method: &str, host: &str, path: &str, headers: &[(String, String)
 pub enum Broken {
     /// The server closed the connection or it was reset.
     Closed,
+    /// Closed before any byte of the answer came: on a kept-alive
+    /// connection, the server had closed it while it sat idle (the request
+    /// may go again on a new one).
+    ClosedIdle,
     /// Not an HTTP/1.1 response this engine can read.
     Malformed,
+    /// A body past [`MAX_BODY`].
+    TooLarge,
 }
 
 /// A response read off the connection.
@@ -63,10 +69,17 @@ pub struct Conn {
 const MAX_HEADERS: usize = 64;
 /// A response head larger than this is malformed for a load test.
 const MAX_HEAD: usize = 64 * 1024;
+/// The largest body one response may have (bounded memory: up to 1024
+/// connections hold one each).
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// A buffer grown past this by a large answer is given back afterwards.
+const KEEP_BUFFER: usize = 256 * 1024;
 
 impl Conn {
-    pub async fn open(addr: std::net::SocketAddr) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
+    /// Connects to the first of `addrs` that answers (`localhost` may be
+    /// `::1` and 127.0.0.1).
+    pub async fn open(addrs: &[std::net::SocketAddr]) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addrs).await?;
         stream.set_nodelay(true)?;
         Ok(Conn { stream, buf: Vec::with_capacity(8192), chunked: Vec::new(), chunked_body: false })
     }
@@ -78,39 +91,55 @@ impl Conn {
 
     /// Sends a request and reads its whole response.
     pub async fn exchange(&mut self, request: &Prepared) -> Result<Response, Broken> {
-        self.stream.write_all(&request.bytes).await.map_err(|_| Broken::Closed)?;
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::with_capacity(8192);
+            self.chunked = Vec::new();
+        }
+        self.stream.write_all(&request.bytes).await.map_err(|_| Broken::ClosedIdle)?;
         self.buf.clear();
         self.chunked_body = false;
-        let (status, head_len, framing, close) = loop {
-            if let Some(head) = parse_head(&self.buf)? {
-                break head;
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(Broken::Malformed);
-            }
-            self.fill().await?;
-        };
-        let bodiless = request.head || status == 204 || status == 304 || (100..200).contains(&status);
+        let (status, head_len, framing, close) = self.final_head().await?;
+        let bodiless = request.head || status == 204 || status == 304;
         let body = match framing {
             _ if bodiless => head_len..head_len,
+            Framing::Length(n) if n > MAX_BODY => return Err(Broken::TooLarge),
             Framing::Length(n) => {
-                let end = head_len.checked_add(n).ok_or(Broken::Malformed)?;
-                while self.buf.len() < end {
+                while self.buf.len() < head_len + n {
                     self.fill().await?;
                 }
-                head_len..end
+                head_len..head_len + n
             }
             Framing::Chunked => {
                 self.read_chunked(head_len).await?;
                 0..0
             }
             Framing::UntilClose => {
-                while self.fill().await.is_ok() {}
+                while self.fill().await.is_ok() {
+                    if self.buf.len() - head_len > MAX_BODY {
+                        return Err(Broken::TooLarge);
+                    }
+                }
                 head_len..self.buf.len()
             }
         };
         let close = close || matches!(framing, Framing::UntilClose) && !bodiless;
         Ok(Response { status, body, close })
+    }
+
+    /// Reads up to the final response's head, past interim 1xx answers
+    /// (`100 Continue`, `103 Early Hints`): their bytes are dropped.
+    async fn final_head(&mut self) -> Result<Head, Broken> {
+        loop {
+            match parse_head(&self.buf)? {
+                Some((status, len, ..)) if (100..200).contains(&status) && status != 101 => {
+                    self.buf.drain(..len);
+                }
+                Some(head) => return Ok(head),
+                None if self.buf.len() > MAX_HEAD => return Err(Broken::Malformed),
+                None if self.buf.is_empty() => self.fill().await.map_err(|_| Broken::ClosedIdle)?,
+                None => self.fill().await?,
+            }
+        }
     }
 
     /// Reads more bytes; the end of the stream is `Closed`.
@@ -130,6 +159,9 @@ impl Conn {
             match next_chunk(&self.buf[at..])? {
                 Chunk::Need => self.fill().await?,
                 Chunk::Data { start, len, next } => {
+                    if self.chunked.len() + len > MAX_BODY {
+                        return Err(Broken::TooLarge);
+                    }
                     let from = at + start;
                     self.chunked.extend_from_slice(&self.buf[from..from + len]);
                     at += next;
@@ -159,18 +191,29 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Broken> {
         Err(_) => return Err(Broken::Malformed),
     };
     let status = response.code.ok_or(Broken::Malformed)?;
-    let mut framing = Framing::UntilClose;
+    let (mut length, mut chunked) = (None, false);
     let mut close = response.version == Some(0);
+    let tokens = |v: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(v).split(',').map(|t| t.trim().to_ascii_lowercase()).collect()
+    };
     for h in response.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).ok_or(Broken::Malformed)?;
-            framing = Framing::Length(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") && h.value.eq_ignore_ascii_case(b"chunked") {
-            framing = Framing::Chunked;
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // `gzip, chunked`: the last coding frames the body.
+            chunked = tokens(h.value).last().is_some_and(|t| t == "chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            close = h.value.eq_ignore_ascii_case(b"close");
+            let t = tokens(h.value);
+            close = t.iter().any(|t| t == "close") || (close && !t.iter().any(|t| t == "keep-alive"));
         }
     }
+    // Chunked wins over a Content-Length (RFC 9112, 6.3).
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::UntilClose,
+    };
     Ok(Some((status, len, framing, close)))
 }
 
@@ -202,7 +245,13 @@ fn next_chunk(buf: &[u8]) -> Result<Chunk, Broken> {
         return Ok(Chunk::Need);
     }
     let next = start.checked_add(len).and_then(|n| n.checked_add(2)).ok_or(Broken::Malformed)?;
-    if buf.len() < next { Ok(Chunk::Need) } else { Ok(Chunk::Data { start, len, next }) }
+    if buf.len() < next {
+        return Ok(Chunk::Need);
+    }
+    if &buf[next - 2..next] != b"\r\n" {
+        return Err(Broken::Malformed);
+    }
+    Ok(Chunk::Data { start, len, next })
 }
 
 #[cfg(test)]
@@ -231,7 +280,20 @@ mod tests {
     fn response_heads_are_read_with_their_framing() {
         // (bytes, expected: None = incomplete, Err = malformed, Some(status, framing, close))
         type Read = Result<Option<(u16, Framing, bool)>, Broken>;
-        let table: [(&[u8], Read); 7] = [
+        let table: [(&[u8], Read); 11] = [
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+                Ok(Some((200, Framing::Chunked, false))),
+            ),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", Ok(Some((200, Framing::Chunked, false)))),
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: keep-alive, close\r\ncontent-length: 0\r\n\r\n",
+                Ok(Some((200, Framing::Length(0), true))),
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+                Ok(Some((200, Framing::Length(0), false))),
+            ),
             (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", Ok(Some((200, Framing::Length(5), false)))),
             (b"HTTP/1.1 200 OK\r\ncontent-le", Ok(None)),
             (b"HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\n\r\n", Ok(Some((503, Framing::Chunked, false)))),
@@ -249,7 +311,8 @@ mod tests {
     #[test]
     fn chunks_are_found_or_asked_for() {
         // (bytes, expected)
-        let table: [(&[u8], Result<Chunk, Broken>); 6] = [
+        let table: [(&[u8], Result<Chunk, Broken>); 7] = [
+            (b"5\r\nhelloXX0\r\n\r\n", Err(Broken::Malformed)),
             (b"5\r\nhello\r\n0\r\n\r\n", Ok(Chunk::Data { start: 3, len: 5, next: 10 })),
             (b"5\r\nhel", Ok(Chunk::Need)),
             (b"a;ext=1\r\n0123456789\r\n", Ok(Chunk::Data { start: 9, len: 10, next: 21 })),

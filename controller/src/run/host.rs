@@ -501,11 +501,7 @@ impl Host<'_> {
     /// lost (then `Some`; `None` also when the view closed). Each
     /// change is read from where the last one ended (`arrived`), so a try of
     /// n cases costs O(n) in all, not O(n) per result.
-    async fn stream_until(
-        &self,
-        view: &mut watch::Receiver<AgentView>,
-        ids: &[(usize, String)],
-    ) -> Option<Stop> {
+    async fn stream_until(&self, view: &mut watch::Receiver<AgentView>, ids: &[(usize, String)]) -> Option<Stop> {
         let mine: HashMap<&str, usize> = ids.iter().enumerate().map(|(n, (_, id))| (id.as_str(), n)).collect();
         let mut told = vec![false; ids.len()];
         let (mut read, mut left) = (0, ids.len());

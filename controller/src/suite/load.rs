@@ -86,6 +86,7 @@ pub const DEFAULT_CHECK_EVERY: u32 = 100;
 /// The agent's limits, said here too so a suite past them never runs.
 pub const MAX_CONNECTIONS: u32 = 1024;
 pub const MAX_RATE: f64 = 1_000_000.0;
+pub const MIN_RATE: f64 = 0.01;
 
 const METRICS: &str = "p50, p90, p95, p99, p99.9, max, mean, rps, errors";
 
@@ -116,7 +117,9 @@ pub fn parse_threshold(text: &str) -> Result<Threshold, String> {
         other => return Err(format!("threshold {text:?}: unknown comparison {other:?}; use <, <=, > or >=")),
     };
     let value = match metric {
-        Metric::Rps => rate(value).map_err(|e| format!("threshold {text:?}: {e}"))?,
+        Metric::Rps => per_second(value).ok_or_else(|| {
+            format!("threshold {text:?}: {value:?} is not a rate; write requests per second, e.g. \"100\" or \"100/s\"")
+        })?,
         Metric::Errors => percent(value).ok_or_else(|| {
             format!("threshold {text:?}: errors are a percentage of the requests, e.g. \"errors < 0.1%\"")
         })?,
@@ -127,13 +130,19 @@ pub fn parse_threshold(text: &str) -> Result<Threshold, String> {
     Ok(Threshold { metric, op, value, text: words.join(" ") })
 }
 
-/// `200`, `200/s` → requests per second.
+/// `200`, `200/s` → requests per second (an open-loop rate: from
+/// [`MIN_RATE`] to [`MAX_RATE`]).
 pub fn rate(text: &str) -> Result<f64, String> {
-    let n = text.trim().trim_end_matches("/s");
-    match n.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 && r <= MAX_RATE => Ok(r),
-        _ => Err(format!("{text:?} is not a rate; write requests per second, e.g. \"200/s\" (at most {MAX_RATE})")),
+    match per_second(text) {
+        Some(r) if (MIN_RATE..=MAX_RATE).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{text:?} is not a rate; write requests per second, e.g. \"200/s\" (from {MIN_RATE} to {MAX_RATE})"
+        )),
     }
+}
+
+fn per_second(text: &str) -> Option<f64> {
+    text.trim().trim_end_matches("/s").parse::<f64>().ok().filter(|r| r.is_finite() && *r >= 0.0)
 }
 
 fn percent(text: &str) -> Option<f64> {
@@ -213,6 +222,7 @@ mod tests {
             ("max   <  2s", "Max Lt 2000000"),
             ("rps > 100", "Rps Gt 100"),
             ("rps >= 2500/s", "Rps Ge 2500"),
+            ("rps > 0", "Rps Gt 0"),
             ("errors < 0.1%", "Errors Lt 0.001"),
             ("errors <= 0%", "Errors Le 0"),
             ("p99<250ms", "is not METRIC OP VALUE"),
@@ -237,7 +247,7 @@ mod tests {
     fn rates_are_per_second_and_bounded() {
         assert_eq!(rate("200/s"), Ok(200.0));
         assert_eq!(rate("0.5"), Ok(0.5));
-        for bad in ["0", "-3/s", "2e7", "many", "inf"] {
+        for bad in ["0", "0.001/s", "-3/s", "2e7", "many", "inf"] {
             assert!(rate(bad).is_err(), "{bad}");
         }
     }

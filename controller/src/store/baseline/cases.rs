@@ -48,16 +48,18 @@ pub struct CaseChange {
     pub tolerance_percent: f64,
 }
 
-/// The figures a run's load case gives a baseline: only one that ran to its
-/// end (passed or failed its thresholds; an error may have been cut short).
+/// The figures a load case that passed gives (one that failed or was cut
+/// short says little of what the service does): the answered requests per
+/// second (errors left out) and the p99.
 pub fn figures(case: &CaseReport) -> Vec<(&'static str, i64)> {
-    let Some(load) = case.load.as_ref().filter(|_| !matches!(case.outcome, Outcome::Error(_))) else {
+    let Some(load) = case.load.as_ref().filter(|_| matches!(case.outcome, Outcome::Passed)) else {
         return Vec::new();
     };
     if load.requests == 0 {
         return Vec::new();
     }
-    vec![("rps", load.rps.round() as i64), ("p99_us", load.p99_us as i64)]
+    let answered = load.requests.saturating_sub(load.errors) as f64 / load.requests as f64;
+    vec![("rps", (load.rps * answered).round() as i64), ("p99_us", load.p99_us as i64)]
 }
 
 fn key(case: &CaseReport) -> CaseKey {
@@ -222,14 +224,18 @@ mod tests {
     #[test]
     fn a_run_sets_and_is_compared_on_its_finished_load_cases() {
         let base = entries(
-            &[case("steady", Outcome::Passed, 5000.4, 4_000), case("cut", Outcome::Error("x".into()), 10.0, 1)],
+            &[
+                case("steady", Outcome::Passed, 5000.4, 4_000),
+                case("cut", Outcome::Error("x".into()), 10.0, 1),
+                case("failed", Outcome::Failed(vec![]), 10.0, 1),
+            ],
             "run-1",
             7,
         );
         let got: Vec<(String, &str, i64)> =
             base.iter().map(|e| (e.key.to_string(), e.metric.as_str(), e.value)).collect();
         assert_eq!(got, [("gpu-01/s/steady".to_owned(), "rps", 5000), ("gpu-01/s/steady".to_owned(), "p99_us", 4_000)]);
-        let now = [case("steady", Outcome::Failed(vec![]), 3000.0, 9_000), case("new", Outcome::Passed, 1.0, 1)];
+        let now = [case("steady", Outcome::Passed, 3000.0, 9_000), case("new", Outcome::Passed, 1.0, 1)];
         let changes = compare(&base, &now, |_| Tolerance::default());
         let got: Vec<(&str, i64, i64, Verdict)> =
             changes.iter().map(|c| (c.metric.as_str(), c.old, c.new, c.verdict)).collect();
