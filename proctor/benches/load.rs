@@ -120,7 +120,7 @@ fn wrk(dir: &Path, t: &Target) -> Figures {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words[..] {
             ["Requests/sec:", n] => f.rps = n.parse().unwrap_or(0.0),
-            ["Latency", avg, ..] => f.mean = wrk_latency(avg),
+            ["Latency", avg, _, _, _] => f.mean = wrk_latency(avg),
             ["50%", v] => f.p50 = wrk_latency(v),
             ["90%", v] => f.p90 = wrk_latency(v),
             ["99%", v] => f.p99 = wrk_latency(v),
@@ -208,11 +208,12 @@ fn ms(us: f64) -> String {
 fn rows(target: &Target, wrk: Figures, oha: Option<Figures>, proctor: Figures) -> String {
     let row = |tool: &str, f: Figures| {
         format!(
-            "| {} | {tool} | {:.0} | {:.2}× | {} | {} | {} | {} |\n",
+            "| {} | {tool} | {:.0} | {:.2}× | {} | {} | {} | {} | {} |\n",
             target.name,
             f.rps,
             f.rps / wrk.rps,
             ms(f.mean),
+            ms(f64::from(CONNECTIONS) * 1e6 / f.rps),
             ms(f.p50),
             ms(f.p90),
             ms(f.p99)
@@ -221,7 +222,7 @@ fn rows(target: &Target, wrk: Figures, oha: Option<Figures>, proctor: Figures) -
     let mut out = row("wrk 4.1", wrk);
     match oha {
         Some(o) => out.push_str(&row("oha", o)),
-        None => out.push_str(&format!("| {} | oha | not installed | | | | | |\n", target.name)),
+        None => out.push_str(&format!("| {} | oha | not installed | | | | | | |\n", target.name)),
     }
     out.push_str(&row("Proctor load case", proctor));
     out
@@ -250,8 +251,12 @@ fn main() {
     ];
     let oha_bin = oha_bin();
     let mut table =
-        String::from("| target | tool | requests/s | vs wrk | p50 | p90 | p99 |\n|---|---|---|---|---|---|---|\n");
+        String::from(
+            "| target | tool | requests/s | vs wrk | mean | 16 ÷ requests/s | p50 | p90 | p99 |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+        );
     let mut ratios = Vec::new();
+    let mut little = Vec::new();
     for t in &targets {
         proctor(&dir, &addr, t); // the first run waits for the service; not measured
         let (mut w, mut o, mut p) = (Vec::new(), Vec::new(), Vec::new());
@@ -266,6 +271,12 @@ fn main() {
         let o = (!o.is_empty()).then(|| median(o));
         eprintln!("{}: wrk {w:?}\noha {o:?}\nproctor {p:?}", t.name);
         ratios.push((t.name, p.rps / w.rps, p.p50 / w.p50, p.p99 / w.p99));
+        little.push(format!(
+            "{}: wrk {:+.0} %, Proctor {:+.0} %",
+            t.name,
+            (w.mean / (f64::from(CONNECTIONS) * 1e6 / w.rps) - 1.0) * 100.0,
+            (p.mean / (f64::from(CONNECTIONS) * 1e6 / p.rps) - 1.0) * 100.0
+        ));
         table.push_str(&rows(t, w, o, p));
     }
     // SIGTERM: the agent stops its services (nginx, the sim) on the way out.
@@ -288,9 +299,13 @@ fn main() {
          the target share the machine's cores. Targets: nginx (1 worker) returning a fixed JSON answer, and \
          `proctor sim` (`POST /translate`). Proctor's figures are its load case's own (report.json), run by the \
          agent supervising the target; wrk with 2 threads and `--latency`.\n\n{table}\nThe target is ≥ 0.9× \
-         wrk's requests/s: {}. Percentiles within 10 % of wrk's: {}.\n",
+         wrk's requests/s: {}. Percentiles within 10 % of wrk's: {}. In a closed loop the mean latency must \
+         equal connections ÷ requests/s (Little's law, the `16 ÷ requests/s` column): where a tool's mean is \
+         above it, that tool counts time the answer spent waiting in its own event loop (the tools share the \
+         2 cores with the target). Mean against it: {}.\n",
         verdict.join(", "),
         percentiles.join("; "),
+        little.join("; "),
         machine = common::machine(),
     );
     common::write_section("load", &body);
