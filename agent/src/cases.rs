@@ -237,20 +237,26 @@ pub const MAX_PARALLEL: u32 = 64;
 impl Queue {
     /// Runs every case, or says why it did not, as a `CaseFinished` each:
     /// the controller waits for an answer per case id. Up to `parallel` at
-    /// once (started in order; 0 or 1: one after another).
+    /// once (started in order; 0 or 1: one after another), except a load
+    /// case, which runs alone: it starts when the cases before it have
+    /// finished and those after it wait for it, so its figures are its own.
     pub async fn run(self, cases: Vec<proto::Case>, parallel: u32) {
         let width = parallel.clamp(1, MAX_PARALLEL) as usize;
         let queue = std::sync::Arc::new(self);
         let mut running = tokio::task::JoinSet::new();
         let mut which = std::collections::HashMap::new();
         for case in cases {
-            if running.len() >= width {
+            let alone = matches!(case.kind, Some(proto::case::Kind::Load(_)));
+            while running.len() >= if alone { 1 } else { width } {
                 queue.reap(running.join_next_with_id().await, &mut which);
             }
             let q = queue.clone();
             let blank = not_run(&case, q.epoch, String::new());
             let id = running.spawn(async move { q.one(case).await }).id();
             which.insert(id, blank);
+            if alone {
+                queue.reap(running.join_next_with_id().await, &mut which);
+            }
         }
         while let Some(done) = running.join_next_with_id().await {
             queue.reap(Some(done), &mut which);
@@ -404,7 +410,9 @@ impl Queue {
     async fn run_load(&self, base_url: &str, case: &proto::Case, load: &proto::LoadCase) -> CaseResult {
         let mut result = not_run(case, self.epoch, String::new());
         result.started_unix_ms = crate::journal::now_unix_ms();
-        result.url = base_url.to_owned();
+        // The first request's URL (a load may send several, in turn).
+        let first = load.requests.first().map(|r| case_url(base_url, &r.path));
+        result.url = first.and_then(Result::ok).unwrap_or_else(|| base_url.to_owned());
         let plan = match crate::load::Plan::new(case, load, base_url) {
             Ok(p) => p,
             Err(e) => {

@@ -421,8 +421,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: with_hint(e.to_string()) })?;
         let cx = Check { path, text };
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let listen = match &raw.listen {
@@ -953,6 +953,17 @@ pub fn load_timeout_source(
     "the agent's built-in default".into()
 }
 
+/// A TOML error with what the user most likely meant, where we know it.
+fn with_hint(message: String) -> String {
+    if message.contains("[service.command]") {
+        return format!(
+            "{message}hint: a service's `command` is how it starts; the commands a suite may run are \
+             `[[service.test_command]]` (docs/agent.md)\n"
+        );
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1203,6 +1214,10 @@ load = "endpoint"
             (
                 GOOD.replace("ram_mb = 300", "warmup = { method = \"FETCH\", path = \"/x\" }"),
                 "(nllb).warmup.method: \"FETCH\" is not an HTTP method",
+            ),
+            (
+                format!("{GOOD}\n[[service.command]]\nname = \"e2e\"\nargv = [\"pytest\"]\n"),
+                "a service's `command` is how it starts; the commands a suite may run are `[[service.test_command]]`",
             ),
         ];
         for (text, want) in cases {

@@ -95,7 +95,7 @@ impl Plan {
             count: (load.request_count > 0).then_some(load.request_count),
             warmup,
             status: u16::try_from(load.status).unwrap_or(0),
-            check_every: load.check_every,
+            check_every: load.check_every.max(1),
             request_timeout,
             assertions: case.assertions.clone(),
             deadline,
@@ -104,9 +104,13 @@ impl Plan {
 
     /// `closed loop, 16 connections` / `open loop, 500/s over 16 connections`.
     pub fn mode(&self) -> String {
+        let conns = match self.connections {
+            1 => "1 connection".to_owned(),
+            n => format!("{n} connections"),
+        };
         match self.rate > 0.0 {
-            true => format!("open loop, {}/s over {} connections", self.rate, self.connections),
-            false => format!("closed loop, {} connections", self.connections),
+            true => format!("open loop, {}/s over {conns}", self.rate),
+            false => format!("closed loop, {conns}"),
         }
     }
 }
@@ -364,6 +368,12 @@ fn finish(s: &Shared, cancelled: bool) -> Measured {
         }
         finished = finished.max(t.finished.unwrap_or(finished));
     }
+    // A run that went to its end was measured over its whole duration, even
+    // when its last request went before it (a slow open loop).
+    let counted_out = s.plan.count.is_some_and(|n| requests >= n);
+    if let Some(end) = s.end.filter(|_| !cancelled && !counted_out) {
+        finished = finished.max(end.min(s.hard_end));
+    }
     let measured = finished.saturating_duration_since(s.warm_end);
     let q = |x: f64| if latency.is_empty() { 0 } else { latency.value_at_quantile(x) };
     let result = LoadResult {
@@ -570,12 +580,15 @@ impl Link<'_> {
         };
         if !status_ok {
             let body = c.body(r);
-            let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            return failed(format!("status {}", r.status), format!("status {}: {excerpt}", r.status), true);
+            let excerpt = match String::from_utf8_lossy(&body[..body.len().min(200)]) {
+                text if text.trim().is_empty() => "(no body)".to_owned(),
+                text => text.into_owned(),
+            };
+            return failed(format!("status {}", r.status), excerpt, true);
         }
         let n = self.answered;
         self.answered += 1;
-        if s.plan.check_every == 0 || s.plan.assertions.is_empty() || !n.is_multiple_of(u64::from(s.plan.check_every)) {
+        if s.plan.assertions.is_empty() || !n.is_multiple_of(u64::from(s.plan.check_every)) {
             return Ended::Answered;
         }
         s.tally(self.w).checked += 1;
@@ -773,6 +786,35 @@ mod tests {
         let m = engine(&url, |l| (l.duration_ms, l.rate_per_s, l.connections) = (60_000, 0.05, 1), cancel).await;
         assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
         assert_eq!(m.result.requests, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_open_loop_is_measured_over_its_whole_duration() {
+        // 2/s for 1.2 s: due at 0, 0.5 and 1.0 s; the run is 1.2 s long, not
+        // 1.0 s (when its last request went), so 2.5/s, not 3/s.
+        let url = server(usize::MAX, Duration::ZERO, "").await;
+        let m =
+            engine(&url, |l| (l.duration_ms, l.rate_per_s, l.connections) = (1200, 2.0, 1), CancellationToken::new())
+                .await;
+        assert_eq!(m.result.requests, 3, "{:?}", m.result);
+        assert!((1_200_000..1_300_000).contains(&m.result.measured_us), "{:?}", m.result);
+        assert!((m.result.rps - 2.5).abs() < 0.2, "{:?}", m.result);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn check_every_zero_judges_every_answer_never_none() {
+        let url = server(usize::MAX, Duration::ZERO, "").await;
+        let plan = Plan::new(
+            &proto::Case {
+                assertions: vec![proto::Assertion { kind: Some(proto::assertion::Kind::Status(201)) }],
+                ..Default::default()
+            },
+            &load(|l| (l.duration_ms, l.request_count, l.connections, l.check_every) = (0, 5, 1, 0)),
+            &url,
+        )
+        .unwrap();
+        let m = tokio::task::spawn_blocking(move || run(plan, &CancellationToken::new(), |_| {})).await.unwrap();
+        assert_eq!((m.result.checked, m.result.errors), (5, 5), "{:?}", m.result);
     }
 
     #[test]

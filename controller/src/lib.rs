@@ -26,7 +26,8 @@ mod tidy {
     //! `proto` (admission, the stage enum, duration and time formats) are
     //! allowed.
 
-    const ALLOWED: [&str; 5] = ["admission", "Stage", "parse_duration", "format_unix_ms", "format_latency_us"];
+    const ALLOWED: [&str; 6] =
+        ["admission", "Stage", "parse_duration", "format_unix_ms", "format_latency_us", "format_rate"];
 
     /// `tonic::x` or `proto::x` as a path of its own (not `opentelemetry_proto::`
     /// nor `a::tonic::`), with what follows it.

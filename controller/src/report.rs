@@ -108,10 +108,10 @@ impl LoadReport {
             }
         };
         format!(
-            "{} requests in {:.1}s, {:.0}/s; p50 {} p90 {} p95 {} p99 {} p99.9 {} max {}; {errors}",
+            "{} requests in {:.1}s, {}; p50 {} p90 {} p95 {} p99 {} p99.9 {} max {}; {errors}",
             self.requests,
             self.measured_ms as f64 / 1000.0,
-            self.rps,
+            proto::format_rate(self.rps),
             latency(self.p50_us),
             latency(self.p90_us),
             latency(self.p95_us),
@@ -157,7 +157,23 @@ impl TestReport {
     }
 }
 
+/// What a case's excerpt is: the first errors of a load, the end of a
+/// command's output, or the HTTP response.
+pub fn excerpt_heading(http_status: Option<u16>, url: &str, load: bool) -> String {
+    match (load, url.starts_with("command "), http_status) {
+        (true, _, _) => "first error of each kind".into(),
+        (_, true, _) => "output (its end)".into(),
+        (_, _, Some(status)) => format!("response ({status})"),
+        (_, _, None) => "response".into(),
+    }
+}
+
 impl CaseReport {
+    /// See [`excerpt_heading`].
+    pub fn excerpt_heading(&self) -> String {
+        excerpt_heading(self.http_status, &self.url, self.load.is_some())
+    }
+
     pub fn error(suite: &str, name: &str, message: String) -> CaseReport {
         CaseReport {
             suite: suite.to_owned(),
@@ -465,7 +481,7 @@ impl RunReport {
                     }
                 }
                 _ if !c.excerpt.is_empty() => {
-                    let _ = writeln!(out, "      response ({}): {}", c.http_status.unwrap_or(0), c.excerpt);
+                    let _ = writeln!(out, "      {}: {}", c.excerpt_heading(), c.excerpt);
                 }
                 _ => {}
             }

@@ -20,6 +20,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_proctor");
 const CONNECTIONS: u32 = 16;
 const SECONDS: u32 = 5;
 const ROUNDS: usize = 3;
+/// The third target answers after this delay: there the latency is the
+/// service's, not the tools' and the target's fight for the 2 cores.
+const DELAY_MS: u32 = 2;
 const BODY: &str = r#"{"text":"Hello world","source_lang":"en","target_lang":"es","model":"nllb"}"#;
 const FIXED: &str = r#"{"translated_text":"hola mundo","model":"nllb"}"#;
 
@@ -39,6 +42,8 @@ struct Target {
     model: &'static str,
     url: String,
     post: bool,
+    /// Runs flat out: the tools and the target share the cores.
+    saturated: bool,
 }
 
 fn free_port() -> u16 {
@@ -59,14 +64,16 @@ fn nginx_conf(dir: &Path, port: u16) -> std::path::PathBuf {
     path
 }
 
-fn start_agent(dir: &Path, nginx_port: u16, sim_port: u16) -> (std::process::Child, String) {
+fn start_agent(dir: &Path, [nginx_port, sim_port, slow_port]: [u16; 3]) -> (std::process::Child, String) {
     let conf = nginx_conf(dir, nginx_port);
     let config = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\n[[service]]\nname = \"nginx\"\ncommand = \
          [\"nginx\", \"-c\", \"{conf}\"]\nport = {nginx_port}\n[service.readiness]\nprotocol = \"http\"\npath = \
          \"/health\"\n[[service.model]]\nname = \"fixed\"\n\n[[service]]\nname = \"translation\"\ncommand = \
          [\"{BIN}\", \"sim\", \"--port\", \"{{port}}\", \"--model\", \"nllb:mb=8,load=200ms\"]\nport = \
-         {sim_port}\n[[service.model]]\nname = \"nllb\"\n",
+         {sim_port}\n[[service.model]]\nname = \"nllb\"\n\n[[service]]\nname = \"translation-2ms\"\ncommand = \
+         [\"{BIN}\", \"sim\", \"--port\", \"{{port}}\", \"--model\", \"nllb:mb=8,load=200ms\", \
+         \"--slow-requests\", \"{DELAY_MS}ms\"]\nport = {slow_port}\n[[service.model]]\nname = \"nllb\"\n",
         data = dir.join("data").display(),
         conf = conf.display()
     );
@@ -163,15 +170,14 @@ fn proctor(dir: &Path, agent: &str, t: &Target) -> Figures {
         false => "{method: GET, path: /translate}".to_owned(),
     };
     let suite = format!(
-        "name: load-{name}\nservice: {service}\nmodels: [{model}]\ncases:\n  - name: {name}\n    request: {request}\n    \
+        "name: load-{service}\nservice: {service}\nmodels: [{model}]\ncases:\n  - name: {service}\n    request: {request}\n    \
          load: {{connections: {CONNECTIONS}, duration: {SECONDS}s}}\n",
-        name = t.name,
         service = t.service,
         model = t.model
     );
-    let file = dir.join(format!("{}.yaml", t.name));
+    let file = dir.join(format!("{}.yaml", t.service));
     std::fs::write(&file, suite).unwrap();
-    let out_dir = dir.join(format!("out-{}", t.name));
+    let out_dir = dir.join(format!("out-{}", t.service));
     let status = Command::new(BIN)
         .args(["run", "--no-store", "--progress", "none", "--agent", agent, "--out"])
         .arg(&out_dir)
@@ -228,86 +234,107 @@ fn rows(target: &Target, wrk: Figures, oha: Option<Figures>, proctor: Figures) -
     out
 }
 
-fn main() {
-    let dir = std::env::temp_dir().join(format!("proctor-bench-load-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (nginx_port, sim_port) = (free_port(), free_port());
-    let (mut agent, addr) = start_agent(&dir, nginx_port, sim_port);
-    let targets = [
-        Target {
-            name: "nginx",
-            service: "nginx",
-            model: "fixed",
-            url: format!("http://127.0.0.1:{nginx_port}"),
-            post: false,
-        },
-        Target {
-            name: "sim",
-            service: "translation",
-            model: "nllb",
-            url: format!("http://127.0.0.1:{sim_port}"),
-            post: true,
-        },
-    ];
-    let oha_bin = oha_bin();
-    let mut table =
-        String::from(
-            "| target | tool | requests/s | vs wrk | mean | 16 ÷ requests/s | p50 | p90 | p99 |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
-        );
-    let mut ratios = Vec::new();
-    let mut little = Vec::new();
-    for t in &targets {
-        proctor(&dir, &addr, t); // the first run waits for the service; not measured
-        let (mut w, mut o, mut p) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            w.push(wrk(&dir, t));
-            if let Some(bin) = &oha_bin {
-                o.push(oha(bin, t));
-            }
-            p.push(proctor(&dir, &addr, t));
+/// Three interleaved rounds of each tool against one target: medians.
+fn measure(dir: &Path, agent: &str, t: &Target, oha_bin: Option<&str>) -> (Figures, Option<Figures>, Figures) {
+    proctor(dir, agent, t); // the first run waits for the service; not measured
+    let (mut w, mut o, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        w.push(wrk(dir, t));
+        if let Some(bin) = oha_bin {
+            o.push(oha(bin, t));
         }
-        let (w, p) = (median(w), median(p));
-        let o = (!o.is_empty()).then(|| median(o));
-        eprintln!("{}: wrk {w:?}\noha {o:?}\nproctor {p:?}", t.name);
-        ratios.push((t.name, p.rps / w.rps, p.p50 / w.p50, p.p99 / w.p99));
-        little.push(format!(
-            "{}: wrk {:+.0} %, Proctor {:+.0} %",
-            t.name,
-            (w.mean / (f64::from(CONNECTIONS) * 1e6 / w.rps) - 1.0) * 100.0,
-            (p.mean / (f64::from(CONNECTIONS) * 1e6 / p.rps) - 1.0) * 100.0
-        ));
-        table.push_str(&rows(t, w, o, p));
+        p.push(proctor(dir, agent, t));
     }
-    // SIGTERM: the agent stops its services (nginx, the sim) on the way out.
-    let _ = Command::new("kill").arg(agent.id().to_string()).status();
-    let _ = agent.wait();
-    let _ = Command::new("pkill").args(["-f", &format!("nginx -c {}", dir.join("nginx.conf").display())]).status();
-    let met = |ok: bool| if ok { "met" } else { "not met" };
-    let verdict: Vec<String> =
-        ratios.iter().map(|(name, rps, _, _)| format!("{name} {rps:.2}× wrk ({})", met(*rps >= 0.9))).collect();
-    let close = |r: f64| (0.9..=1.1).contains(&r);
-    let percentiles: Vec<String> = ratios
-        .iter()
-        .map(|(name, _, p50, p99)| {
-            format!("{name} p50 {p50:.2}×, p99 {p99:.2}× wrk's ({})", met(close(*p50) && close(*p99)))
-        })
-        .collect();
+    let (w, p) = (median(w), median(p));
+    let o = (!o.is_empty()).then(|| median(o));
+    eprintln!("{}: wrk {w:?}\noha {o:?}\nproctor {p:?}", t.name);
+    (w, o, p)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "not met" }
+}
+
+/// Proctor's figures against wrk's, one clause per target.
+struct Verdicts {
+    rps: Vec<String>,
+    percentiles: Vec<String>,
+    little: Vec<String>,
+}
+
+impl Verdicts {
+    fn add(&mut self, t: &Target, w: Figures, p: Figures) {
+        let ratio = p.rps / w.rps;
+        self.rps.push(format!("{} {ratio:.2}× wrk ({})", t.name, met(ratio >= 0.9)));
+        let (p50, p99) = (p.p50 / w.p50, p.p99 / w.p99);
+        let close = |r: f64| (0.9..=1.1).contains(&r);
+        let judged = if t.saturated { "" } else { met(close(p50) && close(p99)) };
+        self.percentiles.push(format!("{} p50 {p50:.2}×, p99 {p99:.2}× wrk's{}", t.name, paren(judged)));
+        let little = |f: Figures| (f.mean / (f64::from(CONNECTIONS) * 1e6 / f.rps) - 1.0) * 100.0;
+        self.little.push(format!("{}: wrk {:+.0} %, Proctor {:+.0} %", t.name, little(w), little(p)));
+    }
+}
+
+fn paren(s: &str) -> String {
+    if s.is_empty() { String::new() } else { format!(" ({s})") }
+}
+
+fn write_doc(table: &str, v: &Verdicts) {
     let body = format!(
         "## Load engine: Proctor, wrk and oha\n\n`cargo bench -p proctor --bench load`, {machine}: {CONNECTIONS} \
          connections for {SECONDS} s per tool, median of {ROUNDS} interleaved rounds, on loopback; the tools and \
-         the target share the machine's cores. Targets: nginx (1 worker) returning a fixed JSON answer, and \
-         `proctor sim` (`POST /translate`). Proctor's figures are its load case's own (report.json), run by the \
-         agent supervising the target; wrk with 2 threads and `--latency`.\n\n{table}\nThe target is ≥ 0.9× \
-         wrk's requests/s: {}. Percentiles within 10 % of wrk's: {}. In a closed loop the mean latency must \
-         equal connections ÷ requests/s (Little's law, the `16 ÷ requests/s` column): where a tool's mean is \
-         above it, that tool counts time the answer spent waiting in its own event loop (the tools share the \
-         2 cores with the target). Mean against it: {}.\n",
-        verdict.join(", "),
-        percentiles.join("; "),
-        little.join("; "),
+         the target share the machine's cores. Targets: nginx (1 worker) returning a fixed JSON answer, \
+         `proctor sim` (`POST /translate`) as fast as it can, and the sim answering every request after \
+         {DELAY_MS} ms (`--slow-requests {DELAY_MS}ms`). Proctor's figures are its load case's own (report.json), \
+         run by the agent supervising the target; wrk with 2 threads and `--latency`.\n\n{table}\nThe target is \
+         ≥ 0.9× wrk's requests/s: {}.\n\nLatency percentiles against wrk's: {}. Where the latency is the \
+         service's ({DELAY_MS} ms answers, the machine mostly idle) the tools must agree within 10 %. Where \
+         nginx and the sim run flat out, the tools and the target fight for the 2 cores and each tool's \
+         percentiles say as much about its own event loop as about the target: in a closed loop the mean \
+         latency must equal connections ÷ requests/s (Little's law, the `16 ÷ requests/s` column), and where \
+         a tool's mean is above it, that tool counted time the answer spent waiting in its own queue. Mean \
+         against it: {}.\n",
+        v.rps.join(", "),
+        v.percentiles.join("; "),
+        v.little.join("; "),
         machine = common::machine(),
     );
     common::write_section("load", &body);
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("proctor-bench-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let (mut agent, addr) = start_agent(&dir, ports);
+    let target = |name, service, port, post, saturated| Target {
+        name,
+        service,
+        model: if post { "nllb" } else { "fixed" },
+        url: format!("http://127.0.0.1:{port}"),
+        post,
+        saturated,
+    };
+    let targets = [
+        target("nginx", "nginx", ports[0], false, true),
+        target("sim", "translation", ports[1], true, true),
+        target("sim, 2 ms answers", "translation-2ms", ports[2], true, false),
+    ];
+    let oha_bin = oha_bin();
+    let mut table = String::from(
+        "| target | tool | requests/s | vs wrk | mean | 16 ÷ requests/s | p50 | p90 | p99 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut verdicts = Verdicts { rps: Vec::new(), percentiles: Vec::new(), little: Vec::new() };
+    for t in &targets {
+        let (w, o, p) = measure(&dir, &addr, t, oha_bin.as_deref());
+        verdicts.add(t, w, p);
+        table.push_str(&rows(t, w, o, p));
+    }
+    // SIGTERM: the agent stops its services (nginx, the sims) on the way out.
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let _ = agent.wait();
+    let _ = Command::new("pkill").args(["-f", &format!("nginx -c {}", dir.join("nginx.conf").display())]).status();
+    write_doc(&table, &verdicts);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,6 +54,16 @@ pub fn format_latency_us(us: u64) -> String {
     }
 }
 
+/// Requests per second as a person reads them: whole numbers from 100/s,
+/// one decimal from 10/s, two below (a slow open loop's 0.75/s is not "1/s").
+pub fn format_rate(per_s: f64) -> String {
+    match per_s {
+        r if r >= 100.0 => format!("{r:.0}/s"),
+        r if r >= 10.0 => format!("{r:.1}/s"),
+        r => format!("{r:.2}/s"),
+    }
+}
+
 /// A `*_unix_ms` field of the contract as RFC 3339 UTC, second precision
 /// (no date-time dependency needed).
 pub fn format_unix_ms(ms: i64) -> String {
@@ -114,6 +124,14 @@ impl std::fmt::Display for ExitStatus {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rates_keep_their_digits_where_they_matter() {
+        let table = [(5231.4, "5231/s"), (100.0, "100/s"), (99.95, "100.0/s"), (12.34, "12.3/s"), (0.75, "0.75/s")];
+        for (rate, want) in table {
+            assert_eq!(super::format_rate(rate), want, "{rate}");
+        }
+    }
+
     #[test]
     fn parses_durations_and_refuses_the_rest() {
         use std::time::Duration;

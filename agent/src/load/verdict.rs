@@ -53,7 +53,7 @@ fn measured(metric: Metric, r: &LoadResult) -> Option<f64> {
 /// A measured value written like a threshold: `312ms`, `1520/s`, `0.20%`.
 pub fn show(metric: Metric, value: f64) -> String {
     match metric {
-        Metric::Rps => format!("{value:.0}/s"),
+        Metric::Rps => proto::format_rate(value),
         Metric::ErrorRate => format!("{:.2}%", value * 100.0),
         _ => latency(value as u64),
     }

@@ -60,10 +60,22 @@ pub fn render(report: &RunReport) -> String {
     out
 }
 
+/// From the first case's start to the last one's end (cases of a
+/// `parallel` suite overlap); their sum where a case has no start.
+fn wall_time(cases: &[&CaseReport]) -> std::time::Duration {
+    let sum = cases.iter().map(|c| c.duration).sum();
+    if cases.iter().any(|c| c.started_unix_ms <= 0) {
+        return sum;
+    }
+    let first = cases.iter().map(|c| c.started_unix_ms).min().unwrap_or(0);
+    let last = cases.iter().map(|c| c.started_unix_ms + c.duration.as_millis() as i64).max().unwrap_or(0);
+    std::time::Duration::from_millis((last - first).max(0) as u64)
+}
+
 fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
     let cases: Vec<&CaseReport> = report.cases.iter().filter(|c| c.suite == suite).collect();
     let (tests, failures, errors, skipped) = counts(cases.iter().copied());
-    let time: std::time::Duration = cases.iter().map(|c| c.duration).sum();
+    let time = wall_time(&cases);
     let mut hosts: Vec<&str> = cases.iter().map(|c| c.host.as_str()).filter(|h| !h.is_empty()).collect();
     hosts.sort_unstable();
     hosts.dedup();
@@ -176,10 +188,12 @@ fn case_output(c: &CaseReport) -> String {
     if !c.host.is_empty() {
         lines.push(format!("host: {} (attempt {}, lease epoch {})", c.host, c.attempt, c.lease_epoch));
     }
-    if !c.url.is_empty() {
-        lines.push(format!("request: {} {}", c.method, c.url));
+    match (c.url.strip_prefix("command "), c.url.is_empty()) {
+        (Some(command), _) => lines.push(format!("command: {command}")),
+        (None, false) => lines.push(format!("request: {} {}", c.method, c.url)),
+        (None, true) => {}
     }
-    if c.outcome != Outcome::Passed && c.http_status.is_some() {
+    if c.outcome != Outcome::Passed && c.http_status.is_some() && c.load.is_none() {
         lines.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
     }
     if let Some(l) = &c.load {
@@ -203,5 +217,26 @@ mod tests {
     fn text_is_escaped_and_control_characters_never_break_the_file() {
         assert_eq!(escape("a<b & \"c\" 'd'>"), "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;");
         assert_eq!(escape("line\nnext\u{1b}[31m"), "line\nnext\\u{1b}[31m");
+    }
+
+    #[test]
+    fn a_suites_time_is_its_wall_time_not_the_sum_of_overlapping_cases() {
+        let case = |started_unix_ms, ms| CaseReport {
+            started_unix_ms,
+            duration: std::time::Duration::from_millis(ms),
+            ..CaseReport::error("s", "c", String::new())
+        };
+        // (cases as (start, ms), expected ms)
+        let table: [(&[(i64, u64)], u64); 4] = [
+            (&[(1000, 500), (1000, 500), (1200, 500)], 700),
+            (&[(1000, 100), (2000, 100)], 1100),
+            (&[(1000, 300), (0, 200)], 500),
+            (&[], 0),
+        ];
+        for (cases, want) in table {
+            let cases: Vec<CaseReport> = cases.iter().map(|(s, ms)| case(*s, *ms)).collect();
+            let refs: Vec<&CaseReport> = cases.iter().collect();
+            assert_eq!(wall_time(&refs), std::time::Duration::from_millis(want), "{cases:?}");
+        }
     }
 }

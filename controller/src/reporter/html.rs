@@ -310,9 +310,9 @@ fn cases(out: &mut String, doc: &Document<'_>) {
                     .map(|f| format!("{} at {}: expected {}, got {}", f.check, f.pointer, f.expected, f.actual))
                     .collect();
                 format!(
-                    "<pre>{}\nresponse ({}): {}</pre>",
+                    "<pre>{}\n{}: {}</pre>",
                     esc(&lines.join("\n")),
-                    c.http_status.unwrap_or(0),
+                    crate::report::excerpt_heading(c.http_status, c.url, c.load.is_some()),
                     esc(c.response_excerpt)
                 )
             }

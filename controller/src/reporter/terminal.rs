@@ -95,7 +95,8 @@ impl Terminal {
                     (true, _) => format!("{at}, warming up"),
                     (false, 0) => format!("{at}, {errors} errors"),
                     (false, _) => format!(
-                        "{at}, {requests} requests, {rps:.0}/s, p99 {}, {errors} errors",
+                        "{at}, {requests} requests, {}, p99 {}, {errors} errors",
+                        proto::format_rate(*rps),
                         crate::report::latency(*p99_us)
                     ),
                 };

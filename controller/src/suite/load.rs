@@ -87,6 +87,8 @@ pub const DEFAULT_CHECK_EVERY: u32 = 100;
 pub const MAX_CONNECTIONS: u32 = 1024;
 pub const MAX_RATE: f64 = 1_000_000.0;
 pub const MIN_RATE: f64 = 0.01;
+/// The longest a load case runs, warm-up included; also the longest request timeout.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 
 const METRICS: &str = "p50, p90, p95, p99, p99.9, max, mean, rps, errors";
 
@@ -158,7 +160,28 @@ fn latency_us(text: &str) -> Option<f64> {
     super::parse_duration(text).map(|d| d.as_secs_f64() * 1e6)
 }
 
+/// Why a load's counts and times are out of the agent's bounds, if they are.
+fn bounds(l: &RawLoad, duration: Option<Duration>, warmup: Duration) -> Option<String> {
+    match (duration, l.count, l.check_every) {
+        (_, Some(0), _) => Some("count 0 must be at least 1 (the number of measured requests)".into()),
+        (None, None, _) => Some("a load case needs a `duration` (e.g. \"30s\") or a `count` of requests".into()),
+        (_, _, Some(0)) => Some("check_every 0 must be at least 1 (1 checks every answer)".into()),
+        (Some(d), _, _) if d + warmup > MAX_DURATION => {
+            Some("a load case runs at most 1h, warm-up included; shorten its `duration` or `warmup`".into())
+        }
+        _ => None,
+    }
+}
+
 impl Reader {
+    fn request_timeout(&self, l: &RawLoad) -> Result<Option<Duration>, SuiteError> {
+        let Some(t) = &l.request_timeout else { return Ok(None) };
+        match self.duration(t)? {
+            d if d > MAX_DURATION => Err(self.at(t.referenced, "a load case's request_timeout is at most 1h".into())),
+            d => Ok(Some(d)),
+        }
+    }
+
     /// A `load:` case: its requests (the case's one `request` or the
     /// load's `requests` list), how it runs and its thresholds.
     pub(super) fn load(
@@ -180,8 +203,9 @@ impl Reader {
             }
         };
         let duration = l.duration.as_ref().map(|d| self.duration(d)).transpose()?;
-        if duration.is_none() && l.count.is_none_or(|n| n == 0) {
-            return Err(self.at(at, "a load case needs a `duration` (e.g. \"30s\") or a `count` of requests".into()));
+        let warmup = l.warmup.as_ref().map(|w| self.duration(w)).transpose()?.unwrap_or_default();
+        if let Some(why) = bounds(l, duration, warmup) {
+            return Err(self.at(at, why));
         }
         let connections = l.connections.unwrap_or(16);
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
@@ -198,10 +222,10 @@ impl Reader {
             connections,
             rate,
             duration,
-            count: l.count.filter(|n| *n > 0),
-            warmup: l.warmup.as_ref().map(|w| self.duration(w)).transpose()?.unwrap_or_default(),
+            count: l.count,
+            warmup,
             check_every: l.check_every.unwrap_or(DEFAULT_CHECK_EVERY),
-            request_timeout: l.request_timeout.as_ref().map(|t| self.duration(t)).transpose()?,
+            request_timeout: self.request_timeout(l)?,
             thresholds,
         };
         Ok((requests[0].clone(), spec))
@@ -283,6 +307,12 @@ mod tests {
             ("    load: {duration: 1s}\n".into(), "6:11: a load case needs a `request`"),
             ("    command: e2e\n    load: {duration: 1s}\n".into(), "6:14: a case runs a `command` or a `load` test"),
             (format!("{ONE}    load: {{duration: 1s, conections: 3}}\n"), "7:26: unknown field `conections`"),
+            (format!("{ONE}    load: {{duration: 1s, check_every: 0}}\n"), "7:11: check_every 0 must be at least 1"),
+            (format!("{ONE}    load: {{count: 0}}\n"), "7:11: count 0 must be at least 1"),
+            (format!("{ONE}    load: {{duration: 2h}}\n"), "7:11: a load case runs at most 1h, warm-up included"),
+            (format!("{ONE}    load: {{duration: 50m, warmup: 11m}}\n"), "7:11: a load case runs at most 1h"),
+            (format!("{ONE}    load: {{duration: 1s, request_timeout: 2h}}\n"), "7:43: a load case's request_timeout is at most 1h"),
+            (format!("{ONE}    load: {{duration: 1h, request_timeout: 1h}}\n"), ""),
         ];
         for (case, want) in table {
             match crate::suite::parse(&suite(&case), path) {

@@ -53,6 +53,9 @@ async fn a_load_case_against_a_fixed_delay_counts_every_request_and_judges_its_t
       duration: 1s
       warmup: 200ms
       thresholds: [\"p99 < 5ms\"]
+  - name: wrong path
+    request: {{method: GET, path: /nope}}
+    load: {{connections: 1, count: 20}}
 "
     );
     let (result, out) = run(&agent, "load-fixed", &suite("", &cases)).await;
@@ -88,30 +91,42 @@ async fn a_load_case_against_a_fixed_delay_counts_every_request_and_judges_its_t
     assert_eq!(json["cases"][1]["load"]["thresholds"][0]["held"], false, "{json}");
     let html = std::fs::read_to_string(out.path.join("report.html")).unwrap();
     assert!(html.contains("load (closed loop, 2 connections)"), "the HTML shows the figures");
+
+    // Errors by kind, each with its first example said once; the URL is the request's.
+    let wrong = &report.cases[2];
+    assert_eq!(load_of(wrong).errors_by_kind.get("status 404"), Some(&20), "{:?}", load_of(wrong));
+    assert!(summary.contains("first error of each kind: status 404: "), "{summary}");
+    assert!(!summary.contains("status 404: status 404") && !summary.contains("response (0)"), "{summary}");
+    assert!(steady.url.ends_with("/translate") && wrong.url.ends_with("/nope"), "{} {}", steady.url, wrong.url);
+    assert!(!junit.contains("response ("), "a load's first errors are not a response: {junit}");
 }
 
-/// The sim holds every answer for 1 s, 1 s into the run. Both loops run at
-/// once against it: open loop's p99 shows the stall (the requests due during
-/// it are late, measured from when they were due); closed loop's does not
-/// (each connection simply waited: a few slow requests among thousands),
-/// though its max does.
+/// `parallel: N` lets functional cases overlap, never a load: it starts
+/// when the cases before it have finished, and what follows waits for it, so
+/// its figures are its own.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_one_second_stall_shows_in_open_loop_percentiles_and_hides_in_closed_loop() {
-    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--stall=1s+1s")).await;
+async fn a_load_case_runs_alone_in_a_parallel_suite() {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--slow-requests=200ms")).await;
+    const OK: &str = "    expect: {status: 200}\n";
     let cases = format!(
-        "  - name: open
-{TRANSLATE}    load:
-      rate: 200/s
-      connections: 4
-      duration: 3s
-  - name: closed
-{TRANSLATE}    load:
-      connections: 2
-      duration: 3s
-"
+        "  - name: before\n{TRANSLATE}{OK}  - name: load\n{TRANSLATE}    load: {{connections: 1, duration: 500ms}}\n  \
+         - name: after\n{TRANSLATE}{OK}"
     );
-    let out = Scratch::new("load-stall");
-    let file = out.write("load.yaml", &suite("parallel: 2\n", &cases));
+    let (result, _out) = run(&agent, "load-alone", &suite("parallel: 4\n", &cases)).await;
+    let report = result.report.expect("a report");
+    assert_eq!(result.exit, Exit::Passed, "{}", report.summary());
+    let [before, load, after] = &report.cases[..] else { panic!("{}", report.summary()) };
+    let end = |c: &CaseReport| c.started_unix_ms + c.duration.as_millis() as i64;
+    assert!(load.started_unix_ms >= end(before), "the load waited for `before`: {before:?}\n{load:?}");
+    assert!(after.started_unix_ms >= end(load), "`after` waited for the load: {load:?}\n{after:?}");
+}
+
+/// Runs one load case through the CLI against a sim that holds every
+/// answer for 1 s, 1 s after its first request: report.json and stdout.
+async fn against_a_stall(name: &str, load: &str) -> (serde_json::Value, String) {
+    let agent = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--stall=1s+1s")).await;
+    let out = Scratch::new(&format!("load-stall-{name}"));
+    let file = out.write("load.yaml", &suite("", &format!("  - name: {name}\n{TRANSLATE}    load:\n{load}")));
     let o = tokio::process::Command::new(BIN)
         .args(["run", "--agent", &agent.addr, "--no-store", "--out"])
         .arg(&out.path)
@@ -119,15 +134,29 @@ async fn a_one_second_stall_shows_in_open_loop_percentiles_and_hides_in_closed_l
         .output()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path.join("report.json")).unwrap()).unwrap();
-    let figure = |case: usize, key: &str| json["cases"][case]["load"][key].as_u64().unwrap();
-    assert!(figure(0, "p99_us") >= 900_000, "open loop's p99 shows the 1s stall: {}", json["cases"][0]["load"]);
-    assert!((550..=650).contains(&figure(0, "requests")), "200/s for 3s: {}", json["cases"][0]["load"]);
-    assert!(figure(1, "p99_us") < 300_000, "closed loop's p99 hides it: {}", json["cases"][1]["load"]);
-    assert!(figure(1, "max_us") >= 900_000, "closed loop's max alone shows it: {}", json["cases"][1]["load"]);
+    (json["cases"][0]["load"].clone(), stdout)
+}
+
+/// The same 1 s stall, met by both loops (each against its own sim, at
+/// once): open loop's p99 shows it (the requests due during it are late,
+/// measured from when they were due); closed loop's does not (each
+/// connection simply waited: a few slow requests among thousands), though
+/// its max does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_second_stall_shows_in_open_loop_percentiles_and_hides_in_closed_loop() {
+    let ((open, stdout), (closed, _)) = tokio::join!(
+        against_a_stall("open", "      rate: 200/s\n      connections: 4\n      duration: 3s\n"),
+        against_a_stall("closed", "      connections: 2\n      duration: 3s\n"),
+    );
+    let figure = |l: &serde_json::Value, key: &str| l[key].as_u64().unwrap();
+    assert!(figure(&open, "p99_us") >= 900_000, "open loop's p99 shows the 1s stall: {open}");
+    assert!((550..=650).contains(&figure(&open, "requests")), "200/s for 3s: {open}");
+    assert!(figure(&closed, "p99_us") < 300_000, "closed loop's p99 hides it: {closed}");
+    assert!(figure(&closed, "max_us") >= 900_000, "closed loop's max alone shows it: {closed}");
     // Progress while it ran, about once a second per case.
     let progress: Vec<&str> = stdout.lines().filter(|l| l.starts_with("load open on ")).collect();
     assert!(progress.len() >= 2, "{stdout}");
