@@ -193,17 +193,7 @@ async fn load(model: Shared, generation: u64) {
             }
         }
         done += length;
-        if stage == SimStage::Authenticating && std::env::var("HF_TOKEN").map(|t| t.trim().is_empty()).unwrap_or(true) {
-            let error = format!(
-                "authentication failed: model '{}' is gated and HF_TOKEN is not set; \
-                 give the service a Hugging Face token with access to it",
-                spec.name
-            );
-            eprintln!("sim: {error}");
-            set(&model, generation, |m| {
-                m.view.status = Status::Failed;
-                m.view.error = Some(error);
-            });
+        if stage == SimStage::Authenticating && !token_given(&model, generation, &spec.name) {
             return;
         }
     }
@@ -214,6 +204,23 @@ async fn load(model: Shared, generation: u64) {
     // Readiness-lag benchmarks compare this stamp with when READY arrives.
     println!("sim: model {} loaded at_unix_ms={}", spec.name, unix_ms());
     tracing::info!(model = %spec.name, "model loaded");
+}
+
+/// Whether HF_TOKEN is set; if not, the gated model's load has failed.
+fn token_given(model: &Shared, generation: u64, name: &str) -> bool {
+    if std::env::var("HF_TOKEN").is_ok_and(|t| !t.trim().is_empty()) {
+        return true;
+    }
+    let error = format!(
+        "authentication failed: model '{name}' is gated and HF_TOKEN is not set; \
+         give the service a Hugging Face token with access to it"
+    );
+    eprintln!("sim: {error}");
+    set(model, generation, |m| {
+        m.view.status = Status::Failed;
+        m.view.error = Some(error);
+    });
+    false
 }
 
 /// Applies `f` if the model has not been reloaded or unloaded meanwhile.
