@@ -271,7 +271,8 @@ pub struct LoadCase {
     /// The status every response must have (0: any 2xx).
     #[prost(uint32, tag = "7")]
     pub status: u32,
-    /// Judge the case's assertions on every Nth response (0: never).
+    /// Judge the case's assertions on every Nth response, counted per
+    /// connection from its first (0 or 1: every response).
     #[prost(uint32, tag = "8")]
     pub check_every: u32,
     /// One request's limit (0: 10 s); a request past it is an error "timeout".
