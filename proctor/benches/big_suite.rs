@@ -28,24 +28,7 @@ fn suite(cases: usize) -> String {
 }
 
 fn start_agent(dir: &Path) -> (std::process::Child, String) {
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[service]]\nname = \"translation\"\ncommand = [\"{BIN}\", \
-         \"sim\", \"--port\", \"{{port}}\", \"--model\", \"nllb:mb=8,load=200ms\"]\n[[service.model]]\nname = \"nllb\"\n",
-        dir.join("data").display()
-    );
-    std::fs::write(dir.join("agent.toml"), config).unwrap();
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--config"])
-        .arg(dir.join("agent.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(agent.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().find(|w| w.contains(':') && w.starts_with("127.")).unwrap().to_owned();
-    (agent, addr)
+    common::start_agent(BIN, dir, &common::one_sim_config(BIN, dir))
 }
 
 /// The highest peak RSS of the waited-for children so far, in KiB.

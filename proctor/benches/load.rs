@@ -77,19 +77,7 @@ fn start_agent(dir: &Path, [nginx_port, sim_port, slow_port]: [u16; 3]) -> (std:
         data = dir.join("data").display(),
         conf = conf.display()
     );
-    std::fs::write(dir.join("agent.toml"), config).unwrap();
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--config"])
-        .arg(dir.join("agent.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(agent.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().find(|w| w.contains(':') && w.starts_with("127.")).unwrap().to_owned();
-    (agent, addr)
+    common::start_agent(BIN, dir, &config)
 }
 
 /// `80.00us`, `1.20ms`, `2.00s` → µs.

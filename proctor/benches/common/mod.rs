@@ -1,7 +1,11 @@
 //! Shared by the benchmarks: rewriting their own section of
-//! docs/benchmarks.md, and naming the machine they ran on.
+//! docs/benchmarks.md, naming the machine they ran on, and starting an
+//! agent from a config.
+// Each benchmark uses some of these.
+#![allow(dead_code)]
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 /// "vm (2 cores)": where the numbers were measured.
 pub fn machine() -> String {
@@ -26,4 +30,32 @@ pub fn write_section(key: &str, body: &str) {
     };
     std::fs::write(&path, new).expect("write docs/benchmarks.md");
     eprintln!("wrote {}", path.display());
+}
+
+/// An agent config supervising one `proctor sim` (`bin`) with an NLLB-like
+/// model that loads in 200 ms.
+pub fn one_sim_config(bin: &str, dir: &Path) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[service]]\nname = \"translation\"\ncommand = [\"{bin}\", \
+         \"sim\", \"--port\", \"{{port}}\", \"--model\", \"nllb:mb=8,load=200ms\"]\n[[service.model]]\nname = \"nllb\"\n",
+        dir.join("data").display()
+    )
+}
+
+/// Starts `bin agent` on `config` (written to `dir/agent.toml`): the child
+/// and the address it listens on (from its first line).
+pub fn start_agent(bin: &str, dir: &Path, config: &str) -> (Child, String) {
+    std::fs::write(dir.join("agent.toml"), config).unwrap();
+    let mut agent = Command::new(bin)
+        .args(["agent", "--config"])
+        .arg(dir.join("agent.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(agent.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split_whitespace().find(|w| w.contains(':') && w.starts_with("127.")).unwrap().to_owned();
+    (agent, addr)
 }
