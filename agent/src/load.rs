@@ -802,6 +802,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_open_loop_counted_out_is_measured_at_its_rate() {
+        // 4/s, 3 requests: due at 0, 0.25 and 0.5 s; three slots of 0.25 s
+        // is 0.75 s, so 4/s, not 6/s (3 requests over the 0.5 s to the last).
+        let url = server(usize::MAX, Duration::ZERO, "").await;
+        let m = engine(
+            &url,
+            |l| (l.duration_ms, l.request_count, l.rate_per_s, l.connections) = (0, 3, 4.0, 1),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(m.result.requests, 3, "{:?}", m.result);
+        assert!((m.result.rps - 4.0).abs() < 0.3, "{:?}", m.result);
+        assert!(!m.hit_deadline, "{:?}", m.result);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn check_every_zero_judges_every_answer_never_none() {
         let url = server(usize::MAX, Duration::ZERO, "").await;
         let plan = Plan::new(

@@ -157,10 +157,16 @@ impl TestReport {
     }
 }
 
+/// A command case's `url` is `command NAME ARGS` (it sent no HTTP
+/// request): `NAME ARGS`.
+pub fn command_of(url: &str) -> Option<&str> {
+    url.strip_prefix("command ")
+}
+
 /// What a case's excerpt is: the first errors of a load, the end of a
 /// command's output, or the HTTP response.
 pub fn excerpt_heading(http_status: Option<u16>, url: &str, load: bool) -> String {
-    match (load, url.starts_with("command "), http_status) {
+    match (load, command_of(url).is_some(), http_status) {
         (true, _, _) => "first error of each kind".into(),
         (_, true, _) => "output (its end)".into(),
         (_, _, Some(status)) => format!("response ({status})"),
@@ -478,6 +484,9 @@ impl RunReport {
                 Outcome::Error(m) => {
                     for line in m.lines().skip(1) {
                         let _ = writeln!(out, "      {line}");
+                    }
+                    if c.load.is_some() && !c.excerpt.is_empty() {
+                        let _ = writeln!(out, "      {}: {}", c.excerpt_heading(), c.excerpt);
                     }
                 }
                 _ if !c.excerpt.is_empty() => {

@@ -256,15 +256,12 @@ impl Verdicts {
         self.rps.push(format!("{} {ratio:.2}× wrk ({})", t.name, met(ratio >= 0.9)));
         let (p50, p99) = (p.p50 / w.p50, p.p99 / w.p99);
         let close = |r: f64| (0.9..=1.1).contains(&r);
-        let judged = if t.saturated { "" } else { met(close(p50) && close(p99)) };
-        self.percentiles.push(format!("{} p50 {p50:.2}×, p99 {p99:.2}× wrk's{}", t.name, paren(judged)));
+        let within = met(close(p50) && close(p99));
+        let flat_out = if t.saturated { ", flat out" } else { "" };
+        self.percentiles.push(format!("{} p50 {p50:.2}×, p99 {p99:.2}× wrk's ({within}{flat_out})", t.name));
         let little = |f: Figures| (f.mean / (f64::from(CONNECTIONS) * 1e6 / f.rps) - 1.0) * 100.0;
         self.little.push(format!("{}: wrk {:+.0} %, Proctor {:+.0} %", t.name, little(w), little(p)));
     }
-}
-
-fn paren(s: &str) -> String {
-    if s.is_empty() { String::new() } else { format!(" ({s})") }
 }
 
 fn write_doc(table: &str, v: &Verdicts) {
@@ -277,7 +274,7 @@ fn write_doc(table: &str, v: &Verdicts) {
          run by the agent supervising the target; wrk with 2 threads and `--latency`.\n\n{table}\nThe target is \
          ≥ 0.9× wrk's requests/s: {}.\n\nLatency percentiles against wrk's: {}. Where the latency is the \
          service's ({DELAY_MS} ms answers, the machine mostly idle) the tools must agree within 10 %. Where \
-         nginx and the sim run flat out, the tools and the target fight for the 2 cores and each tool's \
+         nginx and the sim run flat out, the tools and the target fight for the same cores and each tool's \
          percentiles say as much about its own event loop as about the target: in a closed loop the mean \
          latency must equal connections ÷ requests/s (Little's law, the `16 ÷ requests/s` column), and where \
          a tool's mean is above it, that tool counted time the answer spent waiting in its own queue. Mean \

@@ -61,15 +61,13 @@ pub fn render(report: &RunReport) -> String {
 }
 
 /// From the first case's start to the last one's end (cases of a
-/// `parallel` suite overlap); their sum where a case has no start.
+/// `parallel` suite overlap), plus the time of cases that never started.
 fn wall_time(cases: &[&CaseReport]) -> std::time::Duration {
-    let sum = cases.iter().map(|c| c.duration).sum();
-    if cases.iter().any(|c| c.started_unix_ms <= 0) {
-        return sum;
-    }
-    let first = cases.iter().map(|c| c.started_unix_ms).min().unwrap_or(0);
-    let last = cases.iter().map(|c| c.started_unix_ms + c.duration.as_millis() as i64).max().unwrap_or(0);
-    std::time::Duration::from_millis((last - first).max(0) as u64)
+    let (started, unstarted): (Vec<&CaseReport>, Vec<&CaseReport>) = cases.iter().partition(|c| c.started_unix_ms > 0);
+    let first = started.iter().map(|c| c.started_unix_ms).min().unwrap_or(0);
+    let last = started.iter().map(|c| c.started_unix_ms.saturating_add(c.duration.as_millis() as i64)).max();
+    let span = std::time::Duration::from_millis(last.map_or(0, |l| l.saturating_sub(first).max(0) as u64));
+    span + unstarted.iter().map(|c| c.duration).sum::<std::time::Duration>()
 }
 
 fn testsuite(out: &mut String, report: &RunReport, suite: &str) {
@@ -188,23 +186,25 @@ fn case_output(c: &CaseReport) -> String {
     if !c.host.is_empty() {
         lines.push(format!("host: {} (attempt {}, lease epoch {})", c.host, c.attempt, c.lease_epoch));
     }
-    match (c.url.strip_prefix("command "), c.url.is_empty()) {
+    let command = super::command_of(&c.url);
+    match (command, c.url.is_empty()) {
         (Some(command), _) => lines.push(format!("command: {command}")),
         (None, false) => lines.push(format!("request: {} {}", c.method, c.url)),
         (None, true) => {}
     }
-    if c.outcome != Outcome::Passed && c.http_status.is_some() && c.load.is_none() {
-        lines.push(format!("response ({}): {}", c.http_status.unwrap_or(0), c.excerpt));
-    }
     if let Some(l) = &c.load {
         lines.push(format!("load ({}): {}", l.mode, l.line()));
         lines.push(format!("thresholds: {}", l.thresholds_line()));
-        if !c.excerpt.is_empty() {
-            lines.push(format!("first error of each kind:\n{}", c.excerpt));
-        }
     }
-    if c.outcome != Outcome::Passed && c.url.starts_with("command ") && !c.excerpt.is_empty() {
-        lines.push(format!("output (its end):\n{}", c.excerpt));
+    // A load's first errors and a command's output on lines of their own.
+    let own_lines = c.load.is_some() || command.is_some();
+    let failed = c.outcome != Outcome::Passed;
+    match (own_lines, c.excerpt.is_empty()) {
+        (true, false) if c.load.is_some() || failed => lines.push(format!("{}:\n{}", c.excerpt_heading(), c.excerpt)),
+        (false, _) if failed && c.http_status.is_some() => {
+            lines.push(format!("{}: {}", c.excerpt_heading(), c.excerpt))
+        }
+        _ => {}
     }
     lines.join("\n")
 }
@@ -230,7 +230,7 @@ mod tests {
         let table: [(&[(i64, u64)], u64); 4] = [
             (&[(1000, 500), (1000, 500), (1200, 500)], 700),
             (&[(1000, 100), (2000, 100)], 1100),
-            (&[(1000, 300), (0, 200)], 500),
+            (&[(1000, 300), (1100, 300), (0, 200)], 600),
             (&[], 0),
         ];
         for (cases, want) in table {

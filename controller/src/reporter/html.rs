@@ -309,12 +309,11 @@ fn cases(out: &mut String, doc: &Document<'_>) {
                     .iter()
                     .map(|f| format!("{} at {}: expected {}, got {}", f.check, f.pointer, f.expected, f.actual))
                     .collect();
-                format!(
-                    "<pre>{}\n{}: {}</pre>",
-                    esc(&lines.join("\n")),
-                    crate::report::excerpt_heading(c.http_status, c.url, c.load.is_some()),
-                    esc(c.response_excerpt)
-                )
+                let heading = crate::report::excerpt_heading(c.http_status, c.url, c.load.is_some());
+                match c.response_excerpt.is_empty() {
+                    true => format!("<pre>{}</pre>", esc(&lines.join("\n"))),
+                    false => format!("<pre>{}\n{heading}: {}</pre>", esc(&lines.join("\n")), esc(c.response_excerpt)),
+                }
             }
             _ => String::new(),
         };

@@ -166,7 +166,8 @@ fn bounds(l: &RawLoad, duration: Option<Duration>, warmup: Duration) -> Option<S
         (_, Some(0), _) => Some("count 0 must be at least 1 (the number of measured requests)".into()),
         (None, None, _) => Some("a load case needs a `duration` (e.g. \"30s\") or a `count` of requests".into()),
         (_, _, Some(0)) => Some("check_every 0 must be at least 1 (1 checks every answer)".into()),
-        (Some(d), _, _) if d + warmup > MAX_DURATION => {
+        (Some(d), _, _) if d < Duration::from_millis(1) => Some("a load case's duration is at least 1ms".into()),
+        (d, _, _) if d.unwrap_or_default().checked_add(warmup).is_none_or(|all| all > MAX_DURATION) => {
             Some("a load case runs at most 1h, warm-up included; shorten its `duration` or `warmup`".into())
         }
         _ => None,
@@ -313,6 +314,9 @@ mod tests {
             (format!("{ONE}    load: {{duration: 50m, warmup: 11m}}\n"), "7:11: a load case runs at most 1h"),
             (format!("{ONE}    load: {{duration: 1s, request_timeout: 2h}}\n"), "7:43: a load case's request_timeout is at most 1h"),
             (format!("{ONE}    load: {{duration: 1h, request_timeout: 1h}}\n"), ""),
+            (format!("{ONE}    load: {{count: 10, warmup: 2h}}\n"), "7:11: a load case runs at most 1h"),
+            (format!("{ONE}    load: {{duration: 0.5ms}}\n"), "7:11: a load case's duration is at least 1ms"),
+            (format!("{ONE}    load: {{duration: 10000000000000000000s, warmup: 10000000000000000000s}}\n"), "7:11: a load case runs at most 1h"),
         ];
         for (case, want) in table {
             match crate::suite::parse(&suite(&case), path) {
