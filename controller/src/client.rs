@@ -920,6 +920,7 @@ fn test_report(t: &proto::TestResult) -> report::TestReport {
 /// the last seq seen. Stage changes, memory samples and the host lost or back
 /// also go out as run events.
 pub async fn follow(
+    run_id: String,
     agent: Agent,
     view: watch::Sender<AgentView>,
     events: Events,
@@ -946,7 +947,7 @@ pub async fn follow(
                     let Ok(Some(message)) = message else { break };
                     down_since = None;
                     backoff = Duration::from_millis(100);
-                    apply(&agent.name, &view, &events, message);
+                    apply((&agent.name, &run_id), &view, &events, message);
                     from_seq = view.borrow().last_seq + 1;
                 }
             }
@@ -995,11 +996,14 @@ fn advance(v: &mut AgentView, seq: u64) {
     v.last_seq = seq;
 }
 
-fn apply(host: &str, view: &watch::Sender<AgentView>, events: &Events, message: proto::WatchMessage) {
+/// `at`: the agent's name and our run's id (another run's load progress on
+/// the same agent is not ours to show).
+fn apply(at: (&str, &str), view: &watch::Sender<AgentView>, events: &Events, message: proto::WatchMessage) {
+    let host = at.0;
     match message.kind {
         Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| apply_snapshot(host, v, events, &s)),
         Some(watch_message::Kind::Gap(g)) => view.send_modify(|v| v.gaps.push((g.from_seq, g.to_seq))),
-        Some(watch_message::Kind::Event(e)) => apply_event(host, view, events, e),
+        Some(watch_message::Kind::Event(e)) => apply_event(at, view, events, e),
         None => {}
     }
 }
@@ -1074,7 +1078,7 @@ fn remember_history(v: &mut AgentView, service: &str, m: &proto::ModelState) {
 }
 
 /// One journal event, applied once (a replay after a reconnect is skipped).
-fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: proto::Event) {
+fn apply_event((host, run_id): (&str, &str), view: &watch::Sender<AgentView>, events: &Events, e: proto::Event) {
     let seq = e.seq;
     if seq <= view.borrow().last_seq {
         return; // already applied before a reconnect
@@ -1104,6 +1108,7 @@ fn apply_event(host: &str, view: &watch::Sender<AgentView>, events: &Events, e: 
             events.send(RunEvent::MemoryPressure { host: host.to_owned(), pressure: pressure(p) });
             view.send_modify(|v| advance(v, seq));
         }
+        Some(event::Kind::LoadProgress(p)) if p.run_id != run_id => view.send_modify(|v| advance(v, seq)),
         Some(event::Kind::LoadProgress(p)) => {
             events.send(RunEvent::LoadProgress {
                 host: host.to_owned(),
@@ -1274,6 +1279,22 @@ mod tests {
                 assert!(hint.contains(part), "{reason}: {hint}");
             }
         }
+    }
+
+    #[test]
+    fn only_our_runs_load_progress_is_shown() {
+        let (events, mut rx) = Events::channel();
+        let (view, _keep) = watch::channel(AgentView::default());
+        for (seq, run) in [(1, "theirs"), (2, "ours")] {
+            let progress =
+                proto::LoadProgress { run_id: run.into(), name: format!("{run} load"), ..Default::default() };
+            let e = proto::Event { seq, kind: Some(event::Kind::LoadProgress(progress)), ..Default::default() };
+            apply_event(("gpu-01", "ours"), &view, &events, e);
+        }
+        let Ok(RunEvent::LoadProgress { case, .. }) = rx.try_recv() else { panic!("our progress is shown") };
+        assert_eq!(case, "ours load");
+        assert!(rx.try_recv().is_err(), "theirs is not");
+        assert_eq!(view.borrow().last_seq, 2, "both are applied to the view");
     }
 
     #[test]

@@ -175,8 +175,14 @@ fn controller(n: usize) -> Measured {
         for addr in &addrs {
             let agent = controller::client::Agent::connect(addr).await.expect("connect");
             let (tx, rx) = tokio::sync::watch::channel(controller::client::AgentView::default());
-            let follow =
-                controller::client::follow(agent.clone(), tx, updates.clone(), stop.clone(), Duration::from_secs(20));
+            let follow = controller::client::follow(
+                "a run".into(),
+                agent.clone(),
+                tx,
+                updates.clone(),
+                stop.clone(),
+                Duration::from_secs(20),
+            );
             tokio::spawn(follow);
             views.push(rx);
             agents.push(agent);

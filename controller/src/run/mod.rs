@@ -252,7 +252,7 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
         hosts: entries.iter().map(|e| e.name.clone()).collect(),
     });
     let stop = CancellationToken::new();
-    let hosts = connect_all(entries, &opts, &events, &stop).await;
+    let hosts = connect_all(&run_id, entries, &opts, &events, &stop).await;
     let ctx = Arc::new(Ctx {
         leases: LeaseBook::new(&run_id, &holder(), opts.lease_ttl, events.clone(), stop.clone()),
         run_id,
@@ -340,7 +340,13 @@ async fn join_suites(mut tasks: JoinSet<()>, mut cases_of: BTreeMap<Id, (usize, 
     }
 }
 
-async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, stop: &CancellationToken) -> Vec<Slot> {
+async fn connect_all(
+    run_id: &str,
+    entries: Vec<Entry>,
+    opts: &RunOptions,
+    events: &Events,
+    stop: &CancellationToken,
+) -> Vec<Slot> {
     let mut connecting = JoinSet::new();
     for (i, entry) in entries.iter().enumerate() {
         let (entry, keepalive) = (entry.clone(), opts.keepalive);
@@ -353,7 +359,7 @@ async fn connect_all(entries: Vec<Entry>, opts: &RunOptions, events: &Events, st
             Ok(agent) => {
                 let (tx, mut rx) = watch::channel(AgentView::default());
                 let grace = opts.reconnect_grace;
-                tokio::spawn(client::follow(agent.clone(), tx, events.clone(), stop.clone(), grace));
+                tokio::spawn(client::follow(run_id.to_owned(), agent.clone(), tx, events.clone(), stop.clone(), grace));
                 // Plan on what the agent says, not on an empty view: wait for its snapshot.
                 let _ = tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(|v| !v.incarnation.is_empty())).await;
                 slots[i].agent = Some(agent);

@@ -154,7 +154,14 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     let (tx, mut view) = tokio::sync::watch::channel(controller::client::AgentView::default());
     let (updates, _updates_rx) = controller::run::events::Events::channel();
     let stop = CancellationToken::new();
-    tokio::spawn(controller::client::follow(remote.clone(), tx, updates, stop.clone(), Duration::from_secs(40)));
+    tokio::spawn(controller::client::follow(
+        "a run".into(),
+        remote.clone(),
+        tx,
+        updates,
+        stop.clone(),
+        Duration::from_secs(40),
+    ));
     view.wait_for(|v| !v.incarnation.is_empty()).await.unwrap();
     let lease = remote.acquire("translation", "partition-run", "test", Duration::from_secs(120)).await.unwrap();
     let models = ["nllb".to_owned()];
