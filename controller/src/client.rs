@@ -920,7 +920,7 @@ fn test_report(t: &proto::TestResult) -> report::TestReport {
 /// the last seq seen. Stage changes, memory samples and the host lost or back
 /// also go out as run events.
 pub async fn follow(
-    run_id: String,
+    interest: Interest,
     agent: Agent,
     view: watch::Sender<AgentView>,
     events: Events,
@@ -947,7 +947,7 @@ pub async fn follow(
                     let Ok(Some(message)) = message else { break };
                     down_since = None;
                     backoff = Duration::from_millis(100);
-                    apply((&agent.name, &run_id), &view, &events, message);
+                    apply((&agent.name, &interest), &view, &events, message);
                     from_seq = view.borrow().last_seq + 1;
                 }
             }
@@ -974,6 +974,21 @@ pub async fn follow(
     }
 }
 
+/// What a run follows on an agent: its own load progress, and the stages
+/// and memory of its suites' services (other teams' runs on the same agent
+/// are theirs to show).
+#[derive(Clone, Debug, Default)]
+pub struct Interest {
+    pub run_id: String,
+    pub services: Vec<String>,
+}
+
+impl Interest {
+    fn follows(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+    }
+}
+
 /// Longest pause between two reconnect attempts.
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -996,9 +1011,7 @@ fn advance(v: &mut AgentView, seq: u64) {
     v.last_seq = seq;
 }
 
-/// `at`: the agent's name and our run's id (another run's load progress on
-/// the same agent is not ours to show).
-fn apply(at: (&str, &str), view: &watch::Sender<AgentView>, events: &Events, message: proto::WatchMessage) {
+fn apply(at: (&str, &Interest), view: &watch::Sender<AgentView>, events: &Events, message: proto::WatchMessage) {
     let host = at.0;
     match message.kind {
         Some(watch_message::Kind::Snapshot(s)) => view.send_modify(|v| apply_snapshot(host, v, events, &s)),
@@ -1078,13 +1091,16 @@ fn remember_history(v: &mut AgentView, service: &str, m: &proto::ModelState) {
 }
 
 /// One journal event, applied once (a replay after a reconnect is skipped).
-fn apply_event((host, run_id): (&str, &str), view: &watch::Sender<AgentView>, events: &Events, e: proto::Event) {
+/// `at`: the agent's name and what this run follows there (the view takes
+/// every event; the reporters only those of this run and its services).
+fn apply_event(at: (&str, &Interest), view: &watch::Sender<AgentView>, events: &Events, e: proto::Event) {
+    let (host, interest) = at;
     let seq = e.seq;
     if seq <= view.borrow().last_seq {
         return; // already applied before a reconnect
     }
     match e.kind {
-        Some(event::Kind::StageChanged(c)) => apply_stage(host, view, events, (seq, e.time_unix_ms), c),
+        Some(event::Kind::StageChanged(c)) => apply_stage(at, view, events, (seq, e.time_unix_ms), c),
         Some(event::Kind::LeaseChanged(c)) => view.send_modify(|v| {
             if let Some(l) = &c.lease {
                 if c.released {
@@ -1095,7 +1111,7 @@ fn apply_event((host, run_id): (&str, &str), view: &watch::Sender<AgentView>, ev
             }
             advance(v, seq);
         }),
-        Some(event::Kind::Telemetry(t)) => apply_telemetry(host, view, events, (seq, e.time_unix_ms), t),
+        Some(event::Kind::Telemetry(t)) => apply_telemetry(at, view, events, (seq, e.time_unix_ms), t),
         Some(event::Kind::ServiceStarted(s)) => view.send_modify(|v| {
             v.gpus_given.insert(s.service, s.gpus);
             advance(v, seq);
@@ -1108,7 +1124,7 @@ fn apply_event((host, run_id): (&str, &str), view: &watch::Sender<AgentView>, ev
             events.send(RunEvent::MemoryPressure { host: host.to_owned(), pressure: pressure(p) });
             view.send_modify(|v| advance(v, seq));
         }
-        Some(event::Kind::LoadProgress(p)) if p.run_id != run_id => view.send_modify(|v| advance(v, seq)),
+        Some(event::Kind::LoadProgress(p)) if p.run_id != interest.run_id => view.send_modify(|v| advance(v, seq)),
         Some(event::Kind::LoadProgress(p)) => {
             events.send(RunEvent::LoadProgress {
                 host: host.to_owned(),
@@ -1138,23 +1154,25 @@ fn apply_event((host, run_id): (&str, &str), view: &watch::Sender<AgentView>, ev
 /// A stage change: live progress for the reporters, the model's view and
 /// the stage log (the trace's stage spans) for the runner.
 fn apply_stage(
-    host: &str,
+    (host, interest): (&str, &Interest),
     view: &watch::Sender<AgentView>,
     events: &Events,
     (seq, at): (u64, i64),
     c: proto::StageChanged,
 ) {
     let (from, to) = (c.from(), c.to());
-    events.send(RunEvent::StageChanged {
-        host: host.to_owned(),
-        service: c.service.clone(),
-        model: c.model.clone(),
-        from,
-        to,
-        progress: c.progress,
-        message: c.message.clone(),
-        usual: usual(c.usual_stage_ms, c.usual_rest_ms),
-    });
+    if interest.follows(&c.service) {
+        events.send(RunEvent::StageChanged {
+            host: host.to_owned(),
+            service: c.service.clone(),
+            model: c.model.clone(),
+            from,
+            to,
+            progress: c.progress,
+            message: c.message.clone(),
+            usual: usual(c.usual_stage_ms, c.usual_rest_ms),
+        });
+    }
     view.send_modify(|v| {
         if from != to {
             let mark = StageMark {
@@ -1187,13 +1205,13 @@ fn apply_stage(
 /// A telemetry sample: memory for the reporters; admission's standing, the
 /// RSS log and the heartbeat for the runner.
 fn apply_telemetry(
-    host: &str,
+    (host, interest): (&str, &Interest),
     view: &watch::Sender<AgentView>,
     events: &Events,
     (seq, at): (u64, i64),
     t: proto::Telemetry,
 ) {
-    for s in &t.services {
+    for s in t.services.iter().filter(|s| interest.follows(&s.service)) {
         events.send(RunEvent::Telemetry {
             host: host.to_owned(),
             service: s.service.clone(),
@@ -1283,18 +1301,49 @@ mod tests {
 
     #[test]
     fn only_our_runs_load_progress_is_shown() {
+        let interest = Interest { run_id: "ours".into(), services: vec!["translation".into()] };
         let (events, mut rx) = Events::channel();
         let (view, _keep) = watch::channel(AgentView::default());
         for (seq, run) in [(1, "theirs"), (2, "ours")] {
             let progress =
                 proto::LoadProgress { run_id: run.into(), name: format!("{run} load"), ..Default::default() };
             let e = proto::Event { seq, kind: Some(event::Kind::LoadProgress(progress)), ..Default::default() };
-            apply_event(("gpu-01", "ours"), &view, &events, e);
+            apply_event(("gpu-01", &interest), &view, &events, e);
         }
         let Ok(RunEvent::LoadProgress { case, .. }) = rx.try_recv() else { panic!("our progress is shown") };
         assert_eq!(case, "ours load");
         assert!(rx.try_recv().is_err(), "theirs is not");
         assert_eq!(view.borrow().last_seq, 2, "both are applied to the view");
+    }
+
+    #[test]
+    fn only_our_services_stages_and_memory_are_shown() {
+        let interest = Interest { run_id: "ours".into(), services: vec!["translation".into()] };
+        let (events, mut rx) = Events::channel();
+        let (view, _keep) = watch::channel(AgentView::default());
+        for (seq, service) in [(1, "static"), (2, "translation")] {
+            let stage = proto::StageChanged { service: service.into(), model: "m".into(), ..Default::default() };
+            let e = proto::Event { seq, kind: Some(event::Kind::StageChanged(stage)), ..Default::default() };
+            apply_event(("gpu-01", &interest), &view, &events, e);
+        }
+        let memory = |service: &str| proto::ServiceMemory { service: service.into(), ..Default::default() };
+        let t = proto::Telemetry { services: vec![memory("static"), memory("translation")], ..Default::default() };
+        apply_event(
+            ("gpu-01", &interest),
+            &view,
+            &events,
+            proto::Event { seq: 3, kind: Some(event::Kind::Telemetry(t)), ..Default::default() },
+        );
+        let mut shown = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                RunEvent::StageChanged { service, .. } => shown.push(format!("stage {service}")),
+                RunEvent::Telemetry { service, .. } => shown.push(format!("memory {service}")),
+                _ => {}
+            }
+        }
+        assert_eq!(shown, ["stage translation", "memory translation"]);
+        assert_eq!(view.borrow().models.len(), 2, "the view still knows every model");
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn controller(n: usize) -> Measured {
             let agent = controller::client::Agent::connect(addr).await.expect("connect");
             let (tx, rx) = tokio::sync::watch::channel(controller::client::AgentView::default());
             let follow = controller::client::follow(
-                "a run".into(),
+                controller::client::Interest { run_id: "a run".into(), services: vec!["translation".into()] },
                 agent.clone(),
                 tx,
                 updates.clone(),

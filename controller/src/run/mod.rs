@@ -252,7 +252,8 @@ pub async fn run(opts: RunOptions, interrupt: impl Into<Interrupt>) -> RunResult
         hosts: entries.iter().map(|e| e.name.clone()).collect(),
     });
     let stop = CancellationToken::new();
-    let hosts = connect_all(&run_id, entries, &opts, &events, &stop).await;
+    let services: Vec<String> = suites.iter().map(|s| s.service.clone()).collect();
+    let hosts = connect_all((&run_id, &services), entries, &opts, &events, &stop).await;
     let ctx = Arc::new(Ctx {
         leases: LeaseBook::new(&run_id, &holder(), opts.lease_ttl, events.clone(), stop.clone()),
         run_id,
@@ -341,7 +342,7 @@ async fn join_suites(mut tasks: JoinSet<()>, mut cases_of: BTreeMap<Id, (usize, 
 }
 
 async fn connect_all(
-    run_id: &str,
+    (run_id, services): (&str, &[String]),
     entries: Vec<Entry>,
     opts: &RunOptions,
     events: &Events,
@@ -359,7 +360,8 @@ async fn connect_all(
             Ok(agent) => {
                 let (tx, mut rx) = watch::channel(AgentView::default());
                 let grace = opts.reconnect_grace;
-                tokio::spawn(client::follow(run_id.to_owned(), agent.clone(), tx, events.clone(), stop.clone(), grace));
+                let interest = client::Interest { run_id: run_id.to_owned(), services: services.to_vec() };
+                tokio::spawn(client::follow(interest, agent.clone(), tx, events.clone(), stop.clone(), grace));
                 // Plan on what the agent says, not on an empty view: wait for its snapshot.
                 let _ = tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(|v| !v.incarnation.is_empty())).await;
                 slots[i].agent = Some(agent);

@@ -155,7 +155,7 @@ async fn a_twenty_second_partition_is_noticed_and_survived_without_gaps() {
     let (updates, _updates_rx) = controller::run::events::Events::channel();
     let stop = CancellationToken::new();
     tokio::spawn(controller::client::follow(
-        "a run".into(),
+        controller::client::Interest { run_id: "a run".into(), services: vec!["translation".into()] },
         remote.clone(),
         tx,
         updates,
