@@ -145,6 +145,33 @@ fn plan_round(
 }
 
 /// Follows `n` busy agents from this process, planning over them every second.
+/// Connects to every agent and follows its journal as a run does.
+async fn follow_all(
+    addrs: &[String],
+    updates: controller::run::events::Events,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (Vec<controller::client::Agent>, Vec<tokio::sync::watch::Receiver<controller::client::AgentView>>) {
+    let mut views = Vec::new();
+    let mut agents = Vec::new();
+    for addr in addrs {
+        let agent = controller::client::Agent::connect(addr).await.expect("connect");
+        let (tx, rx) = tokio::sync::watch::channel(controller::client::AgentView::default());
+        let interest = controller::client::Interest { run_id: "a run".into(), services: vec!["translation".into()] };
+        let follow = controller::client::follow(
+            interest,
+            agent.clone(),
+            tx,
+            updates.clone(),
+            stop.clone(),
+            Duration::from_secs(20),
+        );
+        tokio::spawn(follow);
+        views.push(rx);
+        agents.push(agent);
+    }
+    (agents, views)
+}
+
 fn controller(n: usize) -> Measured {
     let mut child = Command::new(std::env::current_exe().expect("self"))
         .env(ROLE, "agents")
@@ -170,24 +197,7 @@ fn controller(n: usize) -> Measured {
         let (updates, mut drain) = controller::run::events::Events::channel();
         // The reporters' end: every run event is taken off the channel.
         tokio::spawn(async move { while drain.recv().await.is_some() {} });
-        let mut views = Vec::new();
-        let mut agents = Vec::new();
-        for addr in &addrs {
-            let agent = controller::client::Agent::connect(addr).await.expect("connect");
-            let (tx, rx) = tokio::sync::watch::channel(controller::client::AgentView::default());
-            let follow = controller::client::follow(
-                controller::client::Interest { run_id: "a run".into(), services: vec!["translation".into()] },
-                agent.clone(),
-                tx,
-                updates.clone(),
-                stop.clone(),
-                Duration::from_secs(20),
-            );
-            tokio::spawn(follow);
-            views.push(rx);
-            agents.push(agent);
-        }
-        drop(updates);
+        let (agents, views) = follow_all(&addrs, updates, &stop).await;
         make_busy(&agents).await;
         let planning = tokio::spawn({
             let (agents, views, stop) = (agents.clone(), views.clone(), stop.clone());
