@@ -431,7 +431,7 @@ impl Store {
     pub async fn case_baselines(&self) -> Result<Vec<baseline::cases::CaseEntry>, StoreError> {
         let rows = self
             .query(
-                "SELECT host, suite, name, metric, value, run_id, set_unix_ms FROM load_baselines \
+                "SELECT host, suite, name, metric, value, run_id, set_unix_ms, mode FROM load_baselines \
                  ORDER BY host, suite, name, metric DESC",
                 &[],
             )
@@ -444,6 +444,7 @@ impl Store {
                 value: r.int(4),
                 run_id: r.text(5),
                 set_unix_ms: r.int(6),
+                mode: r.text(7),
             })
             .collect())
     }
@@ -462,8 +463,8 @@ impl Store {
         }
         for e in entries {
             statements.push((
-                "INSERT INTO load_baselines (host, suite, name, metric, value, run_id, set_unix_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO load_baselines (host, suite, name, metric, value, run_id, set_unix_ms, mode) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 vec![
                     e.key.host.as_str().into(),
                     e.key.suite.as_str().into(),
@@ -472,6 +473,7 @@ impl Store {
                     e.value.into(),
                     e.run_id.as_str().into(),
                     e.set_unix_ms.into(),
+                    e.mode.as_str().into(),
                 ],
             ));
         }
@@ -822,7 +824,32 @@ mod kept {
         assert!(store.case_baselines().await.unwrap().is_empty(), "migration 3 made the load baselines table");
         let mut db = Db::sqlite(&path).unwrap();
         let versions = db.query("SELECT version FROM proctor_migrations ORDER BY version", &[]).await.unwrap();
-        assert_eq!(versions.iter().map(|r| r.int(0)).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(versions.iter().map(|r| r.int(0)).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_load_baseline_set_before_modes_were_kept_survives_with_an_empty_mode() {
+        let dir = scratch("migrate-mode");
+        let path = dir.join("runs.sqlite");
+        {
+            let mut old = Db::sqlite(&path).unwrap();
+            assert!(old.apply_once(0, "", "").await.is_ok());
+            for (v, name, sql) in &schema::MIGRATIONS[..3] {
+                assert!(old.apply_once(*v, name, sql).await.unwrap());
+            }
+            old.transaction(&[(
+                "INSERT INTO load_baselines (host, suite, name, metric, value, run_id, set_unix_ms) \
+                 VALUES ('gpu-01', 'perf', 'steady', 'rps', 5000, 'run-1', 7)",
+                vec![],
+            )])
+            .await
+            .unwrap();
+        }
+        let store = Store::open(&Location::Sqlite(path)).await.unwrap();
+        let kept = store.case_baselines().await.unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].value, kept[0].mode.as_str()), (5000, ""), "{kept:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

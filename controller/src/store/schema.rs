@@ -114,6 +114,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
             PRIMARY KEY (host, suite, name, metric)
         );",
     ),
+    (
+        4,
+        "load-case baselines keep how the load ran (its mode): another shape is not judged against them",
+        "ALTER TABLE load_baselines ADD COLUMN mode TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 /// The newest schema this build knows.
@@ -168,7 +173,7 @@ mod tests {
     fn migrations_are_dense_and_a_store_from_a_newer_proctor_is_refused() {
         let versions: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
         assert_eq!(versions, (1..=current()).collect::<Vec<_>>());
-        for (at, want) in [(0, vec![1, 2, 3]), (1, vec![2, 3]), (3, vec![])] {
+        for (at, want) in [(0, vec![1, 2, 3, 4]), (1, vec![2, 3, 4]), (3, vec![4]), (4, vec![])] {
             let got: Vec<i64> = pending(at).unwrap().iter().map(|m| m.0).collect();
             assert_eq!(got, want, "at {at}");
         }

@@ -346,11 +346,12 @@ async fn a_load_case_slower_than_its_baseline_fails_the_run() {
     let slow = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"]).flag("--slow-requests=20ms")).await;
     let (code, said) = run(&slow, "second").await;
     assert_eq!(code, Exit::Regression as i32, "the case passed, its figures regressed: {said}");
-    let row =
-        |metric: &str| said.lines().find(|l| l.contains("gpu-01/perf/steady") && l.contains(metric)).map(str::to_owned);
-    let rps = row(" rps ").unwrap_or_else(|| panic!("{said}"));
+    let row = |said: &str, metric: &str| {
+        said.lines().find(|l| l.contains("gpu-01/perf/steady") && l.contains(metric)).map(str::to_owned)
+    };
+    let rps = row(&said, " rps ").unwrap_or_else(|| panic!("{said}"));
     assert!(rps.contains("REGRESSED (over 25 %)") && rps.contains("/s"), "{rps}");
-    let p99 = row(" p99 ").unwrap_or_else(|| panic!("{said}"));
+    let p99 = row(&said, " p99 ").unwrap_or_else(|| panic!("{said}"));
     assert!(p99.contains("REGRESSED") && p99.contains("ms"), "{p99}");
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path.join("second/report.json")).unwrap()).unwrap();
@@ -362,4 +363,13 @@ async fn a_load_case_slower_than_its_baseline_fails_the_run() {
     assert_eq!(code, 0, "{err}");
     let line = trends.lines().find(|l| l.contains("gpu-01/perf/steady")).unwrap_or_else(|| panic!("{trends}"));
     assert!(line.contains("2 runs") && line.contains("/s") && line.contains("p99"), "{line}");
+
+    // The same case at another concurrency measures something else: it is
+    // not judged against the baseline (no false regression), and says why.
+    let text = std::fs::read_to_string(&suite).unwrap().replace("connections: 2", "connections: 3");
+    std::fs::write(&suite, text).unwrap();
+    let (code, said) = run(&slow, "third").await;
+    assert_eq!(code, 0, "{said}");
+    let rps = row(&said, " rps ").unwrap_or_else(|| panic!("{said}"));
+    assert!(rps.contains("not compared: its baseline ran closed loop, 2 connections; set it again"), "{rps}");
 }

@@ -33,6 +33,9 @@ pub struct CaseEntry {
     pub key: CaseKey,
     pub metric: String,
     pub value: i64,
+    /// How the load ran (`closed loop, 8 connections`): another shape
+    /// measures something else. Empty for baselines set before it was kept.
+    pub mode: String,
     pub run_id: String,
     pub set_unix_ms: i64,
 }
@@ -46,6 +49,9 @@ pub struct CaseChange {
     pub new: i64,
     pub verdict: Verdict,
     pub tolerance_percent: f64,
+    /// The baseline's shape where the case now runs another: not judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reshaped_from: Option<String>,
 }
 
 /// The figures a load case that passed gives (one that failed or was cut
@@ -75,6 +81,7 @@ pub fn entries(cases: &[CaseReport], run_id: &str, now_unix_ms: i64) -> Vec<Case
                 key: key(c),
                 metric: metric.to_owned(),
                 value,
+                mode: c.load.as_ref().map(|l| l.mode.clone()).unwrap_or_default(),
                 run_id: run_id.to_owned(),
                 set_unix_ms: now_unix_ms,
             })
@@ -108,17 +115,20 @@ pub fn compare(
     for case in cases {
         let key = key(case);
         let ratio = tolerance_of(&case.suite).ratio;
+        let mode = case.load.as_ref().map_or("", |l| l.mode.as_str());
         for (metric, new) in figures(case) {
-            let Some(old) = baseline.iter().find(|e| e.key == key && e.metric == metric).map(|e| e.value) else {
+            let Some(base) = baseline.iter().find(|e| e.key == key && e.metric == metric) else {
                 continue;
             };
+            let reshaped_from = (!base.mode.is_empty() && base.mode != mode).then(|| base.mode.clone());
             out.push(CaseChange {
                 key: key.clone(),
                 metric: metric.to_owned(),
-                old,
+                old: base.value,
                 new,
-                verdict: judge(metric, old, new, ratio),
+                verdict: if reshaped_from.is_some() { Verdict::Within } else { judge(metric, base.value, new, ratio) },
                 tolerance_percent: ratio * 100.0,
+                reshaped_from,
             });
         }
     }
@@ -141,6 +151,9 @@ pub fn change_text(c: &CaseChange) -> String {
 }
 
 pub fn verdict_text(c: &CaseChange) -> String {
+    if let Some(mode) = &c.reshaped_from {
+        return format!("not compared: its baseline ran {mode}; set it again");
+    }
     match c.verdict {
         Verdict::Regressed => format!("REGRESSED (over {:.0} %)", c.tolerance_percent),
         Verdict::Improved => "improved".into(),
@@ -246,5 +259,34 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("p99        4.00ms     9.00ms   +125 %  REGRESSED"), "{table}");
+    }
+
+    #[test]
+    fn a_load_case_of_another_shape_is_not_judged_against_its_baseline() {
+        let shaped = |mode: &str, rps, p99_us| {
+            let mut c = case("steady", Outcome::Passed, rps, p99_us);
+            c.load.as_mut().unwrap().mode = mode.into();
+            c
+        };
+        let base = entries(&[shaped("closed loop, 8 connections", 5000.0, 4_000)], "run-1", 7);
+        assert!(base.iter().all(|e| e.mode == "closed loop, 8 connections"), "{base:?}");
+        // (mode now, expected verdicts of rps and p99)
+        let table = [
+            ("closed loop, 8 connections", [Verdict::Regressed, Verdict::Regressed]),
+            ("closed loop, 32 connections", [Verdict::Within, Verdict::Within]),
+        ];
+        for (mode, want) in table {
+            let changes = compare(&base, &[shaped(mode, 3000.0, 9_000)], |_| Tolerance::default());
+            let got: Vec<Verdict> = changes.iter().map(|c| c.verdict).collect();
+            assert_eq!(got, want, "{mode}");
+        }
+        let changes = compare(&base, &[shaped("closed loop, 32 connections", 3000.0, 9_000)], |_| Tolerance::default());
+        let said = verdict_text(&changes[0]);
+        assert_eq!(said, "not compared: its baseline ran closed loop, 8 connections; set it again");
+        // A baseline from before shapes were kept is compared as it was.
+        let mut old = base.clone();
+        old.iter_mut().for_each(|e| e.mode.clear());
+        let changes = compare(&old, &[shaped("closed loop, 32 connections", 3000.0, 9_000)], |_| Tolerance::default());
+        assert_eq!(changes[0].verdict, Verdict::Regressed);
     }
 }
