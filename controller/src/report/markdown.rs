@@ -76,6 +76,10 @@ fn not_passed(out: &mut String, report: &RunReport) {
         {
             let _ = writeln!(out, "  <details><summary>details</summary>\n\n  ```\n{}\n  ```\n  </details>", message);
         }
+        if c.load.is_some() && !c.excerpt.is_empty() {
+            let (heading, excerpt) = (c.excerpt_heading(), &c.excerpt);
+            let _ = writeln!(out, "  <details><summary>{heading}</summary>\n\n  ```\n{excerpt}\n  ```\n  </details>");
+        }
     }
 }
 

@@ -99,6 +99,8 @@ async fn a_load_case_against_a_fixed_delay_counts_every_request_and_judges_its_t
     assert!(!summary.contains("status 404: status 404") && !summary.contains("response (0)"), "{summary}");
     assert!(steady.url.ends_with("/translate") && wrong.url.ends_with("/nope"), "{} {}", steady.url, wrong.url);
     assert!(!junit.contains("response ("), "a load's first errors are not a response: {junit}");
+    let markdown = std::fs::read_to_string(out.path.join("summary.md")).unwrap();
+    assert!(markdown.contains("<summary>first error of each kind</summary>"), "{markdown}");
 }
 
 /// `parallel: N` lets functional cases overlap, never a load: it starts
