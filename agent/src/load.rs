@@ -22,13 +22,7 @@ use hdrhistogram::Histogram;
 use proto::{CaseOutcome, CaseResult, LoadResult};
 use tokio_util::sync::CancellationToken;
 
-/// Limits a load case is held to (a suite past them is refused with them).
-pub const MAX_CONNECTIONS: u32 = 1024;
-pub const MAX_RATE: f64 = 1_000_000.0;
-/// The lowest open-loop rate (one request per 100 s).
-pub const MIN_RATE: f64 = 0.01;
-pub const MAX_DURATION: Duration = Duration::from_secs(3600);
-pub const DEFAULT_CONNECTIONS: u32 = 16;
+pub use proto::load_limits::{DEFAULT_CONNECTIONS, MAX_CONNECTIONS, MAX_DURATION, MAX_RATE, MIN_RATE};
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A load case bounded only by its request count stops here at the latest.
 const COUNT_ONLY_DEADLINE: Duration = Duration::from_secs(600);

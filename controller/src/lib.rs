@@ -23,11 +23,11 @@ pub use run::{Exit, Interrupt, RunOptions, RunResult, run};
 mod tidy {
     //! `client` is the only module that sees the wire (prost types, tonic);
     //! everything else works on domain types. Shared non-wire rules from
-    //! `proto` (admission, the stage enum, duration and time formats) are
+    //! `proto` (admission, load limits, the stage enum, duration, time and rate formats) are
     //! allowed.
 
-    const ALLOWED: [&str; 6] =
-        ["admission", "Stage", "parse_duration", "format_unix_ms", "format_latency_us", "format_rate"];
+    const ALLOWED: [&str; 7] =
+        ["admission", "load_limits", "Stage", "parse_duration", "format_unix_ms", "format_latency_us", "format_rate"];
 
     /// `tonic::x` or `proto::x` as a path of its own (not `opentelemetry_proto::`
     /// nor `a::tonic::`), with what follows it.

@@ -7,6 +7,7 @@
 //! `PROCTOR_BLESS=1` to rewrite the committed code.
 
 pub mod admission;
+pub mod load_limits;
 
 /// Version of this contract, sent in `GetInfo`. Bumped on incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -83,12 +83,8 @@ pub(super) struct RawLoad {
 
 /// How often a load case judges its JSON checks when the suite does not say.
 pub const DEFAULT_CHECK_EVERY: u32 = 100;
-/// The agent's limits, said here too so a suite past them never runs.
-pub const MAX_CONNECTIONS: u32 = 1024;
-pub const MAX_RATE: f64 = 1_000_000.0;
-pub const MIN_RATE: f64 = 0.01;
-/// The longest a load case runs, warm-up included; also the longest request timeout.
-pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+// The agent's limits, checked here too so a suite past them never runs.
+use proto::load_limits::{DEFAULT_CONNECTIONS, MAX_CONNECTIONS, MAX_DURATION, MAX_RATE, MIN_RATE};
 
 const METRICS: &str = "p50, p90, p95, p99, p99.9, max, mean, rps, errors";
 
@@ -208,7 +204,7 @@ impl Reader {
         if let Some(why) = bounds(l, duration, warmup) {
             return Err(self.at(at, why));
         }
-        let connections = l.connections.unwrap_or(16);
+        let connections = l.connections.unwrap_or(DEFAULT_CONNECTIONS);
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
             return Err(self.at(at, format!("connections {connections} must be from 1 to {MAX_CONNECTIONS}")));
         }
