@@ -86,17 +86,13 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:24px;color:#22
 
 /// The loads against their baselines: old, new, change, verdict.
 fn baseline(out: &mut String, b: &crate::store::baseline::Comparison) {
-    use crate::store::baseline::{Verdict, seconds, verdict_text};
+    use crate::store::baseline::{seconds, verdict_text};
     out.push_str(
         "<h2>Baseline</h2>\n<table class=\"baseline\"><tr><th>model</th><th>stage</th><th>baseline</th>\
                   <th>now</th><th>change</th><th></th></tr>\n",
     );
     for c in b.shown() {
-        let class = match c.verdict {
-            Verdict::Regressed => "regressed",
-            Verdict::Improved => "improved",
-            Verdict::Within => "within",
-        };
+        let class = c.verdict.name();
         let _ = writeln!(
             out,
             "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -109,21 +105,12 @@ fn baseline(out: &mut String, b: &crate::store::baseline::Comparison) {
         );
     }
     for c in &b.load_cases {
-        use crate::store::baseline::cases;
-        let class = match c.verdict {
-            Verdict::Regressed => "regressed",
-            Verdict::Improved => "improved",
-            Verdict::Within => "within",
-        };
+        let [metric, old, now, change, verdict] = crate::store::baseline::cases::cells(c).map(|cell| esc(&cell));
         let _ = writeln!(
             out,
-            "<tr class=\"{class}\"><td>load case {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"{}\"><td>load case {}</td><td>{metric}</td><td>{old}</td><td>{now}</td><td>{change}</td><td>{verdict}</td></tr>",
+            c.verdict.name(),
             esc(&c.key.to_string()),
-            esc(c.metric.trim_end_matches("_us")),
-            esc(&cases::show(&c.metric, c.old)),
-            esc(&cases::show(&c.metric, c.new)),
-            esc(&cases::change_text(c)),
-            esc(&cases::verdict_text(c))
         );
     }
     out.push_str("</table>\n");

@@ -86,6 +86,17 @@ pub enum Verdict {
     Within,
 }
 
+impl Verdict {
+    /// As report.json spells it (and the HTML report's row class).
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Regressed => "regressed",
+            Verdict::Improved => "improved",
+            Verdict::Within => "within",
+        }
+    }
+}
+
 /// The pure rule.
 pub fn judge(old_ms: i64, new_ms: i64, tolerance: Tolerance) -> Verdict {
     let slack = tolerance.slack.as_millis() as i64;

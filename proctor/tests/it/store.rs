@@ -2,6 +2,7 @@
 //! received readable (SQLite and PostgreSQL), two controllers share one
 //! PostgreSQL store, a load slower than its baseline fails the run.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -195,6 +196,21 @@ fn named(out: &Scratch, agent: &Agent) -> std::path::PathBuf {
     out.write("lab.toml", &format!("[[agent]]\nname = \"gpu-01\"\naddress = \"{}\"\n", agent.addr))
 }
 
+/// `proctor run --store STORE --progress none --inventory INVENTORY --out OUT
+/// SUITE`: its exit code and stdout.
+async fn run_stored(store: &str, inventory: &Path, out: &Path, suite: &Path) -> (i32, String) {
+    let o = tokio::process::Command::new(BIN)
+        .args(["run", "--store", store, "--progress", "none", "--inventory"])
+        .arg(inventory)
+        .arg("--out")
+        .arg(out)
+        .arg(suite)
+        .output()
+        .await
+        .unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_load_slower_than_its_baseline_fails_the_run_with_old_new_and_change() {
     let dir = Scratch::new("baseline");
@@ -202,22 +218,10 @@ async fn a_load_slower_than_its_baseline_fails_the_run_with_old_new_and_change()
     let store = store.to_str().unwrap();
     let suite = dir.write("t.yaml", TRANSLATE_SUITE);
     let run = |inventory: std::path::PathBuf, out: &str| {
-        let out = dir.path.join(out);
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--store".into(),
-            store.into(),
-            "--progress".into(),
-            "none".into(),
-            "--inventory".into(),
-            inventory.display().to_string(),
-            "--out".into(),
-            out.display().to_string(),
-            suite.display().to_string(),
-        ];
+        let (out, suite) = (dir.path.join(out), suite.clone());
         async move {
-            let o = tokio::process::Command::new(BIN).args(&args).output().await.unwrap();
-            (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), out)
+            let (code, said) = run_stored(store, &inventory, &out, &suite).await;
+            (code, said, out)
         }
     };
     {
@@ -315,22 +319,8 @@ async fn a_load_case_slower_than_its_baseline_fails_the_run() {
          {connections: 2, duration: 1s}\n",
     );
     let run = |agent: &Agent, out: &str| {
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--store".into(),
-            store.into(),
-            "--progress".into(),
-            "none".into(),
-            "--inventory".into(),
-            named(&dir, agent).display().to_string(),
-            "--out".into(),
-            dir.path.join(out).display().to_string(),
-            suite.display().to_string(),
-        ];
-        async move {
-            let o = tokio::process::Command::new(BIN).args(&args).output().await.unwrap();
-            (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
-        }
+        let (inventory, out, suite) = (named(&dir, agent), dir.path.join(out), suite.clone());
+        async move { run_stored(store, &inventory, &out, &suite).await }
     };
     {
         let quick = Agent::spawn(BIN, &Service::sim(&["nllb:mb=8,load=100ms"])).await;

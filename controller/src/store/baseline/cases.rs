@@ -161,6 +161,17 @@ pub fn verdict_text(c: &CaseChange) -> String {
     }
 }
 
+/// A change as every report shows it: metric, baseline, now, change, verdict.
+pub fn cells(c: &CaseChange) -> [String; 5] {
+    [
+        c.metric.trim_end_matches("_us").to_owned(),
+        show(&c.metric, c.old),
+        show(&c.metric, c.new),
+        change_text(c),
+        verdict_text(c),
+    ]
+}
+
 /// The terminal's rows (after the model loads').
 pub fn text(changes: &[CaseChange]) -> String {
     if changes.is_empty() {
@@ -170,14 +181,10 @@ pub fn text(changes: &[CaseChange]) -> String {
     let mut out =
         format!("  {:<key_w$}  {:<6}  {:>9}  {:>9}  {:>7}\n", "LOAD CASE", "METRIC", "BASELINE", "NOW", "CHANGE");
     for c in changes {
+        let [metric, old, now, change, verdict] = cells(c);
         out.push_str(&format!(
-            "  {:<key_w$}  {:<6}  {:>9}  {:>9}  {:>7}  {}\n",
-            c.key.to_string(),
-            c.metric.trim_end_matches("_us"),
-            show(&c.metric, c.old),
-            show(&c.metric, c.new),
-            change_text(c),
-            verdict_text(c)
+            "  {:<key_w$}  {metric:<6}  {old:>9}  {now:>9}  {change:>7}  {verdict}\n",
+            c.key.to_string()
         ));
     }
     out
@@ -190,15 +197,8 @@ pub fn markdown(changes: &[CaseChange]) -> String {
     }
     let mut out = String::from("\n| load case | metric | baseline | now | change | |\n|---|---|---|---|---|---|\n");
     for c in changes {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
-            c.key,
-            c.metric.trim_end_matches("_us"),
-            show(&c.metric, c.old),
-            show(&c.metric, c.new),
-            change_text(c),
-            verdict_text(c)
-        ));
+        let [metric, old, now, change, verdict] = cells(c);
+        out.push_str(&format!("| {} | {metric} | {old} | {now} | {change} | {verdict} |\n", c.key));
     }
     out
 }
